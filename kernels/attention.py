@@ -1,0 +1,144 @@
+"""Paged KV cache writes and attention over it.
+
+Cache layout per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]; a token's
+slot is block_id * block_size + offset. Query token i of sequence s sits at position
+p = seq_len[s] - query_len[s] + i and attends to cached positions j <= p (and j > p - window
+when the layer has a sliding window, as HF transformers' sliding-window mask does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-sequence layout of one forward pass; host copies let kernels avoid device syncs."""
+
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int64: offsets into the flattened token dim
+    seq_lens: torch.Tensor  # [num_seqs] int64: cached tokens after this step, per sequence
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
+    query_lens_host: tuple[int, ...]
+    seq_lens_host: tuple[int, ...]
+    max_query_len: int
+    max_seq_len: int
+
+    @classmethod
+    def build(
+        cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], device: torch.device
+    ) -> AttentionMetadata:
+        width = max(len(t) for t in block_tables)
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        return cls(
+            query_start_loc=torch.tensor(starts, dtype=torch.int64, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int64, device=device),
+            query_lens_host=tuple(query_lens),
+            seq_lens_host=tuple(seq_lens),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+        )
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """k_cache[slot_mapping[t]] = key[t] and likewise for v, for every token t, in place."""
+    # key, value: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens] int64
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed &= k_pos > q_pos - sliding_window
+    return allowed
+
+
+def paged_attention_reference(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """out[t] = softmax(scale · q_t K_s^T + mask) V_s over sequence s's cached keys; a per-sequence loop."""
+    # query: [num_tokens, num_heads, head_dim] -> out: same shape
+    block_size = k_cache.shape[1]
+    group = query.shape[1] // k_cache.shape[2]
+    out = torch.empty_like(query)
+    start = 0
+    for s, (q_len, s_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host, strict=True)):
+        positions = torch.arange(s_len, device=query.device)
+        slots = meta.block_tables[s, positions // block_size] * block_size + positions % block_size
+        k = k_cache.view(-1, *k_cache.shape[2:])[slots].float().repeat_interleave(group, dim=1)
+        v = v_cache.view(-1, *v_cache.shape[2:])[slots].float().repeat_interleave(group, dim=1)
+        q = query[start : start + q_len].float()
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        q_pos = positions[s_len - q_len :, None]
+        scores = scores.masked_fill(~_allowed(q_pos, positions[None, :], sliding_window), float("-inf"))
+        out[start : start + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(query.dtype)
+        start += q_len
+    return out
+
+
+def paged_attention_sdpa(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Same result as `paged_attention_reference`: gathers padded K/V per sequence, one SDPA call."""
+    num_seqs = len(meta.seq_lens_host)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    block_size = k_cache.shape[1]
+    device = query.device
+    # Gather every sequence's keys into [num_seqs, max_seq_len, kv_heads, head_dim].
+    key_pos = torch.arange(meta.max_seq_len, device=device)
+    blocks = meta.block_tables.gather(1, (key_pos // block_size).expand(num_seqs, -1))
+    slots = blocks * block_size + key_pos % block_size
+    k = k_cache.view(-1, *k_cache.shape[2:])[slots]
+    v = v_cache.view(-1, *v_cache.shape[2:])[slots]
+    # Scatter queries into [num_seqs, max_query_len, heads, head_dim].
+    q_lens = torch.tensor(meta.query_lens_host, device=device)
+    q_idx = torch.arange(meta.max_query_len, device=device)
+    q_valid = q_idx[None, :] < q_lens[:, None]  # [num_seqs, max_query_len]
+    q = query.new_zeros(num_seqs, meta.max_query_len, num_heads, head_dim)
+    q[q_valid] = query
+    # Mask: causal + window + padding keys; padded query rows keep key 0 so no row is all -inf.
+    q_pos = (meta.seq_lens - q_lens)[:, None] + q_idx[None, :]  # [num_seqs, max_query_len]
+    allowed = _allowed(q_pos[:, :, None], key_pos[None, None, :], sliding_window)
+    allowed &= key_pos[None, None, :] < meta.seq_lens[:, None, None]
+    allowed |= ~q_valid[:, :, None] & (key_pos == 0)[None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=allowed[:, None],
+        scale=scale,
+        enable_gqa=num_heads != k.shape[2],
+    )
+    return out.transpose(1, 2)[q_valid]
+
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def select_attention_backend(device: torch.device) -> tuple[str, AttentionFn]:
+    """Chooses the attention implementation once, at startup; the name is logged and reported by Info."""
+    return "sdpa", paged_attention_sdpa

@@ -1,0 +1,264 @@
+"""Continuous batching: which requests compute how many tokens in the next step, and their KV blocks.
+
+Plain synchronous Python with two entry points, `schedule()` and `postprocess()`, testable without a
+model. Each step the scheduler
+1. keeps running requests going (one token for a decode, the next chunk for a long prompt),
+   preempting the most recently arrived running request when KV blocks run out (its blocks are
+   freed and it is recomputed later: memory pressure slows requests instead of failing them);
+2. admits waiting requests in arrival order while the step's token budget, the sequence limit and
+   free blocks allow; a prompt longer than the remaining budget is prefilled in chunks.
+Waiting requests are queued per adapter (index 0 is the base model) so the adapter exchange can
+choose which queues are eligible; until then every queue is.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from loraxpy.router.kv_blocks import BlockAllocator
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # requests in one step
+    max_step_tokens: int = 4096  # tokens computed in one step (--max-batch-prefill-tokens)
+    enable_chunked_prefill: bool = True
+    # LoRAX's admission knobs: admit new prompts once waiting >= ratio * running, or after
+    # max_waiting_steps steps without admission.
+    waiting_served_ratio: float = 0.3
+    max_waiting_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_step_tokens < 1:
+            raise ValueError("max_num_seqs and max_step_tokens must be positive")
+        if self.waiting_served_ratio < 0 or self.max_waiting_steps < 0:
+            raise ValueError("waiting_served_ratio and max_waiting_steps must be non-negative")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """What the worker needs to choose tokens; mirrors the proto's SamplingParams (0 = unset)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
+
+
+@dataclass
+class SequenceState:
+    """The router's view of one request."""
+
+    id: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    adapter_index: int = 0
+    sampling: SamplingOptions = SamplingOptions()
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival: int = 0  # admission order, set by the scheduler
+    output_ids: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    # Worker-side state exists (sent as NewRequest and not yet released).
+    is_on_worker: bool = False
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    seq: SequenceState
+    num_tokens: int  # tokens to compute this step
+    new_blocks: tuple[int, ...]
+    is_new: bool  # send in full (first time, or after preemption)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledRequest, ...]
+    finished_ids: tuple[int, ...]  # release on the worker before this step
+    preempted_ids: tuple[int, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled and not self.finished_ids
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.waiting: dict[int, deque[SequenceState]] = {}  # adapter index -> queue
+        self.running: list[SequenceState] = []
+        self._to_release: list[int] = []
+        self._arrivals = 0
+        self._steps_since_admission = 0
+
+    # ---- requests in and out --------------------------------------------------------------------
+
+    def add(self, seq: SequenceState) -> None:
+        self._arrivals += 1
+        seq.arrival = self._arrivals
+        seq.status = Status.WAITING
+        self.waiting.setdefault(seq.adapter_index, deque()).append(seq)
+
+    def finish(self, seq: SequenceState, reason: FinishReason) -> None:
+        """Ends a request (stop sequence, client gone, error): frees its blocks now, releases it next step."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.WAITING:
+            self.waiting[seq.adapter_index].remove(seq)
+        else:
+            self.running.remove(seq)
+        self._free(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.num_waiting or self._to_release)
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def schedule(self, eligible_adapters: Iterable[int] | None = None) -> SchedulerOutput:
+        budget = self.config.max_step_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[int] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:
+                continue  # preempted while making room for an earlier request
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n <= 0:
+                continue
+            new_blocks = self._allocate_or_preempt(seq, n, preempted)
+            if new_blocks is None:
+                continue
+            scheduled.append(ScheduledRequest(seq, n, tuple(new_blocks), is_new=not seq.is_on_worker))
+            budget -= n
+        scheduled = [s for s in scheduled if s.seq.status is Status.RUNNING]
+        budget = self.config.max_step_tokens - sum(s.num_tokens for s in scheduled)
+        if self._should_admit() and not preempted:
+            scheduled.extend(self._admit(budget, len(scheduled), eligible_adapters))
+        for s in scheduled:
+            s.seq.is_on_worker = True
+            s.seq.num_computed_tokens += s.num_tokens
+        released = tuple(self._to_release)
+        self._to_release = []
+        return SchedulerOutput(tuple(scheduled), released, tuple(preempted))
+
+    def _allocate_or_preempt(self, seq: SequenceState, n: int, preempted: list[int]) -> list[int] | None:
+        needed = self.allocator.blocks_needed(seq.num_computed_tokens + n, len(seq.blocks))
+        while not self.allocator.can_allocate(needed):
+            victim = max(self.running, key=lambda s: s.arrival)
+            self._preempt(victim)
+            preempted.append(victim.id)
+            if victim is seq:
+                return None
+        blocks = self.allocator.allocate(needed)
+        seq.blocks.extend(blocks)
+        return blocks
+
+    def _preempt(self, seq: SequenceState) -> None:
+        self.running.remove(seq)
+        self._free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = Status.WAITING
+        self.waiting.setdefault(seq.adapter_index, deque()).appendleft(seq)
+
+    def _free(self, seq: SequenceState) -> None:
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+        if seq.is_on_worker:
+            self._to_release.append(seq.id)
+            seq.is_on_worker = False
+
+    def _should_admit(self) -> bool:
+        if not self.running:
+            return True
+        if self.num_waiting >= self.config.waiting_served_ratio * len(self.running):
+            return True
+        return self._steps_since_admission >= self.config.max_waiting_steps
+
+    def _admit(self, budget: int, num_seqs: int, eligible: Iterable[int] | None) -> list[ScheduledRequest]:
+        admitted: list[ScheduledRequest] = []
+        queues = [
+            self.waiting[a] for a in (self.waiting if eligible is None else eligible) if a in self.waiting
+        ]
+        while budget > 0 and num_seqs + len(admitted) < self.config.max_num_seqs:
+            heads = [q for q in queues if q]
+            if not heads:
+                break
+            queue = min(heads, key=lambda q: q[0].arrival)
+            seq = queue[0]
+            n = seq.num_tokens
+            if n > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                n = budget
+            needed = self.allocator.blocks_needed(n, 0)
+            if not self.allocator.can_allocate(needed):
+                break
+            queue.popleft()
+            seq.blocks = self.allocator.allocate(needed)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            admitted.append(ScheduledRequest(seq, n, tuple(seq.blocks), is_new=True))
+            budget -= n
+        self._steps_since_admission = 0 if admitted else self._steps_since_admission + 1
+        return admitted
+
+    # ---- after the step -------------------------------------------------------------------------
+
+    def postprocess(self, sampled: dict[int, int]) -> list[SequenceState]:
+        """Appends each request's sampled token; returns the requests that finished by length or EOS."""
+        done = []
+        for seq in list(self.running):
+            token = sampled.get(seq.id)
+            if token is None:
+                continue
+            seq.output_ids.append(token)
+            reason = None
+            if token in seq.eos_token_ids:
+                reason = FinishReason.EOS_TOKEN
+            elif len(seq.output_ids) >= seq.max_new_tokens:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                self.finish(seq, reason)
+                done.append(seq)
+        return done

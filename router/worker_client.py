@@ -1,0 +1,176 @@
+"""The router's gRPC client for worker shards. Protobuf stops here: callers see dataclasses.
+
+Every Step and adapter RPC goes to all shards at once (they run one forward pass together);
+rank 0's answer is returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+from loraxpy.proto import worker_pb2 as pb
+from loraxpy.proto import worker_pb2_grpc
+from loraxpy.router.scheduler import SamplingOptions, SchedulerOutput
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class WorkerError(RuntimeError):
+    """A shard failed or refused a call; `code` is the gRPC status."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    model_id: str
+    model_path: str
+    model_type: str
+    dtype: str
+    device_type: str
+    world_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    block_size: int
+    eos_token_ids: tuple[int, ...]
+    attention_backend: str
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One request's output from a step."""
+
+    id: int
+    num_computed_tokens: int
+    token: tuple[int, float] | None
+    top_logprobs: tuple[tuple[int, float], ...]
+    prompt_logprobs_start: int
+    prompt_logprobs: tuple[float, ...]
+
+
+def sampling_to_proto(s: SamplingOptions) -> pb.SamplingParams:
+    msg = pb.SamplingParams(
+        do_sample=s.do_sample,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        typical_p=s.typical_p,
+        repetition_penalty=s.repetition_penalty,
+        frequency_penalty=s.frequency_penalty,
+        presence_penalty=s.presence_penalty,
+        top_logprobs=s.top_logprobs,
+        prompt_logprobs=s.prompt_logprobs,
+    )
+    if s.seed is not None:
+        msg.seed = s.seed
+    return msg
+
+
+def step_to_proto(out: SchedulerOutput) -> pb.StepRequest:
+    req = pb.StepRequest(finished_ids=out.finished_ids)
+    for r in out.scheduled:
+        seq = r.seq
+        if r.is_new:
+            req.new_requests.append(
+                pb.NewRequest(
+                    id=seq.id,
+                    token_ids=seq.all_token_ids,
+                    num_prompt_tokens=len(seq.prompt_ids),
+                    params=sampling_to_proto(seq.sampling),
+                    adapter_index=seq.adapter_index,
+                    block_table=seq.blocks,
+                    num_scheduled_tokens=r.num_tokens,
+                )
+            )
+        else:
+            req.cached_requests.append(
+                pb.CachedRequest(id=seq.id, new_block_ids=r.new_blocks, num_scheduled_tokens=r.num_tokens)
+            )
+    return req
+
+
+def result_from_proto(o: pb.RequestOutput) -> StepResult:
+    return StepResult(
+        id=o.id,
+        num_computed_tokens=o.num_computed_tokens,
+        token=(o.token.token_id, o.token.logprob) if o.HasField("token") else None,
+        top_logprobs=tuple((t.token_id, t.logprob) for t in o.top_logprobs),
+        prompt_logprobs_start=o.prompt_logprobs_start,
+        prompt_logprobs=tuple(o.prompt_logprobs),
+    )
+
+
+class WorkerClient:
+    """Async client over all shards of one model (addresses in rank order)."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        if not addresses:
+            raise ValueError("at least one worker address is needed")
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self.addresses = addresses
+        self._channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
+        self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+    async def _all(self, method: str, request: object, timeout: float | None = None) -> list[object]:
+        calls = [getattr(stub, method)(request, timeout=timeout) for stub in self._stubs]
+        try:
+            return list(await asyncio.gather(*calls))
+        except grpc.aio.AioRpcError as e:
+            raise WorkerError(f"worker {method} failed: {e.details()}", e.code()) from e
+
+    async def wait_ready(self, timeout: float) -> None:
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self._channels)), timeout)
+
+    async def info(self) -> WorkerInfo:
+        i = (await self._all("Info", pb.InfoRequest()))[0]
+        assert isinstance(i, pb.InfoResponse)
+        return WorkerInfo(
+            model_id=i.model_id,
+            model_path=i.model_path,
+            model_type=i.model_type,
+            dtype=i.dtype,
+            device_type=i.device_type,
+            world_size=i.world_size,
+            vocab_size=i.vocab_size,
+            max_position_embeddings=i.max_position_embeddings,
+            block_size=i.block_size,
+            eos_token_ids=tuple(i.eos_token_ids),
+            attention_backend=i.attention_backend,
+        )
+
+    async def health(self, timeout: float = 5.0) -> bool:
+        replies = await self._all("Health", pb.HealthRequest(), timeout=timeout)
+        return all(isinstance(r, pb.HealthResponse) and r.ready for r in replies)
+
+    async def warmup(self, max_prefill_tokens: int, max_num_seqs: int, num_blocks: int = 0) -> int:
+        """Warms every shard; the cache holds as many blocks as the smallest shard can."""
+        replies = await self._all(
+            "Warmup",
+            pb.WarmupRequest(
+                max_prefill_tokens=max_prefill_tokens, max_num_seqs=max_num_seqs, num_blocks=num_blocks
+            ),
+        )
+        blocks = min(r.num_blocks for r in replies if isinstance(r, pb.WarmupResponse))
+        if num_blocks == 0 and len(replies) > 1:
+            await self._all(
+                "Warmup",
+                pb.WarmupRequest(
+                    max_prefill_tokens=max_prefill_tokens, max_num_seqs=max_num_seqs, num_blocks=blocks
+                ),
+            )
+        return blocks
+
+    async def step(self, out: SchedulerOutput) -> list[StepResult]:
+        reply = (await self._all("Step", step_to_proto(out)))[0]
+        assert isinstance(reply, pb.StepResponse)
+        return [result_from_proto(o) for o in reply.outputs]

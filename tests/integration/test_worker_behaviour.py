@@ -1,0 +1,141 @@
+"""Worker behaviour over gRPC: bad input is refused without harm, seeds are batch-independent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from loraxpy.proto import worker_pb2 as pb
+from loraxpy.proto import worker_pb2_grpc
+from worker_driver import Driver, Request, worker_process
+
+NUM_BLOCKS = 32
+BLOCK_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def stub(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[worker_pb2_grpc.WorkerStub]:
+    with worker_process(tiny_llama, tmp_path_factory.mktemp("sock")) as s:
+        yield s
+
+
+def _new(rid: int, tokens: list[int], blocks: list[int], **params: object) -> pb.NewRequest:
+    return pb.NewRequest(
+        id=rid,
+        token_ids=tokens,
+        block_table=blocks,
+        num_scheduled_tokens=len(tokens),
+        params=pb.SamplingParams(**params),
+    )
+
+
+def test_step_before_warmup_is_refused(stub: worker_pb2_grpc.WorkerStub) -> None:
+    assert not stub.Health(pb.HealthRequest()).ready
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Step(pb.StepRequest(new_requests=[_new(1, [1, 2], [0])]))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    warm = stub.Warmup(pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=4, num_blocks=NUM_BLOCKS))
+    assert (warm.num_blocks, warm.block_size) == (NUM_BLOCKS, BLOCK_SIZE)
+    assert stub.Health(pb.HealthRequest()).ready
+    assert stub.Info(pb.InfoRequest()).num_blocks == NUM_BLOCKS
+
+
+BAD_STEPS = {
+    "unknown cached id": (
+        pb.StepRequest(cached_requests=[pb.CachedRequest(id=99, num_scheduled_tokens=1)]),
+        "unknown",
+    ),
+    "unknown finished id": (pb.StepRequest(finished_ids=[98]), "unknown"),
+    "token out of vocabulary": (pb.StepRequest(new_requests=[_new(1, [1, 100000], [0])]), "vocabulary"),
+    "block out of range": (pb.StepRequest(new_requests=[_new(1, [1, 2], [NUM_BLOCKS])]), "out of range"),
+    "too few blocks": (pb.StepRequest(new_requests=[_new(1, list(range(20)), [0])]), "need 2 blocks"),
+    "empty prompt": (pb.StepRequest(new_requests=[_new(1, [], [0])]), "empty"),
+    "scheduling past the prompt": (
+        pb.StepRequest(
+            new_requests=[pb.NewRequest(id=1, token_ids=[1], block_table=[0], num_scheduled_tokens=2)]
+        ),
+        "waiting to be computed",
+    ),
+    "nothing scheduled": (
+        pb.StepRequest(new_requests=[pb.NewRequest(id=1, token_ids=[1], block_table=[0])]),
+        "at least 1",
+    ),
+    "negative temperature": (
+        pb.StepRequest(new_requests=[_new(1, [1], [0], do_sample=True, temperature=-1.0)]),
+        "temperature",
+    ),
+    "top_p above one": (pb.StepRequest(new_requests=[_new(1, [1], [0], top_p=1.5)]), "top_p"),
+    "too many alternatives": (
+        pb.StepRequest(new_requests=[_new(1, [1], [0], top_logprobs=1000)]),
+        "top_logprobs",
+    ),
+    "duplicate new ids": (pb.StepRequest(new_requests=[_new(1, [1], [0]), _new(1, [2], [1])]), "unique"),
+    "adapter not loaded": (
+        pb.StepRequest(
+            new_requests=[
+                pb.NewRequest(id=1, token_ids=[1], block_table=[0], num_scheduled_tokens=1, adapter_index=3)
+            ]
+        ),
+        "adapter",
+    ),
+    "more tokens than profiled": (
+        pb.StepRequest(new_requests=[_new(1, list(range(100)), list(range(7)))]),
+        "profiled",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STEPS))
+def test_bad_step_gets_invalid_argument_and_worker_keeps_serving(
+    stub: worker_pb2_grpc.WorkerStub, case: str
+) -> None:
+    request, message = BAD_STEPS[case]
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Step(request)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in e.value.details()
+    # Nothing was admitted: the same id works now, and its blocks are all usable.
+    ok = stub.Step(pb.StepRequest(new_requests=[_new(1, [5, 6, 7], [0])]))
+    assert ok.outputs[0].HasField("token")
+    stub.Step(pb.StepRequest(finished_ids=[1]))
+
+
+def test_adapter_rpcs_are_unimplemented_for_now(stub: worker_pb2_grpc.WorkerStub) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        stub.LoadAdapter(pb.LoadAdapterRequest(adapter_index=1))
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def _sampled(seed: int, rid: int) -> Request:
+    return Request(
+        id=rid,
+        prompt=[3, 1, 4, 1, 5, 9, 2, 6],
+        max_new_tokens=16,
+        params=pb.SamplingParams(do_sample=True, temperature=1.3, top_k=50, seed=seed),
+    )
+
+
+def test_seeded_sampling_does_not_depend_on_batch_composition(stub: worker_pb2_grpc.WorkerStub) -> None:
+    def run(requests: list[Request]) -> list[Request]:
+        driver = Driver(stub, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, step_token_budget=64)
+        done = driver.run(requests)
+        assert driver.allocator.num_free == NUM_BLOCKS
+        return done
+
+    alone = run([_sampled(seed=42, rid=10)])[0].generated
+    again = run([_sampled(seed=42, rid=11)])[0].generated
+    crowd = run(
+        [
+            Request(
+                id=20, prompt=[7, 7, 7], max_new_tokens=5, params=pb.SamplingParams(do_sample=True, seed=1)
+            ),
+            Request(id=21, prompt=list(range(30)), max_new_tokens=20),
+            _sampled(seed=42, rid=22),
+            _sampled(seed=43, rid=23),
+        ]
+    )
+    assert alone == again
+    assert crowd[2].generated == alone
+    assert crowd[3].generated != alone

@@ -1,0 +1,184 @@
+"""Test helpers: a `lorax-worker` process, tiny random HF models, and a small continuous-batching driver.
+
+The driver is a deliberately simple scheduler (first come, first served; chunked prefill under a
+token budget) that talks to a real worker over gRPC, so worker tests need no router.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from loraxpy.proto import worker_pb2 as pb
+from loraxpy.proto import worker_pb2_grpc
+from loraxpy.router.kv_blocks import BlockAllocator
+
+
+@contextmanager
+def worker_process(
+    model_path: Path | str, sock_dir: Path, *, extra_args: tuple[str, ...] = (), timeout_s: float = 180.0
+) -> Iterator[worker_pb2_grpc.WorkerStub]:
+    """Starts `lorax-worker` on a unix socket, waits until it answers, yields a stub, then stops it."""
+    address = f"unix://{sock_dir}/worker.sock"
+    log = open(sock_dir / "worker.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loraxpy.worker.cli",
+            "--listen",
+            address,
+            "--model-id",
+            str(model_path),
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            *extra_args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    channel = grpc.insecure_channel(address)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"worker exited with {proc.returncode}:\n{(sock_dir / 'worker.log').read_text()}"
+                )
+            try:
+                grpc.channel_ready_future(channel).result(timeout=1.0)
+                break
+            except grpc.FutureTimeoutError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("worker did not start") from None
+        yield worker_pb2_grpc.WorkerStub(channel)
+    finally:
+        channel.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    max_new_tokens: int
+    join_step: int = 0
+    params: pb.SamplingParams = field(default_factory=pb.SamplingParams)
+    eos_token_ids: tuple[int, ...] = ()
+    # filled in while running
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: dict[int, float] = field(default_factory=dict)
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    is_sent: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+    @property
+    def is_done(self) -> bool:
+        return len(self.generated) >= self.max_new_tokens or bool(
+            self.generated and self.generated[-1] in self.eos_token_ids
+        )
+
+
+class Driver:
+    """Runs requests to completion on a worker, admitting each at its join step."""
+
+    def __init__(
+        self,
+        stub: worker_pb2_grpc.WorkerStub,
+        *,
+        num_blocks: int,
+        block_size: int,
+        step_token_budget: int,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.stub = stub
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.budget = step_token_budget
+        self.chunk_size = chunk_size
+        self.num_steps = 0
+
+    def run(self, requests: list[Request], max_steps: int = 10_000) -> list[Request]:
+        pending = sorted(requests, key=lambda r: r.join_step)
+        running: list[Request] = []
+        finished_ids: list[int] = []
+        while pending or running:
+            while pending and pending[0].join_step <= self.num_steps:
+                running.append(pending.pop(0))
+            step = self._schedule(running, finished_ids)
+            finished_ids = []
+            response = self.stub.Step(step)
+            self._apply(response, running)
+            for r in [r for r in running if r.is_done]:
+                running.remove(r)
+                self.allocator.free(r.blocks)
+                r.blocks = []
+                finished_ids.append(r.id)
+            self.num_steps += 1
+            if self.num_steps > max_steps:
+                raise RuntimeError("driver did not finish")
+        if finished_ids:
+            self.stub.Step(pb.StepRequest(finished_ids=finished_ids))
+        return requests
+
+    def _schedule(self, running: list[Request], finished_ids: list[int]) -> pb.StepRequest:
+        step = pb.StepRequest(finished_ids=finished_ids)
+        budget = self.budget
+        for r in running:
+            n = min(r.num_tokens - r.num_computed, budget, self.chunk_size or budget)
+            if n <= 0:
+                continue
+            new_blocks = self.allocator.allocate(
+                self.allocator.blocks_needed(r.num_computed + n, len(r.blocks))
+            )
+            r.blocks.extend(new_blocks)
+            budget -= n
+            if r.is_sent:
+                step.cached_requests.append(
+                    pb.CachedRequest(id=r.id, new_block_ids=new_blocks, num_scheduled_tokens=n)
+                )
+            else:
+                r.is_sent = True
+                step.new_requests.append(
+                    pb.NewRequest(
+                        id=r.id,
+                        token_ids=r.prompt,
+                        params=r.params,
+                        block_table=r.blocks,
+                        num_scheduled_tokens=n,
+                    )
+                )
+            r.num_computed += n
+        return step
+
+    def _apply(self, response: pb.StepResponse, running: list[Request]) -> None:
+        by_id = {r.id: r for r in running}
+        for out in response.outputs:
+            r = by_id[out.id]
+            assert out.num_computed_tokens == r.num_computed
+            for i, lp in enumerate(out.prompt_logprobs):
+                r.prompt_logprobs[out.prompt_logprobs_start + i] = lp
+            if out.HasField("token"):
+                r.generated.append(out.token.token_id)
+                r.logprobs.append(out.token.logprob)
+                r.top_logprobs.append([(t.token_id, t.logprob) for t in out.top_logprobs])

@@ -1,0 +1,59 @@
+"""`lorax-worker`: resolves the model, loads one shard and serves the Worker gRPC service until signalled."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from loraxpy.worker.config import WorkerConfig, parse_args
+from loraxpy.worker.layers import Shard
+from loraxpy.worker.model_source import ModelSourceError, resolve_model
+from loraxpy.worker.runner import ModelRunner, RunnerOptions
+from loraxpy.worker.server import WorkerServicer, serve
+
+logger = logging.getLogger("loraxpy.worker")
+
+
+def build_runner(config: WorkerConfig) -> ModelRunner:
+    model_path = resolve_model(
+        config.model_id,
+        cache_dir=config.cache_dir,
+        revision=config.revision,
+        api_token=config.hub_token,
+        hub_cache_dir=config.hub_cache_dir,
+        offline=config.offline,
+    )
+    device = config.torch_device()
+    options = RunnerOptions(
+        dtype=config.torch_dtype(device),
+        device=device,
+        block_size=config.block_size,
+        shard=Shard(config.rank, config.world_size),
+        kv_cache_bytes=config.kv_cache_memory_mib * 2**20,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+    )
+    return ModelRunner(model_path, options)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_args(argv)
+        runner = build_runner(config)
+    except (ValueError, ModelSourceError) as e:
+        logger.error("%s", e)
+        sys.exit(2)
+    server = serve(WorkerServicer(runner, config.model_id), config.listen)
+    logger.info("worker rank %d/%d listening on %s", config.rank, config.world_size, config.listen)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    logger.info("shutting down")
+    server.stop(grace=5).wait()
+
+
+if __name__ == "__main__":
+    main()

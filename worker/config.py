@@ -1,0 +1,116 @@
+"""The worker's configuration: CLI flags map 1:1 to fields; this is the only worker module reading env vars."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    listen: str
+    model_id: str | None = None
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    kv_cache_memory_mib: int = 1024
+    gpu_memory_utilization: float = 0.9
+    cache_dir: Path = field(default_factory=lambda: Path("~/.cache/loraxpy").expanduser())
+    hub_cache_dir: Path | None = None
+    hub_token: str | None = None
+    offline: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"--block-size must be a power of two, got {self.block_size}")
+        if self.kv_cache_memory_mib < 1:
+            raise ValueError("--kv-cache-memory-mib must be positive")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("--gpu-memory-utilization must be in (0, 1]")
+        if not self.listen:
+            raise ValueError("--listen needs an address: unix:///path/to.sock or host:port")
+
+    def __repr__(self) -> str:  # never print the token
+        fields = {k: v for k, v in self.__dict__.items() if k != "hub_token"}
+        return f"WorkerConfig({fields}, hub_token={'***' if self.hub_token else None})"
+
+    def torch_device(self) -> torch.device:
+        """CUDA is detected once, here; everything else receives the device explicitly."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
+def parse_args(argv: list[str] | None = None) -> WorkerConfig:
+    env = os.environ
+    p = argparse.ArgumentParser(prog="lorax-worker", description="Serve one model shard over gRPC.")
+    p.add_argument(
+        "--listen",
+        default=env.get("LORAX_WORKER_LISTEN", ""),
+        help="unix:///path/to.sock or host:port (env LORAX_WORKER_LISTEN)",
+    )
+    p.add_argument(
+        "--model-id",
+        default=env.get("MODEL_ID") or None,
+        help="local folder or hub id; default: the packaged SmolLM2-135M-Instruct (env MODEL_ID)",
+    )
+    p.add_argument("--revision", default=env.get("REVISION") or None, help="hub revision (env REVISION)")
+    p.add_argument("--dtype", default=env.get("DTYPE", "auto"), help="auto, float32, float16 or bfloat16")
+    p.add_argument("--device", default=env.get("LORAX_DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--block-size", type=int, default=int(env.get("BLOCK_SIZE", 16)), help="tokens per KV block"
+    )
+    p.add_argument(
+        "--kv-cache-memory-mib",
+        type=int,
+        default=int(env.get("KV_CACHE_MEMORY_MIB", 1024)),
+        help="KV cache size on CPU, in MiB",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=float(env.get("GPU_MEMORY_UTILIZATION", 0.9)),
+        help="fraction of GPU memory for weights, activations and KV cache",
+    )
+    args = p.parse_args(argv)
+    hub_cache = env.get("HF_HUB_CACHE")
+    return WorkerConfig(
+        listen=args.listen,
+        model_id=args.model_id,
+        revision=args.revision,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_memory_mib=args.kv_cache_memory_mib,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        cache_dir=Path(env.get("LORAX_CACHE", "~/.cache/loraxpy")).expanduser(),
+        hub_cache_dir=Path(hub_cache).expanduser() if hub_cache else None,
+        hub_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None,
+        offline=_env_flag("HF_HUB_OFFLINE"),
+        rank=int(env.get("RANK", 0)),
+        world_size=int(env.get("WORLD_SIZE", 1)),
+    )

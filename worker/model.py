@@ -1,0 +1,172 @@
+"""One Llama-family decoder (llama, mistral, qwen2) over a paged KV cache; variants are config flags."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from loraxpy.kernels.attention import AttentionMetadata, store_kv
+from loraxpy.worker.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RMSNorm,
+    RowParallelLinear,
+    Shard,
+    VocabParallelEmbedding,
+)
+from loraxpy.worker.model_config import ModelConfig
+from loraxpy.worker.rotary import RotaryEmbedding
+from torch import nn
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class ForwardBatch:
+    """Everything one forward pass needs besides the weights; built by the runner each step."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64: where each token's K/V goes in the cache
+    attn: AttentionMetadata
+    kv_caches: list[
+        tuple[torch.Tensor, torch.Tensor]
+    ]  # per layer: k, v [num_blocks, block_size, kv_heads, head_dim]
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_index: int,
+        shard: Shard,
+        attention_fn: AttentionFn,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.head_dim = config.head_dim
+        self.num_heads = shard.split(config.num_heads, "num_attention_heads")
+        self.num_kv_heads = shard.split(config.num_kv_heads, "num_key_value_heads")
+        self.scale = config.head_dim**-0.5
+        self.sliding_window = config.sliding_windows[layer_index]
+        self.attention_fn = attention_fn
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size,
+            {"q_proj": config.q_size, "k_proj": config.kv_size, "v_proj": config.kv_size},
+            bias=config.qkv_bias,
+            shard=shard,
+            dtype=dtype,
+            device=device,
+        )
+        self.o_proj = RowParallelLinear(
+            config.q_size, config.hidden_size, bias=config.o_bias, shard=shard, dtype=dtype, device=device
+        )
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
+        # x: [num_tokens, hidden]
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rotary(batch.positions, q, k)
+        k_cache, v_cache = batch.kv_caches[self.layer_index]
+        store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        out = self.attention_fn(q, k_cache, v_cache, batch.attn, self.scale, self.sliding_window)
+        return self.o_proj(out.reshape(-1, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, shard: Shard, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(
+            config.hidden_size,
+            {"gate_proj": size, "up_proj": size},
+            bias=config.mlp_bias,
+            shard=shard,
+            dtype=dtype,
+            device=device,
+        )
+        self.down_proj = RowParallelLinear(
+            size, config.hidden_size, bias=config.mlp_bias, shard=shard, dtype=dtype, device=device
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_index: int,
+        shard: Shard,
+        attention_fn: AttentionFn,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype, device=device)
+        self.self_attn = Attention(config, layer_index, shard, attention_fn, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype, device=device)
+        self.mlp = MLP(config, shard, dtype, device)
+
+    def forward(self, h: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), batch, rotary)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class CausalLM(nn.Module):
+    """Embedding → decoder layers → norm; `compute_logits` applies the LM head to chosen rows only."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        shard: Shard,
+        attention_fn: AttentionFn,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, shard=shard, dtype=dtype, device=device
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, shard, attention_fn, dtype, device) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings, device)
+        # A tied head is built on the meta device (no memory) and then shares the embedding's weight.
+        tied = config.tie_word_embeddings
+        self.lm_head = ParallelLMHead(
+            config.vocab_size,
+            config.hidden_size,
+            shard=shard,
+            dtype=dtype,
+            device=torch.device("meta") if tied else device,
+        )
+        if tied:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        # returns hidden states [num_tokens, hidden] after the final norm
+        h = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            h = layer(h, batch, self.rotary)
+        return self.norm(h)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [n, hidden] -> [n, vocab_size] fp32
+        return self.lm_head.logits(hidden)

@@ -1,0 +1,255 @@
+"""Runs one step: releases, admits, lays out the batch, runs the model and samples. Owns request state."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from loraxpy.kernels.attention import AttentionMetadata, select_attention_backend
+from loraxpy.worker.batch import (
+    BatchPlan,
+    Limits,
+    RequestOutputData,
+    RequestState,
+    StepInput,
+    WorkerInputError,
+    plan_batch,
+    validate_step,
+)
+from loraxpy.worker.kv_cache import KVCacheSpec
+from loraxpy.worker.layers import Shard
+from loraxpy.worker.model import CausalLM, ForwardBatch
+from loraxpy.worker.model_config import ModelConfig
+from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample
+from loraxpy.worker.weights import load_weights
+
+logger = logging.getLogger(__name__)
+
+_GREEDY = SamplingParams()
+
+
+class NotReadyError(RuntimeError):
+    """A Step arrived before Warmup allocated the KV cache."""
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    dtype: torch.dtype
+    device: torch.device
+    block_size: int = 16
+    shard: Shard = field(default_factory=Shard)
+    # CPU: bytes for the KV cache. CUDA: fraction of device memory the worker may use in total.
+    kv_cache_bytes: int = 1 << 30
+    gpu_memory_utilization: float = 0.9
+
+
+class ModelRunner:
+    def __init__(self, model_path: Path, options: RunnerOptions) -> None:
+        self.options = options
+        self.model_path = model_path
+        self.config = ModelConfig.from_folder(model_path)
+        self.attention_backend, attention_fn = select_attention_backend(options.device)
+        started = time.perf_counter()
+        self.model = CausalLM(
+            self.config,
+            shard=options.shard,
+            attention_fn=attention_fn,
+            dtype=options.dtype,
+            device=options.device,
+        )
+        load_weights(self.model, model_path, tied_lm_head=self.config.tie_word_embeddings)
+        logger.info(
+            "model %s (%s, %s on %s, attention %s) loaded in %.1f s",
+            model_path,
+            self.config.model_type,
+            options.dtype,
+            options.device,
+            self.attention_backend,
+            time.perf_counter() - started,
+        )
+        self.kv_spec = KVCacheSpec(
+            num_layers=self.config.num_layers,
+            block_size=options.block_size,
+            num_kv_heads=options.shard.split(self.config.num_kv_heads, "num_key_value_heads"),
+            head_dim=self.config.head_dim,
+            dtype=options.dtype,
+        )
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.limits: Limits | None = None
+        self.requests: dict[int, RequestState] = {}
+
+    @property
+    def is_ready(self) -> bool:
+        return self.limits is not None
+
+    # ---- warmup -------------------------------------------------------------------------------
+
+    def warmup(self, max_prefill_tokens: int, max_num_seqs: int, num_blocks: int = 0) -> int:
+        """Profiles the largest step, then allocates the KV cache; returns the number of blocks."""
+        if max_prefill_tokens < 1 or max_num_seqs < 1:
+            raise WorkerInputError("warmup needs max_prefill_tokens >= 1 and max_num_seqs >= 1")
+        self.kv_caches = []
+        self.requests.clear()
+        peak = self._profile(max_prefill_tokens, max_num_seqs)
+        if num_blocks == 0:
+            num_blocks = self._blocks_from_memory(peak)
+        if num_blocks < 1:
+            raise WorkerInputError(
+                "no memory is left for the KV cache; lower max_prefill_tokens or the model size"
+            )
+        self.kv_caches = self.kv_spec.allocate(num_blocks, self.options.device)
+        self.limits = Limits(
+            vocab_size=self.config.vocab_size,
+            num_blocks=num_blocks,
+            block_size=self.options.block_size,
+            max_model_len=self.config.max_position_embeddings,
+            max_step_tokens=max_prefill_tokens,
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            num_blocks,
+            self.options.block_size,
+            num_blocks * self.kv_spec.bytes_per_block / 2**20,
+        )
+        return num_blocks
+
+    def _profile(self, num_tokens: int, num_seqs: int) -> int:
+        """Runs a forward pass over `num_tokens` dummy tokens; returns peak device bytes (CUDA) or 0."""
+        device = self.options.device
+        num_seqs = min(num_seqs, num_tokens)
+        lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        bs = self.options.block_size
+        blocks_per_seq = [-(-n // bs) for n in lens]
+        caches = self.kv_spec.allocate(sum(blocks_per_seq), device)
+        states, next_block = [], 0
+        for i, n in enumerate(lens):
+            table = list(range(next_block, next_block + blocks_per_seq[i]))
+            next_block += blocks_per_seq[i]
+            states.append((RequestState(-1, [0] * n, n, _GREEDY, 0, table, None), n))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        batch = self._forward_batch(plan_batch(states, bs), caches)
+        hidden = self.model(batch)
+        self.model.compute_logits(hidden[-num_seqs:])
+        del caches, batch, hidden
+        if device.type != "cuda":
+            return 0
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.empty_cache()
+        return peak
+
+    def _blocks_from_memory(self, peak: int) -> int:
+        if self.options.device.type != "cuda":
+            return self.kv_spec.num_blocks_for(self.options.kv_cache_bytes)
+        _, total = torch.cuda.mem_get_info(self.options.device)
+        budget = int(total * self.options.gpu_memory_utilization) - peak
+        return self.kv_spec.num_blocks_for(budget)
+
+    # ---- step ---------------------------------------------------------------------------------
+
+    def step(self, step: StepInput) -> list[RequestOutputData]:
+        if self.limits is None:
+            raise NotReadyError("Warmup must run before the first Step")
+        validate_step(step, self.requests, self.limits)
+        for rid in step.finished_ids:
+            del self.requests[rid]
+        scheduled = self._admit(step)
+        if not scheduled:
+            return []
+        plan = plan_batch(scheduled, self.options.block_size)
+        hidden = self.model(self._forward_batch(plan, self.kv_caches))
+        outputs = self._sample(scheduled, plan, hidden)
+        for state, num_scheduled in scheduled:
+            state.num_computed_tokens += num_scheduled
+        return outputs
+
+    def _admit(self, step: StepInput) -> list[tuple[RequestState, int]]:
+        scheduled: list[tuple[RequestState, int]] = []
+        for new in step.new_requests:
+            state = RequestState(
+                id=new.id,
+                token_ids=list(new.token_ids),
+                num_prompt_tokens=new.num_prompt_tokens or len(new.token_ids),
+                params=new.params,
+                adapter_index=new.adapter_index,
+                block_table=list(new.block_table),
+                generator=make_generator(new.params, self.options.device),
+            )
+            self.requests[new.id] = state
+            scheduled.append((state, new.num_scheduled_tokens))
+        for cached in step.cached_requests:
+            state = self.requests[cached.id]
+            state.block_table.extend(cached.new_block_ids)
+            scheduled.append((state, cached.num_scheduled_tokens))
+        return scheduled
+
+    def _forward_batch(
+        self, plan: BatchPlan, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> ForwardBatch:
+        device = self.options.device
+
+        def ids(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return ForwardBatch(
+            input_ids=ids(plan.input_ids),
+            positions=ids(plan.positions),
+            slot_mapping=ids(plan.slot_mapping),
+            attn=AttentionMetadata.build(plan.query_lens, plan.seq_lens, plan.block_tables, device),
+            kv_caches=kv_caches,
+        )
+
+    def _sample(
+        self, scheduled: list[tuple[RequestState, int]], plan: BatchPlan, hidden: torch.Tensor
+    ) -> list[RequestOutputData]:
+        sampling = [(i, row) for i, row in enumerate(plan.sample_rows) if row >= 0]
+        tokens: dict[int, tuple[tuple[int, float], tuple[tuple[int, float], ...]]] = {}
+        if sampling:
+            rows = torch.tensor([row for _, row in sampling], device=hidden.device)
+            logits = self.model.compute_logits(hidden[rows])
+            sampling_rows = [
+                SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator)
+                for s, _ in (scheduled[i] for i, _ in sampling)
+            ]
+            result = sample(logits, sampling_rows)
+            for k, (i, _) in enumerate(sampling):
+                top = tuple((int(t), float(lp)) for t, lp in result.top_logprobs[k])
+                tokens[i] = ((result.token_ids[k], result.logprobs[k]), top)
+        outputs = []
+        row0 = 0
+        for i, (state, num_scheduled) in enumerate(scheduled):
+            start, values = self._prompt_logprobs(state, num_scheduled, hidden, row0)
+            row0 += num_scheduled
+            token, top = tokens.get(i, (None, ()))
+            if token is not None:
+                state.token_ids.append(token[0])
+            outputs.append(
+                RequestOutputData(
+                    id=state.id,
+                    num_computed_tokens=state.num_computed_tokens + num_scheduled,
+                    token=token,
+                    top_logprobs=top,
+                    prompt_logprobs_start=start,
+                    prompt_logprobs=values,
+                )
+            )
+        return outputs
+
+    def _prompt_logprobs(
+        self, state: RequestState, num_scheduled: int, hidden: torch.Tensor, row0: int
+    ) -> tuple[int, tuple[float, ...]]:
+        """Log-probs of prompt tokens j in [s+1, min(e+1, P)) from the logits at j-1 (s..e computed now)."""
+        if not state.params.prompt_logprobs:
+            return 0, ()
+        s = state.num_computed_tokens
+        first, last = s + 1, min(s + num_scheduled + 1, state.num_prompt_tokens)
+        if first >= last:
+            return 0, ()
+        logits = self.model.compute_logits(hidden[row0 : row0 + last - first])
+        targets = torch.tensor(state.token_ids[first:last], device=logits.device)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+        return first, tuple(logprobs.tolist())

@@ -1,0 +1,202 @@
+"""Choosing every request's next token in one batched pass.
+
+Processing order and formulas follow HF transformers' `generate`: repetition penalty, then
+(OpenAI-style) frequency and presence penalties, then for sampling rows temperature, top-k, top-p
+and typical-p. Each sampling row draws only from its own generator, a fixed amount per step, so a
+seed gives the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "temperature",
+            "top_p",
+            "typical_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        ):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number")
+        checks = [
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 < self.typical_p <= 1, "typical_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (self.seed is None or 0 <= self.seed < 2**64, "seed must be in [0, 2^64)"),
+            (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+@dataclass
+class SamplingRow:
+    """One request's view for sampling: its parameters, its tokens so far, and its generator."""
+
+    params: SamplingParams
+    token_ids: list[int]  # prompt followed by generated tokens
+    num_prompt_tokens: int
+    generator: torch.Generator | None
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[float]  # of the chosen token, under the unprocessed distribution
+    top_logprobs: list[list[tuple[int, float]]]  # most likely first
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if not params.do_sample:
+        return None
+    # torch seeds are signed 64-bit at most; fold the upper half in rather than refuse large seeds.
+    seed = params.seed if params.seed is not None else random.getrandbits(63)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed % (2**63))
+    return generator
+
+
+def _token_matrix(rows: list[SamplingRow], generated_only: bool, device: torch.device) -> torch.Tensor:
+    """[num_rows, max_len] token ids padded with -1 (prompt + generated, or generated only)."""
+    lists = [r.token_ids[r.num_prompt_tokens :] if generated_only else r.token_ids for r in rows]
+    width = max(1, *(len(t) for t in lists))
+    return torch.tensor([t + [-1] * (width - len(t)) for t in lists], dtype=torch.int64, device=device)
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    device = logits.device
+    vocab = logits.shape[1]
+    rep = torch.tensor([r.params.repetition_penalty for r in rows], device=device)[:, None]
+    if (rep != 1.0).any():
+        tokens = _token_matrix(rows, generated_only=False, device=device)
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+        seen.scatter_(1, tokens.clamp(min=0), tokens >= 0)
+        penalized = torch.where(logits < 0, logits * rep, logits / rep)
+        logits = torch.where(seen, penalized, logits)
+    freq = torch.tensor([r.params.frequency_penalty for r in rows], device=device)[:, None]
+    presence = torch.tensor([r.params.presence_penalty for r in rows], device=device)[:, None]
+    if (freq != 0).any() or (presence != 0).any():
+        tokens = _token_matrix(rows, generated_only=True, device=device)
+        counts = torch.zeros(logits.shape[0], vocab + 1, dtype=logits.dtype, device=device)
+        counts.scatter_add_(
+            1, torch.where(tokens >= 0, tokens, vocab), torch.ones_like(tokens, dtype=logits.dtype)
+        )
+        counts = counts[:, :vocab]
+        logits = logits - freq * counts - presence * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _apply_warpers(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    device = logits.device
+    neg_inf = torch.tensor(float("-inf"), device=device)
+    temperature = torch.tensor([r.params.temperature for r in rows], device=device)[:, None]
+    logits = logits / temperature
+    top_k = torch.tensor([r.params.top_k or logits.shape[1] for r in rows], device=device)
+    if (top_k < logits.shape[1]).any():
+        kth = logits.sort(dim=-1, descending=True).values.gather(
+            1, (top_k.clamp(max=logits.shape[1]) - 1)[:, None]
+        )
+        logits = torch.where(logits < kth, neg_inf, logits)
+    top_p = torch.tensor([r.params.top_p for r in rows], device=device)[:, None]
+    if (top_p < 1).any():
+        logits = _top_p(logits, top_p)
+    typical = torch.tensor([r.params.typical_p for r in rows], device=device)[:, None]
+    if (typical < 1).any():
+        logits = _typical(logits, typical)
+    return logits
+
+
+def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    # HF TopPLogitsWarper: drop the ascending-sorted prefix whose cumulative mass is <= 1 - top_p.
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= (1 - top_p)
+    drop_sorted[:, -1] = False  # min_tokens_to_keep = 1
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop & (top_p < 1), float("-inf"))
+
+
+def _typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    # HF TypicalLogitsWarper: keep tokens closest to the entropy until their mass exceeds typical_p.
+    normalized = logits.log_softmax(dim=-1)
+    p = normalized.exp()
+    entropy = -(normalized * p).nansum(-1, keepdim=True)
+    shifted = (-normalized - entropy).abs()
+    sorted_scores, order = shifted.sort(descending=False)
+    sorted_logits = logits.gather(-1, order)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    last_ind = (cumulative < mass).sum(dim=1)
+    last_ind.clamp_(max=logits.shape[-1] - 1)
+    drop_sorted = sorted_scores > sorted_scores.gather(1, last_ind.view(-1, 1))
+    drop_sorted[..., :1] = False
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop & (mass < 1), float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """logits [num_rows, vocab] fp32 → processed logits; warpers apply to sampling rows only."""
+    if any(r.params.has_penalties for r in rows):
+        logits = _apply_penalties(logits, rows)
+    is_sampling = torch.tensor([r.params.do_sample for r in rows], device=logits.device)[:, None]
+    if is_sampling.any():
+        logits = torch.where(is_sampling, _apply_warpers(logits, rows), logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
+    """Chooses one token per row: argmax for greedy rows, an exponential race for sampling rows."""
+    # logits: [num_rows, vocab] fp32
+    raw_logprobs = logits.log_softmax(dim=-1)
+    processed = process_logits(logits, rows)
+    chosen = processed.argmax(dim=-1)
+    sampling = [i for i, r in enumerate(rows) if r.params.do_sample]
+    if sampling:
+        probs = processed[sampling].softmax(dim=-1)
+        # argmax(p / E) with E ~ Exp(1) draws from p; each row's noise comes from its own generator.
+        noise = torch.stack(
+            [torch.empty_like(probs[0]).exponential_(generator=rows[i].generator) for i in sampling]
+        )
+        chosen[sampling] = (probs / noise).argmax(dim=-1)
+    chosen_logprobs = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
+    k = max(r.params.top_logprobs for r in rows)
+    top_values, top_ids = raw_logprobs.topk(k, dim=-1) if k else (chosen_logprobs[:, None][:, :0],) * 2
+    # One device→host transfer for everything.
+    token_ids, logprobs, top_v, top_i = (t.tolist() for t in (chosen, chosen_logprobs, top_values, top_ids))
+    top = [
+        list(zip(top_i[i][: r.params.top_logprobs], top_v[i][: r.params.top_logprobs], strict=True))
+        for i, r in enumerate(rows)
+    ]
+    return SampleOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=top)

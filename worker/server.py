@@ -1,0 +1,191 @@
+"""The gRPC Worker service: protobuf in, domain dataclasses to the runner, protobuf out.
+
+Protobuf stops here. Every exception is mapped to a gRPC status in one place (`_rpc`): bad input
+becomes INVALID_ARGUMENT and leaves the worker's state untouched, so one bad Step never stops the
+worker serving the next one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+from loraxpy.proto import worker_pb2 as pb
+from loraxpy.proto import worker_pb2_grpc
+from loraxpy.worker.batch import (
+    CachedRequestData,
+    NewRequestData,
+    RequestOutputData,
+    StepInput,
+    WorkerInputError,
+)
+from loraxpy.worker.runner import ModelRunner, NotReadyError
+from loraxpy.worker.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def _rpc(method: F) -> F:
+    """Maps exceptions to gRPC statuses; an unexpected one is logged with its traceback."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except WorkerInputError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except NotReadyError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except NotImplementedError as e:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, str(e))
+        except Exception as e:
+            logger.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
+    try:
+        return SamplingParams(
+            do_sample=p.do_sample,
+            temperature=p.temperature or 1.0,
+            top_k=p.top_k,
+            top_p=p.top_p or 1.0,
+            typical_p=p.typical_p or 1.0,
+            repetition_penalty=p.repetition_penalty or 1.0,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            seed=p.seed if p.HasField("seed") else None,
+            top_logprobs=p.top_logprobs,
+            prompt_logprobs=p.prompt_logprobs,
+        )
+    except ValueError as e:
+        raise WorkerInputError(f"sampling parameters: {e}") from e
+
+
+def step_from_proto(req: pb.StepRequest) -> StepInput:
+    new_requests = []
+    for r in req.new_requests:
+        try:
+            params = sampling_from_proto(r.params)
+        except WorkerInputError as e:
+            raise WorkerInputError(f"request {r.id}: {e}") from e
+        new_requests.append(
+            NewRequestData(
+                id=r.id,
+                token_ids=tuple(r.token_ids),
+                num_prompt_tokens=r.num_prompt_tokens,
+                params=params,
+                adapter_index=r.adapter_index,
+                block_table=tuple(r.block_table),
+                num_scheduled_tokens=r.num_scheduled_tokens,
+            )
+        )
+    return StepInput(
+        finished_ids=tuple(req.finished_ids),
+        new_requests=tuple(new_requests),
+        cached_requests=tuple(
+            CachedRequestData(r.id, tuple(r.new_block_ids), r.num_scheduled_tokens)
+            for r in req.cached_requests
+        ),
+    )
+
+
+def output_to_proto(out: RequestOutputData) -> pb.RequestOutput:
+    msg = pb.RequestOutput(
+        id=out.id,
+        num_computed_tokens=out.num_computed_tokens,
+        top_logprobs=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in out.top_logprobs],
+        prompt_logprobs_start=out.prompt_logprobs_start,
+        prompt_logprobs=out.prompt_logprobs,
+    )
+    if out.token is not None:
+        msg.token.CopyFrom(pb.TokenLogprob(token_id=out.token[0], logprob=out.token[1]))
+    return msg
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, runner: ModelRunner, model_id: str | None) -> None:
+        self.runner = runner
+        self.model_id = model_id or ""
+        # One forward pass at a time; Health and Info never wait for it.
+        self.lock = threading.Lock()
+
+    @_rpc
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        r = self.runner
+        return pb.InfoResponse(
+            model_id=self.model_id,
+            model_path=str(r.model_path),
+            model_type=r.config.model_type,
+            dtype=str(r.options.dtype).removeprefix("torch."),
+            device_type=r.options.device.type,
+            rank=r.options.shard.rank,
+            world_size=r.options.shard.world_size,
+            vocab_size=r.config.vocab_size,
+            max_position_embeddings=r.config.max_position_embeddings,
+            block_size=r.options.block_size,
+            num_blocks=r.limits.num_blocks if r.limits else 0,
+            attention_backend=r.attention_backend,
+            supports_adapters=False,
+            eos_token_ids=list(r.config.eos_token_ids),
+        )
+
+    @_rpc
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
+        return pb.HealthResponse(ready=self.runner.is_ready)
+
+    @_rpc
+    def Warmup(self, request: pb.WarmupRequest, context: grpc.ServicerContext) -> pb.WarmupResponse:
+        with self.lock:
+            num_blocks = self.runner.warmup(
+                request.max_prefill_tokens, request.max_num_seqs or 1, request.num_blocks
+            )
+        return pb.WarmupResponse(num_blocks=num_blocks, block_size=self.runner.options.block_size)
+
+    @_rpc
+    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
+        step = step_from_proto(request)
+        started = time.perf_counter()
+        with self.lock:
+            outputs = self.runner.step(step)
+        elapsed_us = int((time.perf_counter() - started) * 1e6)
+        return pb.StepResponse(outputs=[output_to_proto(o) for o in outputs], step_time_us=elapsed_us)
+
+    @_rpc
+    def DownloadAdapter(self, request: Any, context: grpc.ServicerContext) -> Any:
+        raise NotImplementedError("adapters are not supported by this worker yet")
+
+    @_rpc
+    def LoadAdapter(self, request: Any, context: grpc.ServicerContext) -> Any:
+        raise NotImplementedError("adapters are not supported by this worker yet")
+
+    @_rpc
+    def OffloadAdapter(self, request: Any, context: grpc.ServicerContext) -> Any:
+        raise NotImplementedError("adapters are not supported by this worker yet")
+
+
+def serve(servicer: WorkerServicer, listen: str) -> grpc.Server:
+    """Starts the server on `listen` (unix:///path or host:port) and returns it; raises if it cannot bind."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8),
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
+        raise OSError(f"cannot listen on {listen}")
+    server.start()
+    return server

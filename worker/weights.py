@@ -1,0 +1,97 @@
+"""Streams a safetensors checkpoint (single file or sharded index) into a model, one tensor at a time.
+
+Parameters are allocated once on the target device; each checkpoint tensor is read memory-mapped
+and copied into the slice its layer owns, so the weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Checkpoint module name → (fused module in our model, slice name inside it).
+FUSED = {
+    "q_proj": ("qkv_proj", "q_proj"),
+    "k_proj": ("qkv_proj", "k_proj"),
+    "v_proj": ("qkv_proj", "v_proj"),
+    "gate_proj": ("gate_up_proj", "gate_proj"),
+    "up_proj": ("gate_up_proj", "up_proj"),
+}
+
+
+class WeightsError(ValueError):
+    """The checkpoint does not fit the model; the message names the tensor."""
+
+
+def checkpoint_files(model_path: Path) -> list[Path]:
+    index = model_path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"no *.safetensors weights in {model_path}")
+    return files
+
+
+def iter_checkpoint(model_path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in checkpoint_files(model_path):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                yield name, f.get_tensor(name)
+
+
+def _target(name: str) -> tuple[str, str, str] | None:
+    """Maps a checkpoint tensor name to (module path, slice name, param), or None to skip it."""
+    if "rotary_emb" in name:
+        return None
+    name = name.removeprefix("model.")
+    module, _, param = name.rpartition(".")
+    parent, _, leaf = module.rpartition(".")
+    if leaf in FUSED:
+        fused, slice_name = FUSED[leaf]
+        return f"{parent}.{fused}", slice_name, param
+    return module, leaf, param
+
+
+def load_weights(model: nn.Module, model_path: Path, *, tied_lm_head: bool) -> None:
+    """Copies every checkpoint tensor into the model and checks that nothing stayed uninitialised."""
+    modules = dict(model.named_modules())
+    loaded: set[tuple[str, str, str]] = set()
+    for name, tensor in iter_checkpoint(model_path):
+        target = _target(name)
+        if target is None or (tied_lm_head and target[0] == "lm_head"):
+            continue
+        module_name, slice_name, param = target
+        module = modules.get(module_name)
+        if module is None or not hasattr(module, "load"):
+            raise WeightsError(f"checkpoint tensor {name!r} has no place in the model")
+        try:
+            module.load(slice_name, param, tensor)
+        except (ValueError, RuntimeError) as e:
+            raise WeightsError(f"checkpoint tensor {name!r}: {e}") from e
+        loaded.add(target)
+    missing = _expected(model, tied_lm_head) - loaded
+    if missing:
+        sample = ", ".join(sorted(".".join(m) for m in missing)[:5])
+        raise WeightsError(f"checkpoint in {model_path} lacks {len(missing)} tensors, e.g. {sample}")
+    logger.info("loaded %d tensors from %s", len(loaded), model_path)
+
+
+def _expected(model: nn.Module, tied_lm_head: bool) -> set[tuple[str, str, str]]:
+    expected: set[tuple[str, str, str]] = set()
+    for module_name, module in model.named_modules():
+        if not hasattr(module, "load") or (tied_lm_head and module_name == "lm_head"):
+            continue
+        slices = getattr(module, "local_sizes", None) or {module_name.rpartition(".")[2]: 0}
+        params = ["weight"] + (["bias"] if getattr(module, "bias", None) is not None else [])
+        expected |= {(module_name, s, p) for s in slices for p in params}
+    return expected
