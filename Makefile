@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 # CPU PyTorch; pip finds this release on the build machines without a multi-GB CUDA download.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The default model is converted once into this cache and reused by later runs.
+export LORAX_CACHE ?= $(CURDIR)/.cache
 
 .PHONY: install test test-fast lint proto run clean
 

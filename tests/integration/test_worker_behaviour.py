@@ -139,3 +139,20 @@ def test_seeded_sampling_does_not_depend_on_batch_composition(stub: worker_pb2_g
     assert alone == again
     assert crowd[2].generated == alone
     assert crowd[3].generated != alone
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_worker_runs(tiny_llama: Path, tmp_path: Path, dtype: str) -> None:
+    with worker_process(tiny_llama, tmp_path, extra_args=("--dtype", dtype)) as s:
+        assert s.Info(pb.InfoRequest()).dtype == dtype
+        warm = s.Warmup(pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=4, num_blocks=16))
+        driver = Driver(s, num_blocks=warm.num_blocks, block_size=warm.block_size, step_token_budget=64)
+        done = driver.run(
+            [
+                Request(id=1, prompt=list(range(10)), max_new_tokens=8),
+                Request(id=2, prompt=[4, 5], max_new_tokens=8, join_step=2),
+            ]
+        )
+    for r in done:
+        assert len(r.generated) == 8 and all(0 <= t < 320 for t in r.generated)
+        assert all(lp <= 0 and lp == lp for lp in r.logprobs)
