@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,3 +157,19 @@ def test_half_precision_worker_runs(tiny_llama: Path, tmp_path: Path, dtype: str
     for r in done:
         assert len(r.generated) == 8 and all(0 <= t < 320 for t in r.generated)
         assert all(lp <= 0 and lp == lp for lp in r.logprobs)
+
+
+def test_worker_listens_on_tcp(tiny_llama: Path, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with worker_process(tiny_llama, tmp_path, address=f"127.0.0.1:{port}") as s:
+        assert s.Info(pb.InfoRequest()).model_type == "llama"
+
+
+def test_worker_refuses_a_missing_model_with_a_clear_message(tmp_path: Path) -> None:
+    with (
+        pytest.raises(RuntimeError, match="does not exist"),
+        worker_process(tmp_path / "no-such-model", tmp_path),
+    ):
+        pass

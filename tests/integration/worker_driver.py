@@ -23,10 +23,16 @@ from loraxpy.router.kv_blocks import BlockAllocator
 
 @contextmanager
 def worker_process(
-    model_path: Path | str, sock_dir: Path, *, extra_args: tuple[str, ...] = (), timeout_s: float = 180.0
+    model_path: Path | str,
+    sock_dir: Path,
+    *,
+    extra_args: tuple[str, ...] = (),
+    timeout_s: float = 180.0,
+    address: str | None = None,
 ) -> Iterator[worker_pb2_grpc.WorkerStub]:
-    """Starts `lorax-worker` on a unix socket, waits until it answers, yields a stub, then stops it."""
-    address = f"unix://{sock_dir}/worker.sock"
+    """Starts `lorax-worker` (on a unix socket unless `address` is given), waits until it answers,
+    yields a stub, then stops it."""
+    address = address or f"unix://{sock_dir}/worker.sock"
     log = open(sock_dir / "worker.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
