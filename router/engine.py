@@ -1,0 +1,211 @@
+"""The engine loop: schedule a step, send it to the workers, hand each request its new token.
+
+One asyncio task runs the loop; each request is an async iterator of `TokenEvent`s fed through a
+queue. The scheduler stays synchronous; only the worker call is awaited. A request whose consumer
+goes away (client disconnect) is finished as aborted and released at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from loraxpy.router.scheduler import FinishReason, SamplingOptions, Scheduler, SequenceState
+from loraxpy.router.worker_client import StepResult, WorkerClient, WorkerError
+
+logger = logging.getLogger(__name__)
+
+
+class TextStream(Protocol):
+    """Turns one request's token ids into text pieces and spots stop sequences."""
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Returns text that is now final, and whether a stop sequence has ended the text."""
+        ...
+
+    def flush(self) -> str:
+        """Text held back (a possible stop-sequence prefix) once the request ends otherwise."""
+        ...
+
+
+class EngineError(RuntimeError):
+    """Generation failed for a request (a worker error, or a request the cache can never hold)."""
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    input_ids: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingOptions = SamplingOptions()
+    adapter_index: int = 0
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    logprob: float
+    text: str  # new final text (may be empty while a multi-byte character or a stop prefix is pending)
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: FinishReason | None = None  # set on the last event
+
+
+@dataclass
+class _Handle:
+    seq: SequenceState
+    stream: TextStream
+    queue: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
+    prompt_logprobs: dict[int, float] = field(default_factory=dict)
+    first_token_at: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    """What a consumer may read while or after iterating a request's events."""
+
+    id: int
+    prompt_logprobs: dict[int, float]
+    num_preemptions: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        client: WorkerClient,
+        scheduler: Scheduler,
+        eos_token_ids: frozenset[int],
+        on_step: Callable[[float, int], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.scheduler = scheduler
+        self.eos_token_ids = eos_token_ids
+        self.on_step = on_step
+        self._handles: dict[int, _Handle] = {}
+        self._ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.is_healthy = True
+
+    @property
+    def num_active(self) -> int:
+        return len(self._handles)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="engine-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for handle in list(self._handles.values()):
+            handle.queue.put_nowait(EngineError("the server is shutting down"))
+
+    async def generate(self, inp: GenerateInput, stream: TextStream) -> AsyncIterator[TokenEvent | RequestOutput]:
+        """Yields a RequestOutput first (filled in as the request runs), then one TokenEvent per token."""
+        seq = SequenceState(
+            id=next(self._ids),
+            prompt_ids=list(inp.input_ids),
+            max_new_tokens=inp.max_new_tokens,
+            adapter_index=inp.adapter_index,
+            sampling=inp.sampling,
+            eos_token_ids=frozenset() if inp.ignore_eos else self.eos_token_ids,
+        )
+        handle = _Handle(seq, stream)
+        self._handles[seq.id] = handle
+        self.scheduler.add(seq)
+        self._wake.set()
+        output = RequestOutput(seq.id, handle.prompt_logprobs)
+        try:
+            yield output
+            while True:
+                item = await handle.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            output.num_preemptions = seq.num_preemptions
+            self._handles.pop(seq.id, None)
+            if seq.finish_reason is None:  # consumer left early: free its blocks, release it
+                self.scheduler.finish(seq, FinishReason.ABORTED)
+                self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.scheduler.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            out = self.scheduler.schedule()
+            if out.is_empty:
+                self._fail_unschedulable()
+                await asyncio.sleep(0.001)
+                continue
+            started = time.perf_counter()
+            try:
+                results = await self.client.step(out)
+            except WorkerError as e:
+                self._fail_step([r.seq for r in out.scheduled], e)
+                continue
+            self._apply(results)
+            if self.on_step is not None:
+                self.on_step(time.perf_counter() - started, len(out.scheduled))
+
+    def _apply(self, results: list[StepResult]) -> None:
+        sampled: dict[int, int] = {}
+        for res in results:
+            handle = self._handles.get(res.id)
+            if handle is None:
+                continue
+            for i, lp in enumerate(res.prompt_logprobs):
+                handle.prompt_logprobs[res.prompt_logprobs_start + i] = lp
+            if res.token is not None:
+                sampled[res.id] = res.token[0]
+        self.scheduler.postprocess(sampled)
+        for res in results:
+            handle = self._handles.get(res.id)
+            if handle is None or res.token is None:
+                continue
+            self._emit(handle, res)
+
+    def _emit(self, handle: _Handle, res: StepResult) -> None:
+        assert res.token is not None
+        token_id, logprob = res.token
+        seq = handle.seq
+        text, stopped = handle.stream.push(token_id)
+        if stopped and seq.finish_reason is None:
+            self.scheduler.finish(seq, FinishReason.STOP_SEQUENCE)
+        elif seq.finish_reason is not None and not stopped:
+            text += handle.stream.flush()
+        if stopped:
+            seq.finish_reason = FinishReason.STOP_SEQUENCE
+        handle.queue.put_nowait(TokenEvent(token_id, logprob, text, res.top_logprobs, seq.finish_reason))
+
+    def _fail_step(self, seqs: list[SequenceState], error: WorkerError) -> None:
+        logger.error("step failed: %s", error)
+        self.is_healthy = False
+        for seq in seqs:
+            handle = self._handles.get(seq.id)
+            self.scheduler.finish(seq, FinishReason.ABORTED)
+            if handle is not None:
+                handle.queue.put_nowait(EngineError(f"generation failed: {error}"))
+
+    def _fail_unschedulable(self) -> None:
+        """Nothing running and the oldest waiting request still does not fit: it never will."""
+        if self.scheduler.running:
+            return
+        for queue in self.scheduler.waiting.values():
+            for seq in list(queue):
+                handle = self._handles.get(seq.id)
+                self.scheduler.finish(seq, FinishReason.ABORTED)
+                if handle is not None:
+                    handle.queue.put_nowait(
+                        EngineError(f"request needs more KV cache than the server has ({seq.num_tokens} tokens)")
+                    )
+                return
