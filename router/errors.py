@@ -1,0 +1,76 @@
+"""Typed router errors, mapped in one place to LoRAX's and OpenAI's error bodies and status codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RouterError(Exception):
+    """Base: `kind` is LoRAX's error_type; `status` the LoRAX HTTP status; `param` the offending field."""
+
+    kind = "generation"
+    status = 424
+    openai_status = 500
+    openai_type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ValidationError(RouterError):
+    kind = "validation"
+    status = 422
+    openai_status = 400
+    openai_type = "invalid_request_error"
+
+
+class BadRequestError(ValidationError):
+    """Malformed body (not JSON, wrong types): LoRAX answers 422 for these too."""
+
+
+class NotFoundError(RouterError):
+    kind = "not_found"
+    status = 404
+    openai_status = 404
+    openai_type = "invalid_request_error"
+
+
+class OverloadedError(RouterError):
+    kind = "overloaded"
+    status = 429
+    openai_status = 429
+    openai_type = "rate_limit_error"
+
+
+class UnauthorizedError(RouterError):
+    kind = "unauthorized"
+    status = 401
+    openai_status = 401
+    openai_type = "invalid_request_error"
+
+
+class GenerationError(RouterError):
+    kind = "generation"
+    status = 424
+    openai_status = 500
+    openai_type = "server_error"
+
+
+class IncompleteGenerationError(RouterError):
+    kind = "incomplete_generation"
+    status = 500
+    openai_status = 500
+    openai_type = "server_error"
+
+
+def lorax_error_body(err: RouterError) -> tuple[int, dict[str, Any]]:
+    return err.status, {"error": err.message, "error_type": err.kind}
+
+
+def openai_error_body(err: RouterError) -> tuple[int, dict[str, Any]]:
+    code = err.kind if err.kind not in ("validation", "generation") else None
+    return err.openai_status, {
+        "error": {"message": err.message, "type": err.openai_type, "param": err.param, "code": code}
+    }

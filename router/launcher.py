@@ -1,0 +1,234 @@
+"""`lorax-launcher` starts the worker shard(s) and serves the router; `lorax-router` serves the router alone.
+
+Startup: spawn shards on unix sockets → wait until they answer → Warmup sizes the KV cache → read
+the tokenizer from the model folder → serve HTTP. SIGTERM/SIGINT stop admitting, give in-flight
+requests a grace period, stop the shards and exit 0. A shard that dies stops everything: the
+launcher exits non-zero naming the shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from loraxpy.router.config import RouterConfig, parse_args
+from loraxpy.router.engine import Engine
+from loraxpy.router.kv_blocks import BlockAllocator
+from loraxpy.router.logs import configure_logging
+from loraxpy.router.metrics import Metrics
+from loraxpy.router.scheduler import Scheduler, SchedulerConfig
+from loraxpy.router.server import ServerState, build_app
+from loraxpy.router.text import Tokenizer
+from loraxpy.router.validation import Limits
+from loraxpy.router.worker_client import WorkerClient, WorkerInfo
+
+logger = logging.getLogger("loraxpy.launcher")
+GRACE_S = 10.0
+STARTUP_TIMEOUT_S = 900.0
+
+
+class ShardFailed(RuntimeError):
+    pass
+
+
+def spawn_shards(config: RouterConfig, sock_dir: Path) -> list[tuple[subprocess.Popen[bytes], str]]:
+    shards = []
+    for rank in range(config.num_shard):
+        address = f"unix://{sock_dir}/shard-{rank}.sock"
+        cmd = [
+            sys.executable,
+            "-m",
+            "loraxpy.worker.cli",
+            "--listen",
+            address,
+            "--dtype",
+            config.dtype,
+            "--kv-cache-memory-mib",
+            str(config.kv_cache_memory_mib),
+        ]
+        if config.model_id:
+            cmd += ["--model-id", config.model_id]
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(config.num_shard)}
+        shards.append((subprocess.Popen(cmd, env=env), address))
+    return shards
+
+
+def derive_limits(config: RouterConfig, info: WorkerInfo, num_blocks: int) -> Limits:
+    capacity = num_blocks * info.block_size
+    max_total = config.max_total_tokens or min(info.max_position_embeddings, capacity)
+    if max_total > capacity:
+        raise ValueError(f"--max-total-tokens {max_total} exceeds the KV cache ({capacity} tokens)")
+    return Limits(
+        max_input_length=config.max_input_length or max_total - 1,
+        max_total_tokens=max_total,
+        max_stop_sequences=config.max_stop_sequences,
+        max_best_of=config.max_best_of,
+    )
+
+
+async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[ServerState, Engine]:
+    await client.wait_ready(timeout=STARTUP_TIMEOUT_S)
+    info = await client.info()
+    num_blocks = await client.warmup(config.max_batch_prefill_tokens, config.max_concurrent_requests)
+    if config.max_batch_total_tokens:
+        num_blocks = min(num_blocks, -(-config.max_batch_total_tokens // info.block_size))
+    limits = derive_limits(config, info, num_blocks)
+    tokenizer = Tokenizer(Path(info.model_path))
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=config.max_concurrent_requests,
+            max_step_tokens=config.max_batch_prefill_tokens,
+            waiting_served_ratio=config.waiting_served_ratio,
+            max_waiting_steps=config.max_waiting_tokens,
+        ),
+        BlockAllocator(num_blocks, info.block_size),
+    )
+    metrics = Metrics()
+    engine = Engine(client, scheduler, frozenset(info.eos_token_ids), on_step=metrics.observe_step)
+    model_id = config.model_id or info.model_id or "HuggingFaceTB/SmolLM2-135M-Instruct"
+    info_body: dict[str, Any] = {
+        "model_id": model_id,
+        "model_dtype": info.dtype,
+        "model_device_type": info.device_type,
+        "max_concurrent_requests": config.max_concurrent_requests,
+        "max_best_of": config.max_best_of,
+        "max_stop_sequences": config.max_stop_sequences,
+        "max_input_length": limits.max_input_length,
+        "max_total_tokens": limits.max_total_tokens,
+        "waiting_served_ratio": config.waiting_served_ratio,
+        "max_batch_total_tokens": num_blocks * info.block_size,
+        "max_waiting_tokens": config.max_waiting_tokens,
+        "max_active_adapters": config.max_active_adapters,
+        "adapter_cycle_time_s": config.adapter_cycle_time_s,
+        "num_shards": info.world_size,
+        "version": "0.1.0",
+        "sha": None,
+        "docker_label": None,
+    }
+    state = ServerState(
+        engine,
+        tokenizer,
+        limits,
+        metrics,
+        model_id,
+        info_body,
+        max_concurrent_requests=config.max_concurrent_requests,
+        api_key=config.api_key,
+    )
+    return state, engine
+
+
+async def serve(
+    config: RouterConfig,
+    client: WorkerClient,
+    shards: list[subprocess.Popen[bytes]],
+    ready: asyncio.Event | None = None,
+) -> int:
+    state, engine = await build_state(config, client)
+    engine.start()
+    runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.hostname, config.port).start()
+    logger.info("serving on http://%s:%d", config.hostname, config.port)
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    failed = await _wait_for_stop_or_failure(stop, shards)
+    state.is_draining = True
+    if failed is None:
+        await _drain(engine, GRACE_S)
+    await engine.stop()
+    await runner.cleanup()
+    await client.close()
+    if failed is not None:
+        logger.error("%s; stopping", failed)
+        return 1
+    return 0
+
+
+async def _wait_for_stop_or_failure(stop: asyncio.Event, shards: list[subprocess.Popen[bytes]]) -> str | None:
+    while not stop.is_set():
+        for rank, proc in enumerate(shards):
+            if proc.poll() is not None:
+                return f"shard {rank} exited with code {proc.returncode}"
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+    return None
+
+
+async def _drain(engine: Engine, grace_s: float) -> None:
+    deadline = asyncio.get_running_loop().time() + grace_s
+    while engine.num_active and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+
+
+def _stop_shards(shards: list[subprocess.Popen[bytes]]) -> None:
+    for proc in shards:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in shards:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        config = parse_args(argv)
+    except ValueError as e:
+        print(f"lorax-launcher: {e}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(config.json_output)
+    with tempfile.TemporaryDirectory(prefix="lorax-") as sock_dir:
+        procs = spawn_shards(config, Path(sock_dir))
+        shards = [p for p, _ in procs]
+        try:
+            code = asyncio.run(_serve_or_fail(config, [a for _, a in procs], shards))
+        finally:
+            _stop_shards(shards)
+    sys.exit(code)
+
+
+async def _serve_or_fail(
+    config: RouterConfig, addresses: list[str], shards: list[subprocess.Popen[bytes]]
+) -> int:
+    """Fails fast when a shard dies during startup instead of waiting out the startup timeout."""
+    client = WorkerClient(addresses)  # gRPC aio channels belong to the running event loop
+    ready = asyncio.Event()
+    serving = asyncio.ensure_future(serve(config, client, shards, ready))
+    while not serving.done() and not ready.is_set():
+        for rank, proc in enumerate(shards):
+            if proc.poll() is not None and not serving.done():
+                serving.cancel()
+                logger.error("shard %d exited with code %s during startup", rank, proc.returncode)
+                return 1
+        await asyncio.wait([serving], timeout=0.5)
+    return await serving
+
+
+def router_main(argv: list[str] | None = None) -> None:
+    """`lorax-router --worker-addresses unix:///a.sock,host:port`: the router alone (separate worker pods)."""
+    config = parse_args(argv, prog="lorax-router")
+    configure_logging(config.json_output)
+    if not config.worker_addresses:
+        print("lorax-router: --worker-addresses is required", file=sys.stderr)
+        sys.exit(2)
+    addresses = config.worker_addresses.split(",")
+
+    async def run() -> int:
+        return await serve(config, WorkerClient(addresses), [])
+
+    sys.exit(asyncio.run(run()))

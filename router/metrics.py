@@ -1,0 +1,80 @@
+"""Prometheus metrics with LoRAX's names, in a registry owned by the server (not the global one)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from loraxpy.router.engine import Engine
+    from loraxpy.router.responses import Generation
+
+SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.request_count = Counter("lorax_request_count", "Requests received", registry=r)
+        self.request_success = Counter("lorax_request_success", "Requests that completed", registry=r)
+        self.request_failure = Counter("lorax_request_failure", "Requests that failed", ["err"], registry=r)
+        self.duration = Histogram("lorax_request_duration", "End-to-end seconds", buckets=SECONDS, registry=r)
+        self.inference = Histogram(
+            "lorax_request_inference_duration",
+            "Seconds from first step to last token",
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "lorax_request_time_to_first_token_seconds",
+            "Seconds to the first token",
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.time_per_token = Histogram(
+            "lorax_request_mean_time_per_token_duration",
+            "Mean seconds per generated token",
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.input_length = Histogram(
+            "lorax_request_input_length", "Prompt tokens", buckets=TOKENS, registry=r
+        )
+        self.generated_tokens = Histogram(
+            "lorax_request_generated_tokens", "Generated tokens", buckets=TOKENS, registry=r
+        )
+        self.step_duration = Histogram(
+            "lorax_batch_inference_duration", "Seconds per step", buckets=SECONDS, registry=r
+        )
+        self.queue_length = Gauge("lorax_queue_length", "Requests waiting", registry=r)
+        self.batch_size = Gauge("lorax_batch_current_size", "Requests running", registry=r)
+        self.kv_blocks_used = Gauge("lorax_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.kv_blocks_total = Gauge("lorax_kv_blocks_total", "KV cache blocks", registry=r)
+
+    def observe_step(self, seconds: float, num_scheduled: int) -> None:
+        self.step_duration.observe(seconds)
+
+    def observe_success(self, g: Generation) -> None:
+        now = time.monotonic()
+        self.request_success.inc()
+        self.duration.observe(now - g.started)
+        self.input_length.observe(g.num_prompt_tokens)
+        self.generated_tokens.observe(len(g.events))
+        if g.first_token_at is not None:
+            self.ttft.observe(g.first_token_at - g.started)
+            self.inference.observe(now - g.first_token_at)
+            if len(g.events) > 1:
+                self.time_per_token.observe((now - g.first_token_at) / (len(g.events) - 1))
+
+    def render(self, engine: Engine) -> tuple[bytes, str]:
+        scheduler = engine.scheduler
+        self.queue_length.set(scheduler.num_waiting)
+        self.batch_size.set(len(scheduler.running))
+        allocator = scheduler.allocator
+        self.kv_blocks_total.set(allocator.num_blocks)
+        self.kv_blocks_used.set(allocator.num_blocks - allocator.num_free)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

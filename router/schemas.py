@@ -1,0 +1,126 @@
+"""HTTP request bodies (pydantic): LoRAX's generate API and OpenAI's completions and chat completions.
+
+Field names, types and defaults follow LoRAX's router and OpenAI's API reference. Unknown fields
+are ignored, as both servers do. Range checks live in `validation.py`, where the limits are known.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class MergedAdapters(_Body):
+    ids: list[str]
+    weights: list[float]
+    merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
+    density: float = 1.0
+    majority_sign_method: Literal["total", "frequency"] = "total"
+
+
+class ResponseFormat(_Body):
+    type: str
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+
+class GenerateParameters(_Body):
+    adapter_id: str | None = None
+    adapter_source: str | None = None
+    merged_adapters: MergedAdapters | None = None
+    api_token: str | None = None
+    best_of: int | None = None
+    decoder_input_details: bool = False
+    details: bool = False
+    do_sample: bool = False
+    max_new_tokens: int | None = None
+    ignore_eos_token: bool = False
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    return_full_text: bool = False
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    truncate: int | None = None
+    typical_p: float | None = None
+    watermark: bool = False
+    return_k_alternatives: int | None = None
+    response_format: ResponseFormat | None = None
+
+
+class GenerateRequest(_Body):
+    inputs: str
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = False
+
+
+class TokenizeRequest(_Body):
+    inputs: str
+    add_special_tokens: bool = True
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _OpenAISampling(_Body):
+    model: str = ""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    response_format: ResponseFormat | None = None
+    # Not OpenAI, accepted as vLLM and LoRAX do:
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    adapter_source: str | None = None
+    api_token: str | None = None
+
+
+class CompletionRequest(_OpenAISampling):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_OpenAISampling):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None

@@ -1,0 +1,375 @@
+"""The HTTP server (aiohttp): LoRAX's REST routes and OpenAI's, over one engine.
+
+Handlers parse and validate, run the request through the engine, and render the result. Errors are
+rendered in one place per API family (LoRAX body on LoRAX routes, OpenAI body on /v1 routes),
+including aiohttp's own 4xx, because clients call `.json()` on every error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+from aiohttp import web
+from loraxpy.router import responses as R
+from loraxpy.router.engine import Engine, EngineError, RequestOutput, TokenEvent
+from loraxpy.router.errors import (
+    BadRequestError,
+    GenerationError,
+    NotFoundError,
+    OverloadedError,
+    RouterError,
+    UnauthorizedError,
+    lorax_error_body,
+    openai_error_body,
+)
+from loraxpy.router.metrics import Metrics
+from loraxpy.router.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, TokenizeRequest
+from loraxpy.router.text import Tokenizer
+from loraxpy.router.validation import (
+    Limits,
+    ValidRequest,
+    validate_chat,
+    validate_completion,
+    validate_generate,
+)
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    tokenizer: Tokenizer
+    limits: Limits
+    metrics: Metrics
+    model_id: str
+    info: dict[str, Any]
+    max_concurrent_requests: int = 128
+    api_key: str | None = None
+    is_draining: bool = False
+
+
+def _is_openai(request: web.Request) -> bool:
+    return request.path.startswith("/v1/")
+
+
+def _error_response(request: web.Request, err: RouterError) -> web.Response:
+    status, body = openai_error_body(err) if _is_openai(request) else lorax_error_body(err)
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RouterError as e:
+        return _error_response(request, e)
+    except web.HTTPException as e:  # aiohttp's own 404/405/413…, rendered as JSON
+        if e.status < 400:
+            raise
+        err = NotFoundError(e.reason) if e.status == 404 else BadRequestError(e.reason)
+        err.status = err.openai_status = e.status
+        return _error_response(request, err)
+
+
+def auth_middleware(api_key: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if api_key and request.path != "/health":
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                raise UnauthorizedError("missing or wrong API key: send `Authorization: Bearer <key>`")
+        return await handler(request)
+
+    return check
+
+
+async def _parse(request: web.Request, model: type[pydantic.BaseModel]) -> Any:
+    try:
+        raw = await request.read()
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BadRequestError(f"request body is not valid JSON: {e.msg} at position {e.pos}") from None
+    except UnicodeDecodeError:
+        raise BadRequestError("request body is not UTF-8") from None
+    if not isinstance(data, dict):
+        raise BadRequestError("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        raise BadRequestError(f"`{field}`: {first['msg']}", param=field) from None
+
+
+class Api:
+    def __init__(self, state: ServerState) -> None:
+        self.s = state
+
+    # ---- running one generation ---------------------------------------------------------------
+
+    def _admit(self) -> None:
+        if self.s.is_draining:
+            raise OverloadedError("the server is shutting down")
+        if self.s.engine.num_active >= self.s.max_concurrent_requests:
+            self.s.metrics.request_failure.labels("overloaded").inc()
+            raise OverloadedError("Model is overloaded")
+
+    async def _events(self, valid: ValidRequest, gen: R.Generation) -> AsyncIterator[TokenEvent]:
+        stream = self.s.tokenizer.stream(
+            list(valid.engine.input_ids), valid.stop, include_stop=valid.include_stop
+        )
+        self.s.metrics.request_count.inc()
+        try:
+            async for item in self.s.engine.generate(valid.engine, stream):
+                if isinstance(item, RequestOutput):
+                    gen.prompt_logprobs = item.prompt_logprobs
+                    continue
+                if gen.first_token_at is None:
+                    gen.first_token_at = time.monotonic()
+                gen.events.append(item)
+                yield item
+        except EngineError as e:
+            self.s.metrics.request_failure.labels("generation").inc()
+            raise GenerationError(str(e)) from e
+        self.s.metrics.observe_success(gen)
+
+    async def _run(self, valid: ValidRequest) -> R.Generation:
+        gen = R.Generation(valid)
+        async for _ in self._events(valid, gen):
+            pass
+        return gen
+
+    # ---- LoRAX routes ---------------------------------------------------------------------------
+
+    async def root(self, request: web.Request) -> web.StreamResponse:
+        req = await _parse(request, GenerateRequest)
+        if req.stream:
+            return await self._sse_lorax(request, req)
+        return web.json_response([R.generate_body(self.s.tokenizer, await self._generate(req))])
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        req = await _parse(request, GenerateRequest)
+        return web.json_response(R.generate_body(self.s.tokenizer, await self._generate(req)))
+
+    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+        return await self._sse_lorax(request, await _parse(request, GenerateRequest))
+
+    async def _generate(self, req: GenerateRequest) -> R.Generation:
+        valid = validate_generate(req, self.s.limits, self.s.tokenizer)
+        self._admit()
+        return await self._run(valid)
+
+    async def _sse_lorax(self, request: web.Request, req: GenerateRequest) -> web.StreamResponse:
+        valid = validate_generate(req, self.s.limits, self.s.tokenizer)
+        self._admit()
+        response = await _open_sse(request)
+        gen = R.Generation(valid)
+        try:
+            async for event in self._events(valid, gen):
+                await _send(response, R.stream_event_body(self.s.tokenizer, gen, event))
+        except RouterError as e:  # errors after the headers went out arrive in the stream
+            await _send(response, lorax_error_body(e)[1])
+        return response
+
+    async def tokenize(self, request: web.Request) -> web.StreamResponse:
+        req = await _parse(request, TokenizeRequest)
+        ids = self.s.tokenizer.encode(req.inputs, add_special_tokens=req.add_special_tokens)
+        return web.json_response(
+            [{"id": t, "text": self.s.tokenizer.decode([t], skip_special_tokens=False)} for t in ids]
+        )
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        if not self.s.engine.is_healthy:
+            raise GenerationError("a worker failed; the server is unhealthy")
+        try:
+            healthy = await self.s.engine.client.health(timeout=5.0)
+        except Exception as e:  # any failure to reach a shard makes the server unhealthy
+            raise GenerationError(f"worker health check failed: {e}") from None
+        if not healthy:
+            raise GenerationError("workers are not ready")
+        return web.json_response({})
+
+    async def info(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.s.info)
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        body, content_type = self.s.metrics.render(self.s.engine)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    # ---- OpenAI routes --------------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        model = {"id": self.s.model_id, "object": "model", "created": 0, "owned_by": "loraxpy"}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req = await _parse(request, CompletionRequest)
+        valid = validate_completion(req, self.s.limits, self.s.tokenizer)
+        valid = [v for v in valid for _ in range(req.n)]
+        want_logprobs = req.logprobs is not None
+        if req.stream:
+            return await self._sse_openai(request, valid, req, chat=False, want_logprobs=want_logprobs)
+        gens = await self._run_many(valid)
+        return web.json_response(
+            R.completion_body(self.s.tokenizer, req.model or self.s.model_id, gens, want_logprobs)
+        )
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        req = await _parse(request, ChatCompletionRequest)
+        valid = [validate_chat(req, self.s.limits, self.s.tokenizer)] * req.n
+        if req.stream:
+            return await self._sse_openai(request, valid, req, chat=True, want_logprobs=req.logprobs)
+        gens = await self._run_many(valid)
+        return web.json_response(
+            R.chat_body(self.s.tokenizer, req.model or self.s.model_id, gens, req.logprobs)
+        )
+
+    async def _run_many(self, valid: list[ValidRequest]) -> list[R.Generation]:
+        for _ in valid:
+            self._admit()
+        tasks = [asyncio.ensure_future(self._run(v)) for v in valid]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _sse_openai(
+        self,
+        request: web.Request,
+        valid: list[ValidRequest],
+        req: CompletionRequest | ChatCompletionRequest,
+        *,
+        chat: bool,
+        want_logprobs: bool,
+    ) -> web.StreamResponse:
+        self._admit()
+        response = await _open_sse(request)
+        rid = R.new_id("chatcmpl" if chat else "cmpl")
+        base = {
+            "id": rid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": req.model or self.s.model_id,
+        }
+        queue: asyncio.Queue[tuple[int, TokenEvent | None]] = asyncio.Queue()
+        gens = [R.Generation(v) for v in valid]
+
+        async def pump(i: int) -> None:
+            async for event in self._events(valid[i], gens[i]):
+                await queue.put((i, event))
+            await queue.put((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(valid))]
+        try:
+            if chat:
+                for i in range(len(valid)):
+                    await _send(
+                        response,
+                        {
+                            **base,
+                            "choices": [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ],
+                        },
+                    )
+            remaining = len(valid)
+            while remaining:
+                waiter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                if waiter not in done:
+                    waiter.cancel()
+                    for t in tasks:
+                        if t.done() and t.exception() is not None:
+                            raise t.exception()  # type: ignore[misc]
+                    continue
+                i, event = waiter.result()
+                if event is None:
+                    remaining -= 1
+                    continue
+                await _send(
+                    response, {**base, "choices": [self._chunk_choice(i, event, chat, want_logprobs)]}
+                )
+            if req.stream_options is not None and req.stream_options.include_usage:
+                await _send(response, {**base, "choices": [], "usage": R.usage(gens)})
+        except RouterError as e:
+            await _send(response, openai_error_body(e)[1])
+        finally:
+            for t in tasks:
+                t.cancel()
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    def _chunk_choice(self, i: int, e: TokenEvent, chat: bool, want_logprobs: bool) -> dict[str, Any]:
+        tok = self.s.tokenizer
+        finish = R.OPENAI_FINISH[e.finish_reason] if e.finish_reason is not None else None
+        if chat:
+            return {
+                "index": i,
+                "delta": {"content": e.text},
+                "logprobs": R.chat_logprobs(tok, [e]) if want_logprobs else None,
+                "finish_reason": finish,
+            }
+        text = tok.decode([e.token_id], skip_special_tokens=False)
+        logprobs = {
+            "tokens": [text],
+            "token_logprobs": [e.logprob],
+            "text_offset": [0],
+            "top_logprobs": [{tok.decode([t], skip_special_tokens=False): lp for t, lp in e.top_logprobs}],
+        }
+        return {
+            "index": i,
+            "text": e.text,
+            "logprobs": logprobs if want_logprobs else None,
+            "finish_reason": finish,
+        }
+
+
+async def _open_sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    return response
+
+
+async def _send(response: web.StreamResponse, body: dict[str, Any]) -> None:
+    await response.write(b"data:" + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
+
+
+def build_app(state: ServerState, max_body_bytes: int = 4 * 2**20) -> web.Application:
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware(state.api_key)], client_max_size=max_body_bytes
+    )
+    api = Api(state)
+    app["state"] = state
+    app.add_routes(
+        [
+            web.post("/", api.root),
+            web.post("/generate", api.generate),
+            web.post("/generate_stream", api.generate_stream),
+            web.post("/tokenize", api.tokenize),
+            web.get("/health", api.health),
+            web.get("/info", api.info),
+            web.get("/metrics", api.metrics),
+            web.get("/v1/models", api.models),
+            web.post("/v1/completions", api.completions),
+            web.post("/v1/chat/completions", api.chat_completions),
+        ]
+    )
+    return app

@@ -1,0 +1,301 @@
+"""Turns HTTP bodies into validated engine inputs; every refusal names its field (LoRAX's wording)."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from loraxpy.router.engine import GenerateInput
+from loraxpy.router.errors import ValidationError
+from loraxpy.router.scheduler import SamplingOptions
+from loraxpy.router.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateParameters,
+    GenerateRequest,
+)
+from loraxpy.router.text import TemplateError, Tokenizer
+
+MAX_ALTERNATIVES = 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_input_length: int
+    max_total_tokens: int
+    max_stop_sequences: int = 4
+    max_best_of: int = 2
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    """Everything the engine and the response builders need."""
+
+    engine: GenerateInput
+    stop: tuple[str, ...]
+    seed: int | None  # reported back in details when sampling
+    details: bool = False
+    decoder_input_details: bool = False
+    return_full_text: bool = False
+    prompt_text: str = ""
+    # LoRAX keeps a matched stop sequence in generated_text; OpenAI drops it.
+    include_stop: bool = False
+
+
+def _finite(name: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ValidationError(f"`{name}` must be a finite number", param=name)
+
+
+def _check_sampling(p: GenerateParameters | CompletionRequest | ChatCompletionRequest, openai: bool) -> None:
+    for name in (
+        "temperature",
+        "top_p",
+        "typical_p",
+        "repetition_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+    ):
+        _finite(name, getattr(p, name, None))
+    t = p.temperature
+    if t is not None and (t < 0 if openai else t <= 0):
+        raise ValidationError(
+            "`temperature` must be strictly positive" if not openai else "`temperature` must be non-negative",
+            param="temperature",
+        )
+    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
+        raise ValidationError("`repetition_penalty` must be strictly positive", param="repetition_penalty")
+    if p.top_p is not None and not 0 < p.top_p <= (1.0 if openai else 1.0 - 1e-12):
+        raise ValidationError(
+            "`top_p` must be > 0.0 and < 1.0" if not openai else "`top_p` must be in (0, 1]", param="top_p"
+        )
+    if p.top_k is not None and p.top_k <= 0:
+        raise ValidationError("`top_k` must be strictly positive", param="top_k")
+    typical_p = getattr(p, "typical_p", None)
+    if typical_p is not None and not 0 < typical_p < 1.0:
+        raise ValidationError("`typical_p` must be > 0.0 and < 1.0", param="typical_p")
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(p, name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise ValidationError(f"`{name}` must be in [-2.0, 2.0]", param=name)
+    if p.seed is not None and not 0 <= p.seed < 2**64:
+        raise ValidationError("`seed` must be in [0, 2^64)", param="seed")
+
+
+def _sampling(
+    *,
+    do_sample: bool,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    typical_p: float | None,
+    repetition_penalty: float | None,
+    frequency_penalty: float | None,
+    presence_penalty: float | None,
+    seed: int | None,
+    top_logprobs: int,
+    prompt_logprobs: bool,
+) -> tuple[SamplingOptions, int | None]:
+    if do_sample and seed is None:
+        seed = random.getrandbits(63)
+    options = SamplingOptions(
+        do_sample=do_sample,
+        temperature=temperature if do_sample and temperature else 1.0,
+        top_k=top_k or 0,
+        top_p=top_p if top_p is not None else 1.0,
+        typical_p=typical_p if typical_p is not None else 1.0,
+        repetition_penalty=repetition_penalty or 1.0,
+        frequency_penalty=frequency_penalty or 0.0,
+        presence_penalty=presence_penalty or 0.0,
+        seed=seed if do_sample else None,
+        top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+    return options, options.seed
+
+
+def _length(input_ids: list[int], max_new_tokens: int | None, limits: Limits, field: str) -> int:
+    n = len(input_ids)
+    if n == 0:
+        raise ValidationError("`inputs` cannot be empty", param="inputs")
+    if n > limits.max_input_length:
+        raise ValidationError(
+            f"`inputs` must have less than {limits.max_input_length} tokens. Given: {n}", param="inputs"
+        )
+    if max_new_tokens is None:
+        max_new_tokens = limits.max_total_tokens - n
+        if max_new_tokens <= 0:
+            raise ValidationError(
+                f"`inputs` leaves no room to generate within {limits.max_total_tokens} tokens", param="inputs"
+            )
+    if max_new_tokens <= 0:
+        raise ValidationError(f"`{field}` must be strictly positive", param=field)
+    if n + max_new_tokens > limits.max_total_tokens:
+        raise ValidationError(
+            f"`inputs` tokens + `{field}` must be <= {limits.max_total_tokens}. "
+            f"Given: {n} `inputs` tokens and {max_new_tokens} `{field}`",
+            param=field,
+        )
+    return max_new_tokens
+
+
+def _stops(stop: list[str], limits: Limits) -> tuple[str, ...]:
+    if len(stop) > limits.max_stop_sequences:
+        raise ValidationError(
+            f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}",
+            param="stop",
+        )
+    return tuple(s for s in stop if s)
+
+
+def validate_generate(req: GenerateRequest, limits: Limits, tokenizer: Tokenizer) -> ValidRequest:
+    p = req.parameters
+    if not req.inputs:
+        raise ValidationError("`inputs` cannot be empty", param="inputs")
+    _check_sampling(p, openai=False)
+    if p.best_of is not None and not 0 < p.best_of <= limits.max_best_of:
+        raise ValidationError(
+            f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {p.best_of}", param="best_of"
+        )
+    if p.best_of is not None and p.best_of > 1:
+        raise ValidationError("`best_of` > 1 is not supported by this server", param="best_of")
+    if p.return_k_alternatives is not None and not 0 < p.return_k_alternatives <= MAX_ALTERNATIVES:
+        raise ValidationError(
+            f"`return_k_alternatives` must be in [1, {MAX_ALTERNATIVES}]", param="return_k_alternatives"
+        )
+    if p.watermark:
+        raise ValidationError("`watermark` is not supported by this server", param="watermark")
+    if p.response_format is not None:
+        raise ValidationError(
+            "`response_format` is not supported by this server yet", param="response_format"
+        )
+    if p.adapter_id or p.merged_adapters:
+        raise ValidationError("adapters are not supported by this server yet", param="adapter_id")
+    input_ids = tokenizer.encode(req.inputs)
+    if p.truncate is not None:
+        if not 0 < p.truncate <= limits.max_input_length:
+            raise ValidationError(
+                f"`truncate` must be strictly positive and less than {limits.max_input_length}. Given: {p.truncate}",
+                param="truncate",
+            )
+        input_ids = input_ids[-p.truncate :]
+    max_new_tokens = _length(input_ids, p.max_new_tokens, limits, "max_new_tokens")
+    do_sample = (
+        p.do_sample
+        or any(v is not None for v in (p.top_k, p.top_p, p.typical_p))
+        or (p.temperature is not None and p.temperature != 1.0)
+    )
+    options, seed = _sampling(
+        do_sample=do_sample,
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        typical_p=p.typical_p,
+        repetition_penalty=p.repetition_penalty,
+        frequency_penalty=p.frequency_penalty,
+        presence_penalty=p.presence_penalty,
+        seed=p.seed,
+        top_logprobs=p.return_k_alternatives or 0,
+        prompt_logprobs=p.decoder_input_details,
+    )
+    return ValidRequest(
+        engine=GenerateInput(tuple(input_ids), max_new_tokens, options, ignore_eos=p.ignore_eos_token),
+        stop=_stops(p.stop, limits),
+        seed=seed,
+        details=p.details,
+        decoder_input_details=p.decoder_input_details,
+        return_full_text=p.return_full_text,
+        prompt_text=req.inputs,
+        include_stop=True,
+    )
+
+
+def _openai_common(req: CompletionRequest | ChatCompletionRequest, limits: Limits) -> None:
+    _check_sampling(req, openai=True)
+    if req.n < 1 or req.n > limits.max_best_of * 8:
+        raise ValidationError("`n` must be between 1 and 16", param="n")
+    if req.logit_bias:
+        raise ValidationError("`logit_bias` is not supported by this server", param="logit_bias")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise ValidationError(
+            "`response_format` other than text is not supported yet", param="response_format"
+        )
+
+
+def validate_openai(
+    req: CompletionRequest | ChatCompletionRequest,
+    prompt: str,
+    limits: Limits,
+    tokenizer: Tokenizer,
+    *,
+    add_special_tokens: bool,
+    top_logprobs: int,
+    max_tokens: int | None,
+) -> ValidRequest:
+    _openai_common(req, limits)
+    input_ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+    max_new_tokens = _length(input_ids, max_tokens, limits, "max_tokens")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    temperature = 1.0 if req.temperature is None else req.temperature
+    options, seed = _sampling(
+        do_sample=temperature > 0,
+        temperature=temperature,
+        top_k=req.top_k,
+        top_p=req.top_p,
+        typical_p=None,
+        repetition_penalty=req.repetition_penalty,
+        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty,
+        seed=req.seed,
+        top_logprobs=top_logprobs,
+        prompt_logprobs=False,
+    )
+    return ValidRequest(
+        engine=GenerateInput(tuple(input_ids), max_new_tokens, options, ignore_eos=req.ignore_eos),
+        stop=_stops(stop, limits),
+        seed=seed,
+        prompt_text=prompt,
+    )
+
+
+def validate_completion(req: CompletionRequest, limits: Limits, tokenizer: Tokenizer) -> list[ValidRequest]:
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if not prompts:
+        raise ValidationError("`prompt` cannot be empty", param="prompt")
+    if req.logprobs is not None and not 0 <= req.logprobs <= 5:
+        raise ValidationError("`logprobs` must be between 0 and 5", param="logprobs")
+    if req.echo or req.suffix:
+        raise ValidationError("`echo` and `suffix` are not supported by this server", param="echo")
+    return [
+        validate_openai(
+            req,
+            p,
+            limits,
+            tokenizer,
+            add_special_tokens=True,
+            top_logprobs=req.logprobs or 0,
+            max_tokens=req.max_tokens if req.max_tokens is not None else 16,
+        )
+        for p in prompts
+    ]
+
+
+def validate_chat(req: ChatCompletionRequest, limits: Limits, tokenizer: Tokenizer) -> ValidRequest:
+    if not req.messages:
+        raise ValidationError("`messages` cannot be empty", param="messages")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_ALTERNATIVES:
+        raise ValidationError(
+            f"`top_logprobs` must be between 0 and {MAX_ALTERNATIVES}", param="top_logprobs"
+        )
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except TemplateError as e:
+        raise ValidationError(f"chat template: {e}", param="messages") from e
+    top = (req.top_logprobs or 0) if req.logprobs else 0
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    # The template already wrote the special tokens it wants.
+    return validate_openai(
+        req, prompt, limits, tokenizer, add_special_tokens=False, top_logprobs=top, max_tokens=max_tokens
+    )
