@@ -232,3 +232,7 @@ def router_main(argv: list[str] | None = None) -> None:
         return await serve(config, WorkerClient(addresses), [])
 
     sys.exit(asyncio.run(run()))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from loraxpy.router.text import TemplateError, Tokenizer
 
 SAMPLES = [
@@ -40,13 +39,18 @@ def test_streamed_text_equals_decoding_all_tokens_at_once(tokenizers, text: str)
     assert "".join(pieces) + stream.flush() == hf.decode(ids, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize(("stop", "include", "expected"), [
-    ("France is", False, "The capital of "),
-    ("France is", True, "The capital of France is"),
-    ("l of F", False, "The capita"),
-    ("Paris.", False, "The capital of France is "),
-])
-def test_stop_sequences_spanning_tokens_end_the_text(tokenizers, stop: str, include: bool, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("stop", "include", "expected"),
+    [
+        ("France is", False, "The capital of "),
+        ("France is", True, "The capital of France is"),
+        ("l of F", False, "The capita"),
+        ("Paris.", False, "The capital of France is "),
+    ],
+)
+def test_stop_sequences_spanning_tokens_end_the_text(
+    tokenizers, stop: str, include: bool, expected: str
+) -> None:
     ours, _ = tokenizers
     stream = ours.stream([], (stop,), include_stop=include)
     emitted, stopped_at = "", None

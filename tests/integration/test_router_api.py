@@ -1,0 +1,263 @@
+"""The real launcher on the default model, driven by the real `lorax-client` and `openai` SDKs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+from launcher_process import Launcher, launcher
+from lorax import AsyncClient, Client
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "What is the capital of France?"
+CHAT_PROMPT = f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def server(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    with launcher(
+        default_model_path, tmp_path_factory.mktemp("launcher"), "--max-concurrent-requests", "80"
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def hf(default_model_path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+
+    def greedy(prompt: str, max_new_tokens: int, add_special_tokens: bool = True) -> list[int]:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, ids.shape[1] :].tolist()
+
+    greedy.tokenizer = tokenizer  # type: ignore[attr-defined]
+    return greedy
+
+
+def metrics(server: Launcher) -> dict[str, float]:
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+def test_lorax_client_greedy_equals_transformers(server: Launcher, hf) -> None:
+    expected = hf(CHAT_PROMPT, 24)
+    response = Client(server.url).generate(CHAT_PROMPT, max_new_tokens=24, decoder_input_details=True)
+    assert [t.id for t in response.details.tokens] == expected
+    assert response.generated_text == hf.tokenizer.decode(expected, skip_special_tokens=True)
+    assert response.generated_text == "The capital of France is Paris."
+    assert response.details.finish_reason.value == "eos_token"
+    assert len(response.details.prefill) == response.details.prompt_tokens
+    assert all(isinstance(t.logprob, float) for t in response.details.tokens)
+
+
+def test_lorax_client_stream_equals_non_stream_sync_and_async(server: Launcher) -> None:
+    prompt = "Once upon a time, in a small village,"
+    client = Client(server.url)
+    full = client.generate(prompt, max_new_tokens=30).generated_text
+    events = list(client.generate_stream(prompt, max_new_tokens=30))
+    assert events[-1].generated_text == full
+    assert "".join(e.token.text for e in events if not e.token.special) == full
+    assert events[-1].details.generated_tokens == len(events)
+
+    async def run_async() -> tuple[str, str]:
+        a = AsyncClient(server.url)
+        text = (await a.generate(prompt, max_new_tokens=30)).generated_text
+        streamed = [e async for e in a.generate_stream(prompt, max_new_tokens=30)]
+        return text, streamed[-1].generated_text
+
+    assert asyncio.run(run_async()) == (full, full)
+
+
+def test_openai_chat_and_completions_streamed_and_not(server: Launcher, hf) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": QUESTION}]
+    chat = client.chat.completions.create(
+        model="base", messages=messages, temperature=0, max_tokens=24, logprobs=True, top_logprobs=2
+    )
+    expected = hf(CHAT_PROMPT, 24)
+    assert chat.choices[0].message.content == hf.tokenizer.decode(expected, skip_special_tokens=True)
+    assert chat.object == "chat.completion" and chat.choices[0].finish_reason == "stop"
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens == len(expected)
+    chunks = list(
+        client.chat.completions.create(
+            model="base",
+            messages=messages,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == chat.choices[0].message.content
+    )
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+    prompt = "The three primary colors are"
+    done = client.completions.create(model="base", prompt=prompt, temperature=0, max_tokens=12, logprobs=2)
+    assert done.choices[0].text == hf.tokenizer.decode(hf(prompt, 12), skip_special_tokens=True)
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 12
+    streamed = client.completions.create(
+        model="base", prompt=prompt, temperature=0, max_tokens=12, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
+    assert [m.id for m in client.models.list().data]
+
+
+def test_stop_sequences_follow_each_api(server: Launcher) -> None:
+    lorax = Client(server.url).generate(CHAT_PROMPT, max_new_tokens=24, stop_sequences=["France"])
+    assert lorax.generated_text == "The capital of France"
+    assert lorax.details.finish_reason.value == "stop_sequence"
+    chat = openai.OpenAI(base_url=server.url + "/v1", api_key="unused").chat.completions.create(
+        model="base",
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=24,
+        stop=["France"],
+    )
+    assert chat.choices[0].message.content == "The capital of "
+    assert chat.choices[0].finish_reason == "stop"
+
+
+def test_64_concurrent_requests_complete_with_the_same_tokens_as_alone(server: Launcher) -> None:
+    prompts = [f"Count from {i} to {i + 5}:" for i in range(8)]
+    client = Client(server.url)
+    alone = {p: client.generate(p, max_new_tokens=10).generated_text for p in prompts}
+
+    async def crowd() -> list[tuple[str, str]]:
+        a = AsyncClient(server.url, timeout=300)
+
+        async def one(p: str) -> tuple[str, str]:
+            return p, (await a.generate(p, max_new_tokens=10)).generated_text
+
+        return list(await asyncio.gather(*(one(prompts[i % 8]) for i in range(64))))
+
+    results = asyncio.run(crowd())
+    assert len(results) == 64
+    assert all(text == alone[p] for p, text in results)
+    m = metrics(server)
+    assert m["lorax_kv_blocks_used"] == 0 and m["lorax_batch_current_size"] == 0
+    assert m["lorax_request_success_total"] >= 72
+
+
+BAD_REQUESTS = [
+    ("/generate", "not json", 422, "not valid JSON"),
+    ("/generate", [1, 2], 422, "JSON object"),
+    ("/generate", {}, 422, "inputs"),
+    ("/generate", {"inputs": ""}, 422, "inputs"),
+    ("/generate", {"inputs": 5}, 422, "inputs"),
+    ("/generate", {"inputs": "hi", "parameters": {"temperature": 0}}, 422, "temperature"),
+    ("/generate", {"inputs": "hi", "parameters": {"temperature": "hot"}}, 422, "temperature"),
+    ("/generate", {"inputs": "hi", "parameters": {"top_p": 1.5}}, 422, "top_p"),
+    ("/generate", {"inputs": "hi", "parameters": {"top_k": 0}}, 422, "top_k"),
+    ("/generate", {"inputs": "hi", "parameters": {"typical_p": 2}}, 422, "typical_p"),
+    ("/generate", {"inputs": "hi", "parameters": {"repetition_penalty": -1}}, 422, "repetition_penalty"),
+    ("/generate", {"inputs": "hi", "parameters": {"frequency_penalty": 3}}, 422, "frequency_penalty"),
+    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 0}}, 422, "max_new_tokens"),
+    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 10**9}}, 422, "max_new_tokens"),
+    ("/generate", {"inputs": "hi", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}, 422, "stop"),
+    ("/generate", {"inputs": "hi", "parameters": {"seed": -3}}, 422, "seed"),
+    ("/generate", {"inputs": "hi", "parameters": {"truncate": 0}}, 422, "truncate"),
+    ("/generate", {"inputs": "hi", "parameters": {"best_of": 9}}, 422, "best_of"),
+    (
+        "/generate",
+        {"inputs": "hi", "parameters": {"return_k_alternatives": 100}},
+        422,
+        "return_k_alternatives",
+    ),
+    ("/generate", {"inputs": "word " * 9000}, 422, "inputs"),
+    ("/generate_stream", {"inputs": "hi", "parameters": {"top_p": 0}}, 422, "top_p"),
+    ("/tokenize", {}, 422, "inputs"),
+    ("/nope", {}, 404, "Not Found"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "temperature": -1},
+        400,
+        "temperature",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 2}},
+        400,
+        "logit_bias",
+    ),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ("/v1/completions", {}, 400, "prompt"),
+]
+
+
+def test_bad_requests_get_4xx_naming_the_problem_and_the_server_keeps_serving(server: Launcher) -> None:
+    for path, body, status, needle in BAD_REQUESTS:
+        data = body if isinstance(body, str) else json.dumps(body)
+        r = requests.post(server.url + path, data=data, timeout=30)
+        assert r.status_code == status, (path, body, r.text)
+        payload = r.json()
+        message = payload["error"]["message"] if path.startswith("/v1/") else payload["error"]
+        assert needle in message, (path, body, payload)
+    wrong_method = requests.get(server.url + "/generate", timeout=10)
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+    huge = requests.post(server.url + "/generate", data=b"x" * (5 * 2**20), timeout=30)
+    assert huge.status_code == 413 and "error" in huge.json()
+    assert Client(server.url).generate(CHAT_PROMPT, max_new_tokens=8).generated_text
+
+
+def test_a_disconnected_stream_is_released_and_its_blocks_freed(server: Launcher) -> None:
+    body = {
+        "inputs": "Tell me a very long story.",
+        "parameters": {"max_new_tokens": 400, "ignore_eos_token": True},
+    }
+    with requests.post(server.url + "/generate_stream", json=body, stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        first = [next(lines) for _ in range(4)]
+        assert any(line.startswith(b"data:") for line in first)
+        assert metrics(server)["lorax_kv_blocks_used"] > 0
+    deadline = time.monotonic() + 20
+    while metrics(server)["lorax_kv_blocks_used"] > 0:
+        assert time.monotonic() < deadline, "blocks of a disconnected request were not freed"
+        time.sleep(0.2)
+    assert metrics(server)["lorax_batch_current_size"] == 0
+
+
+def test_info_health_and_tokenize(server: Launcher, hf) -> None:
+    info = requests.get(server.url + "/info", timeout=10).json()
+    assert info["max_total_tokens"] > info["max_input_length"] > 0
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    tokens = requests.post(server.url + "/tokenize", json={"inputs": QUESTION}, timeout=10).json()
+    assert [t["id"] for t in tokens] == hf.tokenizer(QUESTION).input_ids
+
+
+def test_sigterm_exits_cleanly(default_model_path: Path, tmp_path: Path) -> None:
+    with launcher(default_model_path, tmp_path) as s:
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=60) == 0, s.log()
+
+
+def test_a_dead_shard_stops_the_launcher_with_a_non_zero_exit(
+    default_model_path: Path, tmp_path: Path
+) -> None:
+    with launcher(default_model_path, tmp_path) as s:
+        children = subprocess.run(
+            ["pgrep", "-P", str(s.proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert children, "the launcher runs its shard as a child process"
+        subprocess.run(["kill", "-9", children[0]], check=True)
+        assert s.proc.wait(timeout=60) != 0
+        assert "shard 0 exited" in s.log()
