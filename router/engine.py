@@ -13,9 +13,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from loraxpy.router.scheduler import FinishReason, SamplingOptions, Scheduler, SequenceState
+from loraxpy.router.scheduler import FinishReason, SamplingOptions, Scheduler, SchedulerOutput, SequenceState
+from loraxpy.router.tracing import Tracer
 from loraxpy.router.worker_client import StepResult, WorkerClient, WorkerError
 
 logger = logging.getLogger(__name__)
@@ -56,21 +57,23 @@ class TokenEvent:
 
 
 @dataclass
-class _Handle:
-    seq: SequenceState
-    stream: TextStream
-    queue: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
-    prompt_logprobs: dict[int, float] = field(default_factory=dict)
-    first_token_at: float | None = None
-
-
-@dataclass
 class RequestOutput:
     """What a consumer may read while or after iterating a request's events."""
 
     id: int
-    prompt_logprobs: dict[int, float]
+    prompt_logprobs: dict[int, float] = field(default_factory=dict)
     num_preemptions: int = 0
+    queued_ns: int = field(default_factory=time.time_ns)
+    scheduled_ns: int | None = None  # first time the request was in a step
+
+
+@dataclass
+class _Handle:
+    seq: SequenceState
+    stream: TextStream
+    output: RequestOutput
+    trace_span: Any = None
+    queue: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
 
 
 class Engine:
@@ -80,7 +83,9 @@ class Engine:
         scheduler: Scheduler,
         eos_token_ids: frozenset[int],
         on_step: Callable[[float, int], None] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
+        self.tracer = tracer or Tracer(None)
         self.client = client
         self.scheduler = scheduler
         self.eos_token_ids = eos_token_ids
@@ -106,7 +111,7 @@ class Engine:
             handle.queue.put_nowait(EngineError("the server is shutting down"))
 
     async def generate(
-        self, inp: GenerateInput, stream: TextStream
+        self, inp: GenerateInput, stream: TextStream, trace_span: Any = None
     ) -> AsyncIterator[TokenEvent | RequestOutput]:
         """Yields a RequestOutput first (filled in as the request runs), then one TokenEvent per token."""
         seq = SequenceState(
@@ -117,11 +122,11 @@ class Engine:
             sampling=inp.sampling,
             eos_token_ids=frozenset() if inp.ignore_eos else self.eos_token_ids,
         )
-        handle = _Handle(seq, stream)
+        output = RequestOutput(seq.id)
+        handle = _Handle(seq, stream, output, trace_span)
         self._handles[seq.id] = handle
         self.scheduler.add(seq)
         self._wake.set()
-        output = RequestOutput(seq.id, handle.prompt_logprobs)
         try:
             yield output
             while True:
@@ -151,13 +156,27 @@ class Engine:
                 continue
             started = time.perf_counter()
             try:
-                results = await self.client.step(out)
+                results = await self.client.step(out, metadata=self._note_scheduled(out))
             except WorkerError as e:
                 self._fail_step([r.seq for r in out.scheduled], e)
                 continue
             self._apply(results)
             if self.on_step is not None:
                 self.on_step(time.perf_counter() - started, len(out.scheduled))
+
+    def _note_scheduled(self, out: SchedulerOutput) -> tuple[tuple[str, str], ...]:
+        """Stamps first-scheduled times; returns the trace context of a traced request in the step."""
+        now = time.time_ns()
+        metadata: tuple[tuple[str, str], ...] = ()
+        for r in out.scheduled:
+            handle = self._handles.get(r.seq.id)
+            if handle is None:
+                continue
+            if handle.output.scheduled_ns is None:
+                handle.output.scheduled_ns = now
+            if not metadata and handle.trace_span is not None:
+                metadata = self.tracer.grpc_metadata(handle.trace_span)
+        return metadata
 
     def _apply(self, results: list[StepResult]) -> None:
         sampled: dict[int, int] = {}
@@ -166,7 +185,7 @@ class Engine:
             if handle is None:
                 continue
             for i, lp in enumerate(res.prompt_logprobs):
-                handle.prompt_logprobs[res.prompt_logprobs_start + i] = lp
+                handle.output.prompt_logprobs[res.prompt_logprobs_start + i] = lp
             if res.token is not None:
                 sampled[res.id] = res.token[0]
         self.scheduler.postprocess(sampled)

@@ -28,6 +28,7 @@ from loraxpy.router.metrics import Metrics
 from loraxpy.router.scheduler import Scheduler, SchedulerConfig
 from loraxpy.router.server import ServerState, build_app
 from loraxpy.router.text import Tokenizer
+from loraxpy.router.tracing import Tracer
 from loraxpy.router.validation import Limits
 from loraxpy.router.worker_client import WorkerClient, WorkerInfo
 
@@ -93,7 +94,10 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         BlockAllocator(num_blocks, info.block_size),
     )
     metrics = Metrics()
-    engine = Engine(client, scheduler, frozenset(info.eos_token_ids), on_step=metrics.observe_step)
+    tracer = Tracer(config.otlp_endpoint)
+    engine = Engine(
+        client, scheduler, frozenset(info.eos_token_ids), on_step=metrics.observe_step, tracer=tracer
+    )
     model_id = config.model_id or info.model_id or "HuggingFaceTB/SmolLM2-135M-Instruct"
     info_body: dict[str, Any] = {
         "model_id": model_id,
@@ -123,6 +127,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         info_body,
         max_concurrent_requests=config.max_concurrent_requests,
         api_key=config.api_key,
+        tracer=tracer,
     )
     return state, engine
 
@@ -151,6 +156,7 @@ async def serve(
         await _drain(engine, GRACE_S)
     await engine.stop()
     await runner.cleanup()
+    state.tracer.shutdown()
     await client.close()
     if failed is not None:
         logger.error("%s; stopping", failed)

@@ -54,6 +54,17 @@ class Metrics:
         self.batch_size = Gauge("lorax_batch_current_size", "Requests running", registry=r)
         self.kv_blocks_used = Gauge("lorax_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_blocks_total = Gauge("lorax_kv_blocks_total", "KV cache blocks", registry=r)
+        self.preemptions = Gauge(
+            "lorax_preemptions", "Requests preempted so far (recomputed later)", registry=r
+        )
+        # Per-adapter load, the shape Kubernetes inference gateways read to route LoRA traffic.
+        # Label values are adapter indices (bounded by --max-active-adapters), never user strings.
+        self.adapter_running = Gauge(
+            "lorax_adapter_running_requests", "Running requests per adapter", ["adapter"], registry=r
+        )
+        self.adapter_waiting = Gauge(
+            "lorax_adapter_waiting_requests", "Waiting requests per adapter", ["adapter"], registry=r
+        )
 
     def observe_step(self, seconds: float, num_scheduled: int) -> None:
         self.step_duration.observe(seconds)
@@ -77,4 +88,14 @@ class Metrics:
         allocator = scheduler.allocator
         self.kv_blocks_total.set(allocator.num_blocks)
         self.kv_blocks_used.set(allocator.num_blocks - allocator.num_free)
+        self.preemptions.set(scheduler.num_preemptions)
+        running: dict[int, int] = {}
+        for seq in scheduler.running:
+            running[seq.adapter_index] = running.get(seq.adapter_index, 0) + 1
+        adapters = set(running) | set(scheduler.waiting)
+        self.adapter_running.clear()
+        self.adapter_waiting.clear()
+        for index in adapters:
+            self.adapter_running.labels(str(index)).set(running.get(index, 0))
+            self.adapter_waiting.labels(str(index)).set(len(scheduler.waiting.get(index, ())))
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -125,6 +125,7 @@ class Scheduler:
         self._to_release: list[int] = []
         self._arrivals = 0
         self._steps_since_admission = 0
+        self.num_preemptions = 0
 
     # ---- requests in and out --------------------------------------------------------------------
 
@@ -198,6 +199,7 @@ class Scheduler:
         self._free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         seq.status = Status.WAITING
         self.waiting.setdefault(seq.adapter_index, deque()).appendleft(seq)
 

@@ -8,12 +8,13 @@ including aiohttp's own 4xx, because clients call `.json()` on every error.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
@@ -31,8 +32,10 @@ from loraxpy.router.errors import (
     openai_error_body,
 )
 from loraxpy.router.metrics import Metrics
+from loraxpy.router.openapi import openapi_document
 from loraxpy.router.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, TokenizeRequest
 from loraxpy.router.text import Tokenizer
+from loraxpy.router.tracing import Tracer
 from loraxpy.router.validation import (
     Limits,
     ValidRequest,
@@ -56,6 +59,7 @@ class ServerState:
     info: dict[str, Any]
     max_concurrent_requests: int = 128
     api_key: str | None = None
+    tracer: Tracer = field(default_factory=lambda: Tracer(None))
     is_draining: bool = False
 
 
@@ -69,8 +73,15 @@ def _error_response(request: web.Request, err: RouterError) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
 
 
+# When the request arrived and which route serves it, for the request's trace span.
+RECEIVED_NS: contextvars.ContextVar[int] = contextvars.ContextVar("received_ns")
+ROUTE: contextvars.ContextVar[str] = contextvars.ContextVar("route")
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    RECEIVED_NS.set(time.time_ns())
+    ROUTE.set(f"{request.method} {request.path}")
     try:
         return await handler(request)
     except RouterError as e:
@@ -86,7 +97,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 def auth_middleware(api_key: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if api_key and request.path != "/health":
+        if api_key and request.path != "/health":  # probes stay unauthenticated
             given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), api_key.encode()):
                 raise UnauthorizedError("missing or wrong API key: send `Authorization: Bearer <key>`")
@@ -131,9 +142,16 @@ class Api:
             list(valid.engine.input_ids), valid.stop, include_stop=valid.include_stop
         )
         self.s.metrics.request_count.inc()
+        tracer = self.s.tracer
+        received = RECEIVED_NS.get(None) or time.time_ns()
+        span = tracer.start_request(f"{ROUTE.get('')} request", received)
+        tracer.child(span, "validation", received, time.time_ns())
+        output: RequestOutput | None = None
+        error: str | None = None
         try:
-            async for item in self.s.engine.generate(valid.engine, stream):
+            async for item in self.s.engine.generate(valid.engine, stream, trace_span=span):
                 if isinstance(item, RequestOutput):
+                    output = item
                     gen.prompt_logprobs = item.prompt_logprobs
                     continue
                 if gen.first_token_at is None:
@@ -142,8 +160,30 @@ class Api:
                 yield item
         except EngineError as e:
             self.s.metrics.request_failure.labels("generation").inc()
+            error = str(e)
             raise GenerationError(str(e)) from e
+        finally:
+            self._end_trace(span, output, gen, error)
         self.s.metrics.observe_success(gen)
+
+    def _end_trace(
+        self, span: Any, output: RequestOutput | None, gen: R.Generation, error: str | None
+    ) -> None:
+        tracer = self.s.tracer
+        if span is None:
+            return
+        if output is not None and output.scheduled_ns is not None:
+            tracer.child(span, "queue", output.queued_ns, output.scheduled_ns)
+            tracer.child(
+                span, "inference", output.scheduled_ns, time.time_ns(), generated_tokens=len(gen.events)
+            )
+        tracer.end(
+            span,
+            prompt_tokens=gen.num_prompt_tokens,
+            generated_tokens=len(gen.events),
+            finish_reason=gen.finish_reason.value if gen.events else None,
+            error=error,
+        )
 
     async def _run(self, valid: ValidRequest) -> R.Generation:
         gen = R.Generation(valid)
@@ -203,6 +243,9 @@ class Api:
 
     async def info(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.s.info)
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(openapi_document(str(self.s.info.get("version", ""))))
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         body, content_type = self.s.metrics.render(self.s.engine)
@@ -367,6 +410,7 @@ def build_app(state: ServerState, max_body_bytes: int = 4 * 2**20) -> web.Applic
             web.get("/health", api.health),
             web.get("/info", api.info),
             web.get("/metrics", api.metrics),
+            web.get("/openapi.json", api.openapi),
             web.get("/v1/models", api.models),
             web.post("/v1/completions", api.completions),
             web.post("/v1/chat/completions", api.chat_completions),

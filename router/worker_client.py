@@ -121,8 +121,16 @@ class WorkerClient:
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))
 
-    async def _all(self, method: str, request: object, timeout: float | None = None) -> list[object]:
-        calls = [getattr(stub, method)(request, timeout=timeout) for stub in self._stubs]
+    async def _all(
+        self,
+        method: str,
+        request: object,
+        timeout: float | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> list[object]:
+        calls = [
+            getattr(stub, method)(request, timeout=timeout, metadata=metadata or None) for stub in self._stubs
+        ]
         try:
             return list(await asyncio.gather(*calls))
         except grpc.aio.AioRpcError as e:
@@ -170,7 +178,10 @@ class WorkerClient:
             )
         return blocks
 
-    async def step(self, out: SchedulerOutput) -> list[StepResult]:
-        reply = (await self._all("Step", step_to_proto(out)))[0]
+    async def step(
+        self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> list[StepResult]:
+        """Runs one step on every shard; `metadata` carries the trace context (W3C traceparent)."""
+        reply = (await self._all("Step", step_to_proto(out), metadata=metadata))[0]
         assert isinstance(reply, pb.StepResponse)
         return [result_from_proto(o) for o in reply.outputs]

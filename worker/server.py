@@ -156,6 +156,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     @_rpc
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         step = step_from_proto(request)
+        trace = dict(context.invocation_metadata() or ()).get("traceparent")
+        if trace:
+            logger.debug("step traceparent=%s", trace)
         started = time.perf_counter()
         with self.lock:
             outputs = self.runner.step(step)

@@ -1,0 +1,125 @@
+"""Operating the server: API key, JSON logs without secrets, OTLP traces, OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+from launcher_process import launcher
+from lorax import Client
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "sk-test-very-secret-key"
+
+
+class OtlpReceiver:
+    """A real OTLP/HTTP endpoint: decodes ExportTraceServiceRequest protobufs and keeps the spans."""
+
+    def __init__(self) -> None:
+        self.spans: list = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource in request.resource_spans:
+                    for scope in resource.scope_spans:
+                        receiver.spans.extend(scope.spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def secured(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver):
+    with launcher(
+        default_model_path,
+        tmp_path_factory.mktemp("secured"),
+        "--api-key",
+        API_KEY,
+        "--json-output",
+        "--otlp-endpoint",
+        otlp.url,
+    ) as s:
+        yield s
+
+
+def test_api_key_guards_every_route_but_health(secured) -> None:
+    assert requests.get(secured.url + "/health", timeout=10).status_code == 200
+    for path in ("/info", "/metrics", "/v1/models"):
+        r = requests.get(secured.url + path, timeout=10)
+        body = r.json()
+        message = body["error"]["message"] if path.startswith("/v1/") else body["error"]
+        assert r.status_code == 401 and "API key" in message
+    wrong = requests.post(
+        secured.url + "/generate", json={"inputs": "hi"}, headers={"Authorization": "Bearer nope"}
+    )
+    assert wrong.status_code == 401 and wrong.json()["error_type"] == "unauthorized"
+    ok = Client(secured.url, headers={"Authorization": f"Bearer {API_KEY}"}).generate(
+        "Hello", max_new_tokens=4
+    )
+    assert ok.generated_text
+
+
+def test_request_spans_reach_the_otlp_receiver(secured, otlp: OtlpReceiver) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    Client(secured.url, headers=headers).generate("Tell me a joke.", max_new_tokens=6)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not {"validation", "queue", "inference"} <= {
+        s.name for s in otlp.spans
+    }:
+        time.sleep(0.2)
+    names = {s.name for s in otlp.spans}
+    assert {"validation", "queue", "inference"} <= names, names
+    roots = [s for s in otlp.spans if s.name.endswith("request")]
+    assert roots and any(s.parent_span_id == roots[0].span_id for s in otlp.spans)
+    attributes = {kv.key: kv.value for s in roots for kv in s.attributes}
+    assert "generated_tokens" in attributes
+    assert API_KEY not in str(otlp.spans)
+
+
+def test_logs_are_json_lines_without_secrets(secured) -> None:
+    lines = [line for line in secured.log().splitlines() if line.startswith("{")]
+    assert lines, "router logs are JSON with --json-output"
+    for line in lines:
+        assert {"timestamp", "level", "message"} <= json.loads(line).keys()
+    assert API_KEY not in secured.log()
+
+
+def test_openapi_document_describes_every_route(secured) -> None:
+    doc = requests.get(secured.url + "/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert doc["openapi"].startswith("3.")
+    for path in (
+        "/",
+        "/generate",
+        "/generate_stream",
+        "/tokenize",
+        "/v1/completions",
+        "/v1/chat/completions",
+    ):
+        assert path in doc["paths"]
+    generate = doc["components"]["schemas"]["GenerateParameters"]["properties"]
+    assert {"temperature", "adapter_id", "merged_adapters", "return_k_alternatives"} <= generate.keys()
