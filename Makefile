@@ -38,7 +38,7 @@ proto: $(STAMP)
 	$(PY) proto/generate.py
 
 run: $(STAMP)
-	$(VENV)/bin/lorax-worker --listen $${LISTEN:-unix:///tmp/lorax-worker.sock} $(ARGS)
+	$(VENV)/bin/lorax-launcher $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

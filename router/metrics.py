@@ -29,6 +29,12 @@ class Metrics:
             buckets=SECONDS,
             registry=r,
         )
+        self.queue = Histogram(
+            "lorax_request_queue_duration",
+            "Seconds waiting before the first step",
+            buckets=SECONDS,
+            registry=r,
+        )
         self.ttft = Histogram(
             "lorax_request_time_to_first_token_seconds",
             "Seconds to the first token",
@@ -75,6 +81,8 @@ class Metrics:
         self.duration.observe(now - g.started)
         self.input_length.observe(g.num_prompt_tokens)
         self.generated_tokens.observe(len(g.events))
+        if g.queue_s is not None:
+            self.queue.observe(g.queue_s)
         if g.first_token_at is not None:
             self.ttft.observe(g.first_token_at - g.started)
             self.inference.observe(now - g.first_token_at)

@@ -30,6 +30,7 @@ class Generation:
     prompt_logprobs: dict[int, float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    queue_s: float | None = None  # from admission to the first step that computed it
 
     @property
     def text(self) -> str:

@@ -156,6 +156,8 @@ class Api:
                     continue
                 if gen.first_token_at is None:
                     gen.first_token_at = time.monotonic()
+                    if output is not None and output.scheduled_ns is not None:
+                        gen.queue_s = (output.scheduled_ns - output.queued_ns) / 1e9
                 gen.events.append(item)
                 yield item
         except EngineError as e:

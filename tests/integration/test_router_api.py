@@ -261,3 +261,82 @@ def test_a_dead_shard_stops_the_launcher_with_a_non_zero_exit(
         subprocess.run(["kill", "-9", children[0]], check=True)
         assert s.proc.wait(timeout=60) != 0
         assert "shard 0 exited" in s.log()
+
+
+def test_memory_pressure_preempts_and_every_request_still_completes(
+    default_model_path: Path, tmp_path: Path
+) -> None:
+    prompts = [f"Write the number {i} in words, then count upwards:" for i in range(8)]
+    # Room for 160 cached tokens: eight requests of ~60 tokens cannot all stay resident.
+    with launcher(default_model_path, tmp_path, "--max-batch-total-tokens", "160") as s:
+        client = Client(s.url)
+        alone = {
+            p: client.generate(p, max_new_tokens=48, ignore_eos_token=True).generated_text for p in prompts
+        }
+
+        async def crowd() -> list[tuple[str, str]]:
+            a = AsyncClient(s.url, timeout=300)
+
+            async def one(p: str) -> tuple[str, str]:
+                return p, (await a.generate(p, max_new_tokens=48, ignore_eos_token=True)).generated_text
+
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+        results = asyncio.run(crowd())
+        m = metrics(s)
+    assert all(text == alone[p] for p, text in results)
+    assert m["lorax_preemptions"] > 0
+    assert m["lorax_kv_blocks_used"] == 0
+
+
+def test_sigterm_with_requests_in_flight_ends_them_and_exits_cleanly(
+    default_model_path: Path, tmp_path: Path
+) -> None:
+    body = {
+        "inputs": "Tell me a long story.",
+        "parameters": {"max_new_tokens": 2000, "ignore_eos_token": True},
+    }
+    with launcher(default_model_path, tmp_path) as s:
+        with requests.post(s.url + "/generate_stream", json=body, stream=True, timeout=120) as r:
+            lines = r.iter_lines()
+            next(lines)
+            s.proc.send_signal(signal.SIGTERM)
+            events = [json.loads(line[5:]) for line in lines if line.startswith(b"data:")]
+        assert s.proc.wait(timeout=60) == 0, s.log()
+    assert events and "error" in events[-1], (
+        "an unfinished request ends with an error event, not a silent close"
+    )
+
+
+def test_overload_answers_429_at_once(default_model_path: Path, tmp_path: Path) -> None:
+    body = {
+        "inputs": "Tell me a long story.",
+        "parameters": {"max_new_tokens": 300, "ignore_eos_token": True},
+    }
+    with launcher(default_model_path, tmp_path, "--max-concurrent-requests", "1") as s:
+        with requests.post(s.url + "/generate_stream", json=body, stream=True, timeout=120) as r:
+            lines = r.iter_lines()  # keep a reference: a collected iterator closes the connection
+            next(lines)
+            second = requests.post(s.url + "/generate", json=body, timeout=10)
+            chat = requests.post(
+                s.url + "/v1/chat/completions",
+                timeout=10,
+                json={"messages": [{"role": "user", "content": "hi"}]},
+            )
+    assert second.status_code == 429 and second.json()["error_type"] == "overloaded"
+    assert chat.status_code == 429 and chat.headers["Retry-After"] and chat.json()["error"]["type"]
+
+
+def test_openai_n_returns_independent_choices(server: Launcher) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    chat = client.chat.completions.create(
+        model="base",
+        messages=[{"role": "user", "content": "Name a fruit."}],
+        n=3,
+        max_tokens=8,
+        temperature=1.0,
+        logprobs=True,
+    )
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert chat.usage.completion_tokens == sum(len(c.logprobs.content) for c in chat.choices)
+    assert chat.usage.prompt_tokens > 0
