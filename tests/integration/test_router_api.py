@@ -313,16 +313,18 @@ def test_overload_answers_429_at_once(default_model_path: Path, tmp_path: Path) 
         "inputs": "Tell me a long story.",
         "parameters": {"max_new_tokens": 300, "ignore_eos_token": True},
     }
-    with launcher(default_model_path, tmp_path, "--max-concurrent-requests", "1") as s:
-        with requests.post(s.url + "/generate_stream", json=body, stream=True, timeout=120) as r:
-            lines = r.iter_lines()  # keep a reference: a collected iterator closes the connection
-            next(lines)
-            second = requests.post(s.url + "/generate", json=body, timeout=10)
-            chat = requests.post(
-                s.url + "/v1/chat/completions",
-                timeout=10,
-                json={"messages": [{"role": "user", "content": "hi"}]},
-            )
+    with (
+        launcher(default_model_path, tmp_path, "--max-concurrent-requests", "1") as s,
+        requests.post(s.url + "/generate_stream", json=body, stream=True, timeout=120) as r,
+    ):
+        lines = r.iter_lines()  # keep a reference: a collected iterator closes the connection
+        next(lines)
+        second = requests.post(s.url + "/generate", json=body, timeout=10)
+        chat = requests.post(
+            s.url + "/v1/chat/completions",
+            timeout=10,
+            json={"messages": [{"role": "user", "content": "hi"}]},
+        )
     assert second.status_code == 429 and second.json()["error_type"] == "overloaded"
     assert chat.status_code == 429 and chat.headers["Retry-After"] and chat.json()["error"]["type"]
 
