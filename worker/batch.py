@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -76,10 +77,11 @@ class Limits:
     block_size: int
     max_model_len: int
     max_step_tokens: int
-    num_adapters: int = 1  # valid adapter indices are [0, num_adapters)
 
 
-def validate_step(step: StepInput, live: dict[int, RequestState], limits: Limits) -> None:
+def validate_step(
+    step: StepInput, live: dict[int, RequestState], limits: Limits, loaded_adapters: Collection[int] = ()
+) -> None:
     """Raises WorkerInputError for anything wrong with `step`, before the worker changes any state."""
     finished = set(step.finished_ids)
     if len(finished) != len(step.finished_ids):
@@ -93,6 +95,8 @@ def validate_step(step: StepInput, live: dict[int, RequestState], limits: Limits
             raise WorkerInputError(f"request {new.id} is already live; new request ids must be unique")
         seen.add(new.id)
         _validate_new(new, limits)
+        if new.adapter_index and new.adapter_index not in loaded_adapters:
+            raise WorkerInputError(f"request {new.id}: adapter index {new.adapter_index} is not loaded")
     for cached in step.cached_requests:
         if cached.id not in live or cached.id in finished:
             raise WorkerInputError(f"request {cached.id} is unknown (never sent, or already released)")
@@ -122,8 +126,6 @@ def _validate_new(new: NewRequestData, limits: Limits) -> None:
         )
     if new.num_prompt_tokens > len(new.token_ids):
         raise WorkerInputError(f"request {rid}: num_prompt_tokens exceeds the number of token_ids")
-    if not 0 <= new.adapter_index < limits.num_adapters:
-        raise WorkerInputError(f"request {rid}: adapter index {new.adapter_index} is not loaded")
     _validate_schedule(rid, 0, len(new.token_ids), new.num_scheduled_tokens, new.block_table, limits)
 
 

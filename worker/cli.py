@@ -33,6 +33,9 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
         shard=Shard(config.rank, config.world_size),
         kv_cache_bytes=config.kv_cache_memory_mib * 2**20,
         gpu_memory_utilization=config.gpu_memory_utilization,
+        max_loras=config.max_loras,
+        max_lora_rank=config.max_lora_rank,
+        adapter_root=config.adapter_root,
     )
     return ModelRunner(model_path, options)
 

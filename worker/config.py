@@ -28,6 +28,9 @@ class WorkerConfig:
     offline: bool = False
     rank: int = 0
     world_size: int = 1
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    adapter_root: Path | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -40,6 +43,8 @@ class WorkerConfig:
             raise ValueError("--kv-cache-memory-mib must be positive")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("--gpu-memory-utilization must be in (0, 1]")
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise ValueError("--max-loras must be >= 0 and --max-lora-rank >= 1")
         if not self.listen:
             raise ValueError("--listen needs an address: unix:///path/to.sock or host:port")
 
@@ -96,6 +101,23 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         default=float(env.get("GPU_MEMORY_UTILIZATION", 0.9)),
         help="fraction of GPU memory for weights, activations and KV cache",
     )
+    p.add_argument(
+        "--max-loras",
+        type=int,
+        default=int(env.get("MAX_LORAS", 8)),
+        help="adapter slots on the device (env MAX_LORAS)",
+    )
+    p.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=int(env.get("MAX_LORA_RANK", 64)),
+        help="largest adapter rank (env MAX_LORA_RANK)",
+    )
+    p.add_argument(
+        "--adapter-root",
+        default=env.get("ADAPTER_ROOT") or None,
+        help="folder local adapters must lie in; unset: local adapters are refused (env ADAPTER_ROOT)",
+    )
     args = p.parse_args(argv)
     hub_cache = env.get("HF_HUB_CACHE")
     return WorkerConfig(
@@ -113,4 +135,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         offline=_env_flag("HF_HUB_OFFLINE"),
         rank=int(env.get("RANK", 0)),
         world_size=int(env.get("WORLD_SIZE", 1)),
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        adapter_root=Path(args.adapter_root).expanduser() if args.adapter_root else None,
     )

@@ -8,6 +8,7 @@ With world_size 1 every slice is the whole tensor and no collective runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,7 @@ class ColumnParallelLinear(nn.Module):
             self.offsets[name] = offset
             offset += size
         self.out_features = offset
+        self.lora: Any = None  # LoraSlots, attached when the worker serves adapters
         self.weight = nn.Parameter(
             torch.empty(offset, in_features, dtype=dtype, device=device), requires_grad=False
         )
@@ -90,7 +92,8 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features] -> [num_tokens, local out_features]
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.lora is None else self.lora.add_delta(x, y)
 
 
 class RowParallelLinear(nn.Module):
@@ -109,6 +112,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.shard = shard
         self.in_local = shard.split(in_features, "input features of a row-parallel layer")
+        self.lora: Any = None  # LoraSlots, attached when the worker serves adapters
         self.weight = nn.Parameter(
             torch.empty(out_features, self.in_local, dtype=dtype, device=device), requires_grad=False
         )
@@ -133,7 +137,8 @@ class RowParallelLinear(nn.Module):
 
     def forward_partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum, before the all-reduce (LoRA adds its own partial delta here)."""
-        return F.linear(x, self.weight)
+        y = F.linear(x, self.weight)
+        return y if self.lora is None else self.lora.add_delta(x, y)
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         out = all_reduce(partial, self.shard)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from loraxpy.kernels.attention import AttentionMetadata, select_attention_backend
+from loraxpy.worker.adapters import load_peft_adapter, resolve_local_adapter
 from loraxpy.worker.batch import (
     BatchPlan,
     Limits,
@@ -21,6 +22,7 @@ from loraxpy.worker.batch import (
 )
 from loraxpy.worker.kv_cache import KVCacheSpec
 from loraxpy.worker.layers import Shard
+from loraxpy.worker.lora import LoraManager
 from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
 from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample
@@ -44,6 +46,9 @@ class RunnerOptions:
     # CPU: bytes for the KV cache. CUDA: fraction of device memory the worker may use in total.
     kv_cache_bytes: int = 1 << 30
     gpu_memory_utilization: float = 0.9
+    max_loras: int = 8  # adapter slots on the device; 0 disables adapters
+    max_lora_rank: int = 64
+    adapter_root: Path | None = None  # local adapters must lie inside it
 
 
 class ModelRunner:
@@ -76,6 +81,13 @@ class ModelRunner:
             num_kv_heads=options.shard.split(self.config.num_kv_heads, "num_key_value_heads"),
             head_dim=self.config.head_dim,
             dtype=options.dtype,
+        )
+        self.lora = (
+            LoraManager.attach(
+                self.model, self.config, options.shard, options.max_loras, options.max_lora_rank
+            )
+            if options.max_loras > 0
+            else None
         )
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.limits: Limits | None = None
@@ -129,6 +141,8 @@ class ModelRunner:
             table = list(range(next_block, next_block + blocks_per_seq[i]))
             next_block += blocks_per_seq[i]
             states.append((RequestState(-1, [0] * n, n, _GREEDY, 0, table, None), n))
+        if self.lora is not None:
+            self.lora.set_batch([], device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         batch = self._forward_batch(plan_batch(states, bs), caches)
@@ -154,13 +168,18 @@ class ModelRunner:
     def step(self, step: StepInput) -> list[RequestOutputData]:
         if self.limits is None:
             raise NotReadyError("Warmup must run before the first Step")
-        validate_step(step, self.requests, self.limits)
+        loaded = self.lora.index_to_slot.keys() if self.lora else ()
+        validate_step(step, self.requests, self.limits, loaded)
         for rid in step.finished_ids:
             del self.requests[rid]
         scheduled = self._admit(step)
         if not scheduled:
             return []
         plan = plan_batch(scheduled, self.options.block_size)
+        if self.lora is not None:
+            self.lora.set_batch(
+                [s.adapter_index for s, n in scheduled for _ in range(n)], self.options.device
+            )
         hidden = self.model(self._forward_batch(plan, self.kv_caches))
         outputs = self._sample(scheduled, plan, hidden)
         for state, num_scheduled in scheduled:
@@ -253,3 +272,30 @@ class ModelRunner:
         targets = torch.tensor(state.token_ids[first:last], device=logits.device)
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
         return first, tuple(logprobs.tolist())
+
+    # ---- adapters -----------------------------------------------------------------------------
+
+    def load_adapter(self, adapter_index: int, adapter_id: str, source: str) -> int:
+        """Loads a PEFT adapter into a device slot under `adapter_index`; returns its bytes."""
+        if self.lora is None:
+            raise WorkerInputError("this worker was started without adapter slots (--max-loras 0)")
+        if adapter_index < 1:
+            raise WorkerInputError("adapter index 0 is the base model; adapters use indices from 1")
+        if source != "local":
+            raise NotImplementedError(f"adapter source {source!r} is not supported by the worker yet")
+        path = resolve_local_adapter(adapter_id, self.options.adapter_root)
+        adapter = load_peft_adapter(path, self.config, self.options.max_lora_rank)
+        if any(s.adapter_index == adapter_index for s in self.requests.values()):
+            raise WorkerInputError(f"adapter index {adapter_index} is used by a running request")
+        self.lora.load(adapter_index, adapter)
+        logger.info(
+            "adapter index %d: rank %d, %d modules", adapter_index, adapter.rank, len(adapter.weights)
+        )
+        return adapter.nbytes
+
+    def offload_adapter(self, adapter_index: int) -> None:
+        if self.lora is None or adapter_index not in self.lora.index_to_slot:
+            raise WorkerInputError(f"adapter index {adapter_index} is not loaded")
+        if any(s.adapter_index == adapter_index for s in self.requests.values()):
+            raise WorkerInputError(f"adapter index {adapter_index} is used by a running request")
+        self.lora.offload(adapter_index)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
+from loraxpy.worker.adapters import AdapterError
 from loraxpy.worker.batch import (
     CachedRequestData,
     NewRequestData,
@@ -25,6 +26,7 @@ from loraxpy.worker.batch import (
     StepInput,
     WorkerInputError,
 )
+from loraxpy.worker.lora import SlotsFullError
 from loraxpy.worker.runner import ModelRunner, NotReadyError
 from loraxpy.worker.sampling import SamplingParams
 
@@ -41,8 +43,10 @@ def _rpc(method: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except WorkerInputError as e:
+        except (WorkerInputError, AdapterError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except SlotsFullError as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except NotReadyError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except NotImplementedError as e:
@@ -137,7 +141,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             block_size=r.options.block_size,
             num_blocks=r.limits.num_blocks if r.limits else 0,
             attention_backend=r.attention_backend,
-            supports_adapters=False,
+            supports_adapters=r.lora is not None,
             eos_token_ids=list(r.config.eos_token_ids),
         )
 
@@ -166,16 +170,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return pb.StepResponse(outputs=[output_to_proto(o) for o in outputs], step_time_us=elapsed_us)
 
     @_rpc
-    def DownloadAdapter(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise NotImplementedError("adapters are not supported by this worker yet")
+    def DownloadAdapter(self, request: pb.DownloadAdapterRequest, context: grpc.ServicerContext) -> Any:
+        raise NotImplementedError("downloading adapters (hub, s3) is not supported by the worker yet")
 
     @_rpc
-    def LoadAdapter(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise NotImplementedError("adapters are not supported by this worker yet")
+    def LoadAdapter(
+        self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext
+    ) -> pb.LoadAdapterResponse:
+        spec = request.adapter
+        with self.lock:
+            nbytes = self.runner.load_adapter(request.adapter_index, spec.adapter_id, spec.source or "local")
+        return pb.LoadAdapterResponse(memory_bytes=nbytes)
 
     @_rpc
-    def OffloadAdapter(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise NotImplementedError("adapters are not supported by this worker yet")
+    def OffloadAdapter(
+        self, request: pb.OffloadAdapterRequest, context: grpc.ServicerContext
+    ) -> pb.OffloadAdapterResponse:
+        with self.lock:
+            self.runner.offload_adapter(request.adapter_index)
+        return pb.OffloadAdapterResponse()
 
 
 def serve(servicer: WorkerServicer, listen: str) -> grpc.Server:

@@ -103,9 +103,13 @@ def test_bad_step_gets_invalid_argument_and_worker_keeps_serving(
     stub.Step(pb.StepRequest(finished_ids=[1]))
 
 
-def test_adapter_rpcs_are_unimplemented_for_now(stub: worker_pb2_grpc.WorkerStub) -> None:
+def test_local_adapters_are_refused_without_an_adapter_root(stub: worker_pb2_grpc.WorkerStub) -> None:
+    spec = pb.AdapterSpec(adapter_id="/tmp", source="local")
     with pytest.raises(grpc.RpcError) as e:
-        stub.LoadAdapter(pb.LoadAdapterRequest(adapter_index=1))
+        stub.LoadAdapter(pb.LoadAdapterRequest(adapter=spec, adapter_index=1))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--adapter-root" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.DownloadAdapter(pb.DownloadAdapterRequest(adapter=spec))
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

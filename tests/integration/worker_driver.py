@@ -86,6 +86,7 @@ class Request:
     join_step: int = 0
     params: pb.SamplingParams = field(default_factory=pb.SamplingParams)
     eos_token_ids: tuple[int, ...] = ()
+    adapter_index: int = 0
     # filled in while running
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -170,6 +171,7 @@ class Driver:
                         id=r.id,
                         token_ids=r.prompt,
                         params=r.params,
+                        adapter_index=r.adapter_index,
                         block_table=r.blocks,
                         num_scheduled_tokens=n,
                     )

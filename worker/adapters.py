@@ -1,0 +1,145 @@
+"""PEFT LoRA adapters: reading and checking one from disk, and where its files may come from.
+
+An adapter becomes per-(layer, module) pairs (A [r, in], B [out, r]) with lora_alpha / r (or
+lora_alpha / sqrt(r) for rsLoRA) folded into B, checked against the model's shapes. Anything the
+worker cannot serve exactly is refused with a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from loraxpy.worker.model_config import ModelConfig
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+class AdapterError(ValueError):
+    """The adapter cannot be served; the message says what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    rank: int  # the largest rank over its modules
+    # (layer index, target module) → (A [r, in], B [out, r] with scaling folded in)
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+
+
+def module_shape(config: ModelConfig, target: str) -> tuple[int, int]:
+    """(in_features, out_features) of a target module in the full (unsharded) model."""
+    h, i = config.hidden_size, config.intermediate_size
+    return {
+        "q_proj": (h, config.q_size),
+        "k_proj": (h, config.kv_size),
+        "v_proj": (h, config.kv_size),
+        "o_proj": (config.q_size, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }[target]
+
+
+def resolve_local_adapter(adapter_id: str, adapter_root: Path | None) -> Path:
+    """A local adapter path, which must lie inside --adapter-root after resolving `..` and symlinks."""
+    if adapter_root is None:
+        raise AdapterError("local adapters are disabled: start the server with --adapter-root")
+    root = adapter_root.resolve()
+    path = (root / adapter_id).resolve()  # an absolute adapter_id replaces root here, then is checked
+    if path != root and root not in path.parents:
+        raise AdapterError(f"adapter path {adapter_id!r} is outside --adapter-root")
+    if not path.is_dir():
+        raise AdapterError(f"adapter {adapter_id!r} not found under --adapter-root")
+    return path
+
+
+def _read_config(path: Path) -> dict:
+    config_path = path / "adapter_config.json"
+    if not config_path.exists():
+        raise AdapterError(f"adapter {path.name!r} has no adapter_config.json")
+    try:
+        cfg = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"adapter_config.json is not valid JSON: {e.msg}") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"peft_type {cfg.get('peft_type')!r} is not supported; only LORA")
+    for key, bad, why in (
+        ("bias", lambda v: v not in (None, "none"), "LoRA bias terms"),
+        ("use_dora", bool, "DoRA"),
+        ("modules_to_save", bool, "modules_to_save"),
+        ("fan_in_fan_out", bool, "fan_in_fan_out"),
+    ):
+        if bad(cfg.get(key)):
+            raise AdapterError(f"adapter uses {why}, which this server does not support")
+    return cfg
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    st, binary = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    try:
+        if st.exists():
+            return load_file(str(st))
+        if binary.exists():
+            return torch.load(binary, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as e:
+        raise AdapterError(
+            f"adapter weights in {path.name!r} are unreadable ({type(e).__name__}: {e})"
+        ) from None
+    raise AdapterError(f"adapter {path.name!r} has no adapter_model.safetensors or adapter_model.bin")
+
+
+def _alpha(cfg: dict, layer: int, target: str, r: int) -> float:
+    """lora_alpha for one module, honouring PEFT's alpha_pattern (keys match module-name suffixes)."""
+    block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    module = f"model.layers.{layer}.{block}.{target}"
+    for key, value in (cfg.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return float(value)
+    return float(cfg.get("lora_alpha", r))
+
+
+def load_peft_adapter(path: Path, config: ModelConfig, max_rank: int) -> LoraAdapter:
+    cfg = _read_config(path)
+    base = cfg.get("base_model_name_or_path")
+    tensors = _read_tensors(path)
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = _KEY.search(name)
+        if match is None:
+            raise AdapterError(f"adapter tensor {name!r} targets a module this server cannot adapt")
+        layer, target, which = int(match[1]), match[2], match[3]
+        if target not in TARGETS or layer >= config.num_layers:
+            raise AdapterError(f"adapter tensor {name!r} does not fit the model ({config.num_layers} layers)")
+        pairs.setdefault((layer, target), {})[which] = tensor
+    if not pairs:
+        raise AdapterError("adapter has no LoRA weights")
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for (layer, target), ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"layer {layer} {target}: lora_A and lora_B must both be present")
+        a, b = ab["A"].float(), ab["B"].float()
+        in_features, out_features = module_shape(config, target)
+        r = a.shape[0]
+        if a.shape != (r, in_features) or b.shape != (out_features, r):
+            raise AdapterError(
+                f"layer {layer} {target}: adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the "
+                f"model ({in_features} → {out_features}); was it trained for another base model"
+                + (f" ({base})?" if base else "?")
+            )
+        if r > max_rank:
+            raise AdapterError(f"adapter rank {r} exceeds --max-lora-rank {max_rank}")
+        alpha = _alpha(cfg, layer, target, r)
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        weights[(layer, target)] = (a, b * scale)
+    return LoraAdapter(rank=max(a.shape[0] for a, _ in weights.values()), weights=weights)

@@ -1,0 +1,161 @@
+"""Adapter slots on the device and the LoRA delta of every adapted layer, for a mixed batch.
+
+Each adapted linear holds, per checkpoint slice (q/k/v, o, gate/up, down), stacked slot tensors
+a [num_slots, max_rank, in] and b [num_slots, out, max_rank]; slot 0 is the base model (zeros).
+Per step the runner sets one slot index per token row; every adapted layer then adds
+expand(shrink(x, a), b) for all rows at once, whatever the mix of adapters and ranks.
+Tensor parallel: a column-parallel layer keeps A whole (the shrink output is complete) and its
+slice of B's rows; a row-parallel layer keeps its slice of A's columns and B whole, so its partial
+delta joins the layer's partial sum before the one all-reduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from loraxpy.kernels.lora import lora_expand, lora_shrink
+from loraxpy.worker.adapters import LoraAdapter, module_shape
+from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear, Shard
+from loraxpy.worker.model_config import ModelConfig
+from torch import nn
+
+
+class SlotsFullError(RuntimeError):
+    """Every adapter slot is taken; the router must offload one first."""
+
+
+@dataclass
+class LoraBatch:
+    """Per-step state shared by every adapted layer."""
+
+    token_slots: torch.Tensor | None = None  # [num_tokens] int64, or None when no row uses an adapter
+
+
+@dataclass
+class _Slice:
+    a: torch.Tensor  # [num_slots, max_rank, in_local]
+    b: torch.Tensor  # [num_slots, out_local, max_rank]
+    out_offset: int
+
+
+class LoraSlots:
+    """The adapter slots of one parallel linear layer."""
+
+    def __init__(
+        self,
+        layer: ColumnParallelLinear | RowParallelLinear,
+        full_shapes: dict[str, tuple[int, int]],
+        batch: LoraBatch,
+        num_slots: int,
+        max_rank: int,
+        shard: Shard,
+    ) -> None:
+        self.batch = batch
+        self.shard = shard
+        self.is_column = isinstance(layer, ColumnParallelLinear)
+        dtype, device = layer.weight.dtype, layer.weight.device
+        self.slices: dict[str, _Slice] = {}
+        for name, (in_full, out_full) in full_shapes.items():
+            in_local = in_full if self.is_column else in_full // shard.world_size
+            out_local = out_full // shard.world_size if self.is_column else out_full
+            offset = layer.offsets[name] if isinstance(layer, ColumnParallelLinear) else 0
+            self.slices[name] = _Slice(
+                a=torch.zeros(num_slots, max_rank, in_local, dtype=dtype, device=device),
+                b=torch.zeros(num_slots, out_local, max_rank, dtype=dtype, device=device),
+                out_offset=offset,
+            )
+
+    def write(self, slot: int, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copies this rank's part of (A [r, in], B [out, r]) into `slot`, zero-padding the rank."""
+        s, r = self.slices[name], a.shape[0]
+        rank = self.shard.rank
+        if self.is_column:
+            rows = s.b.shape[1]
+            b = b.narrow(0, rank * rows, rows)
+        else:
+            cols = s.a.shape[2]
+            a = a.narrow(1, rank * cols, cols)
+        s.a[slot].zero_()
+        s.b[slot].zero_()
+        s.a[slot, :r].copy_(a)
+        s.b[slot, :, :r].copy_(b)
+
+    def clear(self, slot: int) -> None:
+        for s in self.slices.values():
+            s.a[slot].zero_()
+            s.b[slot].zero_()
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + LoRA delta for every row (x: [num_tokens, in_local], y: [num_tokens, out_local])."""
+        slots = self.batch.token_slots
+        if slots is None:
+            return y
+        for s in self.slices.values():
+            delta = lora_expand(lora_shrink(x, s.a, slots), s.b, slots)
+            y[:, s.out_offset : s.out_offset + delta.shape[1]] += delta
+        return y
+
+
+# model attribute path → the target modules it fuses
+ADAPTED = {
+    "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "self_attn.o_proj": ("o_proj",),
+    "mlp.gate_up_proj": ("gate_proj", "up_proj"),
+    "mlp.down_proj": ("down_proj",),
+}
+
+
+@dataclass
+class LoraManager:
+    """Maps the router's adapter indices to device slots and writes adapters into every layer."""
+
+    slots: dict[tuple[int, str], LoraSlots]  # (layer index, target) → the slots holding it
+    batch: LoraBatch
+    num_slots: int
+    max_rank: int
+    index_to_slot: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def attach(
+        cls, model: nn.Module, config: ModelConfig, shard: Shard, num_slots: int, max_rank: int
+    ) -> LoraManager:
+        batch = LoraBatch()
+        slots: dict[tuple[int, str], LoraSlots] = {}
+        for i, layer in enumerate(model.layers):  # type: ignore[union-attr, arg-type]
+            for path, targets in ADAPTED.items():
+                linear = layer.get_submodule(path)
+                shapes = {t: module_shape(config, t) for t in targets}
+                lora = LoraSlots(linear, shapes, batch, num_slots + 1, max_rank, shard)
+                linear.lora = lora
+                for t in targets:
+                    slots[(i, t)] = lora
+        return cls(slots, batch, num_slots, max_rank)
+
+    def load(self, adapter_index: int, adapter: LoraAdapter) -> None:
+        if adapter_index in self.index_to_slot:
+            self.offload(adapter_index)
+        used = set(self.index_to_slot.values())
+        free = [s for s in range(1, self.num_slots + 1) if s not in used]
+        if not free:
+            raise SlotsFullError(f"all {self.num_slots} adapter slots are in use; offload one first")
+        slot = free[0]
+        for lora in set(self.slots.values()):
+            lora.clear(slot)  # modules this adapter leaves alone must add nothing
+        for (layer, target), (a, b) in adapter.weights.items():
+            self.slots[(layer, target)].write(slot, target, a, b)
+        self.index_to_slot[adapter_index] = slot
+
+    def offload(self, adapter_index: int) -> None:
+        slot = self.index_to_slot.pop(adapter_index)
+        for lora in set(self.slots.values()):
+            lora.clear(slot)
+
+    def set_batch(self, token_adapter_indices: list[int], device: torch.device) -> None:
+        if not any(token_adapter_indices):
+            self.batch.token_slots = None
+            return
+        slot_of = {0: 0, **self.index_to_slot}
+        self.batch.token_slots = torch.tensor(
+            [slot_of[i] for i in token_adapter_indices], dtype=torch.int64, device=device
+        )
