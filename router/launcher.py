@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from loraxpy.router.adapters import AdapterRegistry
 from loraxpy.router.config import RouterConfig, parse_args
 from loraxpy.router.engine import Engine
 from loraxpy.router.kv_blocks import BlockAllocator
@@ -34,6 +35,7 @@ from loraxpy.router.worker_client import WorkerClient, WorkerInfo
 
 logger = logging.getLogger("loraxpy.launcher")
 GRACE_S = 10.0
+MAX_ADAPTER_SLOTS = 16
 STARTUP_TIMEOUT_S = 900.0
 
 
@@ -58,12 +60,20 @@ def spawn_shards(config: RouterConfig, sock_dir: Path) -> list[tuple[subprocess.
         ]
         if config.model_id:
             cmd += ["--model-id", config.model_id]
+        if config.adapter_root:
+            cmd += ["--adapter-root", config.adapter_root]
+        cmd += ["--max-loras", str(adapter_slots(config)), "--max-lora-rank", str(config.max_lora_rank)]
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(config.num_shard)}
         shards.append((subprocess.Popen(cmd, env=env), address))
     return shards
 
 
-def derive_limits(config: RouterConfig, info: WorkerInfo, num_blocks: int) -> Limits:
+def adapter_slots(config: RouterConfig) -> int:
+    """Device slots per shard: --max-active-adapters, capped until slots are sized from free memory."""
+    return min(config.max_active_adapters, MAX_ADAPTER_SLOTS)
+
+
+def derive_limits(config: RouterConfig, info: WorkerInfo, num_blocks: int, model_id: str) -> Limits:
     capacity = num_blocks * info.block_size
     max_total = config.max_total_tokens or min(info.max_position_embeddings, capacity)
     if max_total > capacity:
@@ -73,6 +83,8 @@ def derive_limits(config: RouterConfig, info: WorkerInfo, num_blocks: int) -> Li
         max_total_tokens=max_total,
         max_stop_sequences=config.max_stop_sequences,
         max_best_of=config.max_best_of,
+        default_adapter_source=config.adapter_source,
+        base_model_id=model_id,
     )
 
 
@@ -82,7 +94,8 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
     num_blocks = await client.warmup(config.max_batch_prefill_tokens, config.max_concurrent_requests)
     if config.max_batch_total_tokens:
         num_blocks = min(num_blocks, -(-config.max_batch_total_tokens // info.block_size))
-    limits = derive_limits(config, info, num_blocks)
+    model_id = config.model_id or info.model_id or "HuggingFaceTB/SmolLM2-135M-Instruct"
+    limits = derive_limits(config, info, num_blocks, model_id)
     tokenizer = Tokenizer(Path(info.model_path))
     scheduler = Scheduler(
         SchedulerConfig(
@@ -98,7 +111,6 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
     engine = Engine(
         client, scheduler, frozenset(info.eos_token_ids), on_step=metrics.observe_step, tracer=tracer
     )
-    model_id = config.model_id or info.model_id or "HuggingFaceTB/SmolLM2-135M-Instruct"
     info_body: dict[str, Any] = {
         "model_id": model_id,
         "model_dtype": info.dtype,
@@ -128,6 +140,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         max_concurrent_requests=config.max_concurrent_requests,
         api_key=config.api_key,
         tracer=tracer,
+        adapters=AdapterRegistry(client, adapter_slots(config)),
     )
     return state, engine
 

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
 from aiohttp import web
 from loraxpy.router import responses as R
-from loraxpy.router.engine import Engine, EngineError, RequestOutput, TokenEvent
+from loraxpy.router.adapters import AdapterRegistry
+from loraxpy.router.engine import Engine, EngineError, GenerateInput, RequestOutput, TokenEvent
 from loraxpy.router.errors import (
     BadRequestError,
     GenerationError,
@@ -28,6 +30,7 @@ from loraxpy.router.errors import (
     OverloadedError,
     RouterError,
     UnauthorizedError,
+    ValidationError,
     lorax_error_body,
     openai_error_body,
 )
@@ -60,6 +63,7 @@ class ServerState:
     max_concurrent_requests: int = 128
     api_key: str | None = None
     tracer: Tracer = field(default_factory=lambda: Tracer(None))
+    adapters: AdapterRegistry | None = None
     is_draining: bool = False
 
 
@@ -138,6 +142,24 @@ class Api:
             raise OverloadedError("Model is overloaded")
 
     async def _events(self, valid: ValidRequest, gen: R.Generation) -> AsyncIterator[TokenEvent]:
+        """The request's tokens; holds its adapter's device slot for as long as it runs."""
+        index = 0
+        if valid.adapter_id is not None:
+            if self.s.adapters is None:
+                raise ValidationError("this server was started without adapters", param="adapter_id")
+            index = await self.s.adapters.acquire(valid.adapter_id, valid.adapter_source)
+        try:
+            async for event in self._engine_events(
+                dataclasses.replace(valid.engine, adapter_index=index), valid, gen
+            ):
+                yield event
+        finally:
+            if index:
+                await self.s.adapters.release(index)  # type: ignore[union-attr]
+
+    async def _engine_events(
+        self, inp: GenerateInput, valid: ValidRequest, gen: R.Generation
+    ) -> AsyncIterator[TokenEvent]:
         stream = self.s.tokenizer.stream(
             list(valid.engine.input_ids), valid.stop, include_stop=valid.include_stop
         )
@@ -149,7 +171,7 @@ class Api:
         output: RequestOutput | None = None
         error: str | None = None
         try:
-            async for item in self.s.engine.generate(valid.engine, stream, trace_span=span):
+            async for item in self.s.engine.generate(inp, stream, trace_span=span):
                 if isinstance(item, RequestOutput):
                     output = item
                     gen.prompt_logprobs = item.prompt_logprobs
@@ -216,14 +238,17 @@ class Api:
     async def _sse_lorax(self, request: web.Request, req: GenerateRequest) -> web.StreamResponse:
         valid = validate_generate(req, self.s.limits, self.s.tokenizer)
         self._admit()
-        response = await _open_sse(request)
+        response: web.StreamResponse | None = None  # opened at the first token: earlier errors get a status
         gen = R.Generation(valid)
         try:
             async for event in self._events(valid, gen):
+                response = response or await _open_sse(request)
                 await _send(response, R.stream_event_body(self.s.tokenizer, gen, event))
-        except RouterError as e:  # errors after the headers went out arrive in the stream
-            await _send(response, lorax_error_body(e)[1])
-        return response
+        except RouterError as e:
+            if response is None:
+                raise
+            await _send(response, lorax_error_body(e)[1])  # after the headers: in the stream
+        return response or await _open_sse(request)
 
     async def tokenize(self, request: web.Request) -> web.StreamResponse:
         req = await _parse(request, TokenizeRequest)
@@ -256,8 +281,18 @@ class Api:
     # ---- OpenAI routes --------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.StreamResponse:
-        model = {"id": self.s.model_id, "object": "model", "created": 0, "owned_by": "loraxpy"}
-        return web.json_response({"object": "list", "data": [model]})
+        models = [{"id": self.s.model_id, "object": "model", "created": 0, "owned_by": "loraxpy"}]
+        for entry in self.s.adapters.loaded() if self.s.adapters else []:
+            models.append(
+                {
+                    "id": entry.adapter_id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "loraxpy",
+                    "parent": self.s.model_id,
+                }
+            )
+        return web.json_response({"object": "list", "data": models})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = await _parse(request, CompletionRequest)
@@ -301,7 +336,6 @@ class Api:
         want_logprobs: bool,
     ) -> web.StreamResponse:
         self._admit()
-        response = await _open_sse(request)
         rid = R.new_id("chatcmpl" if chat else "cmpl")
         base = {
             "id": rid,
@@ -318,48 +352,40 @@ class Api:
             await queue.put((i, None))
 
         tasks = [asyncio.ensure_future(pump(i)) for i in range(len(valid))]
+        response: web.StreamResponse | None = None  # opened at the first token: earlier errors get a status
         try:
-            if chat:
-                for i in range(len(valid)):
-                    await _send(
-                        response,
-                        {
-                            **base,
-                            "choices": [
-                                {
-                                    "index": i,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ],
-                        },
-                    )
             remaining = len(valid)
             while remaining:
-                waiter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-                if waiter not in done:
-                    waiter.cancel()
-                    for t in tasks:
-                        if t.done() and t.exception() is not None:
-                            raise t.exception()  # type: ignore[misc]
-                    continue
-                i, event = waiter.result()
+                i, event = await _next_item(queue, tasks)
                 if event is None:
                     remaining -= 1
                     continue
-                await _send(
-                    response, {**base, "choices": [self._chunk_choice(i, event, chat, want_logprobs)]}
-                )
+                if response is None:
+                    response = await self._open_openai_stream(request, base, len(valid), chat)
+                choice = self._chunk_choice(i, event, chat, want_logprobs)
+                await _send(response, {**base, "choices": [choice]})
+            response = response or await self._open_openai_stream(request, base, len(valid), chat)
             if req.stream_options is not None and req.stream_options.include_usage:
                 await _send(response, {**base, "choices": [], "usage": R.usage(gens)})
         except RouterError as e:
+            if response is None:
+                raise
             await _send(response, openai_error_body(e)[1])
         finally:
             for t in tasks:
                 t.cancel()
         await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def _open_openai_stream(
+        self, request: web.Request, base: dict[str, Any], n: int, chat: bool
+    ) -> web.StreamResponse:
+        response = await _open_sse(request)
+        if chat:  # the role arrives first, once per choice
+            for i in range(n):
+                delta = {"role": "assistant", "content": ""}
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
+                await _send(response, {**base, "choices": [choice]})
         return response
 
     def _chunk_choice(self, i: int, e: TokenEvent, chat: bool, want_logprobs: bool) -> dict[str, Any]:
@@ -385,6 +411,23 @@ class Api:
             "logprobs": logprobs if want_logprobs else None,
             "finish_reason": finish,
         }
+
+
+async def _next_item(
+    queue: asyncio.Queue[tuple[int, TokenEvent | None]], tasks: Sequence[asyncio.Future[Any]]
+) -> tuple[int, TokenEvent | None]:
+    """The next event from any choice; re-raises the error of a choice that failed."""
+    while True:
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(queue.get())
+        running: list[asyncio.Future[Any]] = [t for t in tasks if not t.done()]
+        done, _ = await asyncio.wait([waiter, *running], return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done:
+            return waiter.result()  # type: ignore[no-any-return]
+        waiter.cancel()
+        for t in done:
+            error = t.exception()
+            if error is not None:
+                raise error
 
 
 async def _open_sse(request: web.Request) -> web.StreamResponse:

@@ -26,6 +26,8 @@ class Limits:
     max_total_tokens: int
     max_stop_sequences: int = 4
     max_best_of: int = 2
+    default_adapter_source: str = "hub"
+    base_model_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,22 @@ class ValidRequest:
     prompt_text: str = ""
     # LoRAX keeps a matched stop sequence in generated_text; OpenAI drops it.
     include_stop: bool = False
+    adapter_id: str | None = None  # None: the base model
+    adapter_source: str = "hub"
+
+
+ADAPTER_SOURCES = ("hub", "local", "s3")
+
+
+def _adapter(adapter_id: str | None, source: str | None, limits: Limits) -> tuple[str | None, str]:
+    source = source or limits.default_adapter_source
+    if source not in ADAPTER_SOURCES:
+        raise ValidationError(
+            f"`adapter_source` must be one of {', '.join(ADAPTER_SOURCES)}", param="adapter_source"
+        )
+    if not adapter_id or adapter_id == limits.base_model_id:
+        return None, source
+    return adapter_id, source
 
 
 def _finite(name: str, value: float | None) -> None:
@@ -170,8 +188,11 @@ def validate_generate(req: GenerateRequest, limits: Limits, tokenizer: Tokenizer
         raise ValidationError(
             "`response_format` is not supported by this server yet", param="response_format"
         )
-    if p.adapter_id or p.merged_adapters:
-        raise ValidationError("adapters are not supported by this server yet", param="adapter_id")
+    if p.merged_adapters is not None:
+        raise ValidationError(
+            "`merged_adapters` is not supported by this server yet", param="merged_adapters"
+        )
+    adapter_id, adapter_source = _adapter(p.adapter_id, p.adapter_source, limits)
     input_ids = tokenizer.encode(req.inputs)
     if p.truncate is not None:
         if not 0 < p.truncate <= limits.max_input_length:
@@ -208,6 +229,8 @@ def validate_generate(req: GenerateRequest, limits: Limits, tokenizer: Tokenizer
         return_full_text=p.return_full_text,
         prompt_text=req.inputs,
         include_stop=True,
+        adapter_id=adapter_id,
+        adapter_source=adapter_source,
     )
 
 
@@ -251,11 +274,14 @@ def validate_openai(
         top_logprobs=top_logprobs,
         prompt_logprobs=False,
     )
+    adapter_id, adapter_source = _adapter(req.model, req.adapter_source, limits)
     return ValidRequest(
         engine=GenerateInput(tuple(input_ids), max_new_tokens, options, ignore_eos=req.ignore_eos),
         stop=_stops(stop, limits),
         seed=seed,
         prompt_text=prompt,
+        adapter_id=adapter_id,
+        adapter_source=adapter_source,
     )
 
 

@@ -20,9 +20,10 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 class WorkerError(RuntimeError):
     """A shard failed or refused a call; `code` is the gRPC status."""
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, details: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.details = details or message
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class WorkerClient:
         try:
             return list(await asyncio.gather(*calls))
         except grpc.aio.AioRpcError as e:
-            raise WorkerError(f"worker {method} failed: {e.details()}", e.code()) from e
+            raise WorkerError(f"worker {method} failed: {e.details()}", e.code(), e.details() or "") from e
 
     async def wait_ready(self, timeout: float) -> None:
         await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self._channels)), timeout)
@@ -185,3 +186,15 @@ class WorkerClient:
         reply = (await self._all("Step", step_to_proto(out), metadata=metadata))[0]
         assert isinstance(reply, pb.StepResponse)
         return [result_from_proto(o) for o in reply.outputs]
+
+    async def load_adapter(
+        self, adapter_index: int, adapter_id: str, source: str, api_token: str = ""
+    ) -> int:
+        spec = pb.AdapterSpec(adapter_id=adapter_id, source=source, api_token=api_token)
+        replies = await self._all(
+            "LoadAdapter", pb.LoadAdapterRequest(adapter=spec, adapter_index=adapter_index)
+        )
+        return sum(r.memory_bytes for r in replies if isinstance(r, pb.LoadAdapterResponse))
+
+    async def offload_adapter(self, adapter_index: int) -> None:
+        await self._all("OffloadAdapter", pb.OffloadAdapterRequest(adapter_index=adapter_index))

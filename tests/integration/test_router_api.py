@@ -48,6 +48,11 @@ def hf(default_model_path: Path):
     return greedy
 
 
+def base_model(server: Launcher) -> str:
+    """The served model's id: OpenAI's `model` names an adapter unless it is the base model's id."""
+    return str(requests.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"])
+
+
 def metrics(server: Launcher) -> dict[str, float]:
     text = requests.get(server.url + "/metrics", timeout=10).text
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
@@ -86,7 +91,12 @@ def test_openai_chat_and_completions_streamed_and_not(server: Launcher, hf) -> N
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
     messages = [{"role": "user", "content": QUESTION}]
     chat = client.chat.completions.create(
-        model="base", messages=messages, temperature=0, max_tokens=24, logprobs=True, top_logprobs=2
+        model=base_model(server),
+        messages=messages,
+        temperature=0,
+        max_tokens=24,
+        logprobs=True,
+        top_logprobs=2,
     )
     expected = hf(CHAT_PROMPT, 24)
     assert chat.choices[0].message.content == hf.tokenizer.decode(expected, skip_special_tokens=True)
@@ -94,7 +104,7 @@ def test_openai_chat_and_completions_streamed_and_not(server: Launcher, hf) -> N
     assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens == len(expected)
     chunks = list(
         client.chat.completions.create(
-            model="base",
+            model=base_model(server),
             messages=messages,
             temperature=0,
             max_tokens=24,
@@ -109,11 +119,13 @@ def test_openai_chat_and_completions_streamed_and_not(server: Launcher, hf) -> N
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
     prompt = "The three primary colors are"
-    done = client.completions.create(model="base", prompt=prompt, temperature=0, max_tokens=12, logprobs=2)
+    done = client.completions.create(
+        model=base_model(server), prompt=prompt, temperature=0, max_tokens=12, logprobs=2
+    )
     assert done.choices[0].text == hf.tokenizer.decode(hf(prompt, 12), skip_special_tokens=True)
     assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 12
     streamed = client.completions.create(
-        model="base", prompt=prompt, temperature=0, max_tokens=12, stream=True
+        model=base_model(server), prompt=prompt, temperature=0, max_tokens=12, stream=True
     )
     assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
     assert [m.id for m in client.models.list().data]
@@ -124,7 +136,7 @@ def test_stop_sequences_follow_each_api(server: Launcher) -> None:
     assert lorax.generated_text == "The capital of France"
     assert lorax.details.finish_reason.value == "stop_sequence"
     chat = openai.OpenAI(base_url=server.url + "/v1", api_key="unused").chat.completions.create(
-        model="base",
+        model=base_model(server),
         messages=[{"role": "user", "content": QUESTION}],
         temperature=0,
         max_tokens=24,
@@ -332,7 +344,7 @@ def test_overload_answers_429_at_once(default_model_path: Path, tmp_path: Path) 
 def test_openai_n_returns_independent_choices(server: Launcher) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
     chat = client.chat.completions.create(
-        model="base",
+        model=base_model(server),
         messages=[{"role": "user", "content": "Name a fruit."}],
         n=3,
         max_tokens=8,

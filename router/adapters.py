@@ -1,0 +1,120 @@
+"""The adapter registry: a dense index per adapter (base model = 0) and which adapters hold device slots.
+
+A request naming an adapter acquires it before it is queued: if the adapter holds a slot it runs at
+once; otherwise the registry loads it into a free slot, or offloads the least recently used
+adapter that no request is using. When every slot is in use by in-flight requests, the request
+waits its turn (first come, first served) while everyone else keeps decoding. An adapter that
+fails to load fails only the requests that asked for it, with the worker's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from loraxpy.router.errors import NotFoundError, RouterError, ValidationError
+from loraxpy.router.worker_client import WorkerClient, WorkerError
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterState(enum.Enum):
+    OFFLOADED = "offloaded"
+    LOADING = "loading"
+    READY = "ready"  # on the device
+
+
+@dataclass
+class AdapterEntry:
+    adapter_id: str
+    source: str
+    index: int
+    state: AdapterState = AdapterState.OFFLOADED
+    num_active: int = 0  # requests holding it
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class AdapterRegistry:
+    def __init__(self, client: WorkerClient, num_slots: int) -> None:
+        self.client = client
+        self.num_slots = num_slots
+        self.entries: dict[tuple[str, str], AdapterEntry] = {}
+        self._indices = itertools.count(1)
+        self._changed = asyncio.Condition()
+        self._queue: list[int] = []  # tickets waiting for a slot, in arrival order
+        self._tickets = itertools.count()
+
+    def loaded(self) -> list[AdapterEntry]:
+        return [e for e in self.entries.values() if e.state is AdapterState.READY]
+
+    async def acquire(self, adapter_id: str, source: str) -> int:
+        """Returns the adapter's index once it holds a device slot; the caller must `release` it."""
+        key = (adapter_id, source)
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = AdapterEntry(adapter_id, source, next(self._indices))
+        entry.num_active += 1
+        entry.last_used = time.monotonic()
+        try:
+            await self._ensure_loaded(entry)
+        except BaseException:
+            await self.release(entry.index)
+            raise
+        return entry.index
+
+    async def release(self, index: int) -> None:
+        async with self._changed:
+            for entry in self.entries.values():
+                if entry.index == index:
+                    entry.num_active -= 1
+                    entry.last_used = time.monotonic()
+            self._changed.notify_all()
+
+    async def _ensure_loaded(self, entry: AdapterEntry) -> None:
+        ticket = next(self._tickets)
+        async with self._changed:
+            self._queue.append(ticket)
+            try:
+                while entry.state is not AdapterState.READY:
+                    if entry.state is AdapterState.OFFLOADED and self._queue[0] == ticket:
+                        victim = self._pick_slot()
+                        if victim is not False:
+                            await self._swap(victim, entry)
+                            continue
+                    await self._changed.wait()
+            finally:
+                self._queue.remove(ticket)
+                self._changed.notify_all()
+
+    def _pick_slot(self) -> AdapterEntry | bool | None:
+        """None: a slot is free; an entry: the idle adapter to offload; False: all slots are busy."""
+        on_device = [e for e in self.entries.values() if e.state is not AdapterState.OFFLOADED]
+        if len(on_device) < self.num_slots:
+            return None
+        idle = [e for e in on_device if e.state is AdapterState.READY and e.num_active == 0]
+        return min(idle, key=lambda e: e.last_used) if idle else False
+
+    async def _swap(self, victim: AdapterEntry | bool | None, entry: AdapterEntry) -> None:
+        entry.state = AdapterState.LOADING
+        try:
+            if isinstance(victim, AdapterEntry):
+                victim.state = AdapterState.OFFLOADED
+                await self.client.offload_adapter(victim.index)
+                logger.info("offloaded adapter %s (index %d)", victim.adapter_id, victim.index)
+            await self.client.load_adapter(entry.index, entry.adapter_id, entry.source)
+        except WorkerError as e:
+            entry.state = AdapterState.OFFLOADED
+            raise _adapter_error(entry, e) from None
+        entry.state = AdapterState.READY
+        logger.info("loaded adapter %s (index %d)", entry.adapter_id, entry.index)
+
+
+def _adapter_error(entry: AdapterEntry, e: WorkerError) -> RouterError:
+    message = f"adapter {entry.adapter_id!r} cannot be loaded: {e.details}"
+    if "not found" in e.details:
+        return NotFoundError(message, param="adapter_id")
+    return ValidationError(message, param="adapter_id")
