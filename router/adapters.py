@@ -14,6 +14,7 @@ import enum
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from loraxpy.router.errors import NotFoundError, RouterError, ValidationError
@@ -39,8 +40,15 @@ class AdapterEntry:
 
 
 class AdapterRegistry:
-    def __init__(self, client: WorkerClient, num_slots: int) -> None:
+    def __init__(
+        self,
+        client: WorkerClient,
+        num_slots: int,
+        before_offload: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.client = client
+        # Workers keep a finished request until it is released; offloading its adapter needs that done.
+        self.before_offload = before_offload
         self.num_slots = num_slots
         self.entries: dict[tuple[str, str], AdapterEntry] = {}
         self._indices = itertools.count(1)
@@ -102,6 +110,8 @@ class AdapterRegistry:
         entry.state = AdapterState.LOADING
         try:
             if isinstance(victim, AdapterEntry):
+                if self.before_offload is not None:
+                    await self.before_offload()
                 victim.state = AdapterState.OFFLOADED
                 await self.client.offload_adapter(victim.index)
                 logger.info("offloaded adapter %s (index %d)", victim.adapter_id, victim.index)

@@ -143,6 +143,12 @@ class Engine:
                 self.scheduler.finish(seq, FinishReason.ABORTED)
                 self._wake.set()
 
+    async def flush_releases(self) -> None:
+        """Releases finished requests on the workers now instead of with the next step."""
+        released = self.scheduler.take_released()
+        if released:
+            await self.client.step(SchedulerOutput((), released))
+
     async def _loop(self) -> None:
         while True:
             if not self.scheduler.has_work():

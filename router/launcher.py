@@ -140,7 +140,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         max_concurrent_requests=config.max_concurrent_requests,
         api_key=config.api_key,
         tracer=tracer,
-        adapters=AdapterRegistry(client, adapter_slots(config)),
+        adapters=AdapterRegistry(client, adapter_slots(config), before_offload=engine.flush_releases),
     )
     return state, engine
 

@@ -154,6 +154,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running or self.num_waiting or self._to_release)
 
+    def take_released(self) -> tuple[int, ...]:
+        """Ids to release on the worker now (outside a step), e.g. before offloading their adapter."""
+        released, self._to_release = tuple(self._to_release), []
+        return released
+
     # ---- one step -------------------------------------------------------------------------------
 
     def schedule(self, eligible_adapters: Iterable[int] | None = None) -> SchedulerOutput:
