@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -11,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from launcher_process import launcher
+from launcher_process import Launcher, _wait_healthy, free_port, launcher
 from lorax import Client
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from worker_driver import worker_process
 
 pytestmark = pytest.mark.slow
 
@@ -123,3 +126,38 @@ def test_openapi_document_describes_every_route(secured) -> None:
         assert path in doc["paths"]
     generate = doc["components"]["schemas"]["GenerateParameters"]["properties"]
     assert {"temperature", "adapter_id", "merged_adapters", "return_k_alternatives"} <= generate.keys()
+
+
+def test_lorax_router_alone_serves_through_separately_started_workers(
+    default_model_path: Path, tmp_path: Path
+) -> None:
+    with worker_process(default_model_path, tmp_path) as _:
+        port = free_port()
+        router = Path(sys.executable).parent / "lorax-router"
+        log_path = tmp_path / "router.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [
+                    str(router),
+                    "--worker-addresses",
+                    f"unix://{tmp_path}/worker.sock",
+                    "--hostname",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--max-batch-prefill-tokens",
+                    "256",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                handle = Launcher(f"http://127.0.0.1:{port}", proc, log_path)
+                _wait_healthy(handle, 120)
+                text = (
+                    Client(handle.url).generate("The capital of France is", max_new_tokens=5).generated_text
+                )
+                assert "Paris" in text
+            finally:
+                proc.terminate()
+                assert proc.wait(timeout=30) == 0
