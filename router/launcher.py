@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,15 @@ class ShardFailed(RuntimeError):
     pass
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def spawn_shards(config: RouterConfig, sock_dir: Path) -> list[tuple[subprocess.Popen[bytes], str]]:
+    """One worker process per shard; they meet in a torch.distributed group on this host."""
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     shards = []
     for rank in range(config.num_shard):
         address = f"unix://{sock_dir}/shard-{rank}.sock"
@@ -63,7 +72,13 @@ def spawn_shards(config: RouterConfig, sock_dir: Path) -> list[tuple[subprocess.
         if config.adapter_root:
             cmd += ["--adapter-root", config.adapter_root]
         cmd += ["--max-loras", str(adapter_slots(config)), "--max-lora-rank", str(config.max_lora_rank)]
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(config.num_shard)}
+        env = {
+            **os.environ,
+            **rendezvous,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(config.num_shard),
+        }
         shards.append((subprocess.Popen(cmd, env=env), address))
     return shards
 

@@ -8,6 +8,7 @@ import sys
 import threading
 
 from loraxpy.worker.config import WorkerConfig, parse_args
+from loraxpy.worker.distributed import init_distributed
 from loraxpy.worker.layers import Shard
 from loraxpy.worker.model_source import ModelSourceError, resolve_model
 from loraxpy.worker.runner import ModelRunner, RunnerOptions
@@ -26,6 +27,7 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
         offline=config.offline,
     )
     device = config.torch_device()
+    init_distributed(config.rank, config.world_size, device)
     options = RunnerOptions(
         dtype=config.torch_dtype(device),
         device=device,

@@ -28,6 +28,7 @@ class WorkerConfig:
     offline: bool = False
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
     max_loras: int = 8
     max_lora_rank: int = 64
     adapter_root: Path | None = None
@@ -43,6 +44,8 @@ class WorkerConfig:
             raise ValueError("--kv-cache-memory-mib must be positive")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("--gpu-memory-utilization must be in (0, 1]")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"RANK {self.rank} must lie in [0, WORLD_SIZE={self.world_size})")
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise ValueError("--max-loras must be >= 0 and --max-lora-rank >= 1")
         if not self.listen:
@@ -55,7 +58,9 @@ class WorkerConfig:
     def torch_device(self) -> torch.device:
         """CUDA is detected once, here; everything else receives the device explicitly."""
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if torch.cuda.is_available():
+                return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            return torch.device("cpu")
         return torch.device(self.device)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
@@ -135,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         offline=_env_flag("HF_HUB_OFFLINE"),
         rank=int(env.get("RANK", 0)),
         world_size=int(env.get("WORLD_SIZE", 1)),
+        local_rank=int(env.get("LOCAL_RANK", env.get("RANK", 0))),
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         adapter_root=Path(args.adapter_root).expanduser() if args.adapter_root else None,

@@ -196,7 +196,8 @@ class ModelRunner:
                 params=new.params,
                 adapter_index=new.adapter_index,
                 block_table=list(new.block_table),
-                generator=make_generator(new.params, self.options.device),
+                # Shards must draw alike: without a seed, every shard falls back to the request id.
+                generator=make_generator(new.params, self.options.device, fallback_seed=new.id),
             )
             self.requests[new.id] = state
             scheduled.append((state, new.num_scheduled_tokens))

@@ -79,12 +79,18 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]]]  # most likely first
 
 
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+def make_generator(
+    params: SamplingParams, device: torch.device, fallback_seed: int | None = None
+) -> torch.Generator | None:
+    """The request's own generator. Without a seed, `fallback_seed` (the same on every shard) or a random one."""
     if not params.do_sample:
         return None
-    # torch seeds are signed 64-bit at most; fold the upper half in rather than refuse large seeds.
-    seed = params.seed if params.seed is not None else random.getrandbits(63)
+    if params.seed is not None:
+        seed = params.seed
+    else:
+        seed = fallback_seed if fallback_seed is not None else random.getrandbits(63)
     generator = torch.Generator(device=device)
+    # torch seeds are signed 64-bit at most; fold larger seeds rather than refuse them.
     generator.manual_seed(seed % (2**63))
     return generator
 

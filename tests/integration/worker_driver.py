@@ -7,6 +7,7 @@ token budget) that talks to a real worker over gRPC, so worker tests need no rou
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,65 @@ from loraxpy.proto import worker_pb2_grpc
 from loraxpy.router.kv_blocks import BlockAllocator
 
 
+def _spawn(
+    model_path: Path | str,
+    address: str,
+    log_path: Path,
+    extra_args: tuple[str, ...],
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "loraxpy.worker.cli",
+        "--listen",
+        address,
+        "--model-id",
+        str(model_path),
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        *extra_args,
+    ]
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+
+
+def _wait_ready(
+    procs: list[subprocess.Popen[bytes]], channels: list[grpc.Channel], logs: list[Path], timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(range(len(procs)))
+    while pending:
+        for i in list(pending):
+            if procs[i].poll() is not None:
+                raise RuntimeError(f"worker exited with {procs[i].returncode}:\n{logs[i].read_text()}")
+            try:
+                grpc.channel_ready_future(channels[i]).result(timeout=0.5)
+                pending.remove(i)
+            except grpc.FutureTimeoutError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("worker did not start") from None
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], channels: list[grpc.Channel]) -> None:
+    for channel in channels:
+        channel.close()
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @contextmanager
 def worker_process(
     model_path: Path | str,
@@ -33,49 +93,46 @@ def worker_process(
     """Starts `lorax-worker` (on a unix socket unless `address` is given), waits until it answers,
     yields a stub, then stops it."""
     address = address or f"unix://{sock_dir}/worker.sock"
-    log = open(sock_dir / "worker.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loraxpy.worker.cli",
-            "--listen",
-            address,
-            "--model-id",
-            str(model_path),
-            "--dtype",
-            "float32",
-            "--device",
-            "cpu",
-            *extra_args,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    log = sock_dir / "worker.log"
+    proc = _spawn(model_path, address, log, extra_args)
     channel = grpc.insecure_channel(address)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"worker exited with {proc.returncode}:\n{(sock_dir / 'worker.log').read_text()}"
-                )
-            try:
-                grpc.channel_ready_future(channel).result(timeout=1.0)
-                break
-            except grpc.FutureTimeoutError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("worker did not start") from None
+        _wait_ready([proc], [channel], [log], timeout_s)
         yield worker_pb2_grpc.WorkerStub(channel)
     finally:
-        channel.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        _stop([proc], [channel])
+
+
+@contextmanager
+def sharded_workers(
+    model_path: Path | str,
+    sock_dir: Path,
+    num_shard: int,
+    *,
+    extra_args: tuple[str, ...] = (),
+    timeout_s: float = 180.0,
+) -> Iterator[list[worker_pb2_grpc.WorkerStub]]:
+    """`num_shard` workers of one model in a gloo group on this host; yields their stubs in rank order."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    procs, channels, logs = [], [], []
+    for rank in range(num_shard):
+        address = f"unix://{sock_dir}/shard-{rank}.sock"
+        logs.append(sock_dir / f"shard-{rank}.log")
+        env = {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(num_shard),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        procs.append(_spawn(model_path, address, logs[-1], extra_args, env))
+        channels.append(grpc.insecure_channel(address))
+    try:
+        _wait_ready(procs, channels, logs, timeout_s)
+        yield [worker_pb2_grpc.WorkerStub(c) for c in channels]
+    finally:
+        _stop(procs, channels)
 
 
 @dataclass
@@ -112,14 +169,15 @@ class Driver:
 
     def __init__(
         self,
-        stub: worker_pb2_grpc.WorkerStub,
+        stub: worker_pb2_grpc.WorkerStub | list[worker_pb2_grpc.WorkerStub],
         *,
         num_blocks: int,
         block_size: int,
         step_token_budget: int,
         chunk_size: int | None = None,
     ) -> None:
-        self.stub = stub
+        # All shards of a model get every Step at once (they meet in collectives); rank 0 answers.
+        self.stubs = stub if isinstance(stub, list) else [stub]
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.budget = step_token_budget
         self.chunk_size = chunk_size
@@ -134,7 +192,7 @@ class Driver:
                 running.append(pending.pop(0))
             step = self._schedule(running, finished_ids)
             finished_ids = []
-            response = self.stub.Step(step)
+            response = self._step(step)
             self._apply(response, running)
             for r in [r for r in running if r.is_done]:
                 running.remove(r)
@@ -145,8 +203,14 @@ class Driver:
             if self.num_steps > max_steps:
                 raise RuntimeError("driver did not finish")
         if finished_ids:
-            self.stub.Step(pb.StepRequest(finished_ids=finished_ids))
+            self._step(pb.StepRequest(finished_ids=finished_ids))
         return requests
+
+    def _step(self, step: pb.StepRequest) -> pb.StepResponse:
+        replies = [f.result() for f in [s.Step.future(step) for s in self.stubs]]
+        tokens = [[(o.id, o.token.token_id) for o in r.outputs] for r in replies]
+        assert all(t == tokens[0] for t in tokens), "every shard samples the same tokens"
+        return replies[0]
 
     def _schedule(self, running: list[Request], finished_ids: list[int]) -> pb.StepRequest:
         step = pb.StepRequest(finished_ids=finished_ids)

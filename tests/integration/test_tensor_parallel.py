@@ -1,0 +1,115 @@
+"""Tensor parallelism on CPU (gloo): sharded workers give the tokens of one shard, HF and PEFT."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import build_tiny_model
+from launcher_process import launcher
+from lorax import Client
+from loraxpy.proto import worker_pb2 as pb
+from test_worker_lora import INDEX, load, make_adapters, peft_greedy
+from test_worker_matches_transformers import assert_matches_hf, make_requests
+from worker_driver import Driver, Request, sharded_workers
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_two_shards_match_transformers(kind: str, tmp_path: Path) -> None:
+    path = build_tiny_model(kind, tmp_path / kind)
+    with sharded_workers(path, tmp_path, 2) as stubs:
+        info = stubs[1].Info(pb.InfoRequest())
+        assert (info.rank, info.world_size) == (1, 2)
+        for f in [
+            s.Warmup.future(pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=8, num_blocks=64))
+            for s in stubs
+        ]:
+            f.result()
+        requests_ = Driver(stubs, num_blocks=64, block_size=16, step_token_budget=64, chunk_size=7).run(
+            make_requests(info.vocab_size, prompt_logprobs=True)
+        )
+    assert_matches_hf(path, requests_)
+
+
+def test_two_shards_serve_a_mixed_batch_of_adapters_like_peft(tmp_path: Path) -> None:
+    base = build_tiny_model("llama", tmp_path / "llama")
+    root = tmp_path / "adapters"
+    make_adapters(base, root)
+    with sharded_workers(base, tmp_path, 2, extra_args=("--adapter-root", str(root))) as stubs:
+        for f in [
+            s.Warmup.future(pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=8, num_blocks=64))
+            for s in stubs
+        ]:
+            f.result()
+        for name, index in INDEX.items():
+            for s in stubs:
+                load(s, index, name)
+        names = [None, *INDEX]
+        batch = [
+            Request(
+                id=i + 1,
+                prompt=[3 + i, 14, 15, 92, 65, 35],
+                max_new_tokens=8,
+                adapter_index=INDEX[n] if n else 0,
+            )
+            for i, n in enumerate(names)
+        ]
+        Driver(stubs, num_blocks=64, block_size=16, step_token_budget=64).run(batch)
+    for name, r in zip(names, batch, strict=True):
+        assert r.generated == peft_greedy(base, root, name, r.prompt, 8), name
+
+
+def test_heads_that_do_not_split_are_refused_at_startup(tmp_path: Path) -> None:
+    path = build_tiny_model("mistral", tmp_path / "mistral")  # one KV head
+    with (
+        pytest.raises(RuntimeError, match="does not divide evenly over 2 shards"),
+        sharded_workers(path, tmp_path, 2),
+    ):
+        pass
+
+
+def test_default_model_over_three_shards_matches_one(default_model_path: Path, tmp_path: Path) -> None:
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    with launcher(default_model_path, tmp_path, "--num-shard", "3") as s:
+        info = requests.get(s.url + "/info", timeout=10).json()
+        assert info["num_shards"] == 3
+        sharded = Client(s.url).generate(prompt, max_new_tokens=20, details=True)
+    with launcher(default_model_path, tmp_path) as s:
+        single = Client(s.url).generate(prompt, max_new_tokens=20, details=True)
+    assert [t.id for t in sharded.details.tokens] == [t.id for t in single.details.tokens]
+    assert sharded.generated_text == "The capital of France is Paris."
+
+
+def test_default_model_over_two_shards_ends_at_once_with_a_clear_message(
+    default_model_path: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(RuntimeError) as e, launcher(default_model_path, tmp_path, "--num-shard", "2"):
+        pass
+    assert "does not divide evenly over 2 shards" in str(e.value)
+
+
+def test_a_shard_killed_mid_stream_ends_requests_with_an_error(
+    default_model_path: Path, tmp_path: Path
+) -> None:
+    body = {
+        "inputs": "Tell me a long story.",
+        "parameters": {"max_new_tokens": 500, "ignore_eos_token": True},
+    }
+    with launcher(default_model_path, tmp_path, "--num-shard", "3") as s:
+        with requests.post(s.url + "/generate_stream", json=body, stream=True, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            shards = subprocess.run(
+                ["pgrep", "-P", str(s.proc.pid)], capture_output=True, text=True
+            ).stdout.split()
+            assert len(shards) == 3
+            subprocess.run(["kill", "-9", shards[1]], check=True)
+            events = [json.loads(line[5:]) for line in lines if line.startswith(b"data:")]
+        assert events and "error" in events[-1]
+        assert s.proc.wait(timeout=60) != 0
+        assert "shard 1 exited" in s.log()
