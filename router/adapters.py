@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
+import hmac
 import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from loraxpy.router.errors import NotFoundError, RouterError, ValidationError
+from loraxpy.router.errors import NotFoundError, RouterError, UnauthorizedError, ValidationError
 from loraxpy.router.worker_client import WorkerClient, WorkerError
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,10 @@ class AdapterEntry:
     state: AdapterState = AdapterState.OFFLOADED
     num_active: int = 0  # requests holding it
     last_used: float = field(default_factory=time.monotonic)
+    # sha256 of the api_token it was fetched with: a private adapter is served only to that token.
+    token_digest: str | None = None
+    load_token: str = field(default="", repr=False)  # for reloading after an offload; never logged
+    has_loaded: bool = False
 
 
 class AdapterRegistry:
@@ -59,18 +65,28 @@ class AdapterRegistry:
     def loaded(self) -> list[AdapterEntry]:
         return [e for e in self.entries.values() if e.state is AdapterState.READY]
 
-    async def acquire(self, adapter_id: str, source: str) -> int:
+    async def acquire(self, adapter_id: str, source: str, api_token: str = "") -> int:
         """Returns the adapter's index once it holds a device slot; the caller must `release` it."""
         key = (adapter_id, source)
+        digest = hashlib.sha256(api_token.encode()).hexdigest() if api_token else None
         entry = self.entries.get(key)
         if entry is None:
             entry = self.entries[key] = AdapterEntry(adapter_id, source, next(self._indices))
+            entry.token_digest, entry.load_token = digest, api_token
+        elif entry.token_digest is not None and not hmac.compare_digest(entry.token_digest, digest or ""):
+            # LoRAX serves a cached private adapter to anyone who knows its id; we do not.
+            raise UnauthorizedError(
+                f"adapter {adapter_id!r} is private: this request's api_token cannot read it",
+                param="api_token",
+            )
         entry.num_active += 1
         entry.last_used = time.monotonic()
         try:
             await self._ensure_loaded(entry)
         except BaseException:
             await self.release(entry.index)
+            if not entry.has_loaded and entry.num_active == 0:
+                self.entries.pop(key, None)  # a failed first load leaves no trace (nor its token)
             raise
         return entry.index
 
@@ -115,11 +131,12 @@ class AdapterRegistry:
                 victim.state = AdapterState.OFFLOADED
                 await self.client.offload_adapter(victim.index)
                 logger.info("offloaded adapter %s (index %d)", victim.adapter_id, victim.index)
-            await self.client.load_adapter(entry.index, entry.adapter_id, entry.source)
+            await self.client.load_adapter(entry.index, entry.adapter_id, entry.source, entry.load_token)
         except WorkerError as e:
             entry.state = AdapterState.OFFLOADED
             raise _adapter_error(entry, e) from None
         entry.state = AdapterState.READY
+        entry.has_loaded = True
         logger.info("loaded adapter %s (index %d)", entry.adapter_id, entry.index)
 
 

@@ -26,6 +26,8 @@ class RouterConfig:
     max_active_adapters: int = 1024
     adapter_cycle_time_s: int = 2
     adapter_source: str = "hub"
+    adapter_id: str | None = None  # default adapter for requests that name none
+    preloaded_adapter_ids: str | None = None  # comma-separated, loaded at startup
     adapter_root: str | None = None  # local adapters must lie inside it (unset: local adapters refused)
     max_lora_rank: int = 64
     otlp_endpoint: str | None = None

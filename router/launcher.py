@@ -100,6 +100,7 @@ def derive_limits(config: RouterConfig, info: WorkerInfo, num_blocks: int, model
         max_best_of=config.max_best_of,
         default_adapter_source=config.adapter_source,
         base_model_id=model_id,
+        default_adapter_id=config.adapter_id,
     )
 
 
@@ -168,6 +169,7 @@ async def serve(
 ) -> int:
     state, engine = await build_state(config, client)
     engine.start()
+    await _preload_adapters(config, state)
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, config.hostname, config.port).start()
@@ -190,6 +192,16 @@ async def serve(
         logger.error("%s; stopping", failed)
         return 1
     return 0
+
+
+async def _preload_adapters(config: RouterConfig, state: ServerState) -> None:
+    ids = [a.strip() for a in (config.preloaded_adapter_ids or "").split(",") if a.strip()]
+    if config.adapter_id and config.adapter_id not in ids:
+        ids.insert(0, config.adapter_id)
+    for adapter_id in ids:
+        assert state.adapters is not None
+        index = await state.adapters.acquire(adapter_id, config.adapter_source)  # fails startup if broken
+        await state.adapters.release(index)
 
 
 async def _wait_for_stop_or_failure(stop: asyncio.Event, shards: list[subprocess.Popen[bytes]]) -> str | None:

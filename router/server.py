@@ -147,7 +147,7 @@ class Api:
         if valid.adapter_id is not None:
             if self.s.adapters is None:
                 raise ValidationError("this server was started without adapters", param="adapter_id")
-            index = await self.s.adapters.acquire(valid.adapter_id, valid.adapter_source)
+            index = await self.s.adapters.acquire(valid.adapter_id, valid.adapter_source, valid.api_token)
         try:
             async for event in self._engine_events(
                 dataclasses.replace(valid.engine, adapter_index=index), valid, gen

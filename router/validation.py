@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loraxpy.router.engine import GenerateInput
 from loraxpy.router.errors import ValidationError
@@ -28,6 +28,7 @@ class Limits:
     max_best_of: int = 2
     default_adapter_source: str = "hub"
     base_model_id: str = ""
+    default_adapter_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ValidRequest:
     include_stop: bool = False
     adapter_id: str | None = None  # None: the base model
     adapter_source: str = "hub"
+    api_token: str = field(default="", repr=False)  # secret: never logged
 
 
 ADAPTER_SOURCES = ("hub", "local", "s3")
@@ -56,6 +58,7 @@ def _adapter(adapter_id: str | None, source: str | None, limits: Limits) -> tupl
         raise ValidationError(
             f"`adapter_source` must be one of {', '.join(ADAPTER_SOURCES)}", param="adapter_source"
         )
+    adapter_id = adapter_id or limits.default_adapter_id
     if not adapter_id or adapter_id == limits.base_model_id:
         return None, source
     return adapter_id, source
@@ -231,6 +234,7 @@ def validate_generate(req: GenerateRequest, limits: Limits, tokenizer: Tokenizer
         include_stop=True,
         adapter_id=adapter_id,
         adapter_source=adapter_source,
+        api_token=p.api_token or "",
     )
 
 
@@ -282,6 +286,7 @@ def validate_openai(
         prompt_text=prompt,
         adapter_id=adapter_id,
         adapter_source=adapter_source,
+        api_token=req.api_token or "",
     )
 
 

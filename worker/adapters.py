@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from loraxpy.worker.model_config import ModelConfig
+from loraxpy.worker.model_source import ModelSourceError, hub_snapshot
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -62,6 +63,27 @@ def resolve_local_adapter(adapter_id: str, adapter_root: Path | None) -> Path:
     if not path.is_dir():
         raise AdapterError(f"adapter {adapter_id!r} not found under --adapter-root")
     return path
+
+
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+
+
+def resolve_hub_adapter(adapter_id: str, *, token: str | None, cache_dir: Path | None, offline: bool) -> Path:
+    """A hub adapter's folder, from the local hub cache or downloaded with `token`."""
+    try:
+        return hub_snapshot(
+            adapter_id,
+            revision=None,
+            token=token,
+            cache_dir=cache_dir,
+            offline=offline,
+            patterns=ADAPTER_PATTERNS,
+            what="adapter",
+        )
+    except ModelSourceError as e:
+        raise AdapterError(
+            f"{e} (not found)" if "does not exist" in str(e) or "not in the local" in str(e) else str(e)
+        ) from None
 
 
 def _read_config(path: Path) -> dict:

@@ -38,6 +38,9 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
         max_loras=config.max_loras,
         max_lora_rank=config.max_lora_rank,
         adapter_root=config.adapter_root,
+        hub_cache_dir=config.hub_cache_dir,
+        hub_token=config.hub_token,
+        offline=config.offline,
     )
     return ModelRunner(model_path, options)
 

@@ -56,6 +56,29 @@ def check_model_folder(path: Path) -> Path:
 def _from_hub(
     repo_id: str, revision: str | None, token: str | None, hub_cache_dir: Path | None, offline: bool
 ) -> Path:
+    folder = hub_snapshot(
+        repo_id,
+        revision=revision,
+        token=token,
+        cache_dir=hub_cache_dir,
+        offline=offline,
+        patterns=HUB_PATTERNS,
+        what="model",
+    )
+    return check_model_folder(folder)
+
+
+def hub_snapshot(
+    repo_id: str,
+    *,
+    revision: str | None,
+    token: str | None,
+    cache_dir: Path | None,
+    offline: bool,
+    patterns: list[str],
+    what: str,
+) -> Path:
+    """A hub repo's files: from the local hub cache when there, else downloaded (never logs the token)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -63,30 +86,30 @@ def _from_hub(
         folder = snapshot_download(
             repo_id,
             revision=revision,
-            cache_dir=hub_cache_dir,
-            allow_patterns=HUB_PATTERNS,
+            cache_dir=cache_dir,
+            allow_patterns=patterns,
             local_files_only=local_files_only,
             token=None if local_files_only else token,
         )
-        return check_model_folder(Path(folder))
+        return Path(folder)
 
     try:
         return download(local_files_only=True)
     except LocalEntryNotFoundError:
         if offline:
             raise ModelSourceError(
-                f"model {repo_id} is not in the local hub cache and HF_HUB_OFFLINE is set"
+                f"{what} {repo_id} is not in the local hub cache and HF_HUB_OFFLINE is set"
             ) from None
-    logger.info("downloading %s from the Hugging Face hub", repo_id)
+    logger.info("downloading %s %s from the Hugging Face hub", what, repo_id)
     try:
         return download(local_files_only=False)
     except GatedRepoError:
-        raise ModelSourceError(f"model {repo_id} is gated: set HF_TOKEN to a token with access") from None
+        raise ModelSourceError(f"{what} {repo_id} is gated: use a token with access") from None
     except RepositoryNotFoundError:
-        raise ModelSourceError(f"model {repo_id} does not exist on the hub, or needs a token") from None
+        raise ModelSourceError(f"{what} {repo_id} does not exist on the hub, or needs a token") from None
     except (LocalEntryNotFoundError, OSError) as e:
         raise ModelSourceError(
-            f"model {repo_id} is not in the local hub cache and the hub cannot be reached ({type(e).__name__})"
+            f"{what} {repo_id} is not in the local hub cache and the hub cannot be reached ({type(e).__name__})"
         ) from None
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from loraxpy.kernels.attention import AttentionMetadata, select_attention_backend
-from loraxpy.worker.adapters import load_peft_adapter, resolve_local_adapter
+from loraxpy.worker.adapters import load_peft_adapter, resolve_hub_adapter, resolve_local_adapter
 from loraxpy.worker.batch import (
     BatchPlan,
     Limits,
@@ -49,6 +49,9 @@ class RunnerOptions:
     max_loras: int = 8  # adapter slots on the device; 0 disables adapters
     max_lora_rank: int = 64
     adapter_root: Path | None = None  # local adapters must lie inside it
+    hub_cache_dir: Path | None = None
+    hub_token: str | None = None  # used for hub adapters when a request brings no api_token
+    offline: bool = False
 
 
 class ModelRunner:
@@ -276,15 +279,13 @@ class ModelRunner:
 
     # ---- adapters -----------------------------------------------------------------------------
 
-    def load_adapter(self, adapter_index: int, adapter_id: str, source: str) -> int:
+    def load_adapter(self, adapter_index: int, adapter_id: str, source: str, api_token: str = "") -> int:
         """Loads a PEFT adapter into a device slot under `adapter_index`; returns its bytes."""
         if self.lora is None:
             raise WorkerInputError("this worker was started without adapter slots (--max-loras 0)")
         if adapter_index < 1:
             raise WorkerInputError("adapter index 0 is the base model; adapters use indices from 1")
-        if source != "local":
-            raise NotImplementedError(f"adapter source {source!r} is not supported by the worker yet")
-        path = resolve_local_adapter(adapter_id, self.options.adapter_root)
+        path = self.adapter_path(adapter_id, source, api_token)
         adapter = load_peft_adapter(path, self.config, self.options.max_lora_rank)
         if any(s.adapter_index == adapter_index for s in self.requests.values()):
             raise WorkerInputError(f"adapter index {adapter_index} is used by a running request")
@@ -293,6 +294,17 @@ class ModelRunner:
             "adapter index %d: rank %d, %d modules", adapter_index, adapter.rank, len(adapter.weights)
         )
         return adapter.nbytes
+
+    def adapter_path(self, adapter_id: str, source: str, api_token: str = "") -> Path:
+        """Where an adapter's files are on this host, fetching them first when needed."""
+        if source == "local":
+            return resolve_local_adapter(adapter_id, self.options.adapter_root)
+        if source == "hub":
+            o = self.options
+            return resolve_hub_adapter(
+                adapter_id, token=api_token or o.hub_token, cache_dir=o.hub_cache_dir, offline=o.offline
+            )
+        raise NotImplementedError(f"adapter source {source!r} is not supported by the worker yet")
 
     def offload_adapter(self, adapter_index: int) -> None:
         if self.lora is None or adapter_index not in self.lora.index_to_slot:

@@ -170,8 +170,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return pb.StepResponse(outputs=[output_to_proto(o) for o in outputs], step_time_us=elapsed_us)
 
     @_rpc
-    def DownloadAdapter(self, request: pb.DownloadAdapterRequest, context: grpc.ServicerContext) -> Any:
-        raise NotImplementedError("downloading adapters (hub, s3) is not supported by the worker yet")
+    def DownloadAdapter(
+        self, request: pb.DownloadAdapterRequest, context: grpc.ServicerContext
+    ) -> pb.DownloadAdapterResponse:
+        spec = request.adapter
+        path = self.runner.adapter_path(spec.adapter_id, spec.source or "local", spec.api_token)
+        size = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("adapter_model"))
+        return pb.DownloadAdapterResponse(size_bytes=size)
 
     @_rpc
     def LoadAdapter(
@@ -179,7 +184,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> pb.LoadAdapterResponse:
         spec = request.adapter
         with self.lock:
-            nbytes = self.runner.load_adapter(request.adapter_index, spec.adapter_id, spec.source or "local")
+            nbytes = self.runner.load_adapter(
+                request.adapter_index, spec.adapter_id, spec.source or "local", spec.api_token
+            )
         return pb.LoadAdapterResponse(memory_bytes=nbytes)
 
     @_rpc

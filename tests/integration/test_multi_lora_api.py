@@ -159,3 +159,91 @@ def test_bad_adapters_fail_only_their_requests(server: Launcher, adapter_root: P
     assert r.status_code == 404 and r.json()["error_type"] == "not_found"
     assert client.generate(PROMPT, adapter_id="all-r8", max_new_tokens=4).generated_text
     assert client.generate(PROMPT, max_new_tokens=4).generated_text
+
+
+def hub_cache_from_folder(hub: Path, repo_id: str, folder: Path) -> None:
+    """Lays out `folder` as huggingface_hub caches a repo: blobs, a snapshot of symlinks, refs/main."""
+    commit = "f" * 40
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for i, f in enumerate(sorted(folder.iterdir())):
+        blob = repo / "blobs" / f"{i:040x}"
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_private_hub_adapter_is_served_only_to_its_token(
+    default_model_path: Path, adapter_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, peft_greedy
+) -> None:
+    hub = tmp_path / "hub"
+    hub_cache_from_folder(hub, "acme/private-lora", adapter_root / "all-r8")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    token = "hf_tenant_a_secret_token"
+    with launcher(default_model_path, tmp_path) as s:
+        client = Client(s.url)
+        owner = client.generate(
+            PROMPT,
+            adapter_id="acme/private-lora",
+            adapter_source="hub",
+            api_token=token,
+            max_new_tokens=8,
+            details=True,
+        )
+        assert [t.id for t in owner.details.tokens] == peft_greedy("all-r8", PROMPT, 8)
+        for other in (None, "hf_tenant_b_token"):
+            r = requests.post(
+                s.url + "/generate",
+                json={
+                    "inputs": PROMPT,
+                    "parameters": {
+                        "adapter_id": "acme/private-lora",
+                        "adapter_source": "hub",
+                        "api_token": other,
+                        "max_new_tokens": 4,
+                    },
+                },
+                timeout=30,
+            )
+            assert r.status_code == 401 and "private" in r.json()["error"]
+        missing = requests.post(
+            s.url + "/generate",
+            json={
+                "inputs": PROMPT,
+                "parameters": {"adapter_id": "acme/absent", "adapter_source": "hub", "max_new_tokens": 4},
+            },
+            timeout=30,
+        )
+        assert missing.status_code == 404
+        metrics_text = requests.get(s.url + "/metrics", timeout=10).text
+        log = s.log()
+    assert token not in log and token not in metrics_text
+
+
+def test_default_and_preloaded_adapters(
+    default_model_path: Path, adapter_root: Path, tmp_path: Path, peft_greedy
+) -> None:
+    with launcher(
+        default_model_path,
+        tmp_path,
+        "--adapter-root",
+        str(adapter_root),
+        "--adapter-source",
+        "local",
+        "--adapter-id",
+        "qv-r4",
+        "--preloaded-adapter-ids",
+        "all-r8,mlp-r16",
+    ) as s:
+        models = [m["id"] for m in requests.get(s.url + "/v1/models", timeout=10).json()["data"]]
+        assert {"qv-r4", "all-r8", "mlp-r16"} <= set(models)
+        client = Client(s.url)
+        default = client.generate(PROMPT, max_new_tokens=8, details=True)
+        assert [t.id for t in default.details.tokens] == peft_greedy("qv-r4", PROMPT, 8)
+        base_id = requests.get(s.url + "/info", timeout=10).json()["model_id"]
+        base = client.generate(PROMPT, adapter_id=base_id, max_new_tokens=8, details=True)
+        assert [t.id for t in base.details.tokens] == peft_greedy(None, PROMPT, 8)
