@@ -354,3 +354,17 @@ def test_openai_n_returns_independent_choices(server: Launcher) -> None:
     assert [c.index for c in chat.choices] == [0, 1, 2]
     assert chat.usage.completion_tokens == sum(len(c.logprobs.content) for c in chat.choices)
     assert chat.usage.prompt_tokens > 0
+
+
+def test_a_disconnected_non_streaming_request_is_released(server: Launcher) -> None:
+    # 2000 tokens take well over a minute here: only a release frees the blocks within the deadline.
+    body = {
+        "inputs": "Tell me a very long story.",
+        "parameters": {"max_new_tokens": 2000, "ignore_eos_token": True},
+    }
+    with pytest.raises(requests.ReadTimeout):
+        requests.post(server.url + "/generate", json=body, timeout=1.5)  # the client gives up and hangs up
+    deadline = time.monotonic() + 10
+    while metrics(server)["lorax_kv_blocks_used"] > 0 or metrics(server)["lorax_batch_current_size"] > 0:
+        assert time.monotonic() < deadline, "the abandoned request was not released"
+        time.sleep(0.2)
