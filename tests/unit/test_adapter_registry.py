@@ -6,7 +6,6 @@ import asyncio
 
 import grpc
 import pytest
-
 from loraxpy.router.adapters import AdapterRegistry, AdapterState
 from loraxpy.router.errors import NotFoundError, UnauthorizedError, ValidationError
 from loraxpy.router.worker_client import WorkerError
