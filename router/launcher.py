@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
 from loraxpy.router.adapters import AdapterRegistry
 from loraxpy.router.config import RouterConfig, parse_args
 from loraxpy.router.engine import Engine

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraxpy.router.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, TokenizeRequest
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+
+from loraxpy.router.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, TokenizeRequest
 
 LORAX_ERROR = {
     "type": "object",

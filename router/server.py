@@ -20,6 +20,7 @@ from typing import Any
 
 import pydantic
 from aiohttp import web
+
 from loraxpy.router import responses as R
 from loraxpy.router.adapters import AdapterRegistry
 from loraxpy.router.engine import Engine, EngineError, GenerateInput, RequestOutput, TokenEvent

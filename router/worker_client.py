@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import dataclass
 
 import grpc
+
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
 from loraxpy.router.scheduler import SamplingOptions, SchedulerOutput

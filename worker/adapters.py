@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from loraxpy.worker.model_config import ModelConfig
-from loraxpy.worker.model_source import ModelSourceError, hub_snapshot
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from loraxpy.worker.model_config import ModelConfig
+from loraxpy.worker.model_source import ModelSourceError, hub_snapshot
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")

@@ -6,6 +6,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
+
 from loraxpy.worker.sampling import SamplingParams
 
 

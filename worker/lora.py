@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+
 from loraxpy.kernels.lora import lora_expand, lora_shrink
 from loraxpy.worker.adapters import LoraAdapter, module_shape
 from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear, Shard
 from loraxpy.worker.model_config import ModelConfig
-from torch import nn
 
 
 class SlotsFullError(RuntimeError):

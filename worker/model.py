@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from loraxpy.kernels.attention import AttentionMetadata, store_kv
 from loraxpy.worker.layers import (
     ColumnParallelLinear,
@@ -18,7 +20,6 @@ from loraxpy.worker.layers import (
 )
 from loraxpy.worker.model_config import ModelConfig
 from loraxpy.worker.rotary import RotaryEmbedding
-from torch import nn
 
 AttentionFn = Callable[..., torch.Tensor]
 

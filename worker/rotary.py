@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from loraxpy.worker.model_config import RopeConfig
 from torch import nn
+
+from loraxpy.worker.model_config import RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from loraxpy.kernels.attention import AttentionMetadata, select_attention_backend
 from loraxpy.worker.adapters import load_peft_adapter, resolve_hub_adapter, resolve_local_adapter
 from loraxpy.worker.batch import (

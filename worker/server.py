@@ -16,6 +16,7 @@ from concurrent import futures
 from typing import Any, TypeVar
 
 import grpc
+
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
 from loraxpy.worker.adapters import AdapterError

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from loraxpy.proto import worker_pb2 as pb
 from test_worker_matches_transformers import assert_matches_hf
 from worker_driver import Driver, Request, worker_process
+
+from loraxpy.proto import worker_pb2 as pb
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,11 @@ import requests
 from conftest import build_tiny_model
 from launcher_process import launcher
 from lorax import Client
-from loraxpy.proto import worker_pb2 as pb
 from test_worker_lora import INDEX, load, make_adapters, peft_greedy
 from test_worker_matches_transformers import assert_matches_hf, make_requests
 from worker_driver import Driver, Request, sharded_workers
+
+from loraxpy.proto import worker_pb2 as pb
 
 pytestmark = pytest.mark.slow
 

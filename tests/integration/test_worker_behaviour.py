@@ -8,9 +8,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from worker_driver import Driver, Request, worker_process
+
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
-from worker_driver import Driver, Request, worker_process
 
 NUM_BLOCKS = 32
 BLOCK_SIZE = 16

@@ -9,9 +9,10 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from worker_driver import Driver, Request, worker_process
+
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
-from worker_driver import Driver, Request, worker_process
 
 # name → (rank, alpha, target modules, rsLoRA)
 ADAPTERS = {

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from loraxpy.proto import worker_pb2 as pb
 from worker_driver import Driver, Request, worker_process
+
+from loraxpy.proto import worker_pb2 as pb
 
 PROMPT_LENS = (5, 17, 33, 9, 26)
 JOIN_STEPS = (0, 0, 3, 5, 9)

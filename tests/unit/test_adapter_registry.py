@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+
 from loraxpy.router.adapters import AdapterRegistry, AdapterState
 from loraxpy.router.errors import NotFoundError, UnauthorizedError, ValidationError
 from loraxpy.router.worker_client import WorkerError
@@ -75,7 +76,7 @@ def test_an_adapter_in_use_is_never_offloaded_and_waiters_are_served_in_order() 
 
 def test_a_failed_load_fails_only_its_request_with_the_workers_message() -> None:
     async def run() -> None:
-        reg, workers = registry(2)
+        reg, _ = registry(2)
         with pytest.raises(ValidationError, match="unreadable"):
             await reg.acquire("corrupt", "local")
         with pytest.raises(NotFoundError, match="not found"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from loraxpy.kernels.attention import (
     AttentionMetadata,
     paged_attention_reference,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from loraxpy.router.kv_blocks import BlockAllocator, OutOfBlocksError
 
 

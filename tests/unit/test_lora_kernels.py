@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+
 from loraxpy.kernels import lora
 
 IN, OUT, MAX_RANK, NUM_SLOTS = 48, 40, 16, 9

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from loraxpy.worker.model_source import ModelSourceError, resolve_model
 from safetensors.torch import save_file
+
+from loraxpy.worker.model_source import ModelSourceError, resolve_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, process_logits, sample
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -15,6 +14,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
+
+from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, process_logits, sample
 
 VOCAB = 50
 CPU = torch.device("cpu")
