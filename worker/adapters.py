@@ -87,6 +87,38 @@ def resolve_hub_adapter(adapter_id: str, *, token: str | None, cache_dir: Path |
         ) from None
 
 
+def resolve_s3_adapter(adapter_id: str, cache_dir: Path) -> Path:
+    """Downloads s3://bucket/prefix (or bucket/prefix) once into cache_dir; boto3 reads credentials
+    and AWS_ENDPOINT_URL from the environment."""
+    try:
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        raise AdapterError("s3 adapters need boto3: pip install 'loraxpy[s3]'") from None
+    bucket, _, prefix = adapter_id.removeprefix("s3://").partition("/")
+    if not bucket or not prefix or ".." in prefix.split("/"):
+        raise AdapterError(f"s3 adapter id {adapter_id!r} must look like s3://bucket/path/to/adapter")
+    target = cache_dir / "adapters" / "s3" / bucket / prefix
+    if (target / "adapter_config.json").exists():
+        return target
+    tmp = target.with_name(f".{target.name}.partial")
+    try:
+        client = boto3.client("s3")
+        listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+        keys = [
+            o["Key"] for o in listing.get("Contents", []) if o["Key"].rsplit("/", 1)[-1] in ADAPTER_PATTERNS
+        ]
+        if not keys:
+            raise AdapterError(f"s3 adapter {adapter_id!r} not found (no adapter files under that prefix)")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for key in keys:
+            client.download_file(bucket, key, str(tmp / key.rsplit("/", 1)[-1]))
+    except (BotoCoreError, ClientError) as e:
+        raise AdapterError(f"s3 adapter {adapter_id!r} cannot be fetched ({type(e).__name__}: {e})") from None
+    tmp.replace(target)
+    return target
+
+
 def _read_config(path: Path) -> dict:
     config_path = path / "adapter_config.json"
     if not config_path.exists():

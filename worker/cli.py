@@ -41,6 +41,7 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
         hub_cache_dir=config.hub_cache_dir,
         hub_token=config.hub_token,
         offline=config.offline,
+        cache_dir=config.cache_dir,
     )
     return ModelRunner(model_path, options)
 

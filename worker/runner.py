@@ -10,7 +10,12 @@ from pathlib import Path
 import torch
 
 from loraxpy.kernels.attention import AttentionMetadata, select_attention_backend
-from loraxpy.worker.adapters import load_peft_adapter, resolve_hub_adapter, resolve_local_adapter
+from loraxpy.worker.adapters import (
+    load_peft_adapter,
+    resolve_hub_adapter,
+    resolve_local_adapter,
+    resolve_s3_adapter,
+)
 from loraxpy.worker.batch import (
     BatchPlan,
     Limits,
@@ -53,6 +58,7 @@ class RunnerOptions:
     hub_cache_dir: Path | None = None
     hub_token: str | None = None  # used for hub adapters when a request brings no api_token
     offline: bool = False
+    cache_dir: Path = Path(".cache")  # downloaded adapters (s3) live under it
 
 
 class ModelRunner:
@@ -305,7 +311,9 @@ class ModelRunner:
             return resolve_hub_adapter(
                 adapter_id, token=api_token or o.hub_token, cache_dir=o.hub_cache_dir, offline=o.offline
             )
-        raise NotImplementedError(f"adapter source {source!r} is not supported by the worker yet")
+        if source == "s3":
+            return resolve_s3_adapter(adapter_id, self.options.cache_dir)
+        raise WorkerInputError(f"adapter source {source!r} is not one of local, hub, s3")
 
     def offload_adapter(self, adapter_index: int) -> None:
         if self.lora is None or adapter_index not in self.lora.index_to_slot:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,8 +56,37 @@ def adapter_root(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A local S3 stand-in (moto's server); the worker finds it through boto3's environment variables."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env["AWS_ENDPOINT_URL"]
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture(scope="module")
 def stub(
-    tiny_llama: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_llama: Path, adapter_root: Path, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[worker_pb2_grpc.WorkerStub]:
     with worker_process(
         tiny_llama,
@@ -182,3 +213,24 @@ def test_a_step_naming_an_unloaded_adapter_is_refused(stub) -> None:
             )
         )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not loaded" in e.value.details()
+
+
+def test_s3_adapter_is_fetched_once_and_matches_peft(
+    stub, tiny_llama: Path, adapter_root: Path, s3_endpoint: str
+) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="adapters")
+    for f in (adapter_root / "qv-r4").iterdir():
+        s3.upload_file(str(f), "adapters", f"team/qv-r4/{f.name}")
+    spec = pb.AdapterSpec(adapter_id="s3://adapters/team/qv-r4", source="s3")
+    assert stub.DownloadAdapter(pb.DownloadAdapterRequest(adapter=spec)).size_bytes > 0
+    stub.LoadAdapter(pb.LoadAdapterRequest(adapter=spec, adapter_index=11))
+    r = Request(id=400, prompt=[9, 8, 7, 6, 5], max_new_tokens=8, adapter_index=11)
+    Driver(stub, num_blocks=64, block_size=16, step_token_budget=128).run([r])
+    assert r.generated == peft_greedy(tiny_llama, adapter_root, "qv-r4", r.prompt, 8)
+    missing = pb.AdapterSpec(adapter_id="s3://adapters/team/absent", source="s3")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.LoadAdapter(pb.LoadAdapterRequest(adapter=missing, adapter_index=12))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not found" in e.value.details()
