@@ -105,21 +105,22 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadAdapter(self, request, context):
-        """Fetches an adapter's files to local disk (off the request path). UNIMPLEMENTED until multi-LoRA.
+        """Fetches an adapter's files to this host (off the request path); INVALID_ARGUMENT names what is wrong.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def LoadAdapter(self, request, context):
-        """Loads a downloaded adapter into the slot `adapter_index`. UNIMPLEMENTED until multi-LoRA.
+        """Loads an adapter (fetching it first if needed) into a device slot under `adapter_index`;
+        RESOURCE_EXHAUSTED when every slot is taken.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def OffloadAdapter(self, request, context):
-        """Frees the device memory of an adapter slot. UNIMPLEMENTED until multi-LoRA.
+        """Frees the device slot of an adapter; refused while a live request uses it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
