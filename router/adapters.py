@@ -3,8 +3,10 @@
 A request naming an adapter acquires it before it is queued: if the adapter holds a slot it runs at
 once; otherwise the registry loads it into a free slot, or offloads the least recently used
 adapter that no request is using. When every slot is in use by in-flight requests, the request
-waits its turn (first come, first served) while everyone else keeps decoding. An adapter that
-fails to load fails only the requests that asked for it, with the worker's message.
+waits its turn (first come, first served) while everyone else keeps decoding. Loads run outside
+the registry's lock, so requests for adapters already on the device never wait for a download;
+an offload runs between two engine steps (see `Engine.between_steps`). An adapter that fails to
+load fails only the requests that asked for it, with the worker's message.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import hmac
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from loraxpy.router.errors import NotFoundError, RouterError, UnauthorizedError, ValidationError
@@ -29,6 +32,7 @@ class AdapterState(enum.Enum):
     OFFLOADED = "offloaded"
     LOADING = "loading"
     READY = "ready"  # on the device
+    OFFLOADING = "offloading"  # still on the device, leaving it
 
 
 @dataclass
@@ -50,11 +54,11 @@ class AdapterRegistry:
         self,
         client: WorkerClient,
         num_slots: int,
-        before_offload: Callable[[], Awaitable[None]] | None = None,
+        between_steps: Callable[[], AbstractAsyncContextManager[None]] | None = None,
     ) -> None:
         self.client = client
-        # Workers keep a finished request until it is released; offloading its adapter needs that done.
-        self.before_offload = before_offload
+        # Workers keep a finished request until a step releases it: offloads wait for that.
+        self.between_steps = between_steps
         self.num_slots = num_slots
         self.entries: dict[tuple[str, str], AdapterEntry] = {}
         self._indices = itertools.count(1)
@@ -85,7 +89,8 @@ class AdapterRegistry:
             await self._ensure_loaded(entry)
         except BaseException:
             await self.release(entry.index)
-            if not entry.has_loaded and entry.num_active == 0:
+            failed = entry.state is AdapterState.OFFLOADED and not entry.has_loaded
+            if failed and entry.num_active == 0:
                 self.entries.pop(key, None)  # a failed first load leaves no trace (nor its token)
             raise
         return entry.index
@@ -99,20 +104,31 @@ class AdapterRegistry:
             self._changed.notify_all()
 
     async def _ensure_loaded(self, entry: AdapterEntry) -> None:
+        if entry.state is AdapterState.READY:
+            return
         ticket = next(self._tickets)
         async with self._changed:
             self._queue.append(ticket)
             try:
-                while entry.state is not AdapterState.READY:
+                while True:
+                    if entry.state is AdapterState.READY:
+                        return
                     if entry.state is AdapterState.OFFLOADED and self._queue[0] == ticket:
                         victim = self._pick_slot()
                         if victim is not False:
-                            await self._swap(victim, entry)
-                            continue
+                            break
                     await self._changed.wait()
+                entry.state = AdapterState.LOADING
+                if isinstance(victim, AdapterEntry):
+                    victim.state = AdapterState.OFFLOADING
             finally:
                 self._queue.remove(ticket)
                 self._changed.notify_all()
+        # A client that goes away mid-load must not leave the worker's slots and ours disagreeing.
+        victim_entry = victim if isinstance(victim, AdapterEntry) else None
+        swap = asyncio.ensure_future(self._swap(victim_entry, entry))
+        swap.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await asyncio.shield(swap)
 
     def _pick_slot(self) -> AdapterEntry | bool | None:
         """None: a slot is free; an entry: the idle adapter to offload; False: all slots are busy."""
@@ -122,22 +138,35 @@ class AdapterRegistry:
         idle = [e for e in on_device if e.state is AdapterState.READY and e.num_active == 0]
         return min(idle, key=lambda e: e.last_used) if idle else False
 
-    async def _swap(self, victim: AdapterEntry | bool | None, entry: AdapterEntry) -> None:
-        entry.state = AdapterState.LOADING
+    async def _swap(self, victim: AdapterEntry | None, entry: AdapterEntry) -> None:
         try:
-            if isinstance(victim, AdapterEntry):
-                if self.before_offload is not None:
-                    await self.before_offload()
-                victim.state = AdapterState.OFFLOADED
-                await self.client.offload_adapter(victim.index)
-                logger.info("offloaded adapter %s (index %d)", victim.adapter_id, victim.index)
+            if victim is not None:
+                try:
+                    await self._offload(victim)
+                except BaseException:
+                    victim.state = AdapterState.READY
+                    raise
             await self.client.load_adapter(entry.index, entry.adapter_id, entry.source, entry.load_token)
-        except WorkerError as e:
+            entry.state = AdapterState.READY
+            entry.has_loaded = True
+            logger.info("loaded adapter %s (index %d)", entry.adapter_id, entry.index)
+        except BaseException as e:
             entry.state = AdapterState.OFFLOADED
-            raise _adapter_error(entry, e) from None
-        entry.state = AdapterState.READY
-        entry.has_loaded = True
-        logger.info("loaded adapter %s (index %d)", entry.adapter_id, entry.index)
+            if isinstance(e, WorkerError):
+                raise _adapter_error(entry, e) from None
+            raise
+        finally:
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _offload(self, victim: AdapterEntry) -> None:
+        if self.between_steps is None:
+            await self.client.offload_adapter(victim.index)
+        else:
+            async with self.between_steps():
+                await self.client.offload_adapter(victim.index)
+        victim.state = AdapterState.OFFLOADED
+        logger.info("offloaded adapter %s (index %d)", victim.adapter_id, victim.index)
 
 
 def _adapter_error(entry: AdapterEntry, e: WorkerError) -> RouterError:

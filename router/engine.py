@@ -3,11 +3,15 @@
 One asyncio task runs the loop; each request is an async iterator of `TokenEvent`s fed through a
 queue. The scheduler stays synchronous; only the worker call is awaited. A request whose consumer
 goes away (client disconnect) is finished as aborted and released at the next step.
+
+Workers keep a finished request until a step releases it, so changing adapter slots must wait
+for the step in flight and release what has finished first: `between_steps` does both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -94,6 +98,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._step_lock = asyncio.Lock()  # held while a step is in flight; FIFO, so no one starves
         self.is_healthy = True
 
     @property
@@ -143,11 +148,14 @@ class Engine:
                 self.scheduler.finish(seq, FinishReason.ABORTED)
                 self._wake.set()
 
-    async def flush_releases(self) -> None:
-        """Releases finished requests on the workers now instead of with the next step."""
-        released = self.scheduler.take_released()
-        if released:
-            await self.client.step(SchedulerOutput((), released))
+    @contextlib.asynccontextmanager
+    async def between_steps(self) -> AsyncIterator[None]:
+        """Holds the loop between two steps, with every finished request released on the workers."""
+        async with self._step_lock:
+            released = self.scheduler.take_released()
+            if released:
+                await self.client.step(SchedulerOutput((), released))
+            yield
 
     async def _loop(self) -> None:
         while True:
@@ -155,20 +163,27 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            out = self.scheduler.schedule()
-            if out.is_empty:
-                self._fail_unschedulable()
+            async with self._step_lock:
+                stepped = await self._step()
+            if not stepped:
                 await asyncio.sleep(0.001)
-                continue
-            started = time.perf_counter()
-            try:
-                results = await self.client.step(out, metadata=self._note_scheduled(out))
-            except WorkerError as e:
-                self._fail_step([r.seq for r in out.scheduled], e)
-                continue
-            self._apply(results)
-            if self.on_step is not None:
-                self.on_step(time.perf_counter() - started, len(out.scheduled))
+
+    async def _step(self) -> bool:
+        """Runs one step; False when nothing could be scheduled."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            self._fail_unschedulable()
+            return False
+        started = time.perf_counter()
+        try:
+            results = await self.client.step(out, metadata=self._note_scheduled(out))
+        except WorkerError as e:
+            self._fail_step([r.seq for r in out.scheduled], e)
+            return True
+        self._apply(results)
+        if self.on_step is not None:
+            self.on_step(time.perf_counter() - started, len(out.scheduled))
+        return True
 
     def _note_scheduled(self, out: SchedulerOutput) -> tuple[tuple[str, str], ...]:
         """Stamps first-scheduled times; returns the trace context of a traced request in the step."""

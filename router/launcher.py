@@ -157,7 +157,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         max_concurrent_requests=config.max_concurrent_requests,
         api_key=config.api_key,
         tracer=tracer,
-        adapters=AdapterRegistry(client, adapter_slots(config), before_offload=engine.flush_releases),
+        adapters=AdapterRegistry(client, adapter_slots(config), between_steps=engine.between_steps),
     )
     return state, engine
 

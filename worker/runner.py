@@ -11,6 +11,7 @@ import torch
 
 from loraxpy.kernels.attention import AttentionMetadata, select_attention_backend
 from loraxpy.worker.adapters import (
+    LoraAdapter,
     load_peft_adapter,
     resolve_hub_adapter,
     resolve_local_adapter,
@@ -286,14 +287,19 @@ class ModelRunner:
 
     # ---- adapters -----------------------------------------------------------------------------
 
-    def load_adapter(self, adapter_index: int, adapter_id: str, source: str, api_token: str = "") -> int:
-        """Loads a PEFT adapter into a device slot under `adapter_index`; returns its bytes."""
+    def read_adapter(self, adapter_id: str, source: str, api_token: str = "") -> LoraAdapter:
+        """Fetches and parses a PEFT adapter; touches no device slot, so it runs beside `step`."""
+        if self.lora is None:
+            raise WorkerInputError("this worker was started without adapter slots (--max-loras 0)")
+        path = self.adapter_path(adapter_id, source, api_token)
+        return load_peft_adapter(path, self.config, self.options.max_lora_rank)
+
+    def install_adapter(self, adapter_index: int, adapter: LoraAdapter) -> int:
+        """Writes a parsed adapter into a device slot under `adapter_index`; returns its bytes."""
         if self.lora is None:
             raise WorkerInputError("this worker was started without adapter slots (--max-loras 0)")
         if adapter_index < 1:
             raise WorkerInputError("adapter index 0 is the base model; adapters use indices from 1")
-        path = self.adapter_path(adapter_id, source, api_token)
-        adapter = load_peft_adapter(path, self.config, self.options.max_lora_rank)
         if any(s.adapter_index == adapter_index for s in self.requests.values()):
             raise WorkerInputError(f"adapter index {adapter_index} is used by a running request")
         self.lora.load(adapter_index, adapter)
@@ -301,6 +307,10 @@ class ModelRunner:
             "adapter index %d: rank %d, %d modules", adapter_index, adapter.rank, len(adapter.weights)
         )
         return adapter.nbytes
+
+    def load_adapter(self, adapter_index: int, adapter_id: str, source: str, api_token: str = "") -> int:
+        """`read_adapter` then `install_adapter`."""
+        return self.install_adapter(adapter_index, self.read_adapter(adapter_id, source, api_token))
 
     def adapter_path(self, adapter_id: str, source: str, api_token: str = "") -> Path:
         """Where an adapter's files are on this host, fetching them first when needed."""

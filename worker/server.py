@@ -184,10 +184,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext
     ) -> pb.LoadAdapterResponse:
         spec = request.adapter
+        if request.adapter_index < 1:
+            raise WorkerInputError("adapter index 0 is the base model; adapters use indices from 1")
+        # Fetching and parsing can take long (a hub download); only the slot write waits for the step.
+        adapter = self.runner.read_adapter(spec.adapter_id, spec.source or "local", spec.api_token)
         with self.lock:
-            nbytes = self.runner.load_adapter(
-                request.adapter_index, spec.adapter_id, spec.source or "local", spec.api_token
-            )
+            nbytes = self.runner.install_adapter(request.adapter_index, adapter)
         return pb.LoadAdapterResponse(memory_bytes=nbytes)
 
     @_rpc
