@@ -167,14 +167,30 @@ class StepResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Iterable[_Union[RequestOutput, _Mapping]]] = ..., step_time_us: _Optional[int] = ...) -> None: ...
 
 class AdapterSpec(_message.Message):
-    __slots__ = ("adapter_id", "source", "api_token")
+    __slots__ = ("adapter_id", "source", "api_token", "merge")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     API_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MERGE_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     source: str
     api_token: str
-    def __init__(self, adapter_id: _Optional[str] = ..., source: _Optional[str] = ..., api_token: _Optional[str] = ...) -> None: ...
+    merge: MergeSpec
+    def __init__(self, adapter_id: _Optional[str] = ..., source: _Optional[str] = ..., api_token: _Optional[str] = ..., merge: _Optional[_Union[MergeSpec, _Mapping]] = ...) -> None: ...
+
+class MergeSpec(_message.Message):
+    __slots__ = ("adapter_ids", "weights", "strategy", "density", "majority_sign_method")
+    ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_SIGN_METHOD_FIELD_NUMBER: _ClassVar[int]
+    adapter_ids: _containers.RepeatedScalarFieldContainer[str]
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    strategy: str
+    density: float
+    majority_sign_method: str
+    def __init__(self, adapter_ids: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., strategy: _Optional[str] = ..., density: _Optional[float] = ..., majority_sign_method: _Optional[str] = ...) -> None: ...
 
 class DownloadAdapterRequest(_message.Message):
     __slots__ = ("adapter",)

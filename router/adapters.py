@@ -7,12 +7,17 @@ waits its turn (first come, first served) while everyone else keeps decoding. Lo
 the registry's lock, so requests for adapters already on the device never wait for a download;
 an offload runs between two engine steps (see `Engine.between_steps`). An adapter that fails to
 load fails only the requests that asked for it, with the worker's message.
+
+No adapter starves: once an adapter has held its slot for `cycle_time_s` while requests for other
+adapters wait for one, its new requests queue behind them; it drains, yields its slot, and comes
+back in turn (LoRAX's --adapter-cycle-time-s).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hashlib
 import hmac
 import itertools
@@ -23,7 +28,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from loraxpy.router.errors import NotFoundError, RouterError, UnauthorizedError, ValidationError
-from loraxpy.router.worker_client import WorkerClient, WorkerError
+from loraxpy.router.worker_client import AdapterMerge, WorkerClient, WorkerError
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,8 @@ class AdapterEntry:
     token_digest: str | None = None
     load_token: str = field(default="", repr=False)  # for reloading after an offload; never logged
     has_loaded: bool = False
+    merge: AdapterMerge | None = None  # a per-request merge of other adapters (adapter_id is its key)
+    loaded_at: float = 0.0  # when it last reached the device (monotonic)
 
 
 class AdapterRegistry:
@@ -55,27 +62,35 @@ class AdapterRegistry:
         client: WorkerClient,
         num_slots: int,
         between_steps: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+        cycle_time_s: float | None = None,
     ) -> None:
         self.client = client
+        self.cycle_time_s = cycle_time_s
         # Workers keep a finished request until a step releases it: offloads wait for that.
         self.between_steps = between_steps
         self.num_slots = num_slots
         self.entries: dict[tuple[str, str], AdapterEntry] = {}
         self._indices = itertools.count(1)
         self._changed = asyncio.Condition()
-        self._queue: list[int] = []  # tickets waiting for a slot, in arrival order
+        self._queue: list[tuple[int, AdapterEntry]] = []  # (ticket, wanted) waiting, in arrival order
         self._tickets = itertools.count()
+        self._background: set[asyncio.Future[None]] = set()
 
     def loaded(self) -> list[AdapterEntry]:
         return [e for e in self.entries.values() if e.state is AdapterState.READY]
 
-    async def acquire(self, adapter_id: str, source: str, api_token: str = "") -> int:
-        """Returns the adapter's index once it holds a device slot; the caller must `release` it."""
+    async def acquire(
+        self, adapter_id: str, source: str, api_token: str = "", merge: AdapterMerge | None = None
+    ) -> int:
+        """Returns the adapter's index once it holds a device slot; the caller must `release` it.
+
+        With `merge`, the adapter is that merge of other adapters and `adapter_id` its key.
+        """
         key = (adapter_id, source)
         digest = hashlib.sha256(api_token.encode()).hexdigest() if api_token else None
         entry = self.entries.get(key)
         if entry is None:
-            entry = self.entries[key] = AdapterEntry(adapter_id, source, next(self._indices))
+            entry = self.entries[key] = AdapterEntry(adapter_id, source, next(self._indices), merge=merge)
             entry.token_digest, entry.load_token = digest, api_token
         elif entry.token_digest is not None and not hmac.compare_digest(entry.token_digest, digest or ""):
             # LoRAX serves a cached private adapter to anyone who knows its id; we do not.
@@ -83,14 +98,12 @@ class AdapterRegistry:
                 f"adapter {adapter_id!r} is private: this request's api_token cannot read it",
                 param="api_token",
             )
-        entry.num_active += 1
         entry.last_used = time.monotonic()
         try:
-            await self._ensure_loaded(entry)
+            await self._ensure_loaded(entry)  # on success, this request holds the adapter
         except BaseException:
-            await self.release(entry.index)
-            failed = entry.state is AdapterState.OFFLOADED and not entry.has_loaded
-            if failed and entry.num_active == 0:
+            waited_on = any(e is entry for _, e in self._queue)
+            if entry.state is AdapterState.OFFLOADED and not entry.has_loaded and not waited_on:
                 self.entries.pop(key, None)  # a failed first load leaves no trace (nor its token)
             raise
         return entry.index
@@ -104,16 +117,19 @@ class AdapterRegistry:
             self._changed.notify_all()
 
     async def _ensure_loaded(self, entry: AdapterEntry) -> None:
-        if entry.state is AdapterState.READY:
+        """Waits until `entry` is usable and takes a hold on it (num_active), without yielding between."""
+        if self._usable(entry):
+            entry.num_active += 1
             return
-        ticket = next(self._tickets)
+        ticket = (next(self._tickets), entry)
         async with self._changed:
             self._queue.append(ticket)
             try:
                 while True:
-                    if entry.state is AdapterState.READY:
+                    if self._usable(entry):
+                        entry.num_active += 1
                         return
-                    if entry.state is AdapterState.OFFLOADED and self._queue[0] == ticket:
+                    if entry.state is AdapterState.OFFLOADED and self._next_to_load() is ticket:
                         victim = self._pick_slot()
                         if victim is not False:
                             break
@@ -124,11 +140,39 @@ class AdapterRegistry:
             finally:
                 self._queue.remove(ticket)
                 self._changed.notify_all()
-        # A client that goes away mid-load must not leave the worker's slots and ours disagreeing.
-        victim_entry = victim if isinstance(victim, AdapterEntry) else None
-        swap = asyncio.ensure_future(self._swap(victim_entry, entry))
-        swap.add_done_callback(lambda t: t.cancelled() or t.exception())
-        await asyncio.shield(swap)
+        # The swap hands its loader a hold as the adapter becomes READY, before anyone can pick it as
+        # a victim. A client that leaves mid-load must not leave the worker's slots and ours
+        # disagreeing: the swap runs on, and the hold it hands over is dropped.
+        swap = asyncio.ensure_future(self._swap(victim if isinstance(victim, AdapterEntry) else None, entry))
+        try:
+            await asyncio.shield(swap)
+        except asyncio.CancelledError:
+            swap.add_done_callback(functools.partial(self._drop_abandoned_hold, entry))
+            raise
+
+    def _drop_abandoned_hold(self, entry: AdapterEntry, swap: asyncio.Future[None]) -> None:
+        if swap.cancelled() or swap.exception() is not None:
+            return  # no hold was handed over
+        entry.num_active -= 1
+        task = asyncio.ensure_future(self._notify())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _next_to_load(self) -> tuple[int, AdapterEntry] | None:
+        """The longest-waiting request whose adapter needs a slot (first come, first served)."""
+        return next((t for t in self._queue if t[1].state is AdapterState.OFFLOADED), None)
+
+    def _usable(self, entry: AdapterEntry) -> bool:
+        """On the device and not yielding its slot to adapters that have waited for one."""
+        if entry.state is not AdapterState.READY:
+            return False
+        if self.cycle_time_s is None or time.monotonic() - entry.loaded_at < self.cycle_time_s:
+            return True
+        return not any(e is not entry and e.state is AdapterState.OFFLOADED for _, e in self._queue)
 
     def _pick_slot(self) -> AdapterEntry | bool | None:
         """None: a slot is free; an entry: the idle adapter to offload; False: all slots are busy."""
@@ -146,9 +190,13 @@ class AdapterRegistry:
                 except BaseException:
                     victim.state = AdapterState.READY
                     raise
-            await self.client.load_adapter(entry.index, entry.adapter_id, entry.source, entry.load_token)
+            await self.client.load_adapter(
+                entry.index, entry.adapter_id, entry.source, entry.load_token, entry.merge
+            )
             entry.state = AdapterState.READY
             entry.has_loaded = True
+            entry.loaded_at = time.monotonic()
+            entry.num_active += 1  # the loader's hold
             logger.info("loaded adapter %s (index %d)", entry.adapter_id, entry.index)
         except BaseException as e:
             entry.state = AdapterState.OFFLOADED

@@ -30,6 +30,7 @@ class RouterConfig:
     preloaded_adapter_ids: str | None = None  # comma-separated, loaded at startup
     adapter_root: str | None = None  # local adapters must lie inside it (unset: local adapters refused)
     max_lora_rank: int = 64
+    adapter_host_cache_mib: int = 4096  # parsed adapters kept in worker host memory (LRU by bytes)
     otlp_endpoint: str | None = None
     json_output: bool = False
     api_key: str | None = None

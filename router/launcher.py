@@ -73,6 +73,7 @@ def spawn_shards(config: RouterConfig, sock_dir: Path) -> list[tuple[subprocess.
         if config.adapter_root:
             cmd += ["--adapter-root", config.adapter_root]
         cmd += ["--max-loras", str(adapter_slots(config)), "--max-lora-rank", str(config.max_lora_rank)]
+        cmd += ["--adapter-host-cache-mib", str(config.adapter_host_cache_mib)]
         env = {
             **os.environ,
             **rendezvous,
@@ -157,7 +158,12 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         max_concurrent_requests=config.max_concurrent_requests,
         api_key=config.api_key,
         tracer=tracer,
-        adapters=AdapterRegistry(client, adapter_slots(config), between_steps=engine.between_steps),
+        adapters=AdapterRegistry(
+            client,
+            adapter_slots(config),
+            between_steps=engine.between_steps,
+            cycle_time_s=config.adapter_cycle_time_s,
+        ),
     )
     return state, engine
 

@@ -18,9 +18,9 @@ class _Body(BaseModel):
 class MergedAdapters(_Body):
     ids: list[str]
     weights: list[float]
-    merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
+    merge_strategy: str | None = None  # linear (default), ties, dare_linear, dare_ties
     density: float = 1.0
-    majority_sign_method: Literal["total", "frequency"] = "total"
+    majority_sign_method: str | None = None  # total (default), frequency
 
 
 class ResponseFormat(_Body):

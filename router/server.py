@@ -148,7 +148,9 @@ class Api:
         if valid.adapter_id is not None:
             if self.s.adapters is None:
                 raise ValidationError("this server was started without adapters", param="adapter_id")
-            index = await self.s.adapters.acquire(valid.adapter_id, valid.adapter_source, valid.api_token)
+            index = await self.s.adapters.acquire(
+                valid.adapter_id, valid.adapter_source, valid.api_token, valid.merge
+            )
         try:
             async for event in self._engine_events(
                 dataclasses.replace(valid.engine, adapter_index=index), valid, gen
@@ -284,6 +286,8 @@ class Api:
     async def models(self, request: web.Request) -> web.StreamResponse:
         models = [{"id": self.s.model_id, "object": "model", "created": 0, "owned_by": "loraxpy"}]
         for entry in self.s.adapters.loaded() if self.s.adapters else []:
+            if entry.merge is not None:
+                continue  # a per-request merge is not a model one can name
             models.append(
                 {
                     "id": entry.adapter_id,

@@ -14,8 +14,10 @@ from loraxpy.router.schemas import (
     CompletionRequest,
     GenerateParameters,
     GenerateRequest,
+    MergedAdapters,
 )
 from loraxpy.router.text import TemplateError, Tokenizer
+from loraxpy.router.worker_client import AdapterMerge
 
 MAX_ALTERNATIVES = 20
 
@@ -47,6 +49,7 @@ class ValidRequest:
     adapter_id: str | None = None  # None: the base model
     adapter_source: str = "hub"
     api_token: str = field(default="", repr=False)  # secret: never logged
+    merge: AdapterMerge | None = None  # adapter_id is then the merge's key
 
 
 ADAPTER_SOURCES = ("hub", "local", "s3")
@@ -191,11 +194,15 @@ def validate_generate(req: GenerateRequest, limits: Limits, tokenizer: Tokenizer
         raise ValidationError(
             "`response_format` is not supported by this server yet", param="response_format"
         )
-    if p.merged_adapters is not None:
-        raise ValidationError(
-            "`merged_adapters` is not supported by this server yet", param="merged_adapters"
-        )
     adapter_id, adapter_source = _adapter(p.adapter_id, p.adapter_source, limits)
+    merge = None
+    if p.merged_adapters is not None:
+        if p.adapter_id:
+            raise ValidationError(
+                "set either `adapter_id` or `merged_adapters`, not both", param="merged_adapters"
+            )
+        merge = _merge(p.merged_adapters)
+        adapter_id = merge.key
     input_ids = tokenizer.encode(req.inputs)
     if p.truncate is not None:
         if not 0 < p.truncate <= limits.max_input_length:
@@ -235,7 +242,41 @@ def validate_generate(req: GenerateRequest, limits: Limits, tokenizer: Tokenizer
         adapter_id=adapter_id,
         adapter_source=adapter_source,
         api_token=p.api_token or "",
+        merge=merge,
     )
+
+
+MAX_MERGED_ADAPTERS = 32
+MERGE_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
+MAJORITY_SIGN_METHODS = ("total", "frequency")
+
+
+def _merge(m: MergedAdapters) -> AdapterMerge:
+    param = "merged_adapters"
+    if not m.ids:
+        raise ValidationError("`merged_adapters.ids` cannot be empty", param=param)
+    if len(m.ids) > MAX_MERGED_ADAPTERS:
+        raise ValidationError(f"`merged_adapters` merges at most {MAX_MERGED_ADAPTERS} adapters", param=param)
+    if len(m.weights) != len(m.ids):
+        raise ValidationError("`merged_adapters.ids` and `weights` must have the same length", param=param)
+    if not all(i for i in m.ids):
+        raise ValidationError("`merged_adapters.ids` cannot contain empty ids", param=param)
+    for w in m.weights:
+        _finite("merged_adapters.weights", w)
+    strategy = m.merge_strategy or "linear"
+    if strategy not in MERGE_STRATEGIES:
+        raise ValidationError(
+            f"`merged_adapters.merge_strategy` must be one of {', '.join(MERGE_STRATEGIES)}", param=param
+        )
+    sign = m.majority_sign_method or "total"
+    if sign not in MAJORITY_SIGN_METHODS:
+        raise ValidationError(
+            f"`merged_adapters.majority_sign_method` must be one of {', '.join(MAJORITY_SIGN_METHODS)}",
+            param=param,
+        )
+    if not (math.isfinite(m.density) and 0.0 <= m.density <= 1.0):
+        raise ValidationError("`merged_adapters.density` must be >= 0.0 and <= 1.0", param=param)
+    return AdapterMerge(tuple(m.ids), tuple(m.weights), strategy, m.density, sign)
 
 
 def _openai_common(req: CompletionRequest | ChatCompletionRequest, limits: Limits) -> None:

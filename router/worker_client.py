@@ -43,6 +43,32 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True)
+class AdapterMerge:
+    """A per-request merged adapter: which adapters, their weights, and PEFT's merge options."""
+
+    adapter_ids: tuple[str, ...]
+    weights: tuple[float, ...]
+    strategy: str = "linear"
+    density: float = 1.0
+    majority_sign_method: str = "total"
+
+    @property
+    def key(self) -> str:
+        """A readable name for the merge; equal merges share it (and the loaded result)."""
+        parts = ",".join(f"{a}*{w!r}" for a, w in zip(self.adapter_ids, self.weights, strict=True))
+        return f"merge:{self.strategy}(density={self.density!r},sign={self.majority_sign_method})[{parts}]"
+
+    def to_proto(self) -> pb.MergeSpec:
+        return pb.MergeSpec(
+            adapter_ids=list(self.adapter_ids),
+            weights=list(self.weights),
+            strategy=self.strategy,
+            density=self.density,
+            majority_sign_method=self.majority_sign_method,
+        )
+
+
+@dataclass(frozen=True)
 class StepResult:
     """One request's output from a step."""
 
@@ -189,9 +215,16 @@ class WorkerClient:
         return [result_from_proto(o) for o in reply.outputs]
 
     async def load_adapter(
-        self, adapter_index: int, adapter_id: str, source: str, api_token: str = ""
+        self,
+        adapter_index: int,
+        adapter_id: str,
+        source: str,
+        api_token: str = "",
+        merge: AdapterMerge | None = None,
     ) -> int:
         spec = pb.AdapterSpec(adapter_id=adapter_id, source=source, api_token=api_token)
+        if merge is not None:
+            spec.merge.CopyFrom(merge.to_proto())
         replies = await self._all(
             "LoadAdapter", pb.LoadAdapterRequest(adapter=spec, adapter_index=adapter_index)
         )

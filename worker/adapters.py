@@ -1,7 +1,7 @@
 """PEFT LoRA adapters: reading and checking one from disk, and where its files may come from.
 
-An adapter becomes per-(layer, module) pairs (A [r, in], B [out, r]) with lora_alpha / r (or
-lora_alpha / sqrt(r) for rsLoRA) folded into B, checked against the model's shapes. Anything the
+An adapter becomes per-(layer, module) pairs (A [r, in], B [out, r]) and a scale lora_alpha / r
+(or lora_alpha / sqrt(r) for rsLoRA), checked against the model's shapes. Anything the
 worker cannot serve exactly is refused with a message naming the problem.
 """
 
@@ -31,8 +31,10 @@ class AdapterError(ValueError):
 @dataclass(frozen=True)
 class LoraAdapter:
     rank: int  # the largest rank over its modules
-    # (layer index, target module) → (A [r, in], B [out, r] with scaling folded in)
+    # (layer index, target module) → (A [r, in], B [out, r]), as trained
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    # (layer index, target module) → lora_alpha / r (or / sqrt(r) for rsLoRA); the delta is scale·B·A
+    scales: dict[tuple[int, str], float]
 
     @property
     def nbytes(self) -> int:
@@ -180,7 +182,8 @@ def load_peft_adapter(path: Path, config: ModelConfig, max_rank: int) -> LoraAda
     if not pairs:
         raise AdapterError("adapter has no LoRA weights")
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    for (layer, target), ab in pairs.items():
+    scales: dict[tuple[int, str], float] = {}
+    for (layer, target), ab in sorted(pairs.items(), key=lambda kv: (kv[0][0], TARGETS.index(kv[0][1]))):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"layer {layer} {target}: lora_A and lora_B must both be present")
         a, b = ab["A"].float(), ab["B"].float()
@@ -196,5 +199,6 @@ def load_peft_adapter(path: Path, config: ModelConfig, max_rank: int) -> LoraAda
             raise AdapterError(f"adapter rank {r} exceeds --max-lora-rank {max_rank}")
         alpha = _alpha(cfg, layer, target, r)
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        weights[(layer, target)] = (a, b * scale)
-    return LoraAdapter(rank=max(a.shape[0] for a, _ in weights.values()), weights=weights)
+        weights[(layer, target)] = (a, b)
+        scales[(layer, target)] = scale
+    return LoraAdapter(rank=max(a.shape[0] for a, _ in weights.values()), weights=weights, scales=scales)

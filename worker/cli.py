@@ -42,6 +42,7 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
         hub_token=config.hub_token,
         offline=config.offline,
         cache_dir=config.cache_dir,
+        adapter_host_cache_bytes=config.adapter_host_cache_mib * 2**20,
     )
     return ModelRunner(model_path, options)
 

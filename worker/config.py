@@ -32,6 +32,7 @@ class WorkerConfig:
     max_loras: int = 8
     max_lora_rank: int = 64
     adapter_root: Path | None = None
+    adapter_host_cache_mib: int = 4096
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -48,6 +49,8 @@ class WorkerConfig:
             raise ValueError(f"RANK {self.rank} must lie in [0, WORLD_SIZE={self.world_size})")
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise ValueError("--max-loras must be >= 0 and --max-lora-rank >= 1")
+        if self.adapter_host_cache_mib < 0:
+            raise ValueError("--adapter-host-cache-mib must be >= 0")
         if not self.listen:
             raise ValueError("--listen needs an address: unix:///path/to.sock or host:port")
 
@@ -123,6 +126,12 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         default=env.get("ADAPTER_ROOT") or None,
         help="folder local adapters must lie in; unset: local adapters are refused (env ADAPTER_ROOT)",
     )
+    p.add_argument(
+        "--adapter-host-cache-mib",
+        type=int,
+        default=int(env.get("ADAPTER_HOST_CACHE_MIB", 4096)),
+        help="host memory for adapters that left the device or were merged, LRU (env ADAPTER_HOST_CACHE_MIB)",
+    )
     args = p.parse_args(argv)
     hub_cache = env.get("HF_HUB_CACHE")
     return WorkerConfig(
@@ -144,4 +153,5 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         adapter_root=Path(args.adapter_root).expanduser() if args.adapter_root else None,
+        adapter_host_cache_mib=args.adapter_host_cache_mib,
     )

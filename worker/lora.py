@@ -143,8 +143,8 @@ class LoraManager:
         slot = free[0]
         for lora in set(self.slots.values()):
             lora.clear(slot)  # modules this adapter leaves alone must add nothing
-        for (layer, target), (a, b) in adapter.weights.items():
-            self.slots[(layer, target)].write(slot, target, a, b)
+        for key, (a, b) in adapter.weights.items():
+            self.slots[key].write(slot, key[1], a, b * adapter.scales[key])
         self.index_to_slot[adapter_index] = slot
 
     def offload(self, adapter_index: int) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from loraxpy.kernels.attention import AttentionMetadata, select_attention_backend
+from loraxpy.worker.adapter_cache import HostAdapterCache
 from loraxpy.worker.adapters import (
     LoraAdapter,
     load_peft_adapter,
@@ -30,6 +31,7 @@ from loraxpy.worker.batch import (
 from loraxpy.worker.kv_cache import KVCacheSpec
 from loraxpy.worker.layers import Shard
 from loraxpy.worker.lora import LoraManager
+from loraxpy.worker.merge import MergeRequest, merge_adapters
 from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
 from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample
@@ -60,6 +62,7 @@ class RunnerOptions:
     hub_token: str | None = None  # used for hub adapters when a request brings no api_token
     offline: bool = False
     cache_dir: Path = Path(".cache")  # downloaded adapters (s3) live under it
+    adapter_host_cache_bytes: int = 4 << 30  # parsed adapters kept in host memory (LRU)
 
 
 class ModelRunner:
@@ -100,6 +103,7 @@ class ModelRunner:
             if options.max_loras > 0
             else None
         )
+        self.host_cache = HostAdapterCache(options.adapter_host_cache_bytes)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.limits: Limits | None = None
         self.requests: dict[int, RequestState] = {}
@@ -287,12 +291,27 @@ class ModelRunner:
 
     # ---- adapters -----------------------------------------------------------------------------
 
-    def read_adapter(self, adapter_id: str, source: str, api_token: str = "") -> LoraAdapter:
-        """Fetches and parses a PEFT adapter; touches no device slot, so it runs beside `step`."""
+    def read_adapter(
+        self, adapter_id: str, source: str, api_token: str = "", merge: MergeRequest | None = None
+    ) -> LoraAdapter:
+        """Fetches and parses (or merges) an adapter; touches no device slot, so it runs beside `step`.
+
+        Parsed adapters stay in the host-memory cache, so a reload skips disk, download and merge.
+        """
         if self.lora is None:
             raise WorkerInputError("this worker was started without adapter slots (--max-loras 0)")
-        path = self.adapter_path(adapter_id, source, api_token)
-        return load_peft_adapter(path, self.config, self.options.max_lora_rank)
+        key = (source, adapter_id, merge)
+        adapter = self.host_cache.get(key)
+        if adapter is not None:
+            return adapter
+        if merge is None:
+            path = self.adapter_path(adapter_id, source, api_token)
+            adapter = load_peft_adapter(path, self.config, self.options.max_lora_rank)
+        else:
+            parts = [self.read_adapter(part, source, api_token) for part in merge.adapter_ids]
+            adapter = merge_adapters(parts, merge.weights, merge.options, seed=merge.seed)
+        self.host_cache.put(key, adapter)
+        return adapter
 
     def install_adapter(self, adapter_index: int, adapter: LoraAdapter) -> int:
         """Writes a parsed adapter into a device slot under `adapter_index`; returns its bytes."""
@@ -308,9 +327,16 @@ class ModelRunner:
         )
         return adapter.nbytes
 
-    def load_adapter(self, adapter_index: int, adapter_id: str, source: str, api_token: str = "") -> int:
+    def load_adapter(
+        self,
+        adapter_index: int,
+        adapter_id: str,
+        source: str,
+        api_token: str = "",
+        merge: MergeRequest | None = None,
+    ) -> int:
         """`read_adapter` then `install_adapter`."""
-        return self.install_adapter(adapter_index, self.read_adapter(adapter_id, source, api_token))
+        return self.install_adapter(adapter_index, self.read_adapter(adapter_id, source, api_token, merge))
 
     def adapter_path(self, adapter_id: str, source: str, api_token: str = "") -> Path:
         """Where an adapter's files are on this host, fetching them first when needed."""

@@ -28,6 +28,7 @@ from loraxpy.worker.batch import (
     WorkerInputError,
 )
 from loraxpy.worker.lora import SlotsFullError
+from loraxpy.worker.merge import MergeOptions, MergeRequest
 from loraxpy.worker.runner import ModelRunner, NotReadyError
 from loraxpy.worker.sampling import SamplingParams
 
@@ -119,6 +120,16 @@ def output_to_proto(out: RequestOutputData) -> pb.RequestOutput:
     return msg
 
 
+def merge_from_proto(spec: pb.AdapterSpec) -> MergeRequest | None:
+    if not spec.HasField("merge"):
+        return None
+    m = spec.merge
+    if not m.adapter_ids or len(m.adapter_ids) != len(m.weights):
+        raise WorkerInputError("a merge needs at least one adapter id and one weight per id")
+    options = MergeOptions(m.strategy or "linear", m.density, m.majority_sign_method or "total")
+    return MergeRequest(tuple(m.adapter_ids), tuple(m.weights), options)
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, runner: ModelRunner, model_id: str | None) -> None:
         self.runner = runner
@@ -175,8 +186,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: pb.DownloadAdapterRequest, context: grpc.ServicerContext
     ) -> pb.DownloadAdapterResponse:
         spec = request.adapter
-        path = self.runner.adapter_path(spec.adapter_id, spec.source or "local", spec.api_token)
-        size = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("adapter_model"))
+        merge = merge_from_proto(spec)
+        size = 0
+        for adapter_id in merge.adapter_ids if merge else (spec.adapter_id,):
+            path = self.runner.adapter_path(adapter_id, spec.source or "local", spec.api_token)
+            size += sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("adapter_model"))
         return pb.DownloadAdapterResponse(size_bytes=size)
 
     @_rpc
@@ -187,7 +201,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if request.adapter_index < 1:
             raise WorkerInputError("adapter index 0 is the base model; adapters use indices from 1")
         # Fetching and parsing can take long (a hub download); only the slot write waits for the step.
-        adapter = self.runner.read_adapter(spec.adapter_id, spec.source or "local", spec.api_token)
+        adapter = self.runner.read_adapter(
+            spec.adapter_id, spec.source or "local", spec.api_token, merge_from_proto(spec)
+        )
         with self.lock:
             nbytes = self.runner.install_adapter(request.adapter_index, adapter)
         return pb.LoadAdapterResponse(memory_bytes=nbytes)

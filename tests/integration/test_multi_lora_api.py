@@ -43,6 +43,8 @@ def adapter_root(default_model_path: Path, tmp_path_factory: pytest.TempPathFact
         save_adapter(default_model_path, root / name, r, alpha, targets, seed)
     for i in range(NUM_CYCLED):
         save_adapter(default_model_path, root / f"cycled-{i}", 1 + i % 3, 8, ["q_proj", "v_proj"], 1000 + i)
+    # Same rank as all-r8, fewer modules: the two merge.
+    save_adapter(default_model_path, root / "qvd-r8", 8, 8, ["q_proj", "v_proj", "down_proj"], 77)
     return root
 
 
@@ -159,6 +161,56 @@ def test_bad_adapters_fail_only_their_requests(server: Launcher, adapter_root: P
     assert r.status_code == 404 and r.json()["error_type"] == "not_found"
     assert client.generate(PROMPT, adapter_id="all-r8", max_new_tokens=4).generated_text
     assert client.generate(PROMPT, max_new_tokens=4).generated_text
+
+
+@pytest.mark.filterwarnings("ignore:The density")
+@pytest.mark.parametrize(("strategy", "density"), [("linear", 1.0), ("ties", 0.6)])
+def test_merged_adapters_equal_peft_weighted_merge(
+    server: Launcher, default_model_path: Path, adapter_root: Path, peft_greedy, strategy: str, density: float
+) -> None:
+    from lorax.types import MergedAdapters
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids, weights = ["all-r8", "qvd-r8"], [0.8, -0.6]
+    merged = MergedAdapters(ids=ids, weights=weights, merge_strategy=strategy, density=density)
+    client = Client(server.url)
+    response = client.generate(PROMPT, merged_adapters=merged, max_new_tokens=12, details=True)
+
+    base = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_root / ids[0], adapter_name=ids[0])
+    model.load_adapter(adapter_root / ids[1], adapter_name=ids[1])
+    model.add_weighted_adapter(ids, weights, "merged", combination_type=strategy, density=density)
+    model.set_adapter("merged")
+    prompt_ids = AutoTokenizer.from_pretrained(default_model_path)(PROMPT, return_tensors="pt").input_ids
+    expected = model.generate(prompt_ids, max_new_tokens=12, do_sample=False)[
+        0, prompt_ids.shape[1] :
+    ].tolist()
+    assert [t.id for t in response.details.tokens] == expected
+    assert expected != peft_greedy(ids[0], PROMPT, 12), "the merge changes the answer"
+    # Served again from the registry (same merge, same slot): the same answer.
+    again = client.generate(PROMPT, merged_adapters=merged, max_new_tokens=12, details=True)
+    assert [t.id for t in again.details.tokens] == expected
+
+
+def test_bad_merges_fail_with_a_clear_error(server: Launcher) -> None:
+    from lorax.types import MergedAdapters
+
+    client = Client(server.url)
+    different_ranks = MergedAdapters(ids=["qv-r4", "all-r8"], weights=[1.0, 1.0], density=1.0)
+    with pytest.raises(ValidationError, match="same rank"):
+        client.generate(PROMPT, merged_adapters=different_ranks, max_new_tokens=4)
+    missing = MergedAdapters(ids=["all-r8", "no-such-adapter"], weights=[1.0, 1.0], density=1.0)
+    with pytest.raises(NotFoundError, match="not found"):
+        client.generate(PROMPT, merged_adapters=missing, max_new_tokens=4)
+    body = {"ids": ["all-r8"], "weights": [1.0, 2.0], "density": 1.0}
+    r = requests.post(
+        server.url + "/generate",
+        json={"inputs": PROMPT, "parameters": {"merged_adapters": body, "max_new_tokens": 4}},
+        timeout=30,
+    )
+    assert r.status_code == 422 and "same length" in r.json()["error"]
+    assert client.generate(PROMPT, adapter_id="all-r8", max_new_tokens=4).generated_text
 
 
 def hub_cache_from_folder(hub: Path, repo_id: str, folder: Path) -> None:

@@ -21,7 +21,9 @@ class RecordingWorkers:
         self.calls: list[tuple[str, int]] = []
         self.broken = {"corrupt": "adapter weights are unreadable", "gone": "adapter 'gone' not found"}
 
-    async def load_adapter(self, index: int, adapter_id: str, source: str, api_token: str = "") -> int:
+    async def load_adapter(
+        self, index: int, adapter_id: str, source: str, api_token: str = "", merge: object = None
+    ) -> int:
         await asyncio.sleep(0)
         if adapter_id in self.broken:
             raise WorkerError("LoadAdapter failed", grpc.StatusCode.INVALID_ARGUMENT, self.broken[adapter_id])
@@ -102,3 +104,40 @@ def test_a_private_adapter_needs_the_token_it_was_loaded_with() -> None:
         assert reg.entries[("org/private", "hub")].state is AdapterState.READY
 
     asyncio.run(run())
+
+
+def test_a_busy_adapter_yields_its_slot_after_the_cycle_time() -> None:
+    """Two clients keep adapter "hot" busy without a gap; "cold" still gets the only slot, and back."""
+
+    async def run(cycle_time_s: float | None) -> list[str]:
+        workers = RecordingWorkers(1)
+        reg = AdapterRegistry(workers, 1, cycle_time_s=cycle_time_s)  # type: ignore[arg-type]
+        served: list[str] = []
+        stop = asyncio.Event()
+
+        async def hot_client() -> None:
+            while not stop.is_set():
+                index = await reg.acquire("hot", "local")
+                served.append("hot")
+                await asyncio.sleep(0.004)
+                await reg.release(index)
+
+        async def cold_request() -> None:
+            await reg.release(await reg.acquire("cold", "local"))
+
+        hot = [asyncio.create_task(hot_client()) for _ in range(2)]
+        await asyncio.sleep(0.03)
+        try:
+            await asyncio.wait_for(cold_request(), timeout=1.0)
+            served.append("cold")
+            await asyncio.sleep(0.03)
+        finally:
+            stop.set()
+            await asyncio.gather(*hot, return_exceptions=True)
+        return served
+
+    served = asyncio.run(run(cycle_time_s=0.02))
+    cold = served.index("cold")
+    assert "hot" in served[:cold] and "hot" in served[cold:]  # hot was served before and after
+    with pytest.raises(TimeoutError):  # without a cycle time, "hot" never lets go of the slot
+        asyncio.run(run(cycle_time_s=None))

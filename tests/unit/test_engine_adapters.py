@@ -44,7 +44,9 @@ class StatefulWorker:
             results.append(StepResult(r.seq.id, r.seq.num_computed_tokens + r.num_tokens, token, (), 0, ()))
         return results
 
-    async def load_adapter(self, index: int, adapter_id: str, source: str, api_token: str = "") -> int:
+    async def load_adapter(
+        self, index: int, adapter_id: str, source: str, api_token: str = "", merge: object = None
+    ) -> int:
         assert len(self.on_device) < self.slots, "the registry never loads into a full device"
         self.on_device.add(index)
         return 1
@@ -106,7 +108,7 @@ def test_a_request_for_a_loaded_adapter_never_waits_for_another_adapters_downloa
 
         class SlowWorker(StatefulWorker):
             async def load_adapter(
-                self, index: int, adapter_id: str, source: str, api_token: str = ""
+                self, index: int, adapter_id: str, source: str, api_token: str = "", merge: object = None
             ) -> int:
                 if adapter_id == "slow":
                     await release_download.wait()
@@ -134,7 +136,7 @@ def test_a_client_leaving_mid_load_leaves_registry_and_worker_agreeing() -> None
 
         class GatedWorker(StatefulWorker):
             async def load_adapter(
-                self, index: int, adapter_id: str, source: str, api_token: str = ""
+                self, index: int, adapter_id: str, source: str, api_token: str = "", merge: object = None
             ) -> int:
                 await gate.wait()
                 return await super().load_adapter(index, adapter_id, source, api_token)
