@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy proto router worker kernels
+	$(VENV)/bin/mypy proto router worker kernels bench
 
 proto: $(STAMP)
 	$(PY) proto/generate.py

@@ -1,0 +1,181 @@
+"""`lorax-bench`: command-line flags → BenchConfig, then the engine benchmark, its table, JSON and plot.
+
+Defaults follow the device: on CUDA the shapes and grid of issue 6 (1b and 8b, bf16, batch 1/32/128,
+context 128/1024, 1/8/32/128 adapters, PEFT at batch 32 × 128 prompt tokens × 64 new tokens with
+32 adapters); on CPU a tiny fp32 model and a grid small enough to finish in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from loraxpy.bench.bounds import measure_copy_bandwidth
+from loraxpy.bench.engine import RunResult
+from loraxpy.bench.report import BaselineComparison, format_table, machine_info, plot_throughput, write_json
+from loraxpy.bench.shapes import SHAPES
+from loraxpy.bench.suite import BenchConfig, run_shape
+from loraxpy.bench.workloads import KINDS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# (CUDA default, CPU default) for every flag whose default depends on the device
+DEVICE_DEFAULTS: dict[str, tuple[str, str]] = {
+    "shapes": ("1b,8b", "tiny"),
+    "batch_sizes": ("1,32,128", "1,8"),
+    "context_lens": ("128,1024", "16,64"),
+    "adapter_counts": ("1,8,32,128", "1,4,8"),
+    "mixed_adapters": ("32", "8"),
+    "decode_steps": ("32", "8"),
+    "prefill_chunk": ("8192", "1024"),
+    "baseline_batch": ("32", "4"),
+    "baseline_prompt_len": ("128", "16"),
+    "baseline_new_tokens": ("64", "8"),
+    "baseline_adapters": ("32", "4"),
+}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorax-bench",
+        description="Engine-level benchmark: decode and prefill speed against the byte bound and HF+PEFT.",
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cuda, cuda:N or cpu")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    p.add_argument(
+        "--shapes", help=f"comma-separated, of {', '.join(SHAPES)} (default 1b,8b on CUDA, tiny on CPU)"
+    )
+    p.add_argument("--batch-sizes", help="comma-separated (default 1,32,128 on CUDA)")
+    p.add_argument("--context-lens", help="prompt tokens before decoding (default 128,1024 on CUDA)")
+    p.add_argument(
+        "--adapter-counts", help="N distinct adapters for uniform and Zipf (default 1,8,32,128 on CUDA)"
+    )
+    p.add_argument(
+        "--workloads", default=",".join(KINDS), help=f"comma-separated kinds of {', '.join(KINDS)}"
+    )
+    p.add_argument("--rank", type=int, default=16, help="rank of the single, uniform and Zipf adapters")
+    p.add_argument("--mixed-ranks", default="8,16,32,64", help="ranks the mixed workload cycles through")
+    p.add_argument("--mixed-adapters", help="distinct adapters of the mixed workload (default 32 on CUDA)")
+    p.add_argument(
+        "--zipf-s", type=float, default=1.0, help="Zipf exponent: adapter k drawn with weight 1/k^s"
+    )
+    p.add_argument("--warmup-steps", type=int, default=3, help="decode steps run before timing")
+    p.add_argument("--decode-steps", help="timed decode steps per run (default 32 on CUDA)")
+    p.add_argument("--prefill-chunk", help="most tokens per prefill step (default 8192 on CUDA)")
+    p.add_argument(
+        "--max-adapter-files", type=int, default=16, help="distinct adapter files per rank on disk"
+    )
+    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip HF transformers + PEFT")
+    p.add_argument("--baseline-batch", help="PEFT baseline batch size (default 32 on CUDA)")
+    p.add_argument("--baseline-prompt-len", help="PEFT baseline prompt tokens (default 128 on CUDA)")
+    p.add_argument("--baseline-new-tokens", help="PEFT baseline generated tokens (default 64 on CUDA)")
+    p.add_argument("--baseline-adapters", help="PEFT baseline distinct adapters (default 32 on CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, default=Path("bench-results.json"), help="JSON results")
+    p.add_argument("--plot", type=Path, help="PNG of throughput vs adapters (default: --output with .png)")
+    p.add_argument(
+        "--workdir", type=Path, help="keep the random model and adapters here (default: a temp dir)"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log each run as it finishes")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    device = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if args.device == "auto"
+        else torch.device(args.device)
+    )
+    on_cuda = device.type == "cuda"
+    dtype = (torch.bfloat16 if on_cuda else torch.float32) if args.dtype == "auto" else DTYPES[args.dtype]
+
+    def pick(name: str) -> str:
+        given = getattr(args, name)
+        return given if given is not None else DEVICE_DEFAULTS[name][0 if on_cuda else 1]
+
+    shapes = tuple(s.strip() for s in pick("shapes").split(",") if s.strip())
+    unknown = [s for s in shapes if s not in SHAPES]
+    kinds = tuple(k.strip() for k in args.workloads.split(",") if k.strip())
+    bad_kinds = [k for k in kinds if k not in KINDS]
+    if unknown or bad_kinds or not shapes:
+        raise ValueError(f"unknown shapes {unknown} or workloads {bad_kinds}")
+    if int(pick("baseline_new_tokens")) < 2:
+        raise ValueError("the baseline needs at least 2 new tokens (a prefill token and a decode step)")
+    return BenchConfig(
+        shapes=shapes,
+        device=device,
+        dtype=dtype,
+        batch_sizes=_ints(pick("batch_sizes")),
+        context_lens=_ints(pick("context_lens")),
+        adapter_counts=_ints(pick("adapter_counts")),
+        kinds=kinds,
+        rank=args.rank,
+        mixed_ranks=_ints(args.mixed_ranks),
+        mixed_adapters=int(pick("mixed_adapters")),
+        zipf_s=args.zipf_s,
+        warmup_steps=args.warmup_steps,
+        decode_steps=int(pick("decode_steps")),
+        prefill_chunk=int(pick("prefill_chunk")),
+        max_adapter_files=args.max_adapter_files,
+        baseline=args.baseline,
+        baseline_batch=int(pick("baseline_batch")),
+        baseline_prompt_len=int(pick("baseline_prompt_len")),
+        baseline_new_tokens=int(pick("baseline_new_tokens")),
+        baseline_adapters=int(pick("baseline_adapters")),
+        seed=args.seed,
+    )
+
+
+def run(config: BenchConfig, output: Path, plot: Path, workdir: Path) -> dict:
+    """Measures the bandwidth, runs every shape, writes JSON and PNG; returns the machine info."""
+    bandwidth = measure_copy_bandwidth(config.device)
+    machine = machine_info(config.device, config.dtype, bandwidth)
+    runs: list[RunResult] = []
+    baselines: list[BaselineComparison] = []
+    for name in config.shapes:
+        shape_runs, shape_baselines = run_shape(config, SHAPES[name], bandwidth, workdir)
+        runs += shape_runs
+        baselines += shape_baselines
+    config_doc = {
+        k: (str(v) if isinstance(v, torch.device | torch.dtype) else v) for k, v in vars(config).items()
+    }
+    write_json(output, machine, config_doc, runs, baselines)
+    plot_throughput(plot, runs)
+    print(
+        f"device {machine['device_name']} ({machine['device']}), {machine['dtype']}, "
+        f"copy bandwidth {machine['copy_bandwidth_gb_per_s']:.1f} GB/s"
+    )
+    print(format_table(runs, baselines))
+    print(f"\nwrote {output} and {plot}")
+    return machine
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"lorax-bench: {e}", file=sys.stderr)
+        return 2
+    plot = args.plot or args.output.with_suffix(".png")
+    if args.workdir is not None:
+        run(config, args.output, plot, args.workdir)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="lorax-bench-") as tmp:
+        run(config, args.output, plot, Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
