@@ -133,6 +133,9 @@ def plot_throughput(path: Path, runs: list[RunResult]) -> None:
                 if (r.batch_size, r.context_len, r.kind) == (b, ctx, "base"):
                     ax.axhline(r.decode_tokens_per_s, color=color, linewidth=0.8, alpha=0.5)
         ax.set_xscale("log", base=2)
+        counts = sorted({r.num_adapters for r in mine if r.kind in ("uniform", "zipf")})
+        if counts:
+            ax.set_xticks(counts, [str(n) for n in counts])
         ax.set_yscale("log")
         ax.set_xlabel("distinct adapters (N)")
         ax.set_ylabel("decode tokens/s")
