@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,8 +20,17 @@ from safetensors.torch import load_file
 from loraxpy.worker.model_config import ModelConfig
 from loraxpy.worker.model_source import ModelSourceError, hub_snapshot
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+_HEAD_KEY = re.compile(r"(?:^|\.)(lm_head)\.lora_([AB])(?:\.default)?\.weight$")
+# PEFT saves the base weights of an adapted LM head / embedding next to the LoRA ("auto"), in case
+# the vocabulary was resized; they must equal the model's own (checked by the runner).
+_BASE_LAYER_KEY = re.compile(r"(?:^|\.)(lm_head|embed_tokens)\.base_layer\.weight$")
+
+
+def head_key(config: ModelConfig) -> tuple[int, str]:
+    """The LM head's key among an adapter's (layer, target) pairs: it comes after the last layer."""
+    return (config.num_layers, "lm_head")
 
 
 class AdapterError(ValueError):
@@ -35,6 +44,8 @@ class LoraAdapter:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     # (layer index, target module) → lora_alpha / r (or / sqrt(r) for rsLoRA); the delta is scale·B·A
     scales: dict[tuple[int, str], float]
+    # "lm_head" / "embed_tokens" → the full base weight saved with the adapter, until checked
+    base_layers: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -52,6 +63,7 @@ def module_shape(config: ModelConfig, target: str) -> tuple[int, int]:
         "gate_proj": (h, i),
         "up_proj": (h, i),
         "down_proj": (i, h),
+        "lm_head": (h, config.vocab_size),
     }[target]
 
 
@@ -159,7 +171,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def _alpha(cfg: dict, layer: int, target: str, r: int) -> float:
     """lora_alpha for one module, honouring PEFT's alpha_pattern (keys match module-name suffixes)."""
     block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-    module = f"model.layers.{layer}.{block}.{target}"
+    module = "lm_head" if target == "lm_head" else f"model.layers.{layer}.{block}.{target}"
     for key, value in (cfg.get("alpha_pattern") or {}).items():
         if re.fullmatch(rf"(.*\.)?{key}", module):
             return float(value)
@@ -171,12 +183,20 @@ def load_peft_adapter(path: Path, config: ModelConfig, max_rank: int) -> LoraAda
     base = cfg.get("base_model_name_or_path")
     tensors = _read_tensors(path)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    base_layers: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
-        match = _KEY.search(name)
-        if match is None:
+        base_layer = _BASE_LAYER_KEY.search(name)
+        if base_layer is not None:
+            base_layers[base_layer[1]] = tensor
+            continue
+        match, head = _KEY.search(name), _HEAD_KEY.search(name)
+        if head is not None:
+            (layer, target), which = head_key(config), head[2]
+        elif match is not None:
+            layer, target, which = int(match[1]), match[2], match[3]
+        else:
             raise AdapterError(f"adapter tensor {name!r} targets a module this server cannot adapt")
-        layer, target, which = int(match[1]), match[2], match[3]
-        if target not in TARGETS or layer >= config.num_layers:
+        if target not in TARGETS or (target != "lm_head" and layer >= config.num_layers):
             raise AdapterError(f"adapter tensor {name!r} does not fit the model ({config.num_layers} layers)")
         pairs.setdefault((layer, target), {})[which] = tensor
     if not pairs:
@@ -201,4 +221,5 @@ def load_peft_adapter(path: Path, config: ModelConfig, max_rank: int) -> LoraAda
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         weights[(layer, target)] = (a, b)
         scales[(layer, target)] = scale
-    return LoraAdapter(rank=max(a.shape[0] for a, _ in weights.values()), weights=weights, scales=scales)
+    rank = max(a.shape[0] for a, _ in weights.values())
+    return LoraAdapter(rank=rank, weights=weights, scales=scales, base_layers=base_layers)

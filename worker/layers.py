@@ -181,9 +181,14 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """logits = h E^T over this rank's vocab rows, gathered to the full vocab on every rank."""
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [n, hidden] -> logits [n, vocab_size] (fp32)
-        local = F.linear(hidden, self.weight).float()
+    lora: Any = None  # LoraSlots once an adapter adapts the LM head
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        # hidden: [n, hidden] -> logits [n, vocab_size] (fp32); rows: their indices in the batch
+        local = F.linear(hidden, self.weight)
+        if self.lora is not None and rows is not None and self.lora.batch.token_slots is not None:
+            local = self.lora.add_delta(hidden, local, self.lora.batch.token_slots[rows])
+        local = local.float()
         if self.shard.world_size > 1:
             parts = [torch.empty_like(local) for _ in range(self.shard.world_size)]
             dist.all_gather(parts, local)

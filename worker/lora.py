@@ -6,7 +6,9 @@ Per step the runner sets one slot index per token row; every adapted layer then 
 expand(shrink(x, a), b) for all rows at once, whatever the mix of adapters and ranks.
 Tensor parallel: a column-parallel layer keeps A whole (the shrink output is complete) and its
 slice of B's rows; a row-parallel layer keeps its slice of A's columns and B whole, so its partial
-delta joins the layer's partial sum before the one all-reduce.
+delta joins the layer's partial sum before the one all-reduce. The LM head is vocab-parallel,
+i.e. column-parallel over vocabulary rows; its slots (B is vocab × rank per slot) are allocated
+when the first adapter that adapts it arrives, and its delta uses the slots of the logit rows.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import torch
 from torch import nn
 
 from loraxpy.kernels.lora import lora_expand, lora_shrink
-from loraxpy.worker.adapters import LoraAdapter, module_shape
-from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear, Shard
+from loraxpy.worker.adapters import LoraAdapter, head_key, module_shape
+from loraxpy.worker.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Shard
 from loraxpy.worker.model_config import ModelConfig
 
 
@@ -45,7 +47,7 @@ class LoraSlots:
 
     def __init__(
         self,
-        layer: ColumnParallelLinear | RowParallelLinear,
+        layer: ColumnParallelLinear | RowParallelLinear | ParallelLMHead,
         full_shapes: dict[str, tuple[int, int]],
         batch: LoraBatch,
         num_slots: int,
@@ -54,12 +56,14 @@ class LoraSlots:
     ) -> None:
         self.batch = batch
         self.shard = shard
-        self.is_column = isinstance(layer, ColumnParallelLinear)
+        self.is_column = not isinstance(layer, RowParallelLinear)
         dtype, device = layer.weight.dtype, layer.weight.device
         self.slices: dict[str, _Slice] = {}
         for name, (in_full, out_full) in full_shapes.items():
             in_local = in_full if self.is_column else in_full // shard.world_size
             out_local = out_full // shard.world_size if self.is_column else out_full
+            if isinstance(layer, ParallelLMHead):
+                out_local = layer.vocab_local  # the last rank's part is padded
             offset = layer.offsets[name] if isinstance(layer, ColumnParallelLinear) else 0
             self.slices[name] = _Slice(
                 a=torch.zeros(num_slots, max_rank, in_local, dtype=dtype, device=device),
@@ -73,23 +77,26 @@ class LoraSlots:
         rank = self.shard.rank
         if self.is_column:
             rows = s.b.shape[1]
-            b = b.narrow(0, rank * rows, rows)
+            b = b[rank * rows : (rank + 1) * rows]  # shorter on a padded last rank
         else:
             cols = s.a.shape[2]
             a = a.narrow(1, rank * cols, cols)
         s.a[slot].zero_()
         s.b[slot].zero_()
         s.a[slot, :r].copy_(a)
-        s.b[slot, :, :r].copy_(b)
+        s.b[slot, : b.shape[0], :r].copy_(b)
 
     def clear(self, slot: int) -> None:
         for s in self.slices.values():
             s.a[slot].zero_()
             s.b[slot].zero_()
 
-    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y + LoRA delta for every row (x: [num_tokens, in_local], y: [num_tokens, out_local])."""
-        slots = self.batch.token_slots
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """y + LoRA delta for every row (x: [rows, in_local], y: [rows, out_local]).
+
+        `slots` defaults to the batch's per-token slots; the LM head passes those of its rows.
+        """
+        slots = self.batch.token_slots if slots is None else slots
         if slots is None:
             return y
         for s in self.slices.values():
@@ -116,6 +123,9 @@ class LoraManager:
     num_slots: int
     max_rank: int
     index_to_slot: dict[int, int] = field(default_factory=dict)
+    head: ParallelLMHead | None = None
+    config: ModelConfig | None = None
+    shard: Shard = field(default_factory=Shard)
 
     @classmethod
     def attach(
@@ -131,7 +141,19 @@ class LoraManager:
                 linear.lora = lora
                 for t in targets:
                     slots[(i, t)] = lora
-        return cls(slots, batch, num_slots, max_rank)
+        head = model.lm_head if isinstance(model.lm_head, ParallelLMHead) else None
+        return cls(slots, batch, num_slots, max_rank, head=head, config=config, shard=shard)
+
+    def _head_slots(self) -> LoraSlots:
+        """The LM head's slots, allocated on first use (B is vocab × rank per slot)."""
+        assert self.head is not None and self.config is not None
+        key = head_key(self.config)
+        if key not in self.slots:
+            shapes = {"lm_head": module_shape(self.config, "lm_head")}
+            lora = LoraSlots(self.head, shapes, self.batch, self.num_slots + 1, self.max_rank, self.shard)
+            self.head.lora = lora
+            self.slots[key] = lora
+        return self.slots[key]
 
     def load(self, adapter_index: int, adapter: LoraAdapter) -> None:
         if adapter_index in self.index_to_slot:
@@ -141,6 +163,8 @@ class LoraManager:
         if not free:
             raise SlotsFullError(f"all {self.num_slots} adapter slots are in use; offload one first")
         slot = free[0]
+        if self.config is not None and head_key(self.config) in adapter.weights:
+            self._head_slots()
         for lora in set(self.slots.values()):
             lora.clear(slot)  # modules this adapter leaves alone must add nothing
         for key, (a, b) in adapter.weights.items():

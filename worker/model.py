@@ -168,6 +168,6 @@ class CausalLM(nn.Module):
         return self.norm(h)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [n, hidden] -> [n, vocab_size] fp32
-        return self.lm_head.logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        # hidden: [n, hidden] -> [n, vocab_size] fp32; rows: their indices in the batch (for LoRA)
+        return self.lm_head.logits(hidden, rows)

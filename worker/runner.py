@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -245,7 +246,7 @@ class ModelRunner:
         tokens: dict[int, tuple[tuple[int, float], tuple[tuple[int, float], ...]]] = {}
         if sampling:
             rows = torch.tensor([row for _, row in sampling], device=hidden.device)
-            logits = self.model.compute_logits(hidden[rows])
+            logits = self.model.compute_logits(hidden[rows], rows)
             sampling_rows = [
                 SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator)
                 for s, _ in (scheduled[i] for i, _ in sampling)
@@ -284,7 +285,8 @@ class ModelRunner:
         first, last = s + 1, min(s + num_scheduled + 1, state.num_prompt_tokens)
         if first >= last:
             return 0, ()
-        logits = self.model.compute_logits(hidden[row0 : row0 + last - first])
+        rows = torch.arange(row0, row0 + last - first, device=hidden.device)
+        logits = self.model.compute_logits(hidden[rows], rows)
         targets = torch.tensor(state.token_ids[first:last], device=logits.device)
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
         return first, tuple(logprobs.tolist())
@@ -306,12 +308,29 @@ class ModelRunner:
             return adapter
         if merge is None:
             path = self.adapter_path(adapter_id, source, api_token)
-            adapter = load_peft_adapter(path, self.config, self.options.max_lora_rank)
+            adapter = self._check_base_layers(
+                load_peft_adapter(path, self.config, self.options.max_lora_rank)
+            )
         else:
             parts = [self.read_adapter(part, source, api_token) for part in merge.adapter_ids]
             adapter = merge_adapters(parts, merge.weights, merge.options, seed=merge.seed)
         self.host_cache.put(key, adapter)
         return adapter
+
+    def _check_base_layers(self, adapter: LoraAdapter) -> LoraAdapter:
+        """Refuses an adapter whose saved LM head / embedding differs from the model's; drops them."""
+        for name, saved in adapter.base_layers.items():
+            own = self.model.lm_head if name == "lm_head" else self.model.embed_tokens
+            rows = min(own.vocab_local, max(0, own.vocab_size - own.vocab_start))
+            mine = own.weight[:rows].float().cpu()
+            if saved.shape != (own.vocab_size, mine.shape[1]) or not torch.allclose(
+                saved[own.vocab_start : own.vocab_start + rows].float(), mine, rtol=1e-2, atol=1e-3
+            ):
+                raise WorkerInputError(
+                    f"adapter replaces the model's {name} weights (a resized or retrained vocabulary: "
+                    f"{tuple(saved.shape)}); only adapters over the base model's own {name} can be served"
+                )
+        return dataclasses.replace(adapter, base_layers={})
 
     def install_adapter(self, adapter_index: int, adapter: LoraAdapter) -> int:
         """Writes a parsed adapter into a device slot under `adapter_index`; returns its bytes."""

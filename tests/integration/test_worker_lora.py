@@ -26,6 +26,7 @@ ADAPTERS = {
         True,
     ),
     "mlp-o-r16": (16, 4, ["o_proj", "gate_proj", "down_proj"], False),
+    "head-r4": (4, 16, ["v_proj", "lm_head"], False),  # LoRA on the LM head too
 }
 INDEX = {name: i + 1 for i, name in enumerate(ADAPTERS)}
 
@@ -91,7 +92,7 @@ def stub(
     with worker_process(
         tiny_llama,
         tmp_path_factory.mktemp("sock"),
-        extra_args=("--adapter-root", str(adapter_root), "--max-loras", "4"),
+        extra_args=("--adapter-root", str(adapter_root), "--max-loras", "5"),
     ) as s:
         s.Warmup(pb.WarmupRequest(max_prefill_tokens=128, max_num_seqs=8, num_blocks=64))
         yield s
@@ -129,6 +130,8 @@ def test_mixed_batch_of_adapters_matches_peft(stub, tiny_llama: Path, adapter_ro
         (None, 17, 4),
         ("all-r8-rslora", 12, 6),
         ("mlp-o-r16", 3, 6),
+        ("head-r4", 8, 0),
+        ("head-r4", 19, 5),
     ]
     requests = [
         Request(
@@ -145,6 +148,8 @@ def test_mixed_batch_of_adapters_matches_peft(stub, tiny_llama: Path, adapter_ro
         assert r.generated == peft_greedy(tiny_llama, adapter_root, name, r.prompt, 10), name
     distinct = {tuple(r.generated) for r in requests[:4]}
     assert len(distinct) == 4, "adapters change the output, so the comparison means something"
+    head_only = peft_greedy(tiny_llama, adapter_root, "head-r4", requests[0].prompt, 10)
+    assert head_only != requests[0].generated, "the LM head adapter changes the output"
 
 
 def test_offloaded_slot_is_reused_and_the_old_adapter_leaves_no_trace(
@@ -180,11 +185,25 @@ def _wrong_shape(root: Path) -> str:
     return "wrong-shape"
 
 
+def _retrained_head(root: Path) -> str:
+    from safetensors.torch import load_file, save_file
+
+    bad = root / "retrained-head"
+    bad.mkdir(exist_ok=True)
+    (bad / "adapter_config.json").write_text((root / "head-r4" / "adapter_config.json").read_text())
+    tensors = load_file(str(root / "head-r4" / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("lm_head.base_layer.weight"))  # PEFT saves it ("auto")
+    tensors[key] = tensors[key] + 0.5
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    return "retrained-head"
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         (_corrupt, "unreadable"),
         (_wrong_shape, "do not fit"),
+        (_retrained_head, "replaces the model's lm_head"),
         (lambda root: "missing-adapter", "not found"),
         (lambda root: "../../etc", "outside --adapter-root"),
         (lambda root: "/etc", "outside --adapter-root"),
