@@ -1,4 +1,5 @@
-"""`lorax-bench`: command-line flags → BenchConfig, then the engine benchmark, its table, JSON and plot.
+"""`lorax-bench [engine]`: flags → BenchConfig, then the engine benchmark, its table, JSON and plot;
+`lorax-bench serve`: flags → ServeConfig, then streaming clients against a running server.
 
 Defaults follow the device: on CUDA the shapes and grid of issue 6 (1b and 8b, bf16, batch 1/32/128,
 context 128/1024, 1/8/32/128 adapters, PEFT at batch 32 × 128 prompt tokens × 64 new tokens with
@@ -8,6 +9,8 @@ context 128/1024, 1/8/32/128 adapters, PEFT at batch 32 × 128 prompt tokens × 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import sys
 import tempfile
@@ -18,6 +21,7 @@ import torch
 from loraxpy.bench.bounds import measure_copy_bandwidth
 from loraxpy.bench.engine import RunResult
 from loraxpy.bench.report import BaselineComparison, format_table, machine_info, plot_throughput, write_json
+from loraxpy.bench.serving import ServeConfig, format_report, report_dict, run_serving
 from loraxpy.bench.shapes import SHAPES
 from loraxpy.bench.suite import BenchConfig, run_shape
 from loraxpy.bench.workloads import KINDS
@@ -45,8 +49,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="lorax-bench",
-        description="Engine-level benchmark: decode and prefill speed against the byte bound and HF+PEFT.",
+        prog="lorax-bench [engine]",
+        description="Engine-level benchmark: decode and prefill speed against the byte bound and HF+PEFT. "
+        "`lorax-bench serve --help` describes the serving benchmark.",
     )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cuda, cuda:N or cpu")
     p.add_argument(
@@ -160,8 +165,58 @@ def run(config: BenchConfig, output: Path, plot: Path, workdir: Path) -> dict:
     return machine
 
 
+def build_serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorax-bench serve",
+        description="Serving benchmark: Poisson arrivals of streaming requests against a running server.",
+    )
+    p.add_argument("--url", default="http://127.0.0.1:3000", help="the server (start lorax-launcher first)")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--rate", type=float, default=4.0, help="mean request arrivals per second")
+    p.add_argument(
+        "--adapter-ids", default="", help="comma-separated adapter pool; an empty item is the base model"
+    )
+    p.add_argument("--distribution", default="uniform", choices=["uniform", "zipf"])
+    p.add_argument("--zipf-s", type=float, default=1.0)
+    p.add_argument("--prompt", default=ServeConfig.prompt)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--api-key", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, help="JSON: the report and every request")
+    return p
+
+
+def serve_main(argv: list[str]) -> int:
+    args = build_serve_parser().parse_args(argv)
+    try:
+        config = ServeConfig(
+            url=args.url,
+            num_requests=args.num_requests,
+            rate=args.rate,
+            adapter_ids=tuple(a.strip() for a in args.adapter_ids.split(",")),
+            distribution=args.distribution,
+            zipf_s=args.zipf_s,
+            prompt=args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            api_key=args.api_key,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        print(f"lorax-bench serve: {e}", file=sys.stderr)
+        return 2
+    report, records = asyncio.run(run_serving(config))
+    print(format_report(report))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report_dict(config, report, records), indent=1))
+    return 0 if report.num_failed < report.num_requests else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
+    args = build_parser().parse_args(argv[1:] if argv[:1] == ["engine"] else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         config = config_from_args(args)

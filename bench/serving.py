@@ -1,0 +1,183 @@
+"""`lorax-bench serve`: a running server driven over HTTP by streaming clients with Poisson arrivals.
+
+Requests arrive at exponentially distributed intervals (rate λ per second), each picks an adapter
+from a pool (uniform or Zipf; "" is the base model) and streams `/generate_stream`. Per request it
+records the time to first token (TTFT) and the mean time per output token after the first (TPOT);
+the report gives their percentiles and the overall output throughput. Start the server yourself
+(`lorax-launcher ...`), so the same client measures any deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiohttp
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    url: str
+    num_requests: int = 64
+    rate: float = 4.0  # mean arrivals per second
+    adapter_ids: tuple[str, ...] = ("",)  # "" = the base model
+    distribution: str = "uniform"  # or "zipf"
+    zipf_s: float = 1.0
+    prompt: str = "Write a short story about a lighthouse keeper."
+    max_new_tokens: int = 64
+    ignore_eos: bool = True  # every request generates max_new_tokens, so runs compare
+    api_key: str = ""
+    seed: int = 0
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.num_requests < 1 or self.rate <= 0 or self.max_new_tokens < 1 or not self.adapter_ids:
+            raise ValueError("serve needs at least one request, a positive rate, tokens and adapters")
+        if self.distribution not in ("uniform", "zipf"):
+            raise ValueError("distribution is uniform or zipf")
+
+
+@dataclass
+class RequestRecord:
+    adapter_id: str
+    sent_s: float  # since the start of the run
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    num_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.ttft_s is None or self.latency_s is None or self.num_tokens < 2:
+            return None
+        return (self.latency_s - self.ttft_s) / (self.num_tokens - 1)
+
+
+@dataclass
+class ServeReport:
+    num_requests: int
+    num_failed: int
+    duration_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    ttft_s: dict[str, float]
+    tpot_s: dict[str, float]
+    errors: list[str] = field(default_factory=list)
+
+
+def percentiles(values: list[float], points: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
+    """Linearly interpolated percentiles (numpy's default method); empty input gives an empty dict."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+    out = {}
+    for p in points:
+        k = (len(ordered) - 1) * p / 100
+        lo = int(k)
+        hi = min(lo + 1, len(ordered) - 1)
+        out[f"p{p}"] = ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+    out["mean"] = sum(ordered) / len(ordered)
+    return out
+
+
+def plan_requests(config: ServeConfig) -> list[tuple[float, str]]:
+    """(arrival second, adapter id) for every request: Poisson arrivals, adapters uniform or Zipf."""
+    rng = random.Random(config.seed)
+    ids = config.adapter_ids
+    weights = (
+        [1.0 / k**config.zipf_s for k in range(1, len(ids) + 1)] if config.distribution == "zipf" else None
+    )
+    t, plan = 0.0, []
+    for _ in range(config.num_requests):
+        t += rng.expovariate(config.rate)
+        plan.append((t, rng.choices(ids, weights=weights)[0]))
+    return plan
+
+
+async def _one(session: aiohttp.ClientSession, config: ServeConfig, record: RequestRecord, t0: float) -> None:
+    params: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "ignore_eos_token": config.ignore_eos}
+    if record.adapter_id:
+        params["adapter_id"] = record.adapter_id
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    start = time.perf_counter()
+    record.sent_s = start - t0
+    try:
+        async with session.post(
+            f"{config.url.rstrip('/')}/generate_stream",
+            json={"inputs": config.prompt, "parameters": params},
+            headers=headers,
+        ) as resp:
+            if resp.status != 200:
+                record.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return
+            async for line in resp.content:
+                if not line.startswith(b"data:"):
+                    continue
+                body = json.loads(line[5:])
+                if "error" in body:
+                    record.error = str(body["error"])
+                    return
+                if body.get("token") is not None:
+                    record.num_tokens += 1
+                    if record.ttft_s is None:
+                        record.ttft_s = time.perf_counter() - start
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        record.error = f"{type(e).__name__}: {e}"
+        return
+    record.latency_s = time.perf_counter() - start
+
+
+async def run_serving(config: ServeConfig) -> tuple[ServeReport, list[RequestRecord]]:
+    plan = plan_requests(config)
+    records = [RequestRecord(adapter_id, arrival) for arrival, adapter_id in plan]
+    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+    connector = aiohttp.TCPConnector(limit=0)  # arrivals, not a pool size, decide concurrency
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        t0 = time.perf_counter()
+
+        async def arrive(arrival: float, record: RequestRecord) -> None:
+            await asyncio.sleep(max(0.0, arrival - (time.perf_counter() - t0)))
+            await _one(session, config, record, t0)
+
+        await asyncio.gather(*(arrive(a, r) for (a, _), r in zip(plan, records, strict=True)))
+        duration = time.perf_counter() - t0
+    ok = [r for r in records if r.error is None]
+    tokens = sum(r.num_tokens for r in ok)
+    report = ServeReport(
+        num_requests=len(records),
+        num_failed=len(records) - len(ok),
+        duration_s=duration,
+        requests_per_s=len(ok) / duration,
+        output_tokens_per_s=tokens / duration,
+        ttft_s=percentiles([r.ttft_s for r in ok if r.ttft_s is not None]),
+        tpot_s=percentiles([t for r in ok if (t := r.tpot_s) is not None]),
+        errors=sorted({r.error for r in records if r.error})[:10],
+    )
+    return report, records
+
+
+def format_report(report: ServeReport) -> str:
+    def row(name: str, stats: dict[str, float]) -> str:
+        cells = "  ".join(f"{k} {v * 1e3:9.2f} ms" for k, v in stats.items())
+        return f"{name:>5}  {cells or 'no data'}"
+
+    lines = [
+        f"{report.num_requests} requests ({report.num_failed} failed) in {report.duration_s:.1f} s: "
+        f"{report.requests_per_s:.2f} req/s, {report.output_tokens_per_s:.1f} output tokens/s",
+        row("TTFT", report.ttft_s),
+        row("TPOT", report.tpot_s),
+    ]
+    lines += [f"error: {e}" for e in report.errors]
+    return "\n".join(lines)
+
+
+def report_dict(config: ServeConfig, report: ServeReport, records: list[RequestRecord]) -> dict[str, Any]:
+    return {
+        "config": asdict(config),
+        "report": asdict(report),
+        "requests": [{**asdict(r), "tpot_s": r.tpot_s} for r in records],
+    }

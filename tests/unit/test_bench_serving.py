@@ -1,0 +1,114 @@
+"""lorax-bench serve against an in-process stand-in for /generate_stream: arrivals, TTFT/TPOT, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from loraxpy.bench.cli import main
+from loraxpy.bench.serving import ServeConfig, percentiles, plan_requests, run_serving
+
+FIRST_TOKEN_S = 0.05
+PER_TOKEN_S = 0.01
+
+
+async def _stream(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    params = body["parameters"]
+    if params.get("adapter_id") == "broken":
+        return web.json_response(
+            {"error": "adapter broken not found", "error_type": "validation"}, status=422
+        )
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await asyncio.sleep(FIRST_TOKEN_S)
+    n = params["max_new_tokens"]
+    for i in range(n):
+        if i:
+            await asyncio.sleep(PER_TOKEN_S)
+        event = {"token": {"id": i, "text": "x", "logprob": 0.0, "special": False}, "generated_text": None}
+        await response.write(b"data:" + json.dumps(event).encode() + b"\n\n")
+    return response
+
+
+@pytest.fixture
+def server_url() -> Iterator[str]:
+    """The stand-in server on its own event loop in a thread; the client under test runs its own loop."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    app = web.Application()
+    app.router.add_post("/generate_stream", _stream)
+    runner = web.AppRunner(app)
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_poisson_plan_has_the_requested_rate_and_zipf_favours_the_first_adapter() -> None:
+    config = ServeConfig(
+        "http://x", num_requests=4000, rate=50.0, adapter_ids=("a", "b", "c"), distribution="zipf", zipf_s=2.0
+    )
+    plan = plan_requests(config)
+    arrivals = [t for t, _ in plan]
+    assert arrivals == sorted(arrivals)
+    assert arrivals[-1] / len(arrivals) == pytest.approx(1 / 50.0, rel=0.1)
+    counts = {a: sum(1 for _, x in plan if x == a) for a in "abc"}
+    assert counts["a"] > counts["b"] > counts["c"] > 0
+
+
+def test_percentiles_interpolate() -> None:
+    stats = percentiles([4.0, 1.0, 3.0, 2.0])
+    assert stats["p50"] == 2.5 and stats["mean"] == 2.5
+    assert stats["p90"] == pytest.approx(3.7)
+    assert percentiles([]) == {}
+
+
+def test_streams_are_timed_and_failures_counted(server_url: str) -> None:
+    config = ServeConfig(
+        server_url, num_requests=12, rate=200.0, adapter_ids=("", "good", "broken"), max_new_tokens=5
+    )
+    report, records = asyncio.run(run_serving(config))
+    broken = [r for r in records if r.adapter_id == "broken"]
+    assert broken and all(r.error and "422" in r.error for r in broken)
+    assert report.num_failed == len(broken)
+    ok = [r for r in records if r.error is None]
+    assert ok and all(r.num_tokens == 5 for r in ok)
+    for r in ok:
+        assert r.ttft_s is not None and r.ttft_s >= FIRST_TOKEN_S * 0.9
+        assert r.tpot_s is not None and r.tpot_s >= PER_TOKEN_S * 0.9
+    assert report.ttft_s["p50"] <= report.ttft_s["p99"]
+    assert report.output_tokens_per_s == pytest.approx(5 * len(ok) / report.duration_s)
+
+
+def test_cli_serve_writes_json(server_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    argv = [
+        "serve",
+        f"--url={server_url}",
+        "--num-requests=3",
+        "--rate=100",
+        "--max-new-tokens=2",
+        f"--output={out}",
+    ]
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["report"]["num_requests"] == 3 and doc["report"]["num_failed"] == 0
+    assert all(r["num_tokens"] == 2 for r in doc["requests"])
