@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from loraxpy.kernels import lora_triton
 from loraxpy.kernels.lora import lora_expand, lora_shrink
+from loraxpy.kernels.lora_triton import Segments, sgmv_expand_add, sgmv_shrink
 from loraxpy.worker.adapters import LoraAdapter, head_key, module_shape
 from loraxpy.worker.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Shard
 from loraxpy.worker.model_config import ModelConfig
@@ -33,6 +35,7 @@ class LoraBatch:
     """Per-step state shared by every adapted layer."""
 
     token_slots: torch.Tensor | None = None  # [num_tokens] int64, or None when no row uses an adapter
+    segments: Segments | None = None  # the same rows as SGMV segments, on the Triton path
 
 
 @dataclass
@@ -96,6 +99,11 @@ class LoraSlots:
 
         `slots` defaults to the batch's per-token slots; the LM head passes those of its rows.
         """
+        if slots is None and self.batch.segments is not None:  # Triton SGMV (CUDA)
+            for s in self.slices.values():
+                v = sgmv_shrink(x, s.a, self.batch.segments)
+                sgmv_expand_add(v, s.b, self.batch.segments, y, s.out_offset)
+            return y
         slots = self.batch.token_slots if slots is None else slots
         if slots is None:
             return y
@@ -126,6 +134,8 @@ class LoraManager:
     head: ParallelLMHead | None = None
     config: ModelConfig | None = None
     shard: Shard = field(default_factory=Shard)
+    backend: str = "torch"  # "triton" on CUDA when Triton is installed; chosen once, at attach
+    slot_ranks: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def attach(
@@ -142,7 +152,9 @@ class LoraManager:
                 for t in targets:
                     slots[(i, t)] = lora
         head = model.lm_head if isinstance(model.lm_head, ParallelLMHead) else None
-        return cls(slots, batch, num_slots, max_rank, head=head, config=config, shard=shard)
+        device = next(model.parameters()).device
+        backend = "triton" if device.type == "cuda" and lora_triton.available() else "torch"
+        return cls(slots, batch, num_slots, max_rank, head=head, config=config, shard=shard, backend=backend)
 
     def _head_slots(self) -> LoraSlots:
         """The LM head's slots, allocated on first use (B is vocab × rank per slot)."""
@@ -170,17 +182,21 @@ class LoraManager:
         for key, (a, b) in adapter.weights.items():
             self.slots[key].write(slot, key[1], a, b * adapter.scales[key])
         self.index_to_slot[adapter_index] = slot
+        self.slot_ranks[slot] = adapter.rank
 
     def offload(self, adapter_index: int) -> None:
         slot = self.index_to_slot.pop(adapter_index)
+        self.slot_ranks.pop(slot, None)
         for lora in set(self.slots.values()):
             lora.clear(slot)
 
     def set_batch(self, token_adapter_indices: list[int], device: torch.device) -> None:
+        self.batch.segments = None
         if not any(token_adapter_indices):
             self.batch.token_slots = None
             return
         slot_of = {0: 0, **self.index_to_slot}
-        self.batch.token_slots = torch.tensor(
-            [slot_of[i] for i in token_adapter_indices], dtype=torch.int64, device=device
-        )
+        slots = [slot_of[i] for i in token_adapter_indices]
+        self.batch.token_slots = torch.tensor(slots, dtype=torch.int64, device=device)
+        if self.backend == "triton":
+            self.batch.segments = Segments.build(slots, self.slot_ranks, device)
