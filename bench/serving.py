@@ -67,6 +67,10 @@ class ServeReport:
     ttft_s: dict[str, float]
     tpot_s: dict[str, float]
     errors: list[str] = field(default_factory=list)
+    # From the server's /metrics over the run: mean seconds per step, and the router's share of it
+    # (scheduling, gRPC, handing out tokens); None when the server exports no such metrics.
+    step_s: float | None = None
+    router_overhead_s: float | None = None
 
 
 def percentiles(values: list[float], points: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
@@ -137,6 +141,7 @@ async def run_serving(config: ServeConfig) -> tuple[ServeReport, list[RequestRec
     timeout = aiohttp.ClientTimeout(total=config.timeout_s)
     connector = aiohttp.TCPConnector(limit=0)  # arrivals, not a pool size, decide concurrency
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        before = await _step_metrics(session, config.url)
         t0 = time.perf_counter()
 
         async def arrive(arrival: float, record: RequestRecord) -> None:
@@ -145,6 +150,7 @@ async def run_serving(config: ServeConfig) -> tuple[ServeReport, list[RequestRec
 
         await asyncio.gather(*(arrive(a, r) for (a, _), r in zip(plan, records, strict=True)))
         duration = time.perf_counter() - t0
+        after = await _step_metrics(session, config.url)
     ok = [r for r in records if r.error is None]
     tokens = sum(r.num_tokens for r in ok)
     report = ServeReport(
@@ -157,7 +163,38 @@ async def run_serving(config: ServeConfig) -> tuple[ServeReport, list[RequestRec
         tpot_s=percentiles([t for r in ok if (t := r.tpot_s) is not None]),
         errors=sorted({r.error for r in records if r.error})[:10],
     )
+    if before is not None and after is not None and after[0] > before[0]:
+        steps = after[0] - before[0]
+        report.step_s = (after[1] - before[1]) / steps
+        report.router_overhead_s = (after[2] - before[2]) / steps
     return report, records
+
+
+STEP_METRICS = (
+    "lorax_batch_inference_duration_count",
+    "lorax_batch_inference_duration_sum",
+    "lorax_router_step_overhead_seconds_sum",
+)
+
+
+async def _step_metrics(session: aiohttp.ClientSession, url: str) -> tuple[float, float, float] | None:
+    """(steps, step seconds, router overhead seconds) so far, from the server's /metrics."""
+    try:
+        async with session.get(url.rstrip("/") + "/metrics") as response:
+            if response.status != 200:
+                return None
+            text = await response.text()
+    except aiohttp.ClientError:
+        return None
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in STEP_METRICS:
+            values[name] = float(value)
+    if len(values) != len(STEP_METRICS):
+        return None
+    steps, step_s, overhead_s = (values[n] for n in STEP_METRICS)
+    return steps, step_s, overhead_s
 
 
 def format_report(report: ServeReport) -> str:
@@ -171,6 +208,11 @@ def format_report(report: ServeReport) -> str:
         row("TTFT", report.ttft_s),
         row("TPOT", report.tpot_s),
     ]
+    if report.step_s is not None and report.router_overhead_s is not None:
+        lines.append(
+            f"steps: {report.step_s * 1e3:.2f} ms each, of which the router's own "
+            f"{report.router_overhead_s * 1e3:.2f} ms ({report.router_overhead_s / report.step_s:.0%})"
+        )
     lines += [f"error: {e}" for e in report.errors]
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_path", "model_type", "dtype", "device_type", "rank", "world_size", "vocab_size", "max_position_embeddings", "block_size", "num_blocks", "attention_backend", "supports_adapters", "eos_token_ids")
+    __slots__ = ("model_id", "model_path", "model_type", "dtype", "device_type", "rank", "world_size", "vocab_size", "max_position_embeddings", "block_size", "num_blocks", "attention_backend", "supports_adapters", "eos_token_ids", "num_adapter_slots")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class InfoResponse(_message.Message):
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_path: str
     model_type: str
@@ -40,7 +41,8 @@ class InfoResponse(_message.Message):
     attention_backend: str
     supports_adapters: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., attention_backend: _Optional[str] = ..., supports_adapters: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    num_adapter_slots: int
+    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., attention_backend: _Optional[str] = ..., supports_adapters: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., num_adapter_slots: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

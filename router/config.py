@@ -31,6 +31,7 @@ class RouterConfig:
     adapter_root: str | None = None  # local adapters must lie inside it (unset: local adapters refused)
     max_lora_rank: int = 64
     adapter_host_cache_mib: int = 4096  # parsed adapters kept in worker host memory (LRU by bytes)
+    adapter_memory_fraction: float = 0.1  # CUDA: share of device memory for adapter slots
     otlp_endpoint: str | None = None
     json_output: bool = False
     api_key: str | None = None
@@ -59,6 +60,8 @@ class RouterConfig:
             raise ValueError("--max-input-length must be smaller than --max-total-tokens")
         if self.adapter_source not in ("hub", "local", "s3"):
             raise ValueError("--adapter-source must be hub, local or s3")
+        if not 0 < self.adapter_memory_fraction <= 1:
+            raise ValueError("--adapter-memory-fraction must be in (0, 1]")
 
     def __repr__(self) -> str:  # never print the API key
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}

@@ -86,7 +86,7 @@ class Engine:
         client: WorkerClient,
         scheduler: Scheduler,
         eos_token_ids: frozenset[int],
-        on_step: Callable[[float, int], None] | None = None,
+        on_step: Callable[[float, float, int], None] | None = None,
         tracer: Tracer | None = None,
     ) -> None:
         self.tracer = tracer or Tracer(None)
@@ -170,19 +170,19 @@ class Engine:
 
     async def _step(self) -> bool:
         """Runs one step; False when nothing could be scheduled."""
+        started = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
             self._fail_unschedulable()
             return False
-        started = time.perf_counter()
         try:
-            results = await self.client.step(out, metadata=self._note_scheduled(out))
+            reply = await self.client.step(out, metadata=self._note_scheduled(out))
         except WorkerError as e:
             self._fail_step([r.seq for r in out.scheduled], e)
             return True
-        self._apply(results)
-        if self.on_step is not None:
-            self.on_step(time.perf_counter() - started, len(out.scheduled))
+        self._apply(reply.results)
+        if self.on_step is not None:  # from scheduling to tokens handed out, and the workers' part of it
+            self.on_step(time.perf_counter() - started, reply.worker_seconds, len(out.scheduled))
         return True
 
     def _note_scheduled(self, out: SchedulerOutput) -> tuple[tuple[str, str], ...]:

@@ -37,7 +37,7 @@ from loraxpy.router.worker_client import WorkerClient, WorkerInfo
 
 logger = logging.getLogger("loraxpy.launcher")
 GRACE_S = 10.0
-MAX_ADAPTER_SLOTS = 16
+MAX_ADAPTER_SLOTS = 128
 STARTUP_TIMEOUT_S = 900.0
 
 
@@ -74,6 +74,7 @@ def spawn_shards(config: RouterConfig, sock_dir: Path) -> list[tuple[subprocess.
             cmd += ["--adapter-root", config.adapter_root]
         cmd += ["--max-loras", str(adapter_slots(config)), "--max-lora-rank", str(config.max_lora_rank)]
         cmd += ["--adapter-host-cache-mib", str(config.adapter_host_cache_mib)]
+        cmd += ["--adapter-memory-fraction", str(config.adapter_memory_fraction)]
         env = {
             **os.environ,
             **rendezvous,
@@ -86,7 +87,8 @@ def spawn_shards(config: RouterConfig, sock_dir: Path) -> list[tuple[subprocess.
 
 
 def adapter_slots(config: RouterConfig) -> int:
-    """Device slots per shard: --max-active-adapters, capped until slots are sized from free memory."""
+    """Slots asked of each shard: --max-active-adapters, capped (16 on CPU, else 128); on CUDA the
+    worker lowers it to what --adapter-memory-fraction holds and reports the result in Info."""
     return min(config.max_active_adapters, MAX_ADAPTER_SLOTS)
 
 
@@ -160,7 +162,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         tracer=tracer,
         adapters=AdapterRegistry(
             client,
-            adapter_slots(config),
+            info.num_adapter_slots,
             between_steps=engine.between_steps,
             cycle_time_s=config.adapter_cycle_time_s,
         ),

@@ -56,6 +56,12 @@ class Metrics:
         self.step_duration = Histogram(
             "lorax_batch_inference_duration", "Seconds per step", buckets=SECONDS, registry=r
         )
+        self.router_overhead = Histogram(
+            "lorax_router_step_overhead_seconds",
+            "Seconds per step spent outside the workers' own step time: scheduling, gRPC, handing out tokens",
+            buckets=SECONDS,
+            registry=r,
+        )
         self.queue_length = Gauge("lorax_queue_length", "Requests waiting", registry=r)
         self.batch_size = Gauge("lorax_batch_current_size", "Requests running", registry=r)
         self.kv_blocks_used = Gauge("lorax_kv_blocks_used", "KV cache blocks in use", registry=r)
@@ -72,8 +78,9 @@ class Metrics:
             "lorax_adapter_waiting_requests", "Waiting requests per adapter", ["adapter"], registry=r
         )
 
-    def observe_step(self, seconds: float, num_scheduled: int) -> None:
+    def observe_step(self, seconds: float, worker_seconds: float, num_scheduled: int) -> None:
         self.step_duration.observe(seconds)
+        self.router_overhead.observe(max(0.0, seconds - worker_seconds))
 
     def observe_success(self, g: Generation) -> None:
         now = time.monotonic()

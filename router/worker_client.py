@@ -40,6 +40,7 @@ class WorkerInfo:
     block_size: int
     eos_token_ids: tuple[int, ...]
     attention_backend: str
+    num_adapter_slots: int = 0  # the fewest any shard has
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,12 @@ class AdapterMerge:
             density=self.density,
             majority_sign_method=self.majority_sign_method,
         )
+
+
+@dataclass(frozen=True)
+class StepReply:
+    results: list[StepResult]
+    worker_seconds: float  # the slowest shard's own time for the step (its forward pass and sampling)
 
 
 @dataclass(frozen=True)
@@ -168,8 +175,10 @@ class WorkerClient:
         await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self._channels)), timeout)
 
     async def info(self) -> WorkerInfo:
-        i = (await self._all("Info", pb.InfoRequest()))[0]
+        replies = await self._all("Info", pb.InfoRequest())
+        i = replies[0]
         assert isinstance(i, pb.InfoResponse)
+        slots = min(r.num_adapter_slots for r in replies if isinstance(r, pb.InfoResponse))
         return WorkerInfo(
             model_id=i.model_id,
             model_path=i.model_path,
@@ -182,6 +191,7 @@ class WorkerClient:
             block_size=i.block_size,
             eos_token_ids=tuple(i.eos_token_ids),
             attention_backend=i.attention_backend,
+            num_adapter_slots=slots,
         )
 
     async def health(self, timeout: float = 5.0) -> bool:
@@ -206,13 +216,13 @@ class WorkerClient:
             )
         return blocks
 
-    async def step(
-        self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = ()
-    ) -> list[StepResult]:
+    async def step(self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = ()) -> StepReply:
         """Runs one step on every shard; `metadata` carries the trace context (W3C traceparent)."""
-        reply = (await self._all("Step", step_to_proto(out), metadata=metadata))[0]
+        replies = await self._all("Step", step_to_proto(out), metadata=metadata)
+        reply = replies[0]
         assert isinstance(reply, pb.StepResponse)
-        return [result_from_proto(o) for o in reply.outputs]
+        worker_us = max(r.step_time_us for r in replies if isinstance(r, pb.StepResponse))
+        return StepReply([result_from_proto(o) for o in reply.outputs], worker_us / 1e6)
 
     async def load_adapter(
         self,

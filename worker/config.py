@@ -33,6 +33,7 @@ class WorkerConfig:
     max_lora_rank: int = 64
     adapter_root: Path | None = None
     adapter_host_cache_mib: int = 4096
+    adapter_memory_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -49,6 +50,8 @@ class WorkerConfig:
             raise ValueError(f"RANK {self.rank} must lie in [0, WORLD_SIZE={self.world_size})")
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise ValueError("--max-loras must be >= 0 and --max-lora-rank >= 1")
+        if not 0 < self.adapter_memory_fraction <= 1:
+            raise ValueError("--adapter-memory-fraction must be in (0, 1]")
         if self.adapter_host_cache_mib < 0:
             raise ValueError("--adapter-host-cache-mib must be >= 0")
         if not self.listen:
@@ -127,6 +130,12 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         help="folder local adapters must lie in; unset: local adapters are refused (env ADAPTER_ROOT)",
     )
     p.add_argument(
+        "--adapter-memory-fraction",
+        type=float,
+        default=float(env.get("ADAPTER_MEMORY_FRACTION", 0.1)),
+        help="CUDA: share of device memory for adapter slots; fewer slots than --max-loras if they do not fit",
+    )
+    p.add_argument(
         "--adapter-host-cache-mib",
         type=int,
         default=int(env.get("ADAPTER_HOST_CACHE_MIB", 4096)),
@@ -154,4 +163,5 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         max_lora_rank=args.max_lora_rank,
         adapter_root=Path(args.adapter_root).expanduser() if args.adapter_root else None,
         adapter_host_cache_mib=args.adapter_host_cache_mib,
+        adapter_memory_fraction=args.adapter_memory_fraction,
     )

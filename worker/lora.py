@@ -113,6 +113,26 @@ class LoraSlots:
         return y
 
 
+def slot_bytes(config: ModelConfig, shard: Shard, max_rank: int, dtype: torch.dtype) -> int:
+    """Device bytes one adapter slot takes on this shard (A and B of every layer slice; no LM head)."""
+    per_layer = 0
+    for targets in ADAPTED_TARGETS:
+        for t in targets:
+            in_full, out_full = module_shape(config, t)
+            column = t not in ("o_proj", "down_proj")
+            in_local = in_full if column else in_full // shard.world_size
+            out_local = out_full // shard.world_size if column else out_full
+            per_layer += max_rank * (in_local + out_local)
+    return per_layer * config.num_layers * torch.tensor([], dtype=dtype).element_size()
+
+
+def fit_slots(requested: int, budget_bytes: int, per_slot: int) -> int:
+    """How many of `requested` slots fit the budget; at least one when any were asked for."""
+    if requested <= 0:
+        return 0
+    return max(1, min(requested, budget_bytes // max(1, per_slot)))
+
+
 # model attribute path → the target modules it fuses
 ADAPTED = {
     "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -120,6 +140,7 @@ ADAPTED = {
     "mlp.gate_up_proj": ("gate_proj", "up_proj"),
     "mlp.down_proj": ("down_proj",),
 }
+ADAPTED_TARGETS = tuple(ADAPTED.values())
 
 
 @dataclass

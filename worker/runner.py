@@ -31,7 +31,7 @@ from loraxpy.worker.batch import (
 )
 from loraxpy.worker.kv_cache import KVCacheSpec
 from loraxpy.worker.layers import Shard
-from loraxpy.worker.lora import LoraManager
+from loraxpy.worker.lora import LoraManager, fit_slots, slot_bytes
 from loraxpy.worker.merge import MergeRequest, merge_adapters
 from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
@@ -41,6 +41,9 @@ from loraxpy.worker.weights import load_weights
 logger = logging.getLogger(__name__)
 
 _GREEDY = SamplingParams()
+
+
+CPU_MAX_ADAPTER_SLOTS = 16  # slots are rank-padded copies of every layer slice: bounded on CPU
 
 
 class NotReadyError(RuntimeError):
@@ -57,6 +60,7 @@ class RunnerOptions:
     kv_cache_bytes: int = 1 << 30
     gpu_memory_utilization: float = 0.9
     max_loras: int = 8  # adapter slots on the device; 0 disables adapters
+    adapter_memory_fraction: float = 0.1  # CUDA: share of device memory adapter slots may take
     max_lora_rank: int = 64
     adapter_root: Path | None = None  # local adapters must lie inside it
     hub_cache_dir: Path | None = None
@@ -97,17 +101,39 @@ class ModelRunner:
             head_dim=self.config.head_dim,
             dtype=options.dtype,
         )
+        self.num_adapter_slots = self._adapter_slots()
         self.lora = (
             LoraManager.attach(
-                self.model, self.config, options.shard, options.max_loras, options.max_lora_rank
+                self.model, self.config, options.shard, self.num_adapter_slots, options.max_lora_rank
             )
-            if options.max_loras > 0
+            if self.num_adapter_slots > 0
             else None
         )
         self.host_cache = HostAdapterCache(options.adapter_host_cache_bytes)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.limits: Limits | None = None
         self.requests: dict[int, RequestState] = {}
+
+    def _adapter_slots(self) -> int:
+        """--max-loras; on CUDA lowered to what --adapter-memory-fraction of the device holds."""
+        o = self.options
+        if o.max_loras <= 0:
+            return 0
+        if o.device.type != "cuda":
+            if o.max_loras > CPU_MAX_ADAPTER_SLOTS:
+                logger.info(
+                    "adapter slots: %d (the CPU cap) of %d requested", CPU_MAX_ADAPTER_SLOTS, o.max_loras
+                )
+            return min(o.max_loras, CPU_MAX_ADAPTER_SLOTS)
+        per_slot = slot_bytes(self.config, o.shard, o.max_lora_rank, o.dtype)
+        total = torch.cuda.get_device_properties(o.device).total_memory
+        slots = fit_slots(o.max_loras, int(o.adapter_memory_fraction * total), per_slot)
+        logger.info(
+            "adapter slots: %d of %d requested (%.1f MiB each, rank %d, budget %.0f%% of %.1f GiB)",
+            slots, o.max_loras, per_slot / 2**20, o.max_lora_rank,
+            100 * o.adapter_memory_fraction, total / 2**30,
+        )  # fmt: skip
+        return slots
 
     @property
     def is_ready(self) -> bool:

@@ -155,6 +155,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             attention_backend=r.attention_backend,
             supports_adapters=r.lora is not None,
             eos_token_ids=list(r.config.eos_token_ids),
+            num_adapter_slots=r.num_adapter_slots,
         )
 
     @_rpc

@@ -165,6 +165,10 @@ def test_64_concurrent_requests_complete_with_the_same_tokens_as_alone(server: L
     m = metrics(server)
     assert m["lorax_kv_blocks_used"] == 0 and m["lorax_batch_current_size"] == 0
     assert m["lorax_request_success_total"] >= 72
+    # Every step's time splits into the workers' own part and the router's overhead around it.
+    steps = m["lorax_batch_inference_duration_count"]
+    assert steps > 0 and m["lorax_router_step_overhead_seconds_count"] == steps
+    assert 0 < m["lorax_router_step_overhead_seconds_sum"] < m["lorax_batch_inference_duration_sum"]
 
 
 BAD_REQUESTS = [

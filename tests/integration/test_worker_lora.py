@@ -118,6 +118,7 @@ def load(stub: worker_pb2_grpc.WorkerStub, index: int, adapter_id: str) -> pb.Lo
 
 
 def test_mixed_batch_of_adapters_matches_peft(stub, tiny_llama: Path, adapter_root: Path) -> None:
+    assert stub.Info(pb.InfoRequest()).num_adapter_slots == 5  # --max-loras 5 (CPU: no memory budget)
     for name, index in INDEX.items():
         assert load(stub, index, name).memory_bytes > 0
     rng = random.Random(3)

@@ -37,6 +37,22 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
+STEPS = {"n": 0}
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    """Grows by 10 steps of 20 ms (5 ms of them the router's) per scrape."""
+    STEPS["n"] += 10
+    n = STEPS["n"]
+    lines = [
+        "# TYPE lorax_batch_inference_duration histogram",
+        f"lorax_batch_inference_duration_count {n}.0",
+        f"lorax_batch_inference_duration_sum {n * 0.02}",
+        f"lorax_router_step_overhead_seconds_sum {n * 0.005}",
+    ]
+    return web.Response(text="\n".join(lines) + "\n")
+
+
 @pytest.fixture
 def server_url() -> Iterator[str]:
     """The stand-in server on its own event loop in a thread; the client under test runs its own loop."""
@@ -45,6 +61,7 @@ def server_url() -> Iterator[str]:
     thread.start()
     app = web.Application()
     app.router.add_post("/generate_stream", _stream)
+    app.router.add_get("/metrics", _metrics)
     runner = web.AppRunner(app)
 
     async def start() -> int:
@@ -96,6 +113,7 @@ def test_streams_are_timed_and_failures_counted(server_url: str) -> None:
         assert r.tpot_s is not None and r.tpot_s >= PER_TOKEN_S * 0.9
     assert report.ttft_s["p50"] <= report.ttft_s["p99"]
     assert report.output_tokens_per_s == pytest.approx(5 * len(ok) / report.duration_s)
+    assert report.step_s == pytest.approx(0.02) and report.router_overhead_s == pytest.approx(0.005)
 
 
 def test_cli_serve_writes_json(server_url: str, tmp_path: Path) -> None:

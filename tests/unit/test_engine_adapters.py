@@ -15,7 +15,7 @@ from loraxpy.router.adapters import AdapterRegistry
 from loraxpy.router.engine import Engine, GenerateInput, TokenEvent
 from loraxpy.router.kv_blocks import BlockAllocator
 from loraxpy.router.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from loraxpy.router.worker_client import StepResult, WorkerError
+from loraxpy.router.worker_client import StepReply, StepResult, WorkerError
 
 
 class StatefulWorker:
@@ -27,9 +27,7 @@ class StatefulWorker:
         self.on_device: set[int] = set()
         self.step_seconds = 0.005
 
-    async def step(
-        self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = ()
-    ) -> list[StepResult]:
+    async def step(self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = ()) -> StepReply:
         # The step reaches the worker a little later: an offload sent meanwhile may be served first.
         await asyncio.sleep(self.step_seconds)
         for rid in out.finished_ids:
@@ -42,7 +40,7 @@ class StatefulWorker:
             done = r.seq.num_computed_tokens + r.num_tokens >= r.seq.num_tokens
             token = (7, -0.5) if done else None
             results.append(StepResult(r.seq.id, r.seq.num_computed_tokens + r.num_tokens, token, (), 0, ()))
-        return results
+        return StepReply(results, self.step_seconds)
 
     async def load_adapter(
         self, index: int, adapter_id: str, source: str, api_token: str = "", merge: object = None

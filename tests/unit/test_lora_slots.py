@@ -1,0 +1,51 @@
+"""Adapter slot sizing: the byte count the memory budget uses equals what the slots really take."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraxpy.kernels.attention import select_attention_backend
+from loraxpy.worker.layers import Shard
+from loraxpy.worker.lora import LoraManager, fit_slots, slot_bytes
+from loraxpy.worker.model import CausalLM
+from loraxpy.worker.model_config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> ModelConfig:
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ).save_pretrained(folder)
+    return ModelConfig.from_folder(Path(folder))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_bytes_equal_the_allocated_slot_tensors(config: ModelConfig, world_size: int, dtype) -> None:
+    shard = Shard(rank=world_size - 1, world_size=world_size)
+    _, attention = select_attention_backend(torch.device("cpu"))
+    model = CausalLM(config, shard=shard, attention_fn=attention, dtype=dtype, device=torch.device("cpu"))
+    num_slots, rank = 3, 8
+    manager = LoraManager.attach(model, config, shard, num_slots, rank)
+    allocated = sum(
+        s.a.nbytes + s.b.nbytes for lora in set(manager.slots.values()) for s in lora.slices.values()
+    )
+    assert allocated == (num_slots + 1) * slot_bytes(config, shard, rank, dtype)  # slot 0 is the base
+
+
+def test_fit_slots_keeps_within_the_budget() -> None:
+    assert fit_slots(8, budget_bytes=10 * 100, per_slot=100) == 8
+    assert fit_slots(8, budget_bytes=350, per_slot=100) == 3
+    assert fit_slots(8, budget_bytes=0, per_slot=100) == 1  # adapters asked for: at least one slot
+    assert fit_slots(0, budget_bytes=10**9, per_slot=100) == 0
