@@ -54,8 +54,11 @@ def store_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """k_cache[slot_mapping[t]] = key[t] and likewise for v, for every token t, in place."""
-    # key, value: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens] int64
+    """k_cache[slot_mapping[t]] = key[t] and likewise for v, for every t with slot_mapping[t] >= 0."""
+    # key, value: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens] int64, -1 = padding
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):  # padded rows (a CUDA graph's batch bucket) store nothing
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
@@ -137,8 +140,34 @@ def paged_attention_sdpa(
 
 
 AttentionFn = Callable[..., torch.Tensor]
+StoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+ATTENTION_BACKENDS = ("auto", "sdpa", "triton")
 
 
-def select_attention_backend(device: torch.device) -> tuple[str, AttentionFn]:
-    """Chooses the attention implementation once, at startup; the name is logged and reported by Info."""
-    return "sdpa", paged_attention_sdpa
+@dataclass(frozen=True)
+class AttentionBackend:
+    """The K/V store and the attention over the paged cache that every layer uses."""
+
+    name: str
+    attend: AttentionFn
+    store: StoreFn
+
+
+def select_attention_backend(device: torch.device, requested: str = "auto") -> AttentionBackend:
+    """Chooses the attention implementation once, at startup; the name is logged and reported by Info.
+
+    auto: Triton on CUDA when Triton is installed, else torch SDPA (the CPU path).
+    """
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {requested!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if requested == "sdpa" or (requested == "auto" and device.type != "cuda"):
+        return AttentionBackend("sdpa", paged_attention_sdpa, store_kv)
+    from loraxpy.kernels import attention_triton  # imports triton: only where it may be used
+
+    if attention_triton.available():
+        return AttentionBackend(
+            "triton", attention_triton.paged_attention_triton, attention_triton.store_kv_triton
+        )
+    if requested == "triton":
+        raise ValueError("attention backend 'triton' needs the triton package")
+    return AttentionBackend("sdpa", paged_attention_sdpa, store_kv)

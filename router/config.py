@@ -32,6 +32,7 @@ class RouterConfig:
     max_lora_rank: int = 64
     adapter_host_cache_mib: int = 4096  # parsed adapters kept in worker host memory (LRU by bytes)
     adapter_memory_fraction: float = 0.1  # CUDA: share of device memory for adapter slots
+    attention_backend: str = "auto"  # the workers' --attention-backend: auto, sdpa or triton
     otlp_endpoint: str | None = None
     json_output: bool = False
     api_key: str | None = None
@@ -60,6 +61,8 @@ class RouterConfig:
             raise ValueError("--max-input-length must be smaller than --max-total-tokens")
         if self.adapter_source not in ("hub", "local", "s3"):
             raise ValueError("--adapter-source must be hub, local or s3")
+        if self.attention_backend not in ("auto", "sdpa", "triton"):  # the worker's choices (no torch here)
+            raise ValueError("--attention-backend must be auto, sdpa or triton")
         if not 0 < self.adapter_memory_fraction <= 1:
             raise ValueError("--adapter-memory-fraction must be in (0, 1]")
 

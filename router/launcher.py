@@ -75,6 +75,7 @@ def spawn_shards(config: RouterConfig, sock_dir: Path) -> list[tuple[subprocess.
         cmd += ["--max-loras", str(adapter_slots(config)), "--max-lora-rank", str(config.max_lora_rank)]
         cmd += ["--adapter-host-cache-mib", str(config.adapter_host_cache_mib)]
         cmd += ["--adapter-memory-fraction", str(config.adapter_memory_fraction)]
+        cmd += ["--attention-backend", config.attention_backend]
         env = {
             **os.environ,
             **rendezvous,

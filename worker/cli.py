@@ -44,6 +44,7 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
         cache_dir=config.cache_dir,
         adapter_host_cache_bytes=config.adapter_host_cache_mib * 2**20,
         adapter_memory_fraction=config.adapter_memory_fraction,
+        attention_backend=config.attention_backend,
     )
     return ModelRunner(model_path, options)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from loraxpy.kernels.attention import ATTENTION_BACKENDS
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -34,12 +36,17 @@ class WorkerConfig:
     adapter_root: Path | None = None
     adapter_host_cache_mib: int = 4096
     adapter_memory_fraction: float = 0.1
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"--block-size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory_mib < 1:
@@ -97,6 +104,11 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--revision", default=env.get("REVISION") or None, help="hub revision (env REVISION)")
     p.add_argument("--dtype", default=env.get("DTYPE", "auto"), help="auto, float32, float16 or bfloat16")
     p.add_argument("--device", default=env.get("LORAX_DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--attention-backend",
+        default=env.get("ATTENTION_BACKEND", "auto"),
+        help="auto (Triton on CUDA, SDPA on CPU), sdpa or triton (env ATTENTION_BACKEND)",
+    )
     p.add_argument(
         "--block-size", type=int, default=int(env.get("BLOCK_SIZE", 16)), help="tokens per KV block"
     )
@@ -164,4 +176,5 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         adapter_root=Path(args.adapter_root).expanduser() if args.adapter_root else None,
         adapter_host_cache_mib=args.adapter_host_cache_mib,
         adapter_memory_fraction=args.adapter_memory_fraction,
+        attention_backend=args.attention_backend,
     )

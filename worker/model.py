@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraxpy.kernels.attention import AttentionMetadata, store_kv
+from loraxpy.kernels.attention import AttentionBackend, AttentionMetadata
 from loraxpy.worker.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -20,8 +19,6 @@ from loraxpy.worker.layers import (
 )
 from loraxpy.worker.model_config import ModelConfig
 from loraxpy.worker.rotary import RotaryEmbedding
-
-AttentionFn = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -43,7 +40,7 @@ class Attention(nn.Module):
         config: ModelConfig,
         layer_index: int,
         shard: Shard,
-        attention_fn: AttentionFn,
+        attention: AttentionBackend,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
@@ -54,7 +51,7 @@ class Attention(nn.Module):
         self.num_kv_heads = shard.split(config.num_kv_heads, "num_key_value_heads")
         self.scale = config.head_dim**-0.5
         self.sliding_window = config.sliding_windows[layer_index]
-        self.attention_fn = attention_fn
+        self.attention = attention
         self.qkv_proj = ColumnParallelLinear(
             config.hidden_size,
             {"q_proj": config.q_size, "k_proj": config.kv_size, "v_proj": config.kv_size},
@@ -77,8 +74,8 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rotary(batch.positions, q, k)
         k_cache, v_cache = batch.kv_caches[self.layer_index]
-        store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        out = self.attention_fn(q, k_cache, v_cache, batch.attn, self.scale, self.sliding_window)
+        self.attention.store(k, v, k_cache, v_cache, batch.slot_mapping)
+        out = self.attention.attend(q, k_cache, v_cache, batch.attn, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(-1, q_size))
 
 
@@ -109,14 +106,14 @@ class DecoderLayer(nn.Module):
         config: ModelConfig,
         layer_index: int,
         shard: Shard,
-        attention_fn: AttentionFn,
+        attention: AttentionBackend,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype, device=device)
-        self.self_attn = Attention(config, layer_index, shard, attention_fn, dtype, device)
+        self.self_attn = Attention(config, layer_index, shard, attention, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype, device=device)
         self.mlp = MLP(config, shard, dtype, device)
 
@@ -133,7 +130,7 @@ class CausalLM(nn.Module):
         config: ModelConfig,
         *,
         shard: Shard,
-        attention_fn: AttentionFn,
+        attention: AttentionBackend,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
@@ -143,7 +140,7 @@ class CausalLM(nn.Module):
             config.vocab_size, config.hidden_size, shard=shard, dtype=dtype, device=device
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, shard, attention_fn, dtype, device) for i in range(config.num_layers)
+            DecoderLayer(config, i, shard, attention, dtype, device) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings, device)

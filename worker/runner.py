@@ -68,6 +68,7 @@ class RunnerOptions:
     offline: bool = False
     cache_dir: Path = Path(".cache")  # downloaded adapters (s3) live under it
     adapter_host_cache_bytes: int = 4 << 30  # parsed adapters kept in host memory (LRU)
+    attention_backend: str = "auto"  # auto | sdpa | triton (auto: Triton on CUDA)
 
 
 class ModelRunner:
@@ -75,12 +76,13 @@ class ModelRunner:
         self.options = options
         self.model_path = model_path
         self.config = ModelConfig.from_folder(model_path)
-        self.attention_backend, attention_fn = select_attention_backend(options.device)
+        attention = select_attention_backend(options.device, options.attention_backend)
+        self.attention_backend = attention.name
         started = time.perf_counter()
         self.model = CausalLM(
             self.config,
             shard=options.shard,
-            attention_fn=attention_fn,
+            attention=attention,
             dtype=options.dtype,
             device=options.device,
         )

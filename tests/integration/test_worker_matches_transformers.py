@@ -77,14 +77,21 @@ def assert_matches_hf(model_path: Path, requests: list[Request]) -> None:
             assert ours == pytest.approx(prompt_lp, abs=1e-4)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 7], ids=["whole-prompts", "chunked-prefill"])
+@pytest.mark.parametrize(
+    ("chunk_size", "backend"),
+    [(None, "sdpa"), (7, "sdpa"), (7, "triton")],
+    ids=["whole-prompts", "chunked-prefill", "chunked-prefill-triton-attention"],
+)
 def test_tiny_models_match_transformers_in_a_continuous_batch(
-    tiny_model: tuple[str, Path], chunk_size: int | None, tmp_path: Path
+    tiny_model: tuple[str, Path], chunk_size: int | None, backend: str, tmp_path: Path
 ) -> None:
+    """`triton` runs the Triton store and paged attention (in Triton's interpreter without CUDA)."""
+    if backend == "triton":
+        pytest.importorskip("triton", reason="triton is a dev dependency (make install)")
     kind, path = tiny_model
-    with worker_process(path, tmp_path) as stub:
+    with worker_process(path, tmp_path, extra_args=("--attention-backend", backend)) as stub:
         info = stub.Info(pb.InfoRequest())
-        assert info.model_type == kind
+        assert info.model_type == kind and info.attention_backend == backend
         warm = stub.Warmup(pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=8, num_blocks=64))
         driver = Driver(
             stub,

@@ -34,8 +34,8 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> ModelConfig:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_slot_bytes_equal_the_allocated_slot_tensors(config: ModelConfig, world_size: int, dtype) -> None:
     shard = Shard(rank=world_size - 1, world_size=world_size)
-    _, attention = select_attention_backend(torch.device("cpu"))
-    model = CausalLM(config, shard=shard, attention_fn=attention, dtype=dtype, device=torch.device("cpu"))
+    attention = select_attention_backend(torch.device("cpu"))
+    model = CausalLM(config, shard=shard, attention=attention, dtype=dtype, device=torch.device("cpu"))
     num_slots, rank = 3, 8
     manager = LoraManager.attach(model, config, shard, num_slots, rank)
     allocated = sum(
