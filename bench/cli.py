@@ -40,6 +40,7 @@ DEVICE_DEFAULTS: dict[str, tuple[str, str]] = {
     "baseline_prompt_len": ("128", "16"),
     "baseline_new_tokens": ("64", "8"),
     "baseline_adapters": ("32", "4"),
+    "cuda_graph_max_batch_size": ("128", "0"),
 }
 
 
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-prompt-len", help="PEFT baseline prompt tokens (default 128 on CUDA)")
     p.add_argument("--baseline-new-tokens", help="PEFT baseline generated tokens (default 64 on CUDA)")
     p.add_argument("--baseline-adapters", help="PEFT baseline distinct adapters (default 32 on CUDA)")
+    p.add_argument(
+        "--cuda-graph-max-batch-size",
+        help="decode steps of up to this many rows replay CUDA graphs (default 128 on CUDA; 0: eager)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=Path("bench-results.json"), help="JSON results")
     p.add_argument("--plot", type=Path, help="PNG of throughput vs adapters (default: --output with .png)")
@@ -138,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         baseline_new_tokens=int(pick("baseline_new_tokens")),
         baseline_adapters=int(pick("baseline_adapters")),
         seed=args.seed,
+        cuda_graph_max_batch_size=int(pick("cuda_graph_max_batch_size")),
     )
 
 

@@ -48,6 +48,7 @@ class BenchConfig:
     baseline_adapters: int
     seed: int
     block_size: int = 16
+    cuda_graph_max_batch_size: int = 0  # the runner's decode CUDA graphs (0: eager decode)
 
     def __post_init__(self) -> None:
         positive = {
@@ -146,6 +147,7 @@ def _engine(
         max_loras=max(1, *(s.workload.num_adapters for s in group)),
         max_lora_rank=max_rank,
         adapter_root=pool.root,
+        cuda_graph_max_batch_size=config.cuda_graph_max_batch_size,
     )
     pool.root.mkdir(parents=True, exist_ok=True)
     return EngineBench(

@@ -33,6 +33,7 @@ class RouterConfig:
     adapter_host_cache_mib: int = 4096  # parsed adapters kept in worker host memory (LRU by bytes)
     adapter_memory_fraction: float = 0.1  # CUDA: share of device memory for adapter slots
     attention_backend: str = "auto"  # the workers' --attention-backend: auto, sdpa or triton
+    cuda_graph_max_batch_size: int = 0  # the workers' decode CUDA graphs (0: off)
     otlp_endpoint: str | None = None
     json_output: bool = False
     api_key: str | None = None
@@ -61,6 +62,8 @@ class RouterConfig:
             raise ValueError("--max-input-length must be smaller than --max-total-tokens")
         if self.adapter_source not in ("hub", "local", "s3"):
             raise ValueError("--adapter-source must be hub, local or s3")
+        if self.cuda_graph_max_batch_size < 0:
+            raise ValueError("--cuda-graph-max-batch-size must be >= 0 (0: off)")
         if self.attention_backend not in ("auto", "sdpa", "triton"):  # the worker's choices (no torch here)
             raise ValueError("--attention-backend must be auto, sdpa or triton")
         if not 0 < self.adapter_memory_fraction <= 1:

@@ -76,6 +76,7 @@ def spawn_shards(config: RouterConfig, sock_dir: Path) -> list[tuple[subprocess.
         cmd += ["--adapter-host-cache-mib", str(config.adapter_host_cache_mib)]
         cmd += ["--adapter-memory-fraction", str(config.adapter_memory_fraction)]
         cmd += ["--attention-backend", config.attention_backend]
+        cmd += ["--cuda-graph-max-batch-size", str(config.cuda_graph_max_batch_size)]
         env = {
             **os.environ,
             **rendezvous,

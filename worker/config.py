@@ -37,6 +37,7 @@ class WorkerConfig:
     adapter_host_cache_mib: int = 4096
     adapter_memory_fraction: float = 0.1
     attention_backend: str = "auto"
+    cuda_graph_max_batch_size: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -47,6 +48,8 @@ class WorkerConfig:
             raise ValueError(
                 f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
+        if self.cuda_graph_max_batch_size < 0:
+            raise ValueError("--cuda-graph-max-batch-size must be >= 0 (0: off)")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"--block-size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory_mib < 1:
@@ -108,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         "--attention-backend",
         default=env.get("ATTENTION_BACKEND", "auto"),
         help="auto (Triton on CUDA, SDPA on CPU), sdpa or triton (env ATTENTION_BACKEND)",
+    )
+    p.add_argument(
+        "--cuda-graph-max-batch-size",
+        type=int,
+        default=int(env.get("CUDA_GRAPH_MAX_BATCH_SIZE", 0)),
+        help="decode steps of up to this many requests replay CUDA graphs captured at warmup; 0: off "
+        "(env CUDA_GRAPH_MAX_BATCH_SIZE)",
     )
     p.add_argument(
         "--block-size", type=int, default=int(env.get("BLOCK_SIZE", 16)), help="tokens per KV block"
@@ -177,4 +187,5 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         adapter_host_cache_mib=args.adapter_host_cache_mib,
         adapter_memory_fraction=args.adapter_memory_fraction,
         attention_backend=args.attention_backend,
+        cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
     )

@@ -2,6 +2,8 @@
 
 Each adapted linear holds, per checkpoint slice (q/k/v, o, gate/up, down), stacked slot tensors
 a [num_slots, max_rank, in] and b [num_slots, out, max_rank]; slot 0 is the base model (zeros).
+A fused layer's slices are views into one allocation (A stacked along the rank, B along the
+output), so the Triton path covers all slices in one shrink and one expand launch.
 Per step the runner sets one slot index per token row; every adapted layer then adds
 expand(shrink(x, a), b) for all rows at once, whatever the mix of adapters and ranks.
 Tensor parallel: a column-parallel layer keeps A whole (the shrink output is complete) and its
@@ -20,7 +22,7 @@ from torch import nn
 
 from loraxpy.kernels import lora_triton
 from loraxpy.kernels.lora import lora_expand, lora_shrink
-from loraxpy.kernels.lora_triton import Segments, sgmv_expand_add, sgmv_shrink
+from loraxpy.kernels.lora_triton import Segments, SliceLayout, StaticSegments, sgmv_expand_add, sgmv_shrink
 from loraxpy.worker.adapters import LoraAdapter, head_key, module_shape
 from loraxpy.worker.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Shard
 from loraxpy.worker.model_config import ModelConfig
@@ -40,9 +42,23 @@ class LoraBatch:
 
 @dataclass
 class _Slice:
-    a: torch.Tensor  # [num_slots, max_rank, in_local]
-    b: torch.Tensor  # [num_slots, out_local, max_rank]
+    a: torch.Tensor  # [num_slots, max_rank, in_local]: a view into LoraSlots.a
+    b: torch.Tensor  # [num_slots, out_local, max_rank]: a view into LoraSlots.b
     out_offset: int
+
+
+def _local_shape(
+    layer: ColumnParallelLinear | RowParallelLinear | ParallelLMHead,
+    shard: Shard,
+    in_full: int,
+    out_full: int,
+) -> tuple[int, int]:
+    """This rank's (in, out) of one slice: a column-parallel layer splits out, a row-parallel one in."""
+    if isinstance(layer, RowParallelLinear):
+        return in_full // shard.world_size, out_full
+    if isinstance(layer, ParallelLMHead):
+        return in_full, layer.vocab_local  # the last rank's part is padded
+    return in_full, out_full // shard.world_size
 
 
 class LoraSlots:
@@ -60,19 +76,27 @@ class LoraSlots:
         self.batch = batch
         self.shard = shard
         self.is_column = not isinstance(layer, RowParallelLinear)
+        local = {name: _local_shape(layer, shard, *shape) for name, shape in full_shapes.items()}
+        in_sizes = {in_local for in_local, _ in local.values()}
+        if len(in_sizes) != 1:
+            raise ValueError(f"fused slices must share their input size, got {sorted(in_sizes)}")
+        out_sizes = [out_local for _, out_local in local.values()]
         dtype, device = layer.weight.dtype, layer.weight.device
+        # One allocation per layer; the slices are views, so writes keep the stacks the kernels read current.
+        self.a = torch.zeros(num_slots, len(local) * max_rank, in_sizes.pop(), dtype=dtype, device=device)
+        self.b = torch.zeros(num_slots, sum(out_sizes), max_rank, dtype=dtype, device=device)
         self.slices: dict[str, _Slice] = {}
-        for name, (in_full, out_full) in full_shapes.items():
-            in_local = in_full if self.is_column else in_full // shard.world_size
-            out_local = out_full // shard.world_size if self.is_column else out_full
-            if isinstance(layer, ParallelLMHead):
-                out_local = layer.vocab_local  # the last rank's part is padded
+        b_start = 0
+        for i, (name, (_, out_local)) in enumerate(local.items()):
             offset = layer.offsets[name] if isinstance(layer, ColumnParallelLinear) else 0
             self.slices[name] = _Slice(
-                a=torch.zeros(num_slots, max_rank, in_local, dtype=dtype, device=device),
-                b=torch.zeros(num_slots, out_local, max_rank, dtype=dtype, device=device),
+                a=self.a[:, i * max_rank : (i + 1) * max_rank],
+                b=self.b[:, b_start : b_start + out_local],
                 out_offset=offset,
             )
+            b_start += out_local
+        offsets = [s.out_offset for s in self.slices.values()]
+        self.layout = SliceLayout.build(out_sizes, offsets, device)  # for the Triton expand
 
     def write(self, slot: int, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Copies this rank's part of (A [r, in], B [out, r]) into `slot`, zero-padding the rank."""
@@ -90,20 +114,17 @@ class LoraSlots:
         s.b[slot, : b.shape[0], :r].copy_(b)
 
     def clear(self, slot: int) -> None:
-        for s in self.slices.values():
-            s.a[slot].zero_()
-            s.b[slot].zero_()
+        self.a[slot].zero_()  # every slice's part: they are views into these two tensors
+        self.b[slot].zero_()
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
         """y + LoRA delta for every row (x: [rows, in_local], y: [rows, out_local]).
 
         `slots` defaults to the batch's per-token slots; the LM head passes those of its rows.
         """
-        if slots is None and self.batch.segments is not None:  # Triton SGMV (CUDA)
-            for s in self.slices.values():
-                v = sgmv_shrink(x, s.a, self.batch.segments)
-                sgmv_expand_add(v, s.b, self.batch.segments, y, s.out_offset)
-            return y
+        if slots is None and self.batch.segments is not None:  # Triton SGMV (CUDA): all slices at once
+            v = sgmv_shrink(x, self.a, self.batch.segments, len(self.slices))  # [rows, slices * max_rank]
+            return sgmv_expand_add(v, self.b, self.batch.segments, y, self.layout)
         slots = self.batch.token_slots if slots is None else slots
         if slots is None:
             return y
@@ -157,6 +178,9 @@ class LoraManager:
     shard: Shard = field(default_factory=Shard)
     backend: str = "torch"  # "triton" on CUDA when Triton is installed; chosen once, at attach
     slot_ranks: dict[int, int] = field(default_factory=dict)
+    # Fixed buffers for captured decode graphs (`allocate_static_batch`); None until then.
+    static_slots: torch.Tensor | None = None
+    static_segments: StaticSegments | None = None
 
     @classmethod
     def attach(
@@ -221,3 +245,26 @@ class LoraManager:
         self.batch.token_slots = torch.tensor(slots, dtype=torch.int64, device=device)
         if self.backend == "triton":
             self.batch.segments = Segments.build(slots, self.slot_ranks, device)
+
+    def allocate_static_batch(self, capacity: int, device: torch.device) -> None:
+        """Buffers `set_static_batch` fills in place, so a captured graph reads each step's rows."""
+        self.static_slots = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.static_segments = StaticSegments.allocate(capacity, device) if self.backend == "triton" else None
+
+    def set_static_batch(self, token_adapter_indices: list[int] | None, rows: int) -> None:
+        """`set_batch` into the fixed buffers for a batch of `rows` rows; None: no row uses an adapter.
+
+        With indices, every adapted layer runs its LoRA kernels (rows of the base model add
+        nothing), so one captured graph serves any mix of adapters in this batch size.
+        """
+        assert self.static_slots is not None, "allocate_static_batch first"
+        if token_adapter_indices is None:
+            self.batch.token_slots = self.batch.segments = None
+            return
+        slot_of = {0: 0, **self.index_to_slot}
+        slots = [slot_of[i] for i in token_adapter_indices]
+        view = self.static_slots[:rows]
+        view.copy_(torch.tensor(slots, dtype=torch.int64).to(view.device, non_blocking=True))
+        self.batch.token_slots = view
+        if self.static_segments is not None:
+            self.batch.segments = self.static_segments.fill(slots, self.slot_ranks)

@@ -29,6 +29,7 @@ from loraxpy.worker.batch import (
     plan_batch,
     validate_step,
 )
+from loraxpy.worker.cuda_graphs import DecodeGraphs
 from loraxpy.worker.kv_cache import KVCacheSpec
 from loraxpy.worker.layers import Shard
 from loraxpy.worker.lora import LoraManager, fit_slots, slot_bytes
@@ -69,6 +70,9 @@ class RunnerOptions:
     cache_dir: Path = Path(".cache")  # downloaded adapters (s3) live under it
     adapter_host_cache_bytes: int = 4 << 30  # parsed adapters kept in host memory (LRU)
     attention_backend: str = "auto"  # auto | sdpa | triton (auto: Triton on CUDA)
+    # Decode steps of up to this many requests replay CUDA graphs (0: off). On CPU nothing is
+    # captured and such steps run the graphs' padded eager twin, which is how it is tested.
+    cuda_graph_max_batch_size: int = 0
 
 
 class ModelRunner:
@@ -115,6 +119,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.limits: Limits | None = None
         self.requests: dict[int, RequestState] = {}
+        self.graphs: DecodeGraphs | None = None
 
     def _adapter_slots(self) -> int:
         """--max-loras; on CUDA lowered to what --adapter-memory-fraction of the device holds."""
@@ -170,7 +175,30 @@ class ModelRunner:
             self.options.block_size,
             num_blocks * self.kv_spec.bytes_per_block / 2**20,
         )
+        self.graphs = self._decode_graphs(max_num_seqs)
         return num_blocks
+
+    def _decode_graphs(self, max_num_seqs: int) -> DecodeGraphs | None:
+        """The decode graphs, captured now on CUDA; None when off or the attention cannot be captured."""
+        max_batch = min(self.options.cuda_graph_max_batch_size, max_num_seqs)
+        if max_batch < 1:
+            return None
+        if self.attention_backend != "triton":  # SDPA sizes its work from host-side lengths
+            logger.warning("CUDA graphs need the Triton attention backend; decoding eagerly")
+            return None
+        assert self.limits is not None
+        graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.lora,
+            max_batch_size=max_batch,
+            max_blocks_per_seq=-(-self.limits.max_model_len // self.limits.block_size),
+            max_model_len=self.limits.max_model_len,
+            device=self.options.device,
+        )
+        if self.options.device.type == "cuda":
+            graphs.capture()
+        return graphs
 
     def _profile(self, num_tokens: int, num_seqs: int) -> int:
         """Runs a forward pass over `num_tokens` dummy tokens; returns peak device bytes (CUDA) or 0."""
@@ -220,11 +248,13 @@ class ModelRunner:
         if not scheduled:
             return []
         plan = plan_batch(scheduled, self.options.block_size)
-        if self.lora is not None:
-            self.lora.set_batch(
-                [s.adapter_index for s, n in scheduled for _ in range(n)], self.options.device
-            )
-        hidden = self.model(self._forward_batch(plan, self.kv_caches))
+        token_adapters = [s.adapter_index for s, n in scheduled for _ in range(n)]
+        if self.graphs is not None and self.graphs.can_run(plan):
+            hidden = self.graphs.run(plan, token_adapters)
+        else:
+            if self.lora is not None:
+                self.lora.set_batch(token_adapters, self.options.device)
+            hidden = self.model(self._forward_batch(plan, self.kv_caches))
         outputs = self._sample(scheduled, plan, hidden)
         for state, num_scheduled in scheduled:
             state.num_computed_tokens += num_scheduled

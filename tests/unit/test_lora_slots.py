@@ -38,10 +38,12 @@ def test_slot_bytes_equal_the_allocated_slot_tensors(config: ModelConfig, world_
     model = CausalLM(config, shard=shard, attention=attention, dtype=dtype, device=torch.device("cpu"))
     num_slots, rank = 3, 8
     manager = LoraManager.attach(model, config, shard, num_slots, rank)
-    allocated = sum(
-        s.a.nbytes + s.b.nbytes for lora in set(manager.slots.values()) for s in lora.slices.values()
-    )
-    assert allocated == (num_slots + 1) * slot_bytes(config, shard, rank, dtype)  # slot 0 is the base
+    # device bytes behind every slot tensor, each allocation counted once (slices are views into them)
+    tensors = [t for lora in set(manager.slots.values()) for s in lora.slices.values() for t in (s.a, s.b)]
+    tensors += [t for lora in set(manager.slots.values()) for t in (lora.a, lora.b)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    assert sum(storages.values()) == (num_slots + 1) * slot_bytes(config, shard, rank, dtype)  # slot 0: base
+    assert sum(t.nbytes for t in tensors) == 2 * sum(storages.values())  # the views cover each stack once
 
 
 def test_fit_slots_keeps_within_the_budget() -> None:
