@@ -56,8 +56,10 @@ def store_kv(
 ) -> None:
     """k_cache[slot_mapping[t]] = key[t] and likewise for v, for every t with slot_mapping[t] >= 0."""
     # key, value: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens] int64, -1 = padding
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):  # padded rows (a CUDA graph's batch bucket) store nothing
+    # rows (a decode graph's bucket) store nothing. They reach this torch path only on CPU, as
+    # graphs need the Triton backend; checking on CUDA would cost a host sync in every layer.
+    if slot_mapping.device.type == "cpu" and bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))

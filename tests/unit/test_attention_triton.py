@@ -83,8 +83,10 @@ def test_triton_store_equals_the_torch_store_and_skips_padding_rows(kernels, dty
     gen = torch.Generator().manual_seed(0)
     key, value = torch.randn(2, 5, 3, 8, generator=gen).to(dtype).unbind(0)
     slots = torch.tensor([9, -1, 0, 17, -1])
-    caches = [torch.zeros(5, 4, 3, 8, dtype=dtype) for _ in range(4)]
+    caches = [torch.zeros(5, 4, 3, 8, dtype=dtype) for _ in range(6)]
     kernels.store_kv_triton(key, value, caches[0], caches[1], slots)
     keep = slots >= 0
     store_kv(key[keep], value[keep], caches[2], caches[3], slots[keep])
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    store_kv(key, value, caches[4], caches[5], slots)  # the torch twin skips padding rows too
+    assert torch.equal(caches[0], caches[4]) and torch.equal(caches[1], caches[5])
