@@ -28,6 +28,16 @@ from loraxpy.worker.layers import ColumnParallelLinear, ParallelLMHead, RowParal
 from loraxpy.worker.model_config import ModelConfig
 
 
+@dataclass(frozen=True)
+class StagedAdapter:
+    """An adapter's A and scaled B per (layer, target), ready to copy into a slot on its device."""
+
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    nbytes: int
+    ready: torch.cuda.Event | None  # CUDA: recorded on the upload stream after the copies
+
+
 class SlotsFullError(RuntimeError):
     """Every adapter slot is taken; the router must offload one first."""
 
@@ -181,6 +191,9 @@ class LoraManager:
     # Fixed buffers for captured decode graphs (`allocate_static_batch`); None until then.
     static_slots: torch.Tensor | None = None
     static_segments: StaticSegments | None = None
+    batch_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    upload_stream: torch.cuda.Stream | None = None  # CUDA: adapter uploads beside the steps
 
     @classmethod
     def attach(
@@ -199,7 +212,11 @@ class LoraManager:
         head = model.lm_head if isinstance(model.lm_head, ParallelLMHead) else None
         device = next(model.parameters()).device
         backend = "triton" if device.type == "cuda" and lora_triton.available() else "torch"
-        return cls(slots, batch, num_slots, max_rank, head=head, config=config, shard=shard, backend=backend)
+        dtype = next(model.parameters()).dtype
+        return cls(
+            slots, batch, num_slots, max_rank, head=head, config=config, shard=shard, backend=backend,
+            batch_device=device, dtype=dtype,
+        )  # fmt: skip
 
     def _head_slots(self) -> LoraSlots:
         """The LM head's slots, allocated on first use (B is vocab × rank per slot)."""
@@ -212,7 +229,32 @@ class LoraManager:
             self.slots[key] = lora
         return self.slots[key]
 
-    def load(self, adapter_index: int, adapter: LoraAdapter) -> None:
+    def stage(self, adapter: LoraAdapter) -> StagedAdapter:
+        """Uploads an adapter's A and scaled B to the device beside the running steps (CUDA: on a
+        side stream from pinned memory); `load` then only copies device to device into a slot."""
+        device, dtype = self.batch_device, self.dtype
+        scaled = {key: (a, b * adapter.scales[key]) for key, (a, b) in adapter.weights.items()}
+        if device.type != "cuda":
+            return StagedAdapter(scaled, adapter.rank, adapter.nbytes, None)
+        if self.upload_stream is None:
+            self.upload_stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(self.upload_stream):
+            weights = {
+                key: tuple(t.to(dtype).pin_memory().to(device, non_blocking=True) for t in pair)
+                for key, pair in scaled.items()
+            }
+            ready = self.upload_stream.record_event()
+        return StagedAdapter(weights, adapter.rank, adapter.nbytes, ready)  # type: ignore[arg-type]
+
+    def load(self, adapter_index: int, adapter: LoraAdapter | StagedAdapter) -> None:
+        """Writes an adapter into a free slot under `adapter_index` (staging it first if needed)."""
+        staged = adapter if isinstance(adapter, StagedAdapter) else self.stage(adapter)
+        if staged.ready is not None:  # the slot copies wait for the upload, on the step's stream
+            current = torch.cuda.current_stream(self.batch_device)
+            current.wait_event(staged.ready)
+            for pair in staged.weights.values():
+                for t in pair:
+                    t.record_stream(current)  # freed only once those copies have run
         if adapter_index in self.index_to_slot:
             self.offload(adapter_index)
         used = set(self.index_to_slot.values())
@@ -220,14 +262,14 @@ class LoraManager:
         if not free:
             raise SlotsFullError(f"all {self.num_slots} adapter slots are in use; offload one first")
         slot = free[0]
-        if self.config is not None and head_key(self.config) in adapter.weights:
+        if self.config is not None and head_key(self.config) in staged.weights:
             self._head_slots()
         for lora in set(self.slots.values()):
             lora.clear(slot)  # modules this adapter leaves alone must add nothing
-        for key, (a, b) in adapter.weights.items():
-            self.slots[key].write(slot, key[1], a, b * adapter.scales[key])
+        for key, (a, b) in staged.weights.items():
+            self.slots[key].write(slot, key[1], a, b)
         self.index_to_slot[adapter_index] = slot
-        self.slot_ranks[slot] = adapter.rank
+        self.slot_ranks[slot] = staged.rank
 
     def offload(self, adapter_index: int) -> None:
         slot = self.index_to_slot.pop(adapter_index)

@@ -32,7 +32,7 @@ from loraxpy.worker.batch import (
 from loraxpy.worker.cuda_graphs import DecodeGraphs
 from loraxpy.worker.kv_cache import KVCacheSpec
 from loraxpy.worker.layers import Shard
-from loraxpy.worker.lora import LoraManager, fit_slots, slot_bytes
+from loraxpy.worker.lora import LoraManager, StagedAdapter, fit_slots, slot_bytes
 from loraxpy.worker.merge import MergeRequest, merge_adapters
 from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
@@ -390,8 +390,14 @@ class ModelRunner:
                 )
         return dataclasses.replace(adapter, base_layers={})
 
-    def install_adapter(self, adapter_index: int, adapter: LoraAdapter) -> int:
-        """Writes a parsed adapter into a device slot under `adapter_index`; returns its bytes."""
+    def stage_adapter(self, adapter: LoraAdapter) -> StagedAdapter:
+        """Uploads a parsed adapter to the device without touching a slot, so it runs beside `step`."""
+        if self.lora is None:
+            raise WorkerInputError("this worker was started without adapter slots (--max-loras 0)")
+        return self.lora.stage(adapter)
+
+    def install_adapter(self, adapter_index: int, adapter: LoraAdapter | StagedAdapter) -> int:
+        """Writes a parsed (or staged) adapter into a device slot under `adapter_index`; returns its bytes."""
         if self.lora is None:
             raise WorkerInputError("this worker was started without adapter slots (--max-loras 0)")
         if adapter_index < 1:

@@ -201,12 +201,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         spec = request.adapter
         if request.adapter_index < 1:
             raise WorkerInputError("adapter index 0 is the base model; adapters use indices from 1")
-        # Fetching and parsing can take long (a hub download); only the slot write waits for the step.
+        # Fetching, parsing and the upload to the device (a side stream on CUDA) run beside steps;
+        # only the device-to-device slot write waits for the step in flight.
         adapter = self.runner.read_adapter(
             spec.adapter_id, spec.source or "local", spec.api_token, merge_from_proto(spec)
         )
+        staged = self.runner.stage_adapter(adapter)
         with self.lock:
-            nbytes = self.runner.install_adapter(request.adapter_index, adapter)
+            nbytes = self.runner.install_adapter(request.adapter_index, staged)
         return pb.LoadAdapterResponse(memory_bytes=nbytes)
 
     @_rpc
