@@ -15,6 +15,7 @@ when the first adapter that adapts it arrives, and its delta uses the slots of t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,8 @@ from loraxpy.kernels.lora_triton import Segments, SliceLayout, StaticSegments, s
 from loraxpy.worker.adapters import LoraAdapter, head_key, module_shape
 from loraxpy.worker.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Shard
 from loraxpy.worker.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,35 @@ def fit_slots(requested: int, budget_bytes: int, per_slot: int) -> int:
     if requested <= 0:
         return 0
     return max(1, min(requested, budget_bytes // max(1, per_slot)))
+
+
+CPU_MAX_ADAPTER_SLOTS = 16  # slots are rank-padded copies of every layer slice: bounded on CPU
+
+
+def num_adapter_slots(
+    config: ModelConfig,
+    shard: Shard,
+    max_loras: int,
+    max_rank: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    memory_fraction: float,
+) -> int:
+    """--max-loras, capped on CPU; on CUDA lowered to what `memory_fraction` of the device holds."""
+    if max_loras <= 0:
+        return 0
+    if device.type != "cuda":
+        if max_loras > CPU_MAX_ADAPTER_SLOTS:
+            logger.info("adapter slots: %d (the CPU cap) of %d requested", CPU_MAX_ADAPTER_SLOTS, max_loras)
+        return min(max_loras, CPU_MAX_ADAPTER_SLOTS)
+    per_slot = slot_bytes(config, shard, max_rank, dtype)
+    total = torch.cuda.get_device_properties(device).total_memory
+    slots = fit_slots(max_loras, int(memory_fraction * total), per_slot)
+    logger.info(
+        "adapter slots: %d of %d requested (%.1f MiB each, rank %d, budget %.0f%% of %.1f GiB)",
+        slots, max_loras, per_slot / 2**20, max_rank, 100 * memory_fraction, total / 2**30,
+    )  # fmt: skip
+    return slots
 
 
 # model attribute path → the target modules it fuses

@@ -32,7 +32,7 @@ from loraxpy.worker.batch import (
 from loraxpy.worker.cuda_graphs import DecodeGraphs
 from loraxpy.worker.kv_cache import KVCacheSpec
 from loraxpy.worker.layers import Shard
-from loraxpy.worker.lora import LoraManager, StagedAdapter, fit_slots, slot_bytes
+from loraxpy.worker.lora import LoraManager, StagedAdapter, num_adapter_slots
 from loraxpy.worker.merge import MergeRequest, merge_adapters
 from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
@@ -42,9 +42,6 @@ from loraxpy.worker.weights import load_weights
 logger = logging.getLogger(__name__)
 
 _GREEDY = SamplingParams()
-
-
-CPU_MAX_ADAPTER_SLOTS = 16  # slots are rank-padded copies of every layer slice: bounded on CPU
 
 
 class NotReadyError(RuntimeError):
@@ -107,7 +104,10 @@ class ModelRunner:
             head_dim=self.config.head_dim,
             dtype=options.dtype,
         )
-        self.num_adapter_slots = self._adapter_slots()
+        o = options
+        self.num_adapter_slots = num_adapter_slots(
+            self.config, o.shard, o.max_loras, o.max_lora_rank, o.dtype, o.device, o.adapter_memory_fraction
+        )
         self.lora = (
             LoraManager.attach(
                 self.model, self.config, options.shard, self.num_adapter_slots, options.max_lora_rank
@@ -120,27 +120,6 @@ class ModelRunner:
         self.limits: Limits | None = None
         self.requests: dict[int, RequestState] = {}
         self.graphs: DecodeGraphs | None = None
-
-    def _adapter_slots(self) -> int:
-        """--max-loras; on CUDA lowered to what --adapter-memory-fraction of the device holds."""
-        o = self.options
-        if o.max_loras <= 0:
-            return 0
-        if o.device.type != "cuda":
-            if o.max_loras > CPU_MAX_ADAPTER_SLOTS:
-                logger.info(
-                    "adapter slots: %d (the CPU cap) of %d requested", CPU_MAX_ADAPTER_SLOTS, o.max_loras
-                )
-            return min(o.max_loras, CPU_MAX_ADAPTER_SLOTS)
-        per_slot = slot_bytes(self.config, o.shard, o.max_lora_rank, o.dtype)
-        total = torch.cuda.get_device_properties(o.device).total_memory
-        slots = fit_slots(o.max_loras, int(o.adapter_memory_fraction * total), per_slot)
-        logger.info(
-            "adapter slots: %d of %d requested (%.1f MiB each, rank %d, budget %.0f%% of %.1f GiB)",
-            slots, o.max_loras, per_slot / 2**20, o.max_lora_rank,
-            100 * o.adapter_memory_fraction, total / 2**30,
-        )  # fmt: skip
-        return slots
 
     @property
     def is_ready(self) -> bool:

@@ -9,7 +9,7 @@ import torch
 
 from loraxpy.kernels.attention import select_attention_backend
 from loraxpy.worker.layers import Shard
-from loraxpy.worker.lora import LoraManager, fit_slots, slot_bytes
+from loraxpy.worker.lora import CPU_MAX_ADAPTER_SLOTS, LoraManager, fit_slots, num_adapter_slots, slot_bytes
 from loraxpy.worker.model import CausalLM
 from loraxpy.worker.model_config import ModelConfig
 
@@ -51,3 +51,10 @@ def test_fit_slots_keeps_within_the_budget() -> None:
     assert fit_slots(8, budget_bytes=350, per_slot=100) == 3
     assert fit_slots(8, budget_bytes=0, per_slot=100) == 1  # adapters asked for: at least one slot
     assert fit_slots(0, budget_bytes=10**9, per_slot=100) == 0
+
+
+def test_cpu_slots_are_capped_and_zero_means_no_adapters(config: ModelConfig) -> None:
+    cpu = torch.device("cpu")
+    assert num_adapter_slots(config, Shard(), 40, 8, torch.float32, cpu, 0.1) == CPU_MAX_ADAPTER_SLOTS
+    assert num_adapter_slots(config, Shard(), 5, 8, torch.float32, cpu, 0.1) == 5
+    assert num_adapter_slots(config, Shard(), 0, 8, torch.float32, cpu, 0.1) == 0
