@@ -65,6 +65,7 @@ class RunResult:
     first_adapter: str | None  # adapter folder of row 0, None for the base model
     first_tokens: list[int]  # greedy tokens of row 0: the prefill's token, then one per decode step
     all_tokens: list[list[int]] = field(default_factory=list, repr=False)  # not written to JSON
+    engine_paths: str = ""  # which kernels ran: attention backend, LoRA backend, decode graphs
 
 
 class AdapterPool:
@@ -178,7 +179,14 @@ class EngineBench:
             first_adapter=self.loaded[rows[0]] if rows[0] else None,
             first_tokens=tokens[1],
             all_tokens=[tokens[rid] for rid in ids],
+            engine_paths=self.paths(),
         )
+
+    def paths(self) -> str:
+        r = self.runner
+        graphs = r.graphs
+        decode = "eager" if graphs is None else "cuda-graphs" if graphs.is_captured else "graph-twin"
+        return f"attention={r.attention_backend} lora={r.lora.backend if r.lora else 'none'} decode={decode}"
 
     def _prefill(
         self,

@@ -67,6 +67,7 @@ def test_json_table_and_plot_are_written(bench: tuple[dict, Path, str]) -> None:
         ):
             assert math.isfinite(run[key]) and run[key] > 0, key
         assert len(run["first_tokens"]) == 1 + run["warmup_steps"] + run["decode_steps"]
+        assert run["engine_paths"] == "attention=sdpa lora=torch decode=eager"  # CPU defaults
     assert "mixed-2" in stdout and "speed-up" in stdout
     png = (tmp / "out.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
