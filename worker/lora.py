@@ -314,11 +314,15 @@ class LoraManager:
         if not any(token_adapter_indices):
             self.batch.token_slots = None
             return
-        slot_of = {0: 0, **self.index_to_slot}
-        slots = [slot_of[i] for i in token_adapter_indices]
+        slots = self._slots_of(token_adapter_indices)
         self.batch.token_slots = torch.tensor(slots, dtype=torch.int64, device=device)
         if self.backend == "triton":
             self.batch.segments = Segments.build(slots, self.slot_ranks, device)
+
+    def _slots_of(self, token_adapter_indices: list[int]) -> list[int]:
+        """The device slot of each row's adapter index (0, the base model, keeps slot 0)."""
+        slot_of = {0: 0, **self.index_to_slot}
+        return [slot_of[i] for i in token_adapter_indices]
 
     def allocate_static_batch(self, capacity: int, device: torch.device) -> None:
         """Buffers `set_static_batch` fills in place, so a captured graph reads each step's rows."""
@@ -335,8 +339,7 @@ class LoraManager:
         if token_adapter_indices is None:
             self.batch.token_slots = self.batch.segments = None
             return
-        slot_of = {0: 0, **self.index_to_slot}
-        slots = [slot_of[i] for i in token_adapter_indices]
+        slots = self._slots_of(token_adapter_indices)
         view = self.static_slots[:rows]
         view.copy_(torch.tensor(slots, dtype=torch.int64).to(view.device, non_blocking=True))
         self.batch.token_slots = view
