@@ -1,5 +1,6 @@
 """`lorax-bench [engine]`: flags → BenchConfig, then the engine benchmark, its table, JSON and plot;
-`lorax-bench serve`: flags → ServeConfig, then streaming clients against a running server.
+`lorax-bench serve`: flags → ServeConfig, then streaming clients against a running server;
+`lorax-bench model`: a real model on CPU through every path (bench/model_cli.py).
 
 Defaults follow the device: on CUDA the shapes and grid of issue 6 (1b and 8b, bf16, batch 1/32/128,
 context 128/1024, 1/8/32/128 adapters, PEFT at batch 32 × 128 prompt tokens × 64 new tokens with
@@ -20,6 +21,7 @@ import torch
 
 from loraxpy.bench.bounds import measure_copy_bandwidth
 from loraxpy.bench.engine import RunResult
+from loraxpy.bench.model_cli import model_main
 from loraxpy.bench.report import BaselineComparison, format_table, machine_info, plot_throughput, write_json
 from loraxpy.bench.serving import ServeConfig, format_report, report_dict, run_serving
 from loraxpy.bench.shapes import SHAPES
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lorax-bench [engine]",
         description="Engine-level benchmark: decode and prefill speed against the byte bound and HF+PEFT. "
-        "`lorax-bench serve --help` describes the serving benchmark.",
+        "`lorax-bench serve --help` describes the serving benchmark, `lorax-bench model --help` the "
+        "real-model run through every path (floor, engine, server, HF).",
     )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cuda, cuda:N or cpu")
     p.add_argument(
@@ -222,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         return serve_main(argv[1:])
+    if argv[:1] == ["model"]:
+        return model_main(argv[1:])
     args = build_parser().parse_args(argv[1:] if argv[:1] == ["engine"] else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

@@ -129,10 +129,21 @@ class EngineBench:
                 self.runner.load_adapter(j, folder, "local")
                 self.loaded[j] = folder
 
-    def run(self, spec: RunSpec, shape_name: str, bandwidth: float, seed: int) -> RunResult:
+    def run(
+        self,
+        spec: RunSpec,
+        shape_name: str,
+        bandwidth: float,
+        seed: int,
+        prompts: list[list[int]] | None = None,
+    ) -> RunResult:
+        """`prompts` (B of exactly `context_len` tokens) replaces the random ones, e.g. a tokenized text."""
         self.load_workload(spec.workload)
         b, ctx = spec.batch_size, spec.context_len
-        prompts = make_prompts(self.runner.config.vocab_size, b, ctx, seed)
+        if prompts is None:
+            prompts = make_prompts(self.runner.config.vocab_size, b, ctx, seed)
+        if len(prompts) != b or any(len(p) != ctx for p in prompts):
+            raise ValueError(f"the engine needs {b} prompts of exactly {ctx} tokens")
         rows = spec.workload.assign(b, random.Random(f"{seed}-{spec.workload.name}-{b}"))
         ranks = {a: spec.workload.rank_of(a) for a in set(rows) if a}
         ids = list(range(1, b + 1))

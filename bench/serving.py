@@ -141,7 +141,7 @@ async def run_serving(config: ServeConfig) -> tuple[ServeReport, list[RequestRec
     timeout = aiohttp.ClientTimeout(total=config.timeout_s)
     connector = aiohttp.TCPConnector(limit=0)  # arrivals, not a pool size, decide concurrency
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        before = await _step_metrics(session, config.url)
+        before = await step_metrics(session, config.url)
         t0 = time.perf_counter()
 
         async def arrive(arrival: float, record: RequestRecord) -> None:
@@ -150,7 +150,7 @@ async def run_serving(config: ServeConfig) -> tuple[ServeReport, list[RequestRec
 
         await asyncio.gather(*(arrive(a, r) for (a, _), r in zip(plan, records, strict=True)))
         duration = time.perf_counter() - t0
-        after = await _step_metrics(session, config.url)
+        after = await step_metrics(session, config.url)
     ok = [r for r in records if r.error is None]
     tokens = sum(r.num_tokens for r in ok)
     report = ServeReport(
@@ -177,7 +177,7 @@ STEP_METRICS = (
 )
 
 
-async def _step_metrics(session: aiohttp.ClientSession, url: str) -> tuple[float, float, float] | None:
+async def step_metrics(session: aiohttp.ClientSession, url: str) -> tuple[float, float, float] | None:
     """(steps, step seconds, router overhead seconds) so far, from the server's /metrics."""
     try:
         async with session.get(url.rstrip("/") + "/metrics") as response:

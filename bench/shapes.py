@@ -34,6 +34,26 @@ class ModelShape:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @classmethod
+    def of_model(cls, model_dir: Path) -> ModelShape:
+        """The shape of a Llama-family HF folder, so random adapters can be written for a real model."""
+        c = json.loads((model_dir / "config.json").read_text())
+        shape = cls(
+            name=model_dir.name,
+            hidden_size=c["hidden_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=c["num_attention_heads"],
+            num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+            intermediate_size=c["intermediate_size"],
+            vocab_size=c["vocab_size"],
+            max_position_embeddings=c.get("max_position_embeddings", 8192),
+        )
+        if c.get("head_dim", shape.head_dim) != shape.head_dim:
+            raise ValueError(
+                f"{model_dir}: head_dim {c['head_dim']} is not hidden_size / num_attention_heads"
+            )
+        return shape
+
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each adapted projection."""
         h, f = self.hidden_size, self.intermediate_size
