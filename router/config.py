@@ -37,6 +37,10 @@ class RouterConfig:
     otlp_endpoint: str | None = None
     json_output: bool = False
     api_key: str | None = None
+    # A client must send a request's body within this many seconds (slow bodies hold connections).
+    body_read_timeout_s: float = 30.0
+    # An idle connection, or one still sending its headers, is closed after this many seconds.
+    keep_alive_timeout_s: float = 75.0
     kv_cache_memory_mib: int = 1024
     worker_addresses: str | None = None  # lorax-router only: comma-separated worker addresses
 
@@ -66,6 +70,9 @@ class RouterConfig:
             raise ValueError("--cuda-graph-max-batch-size must be >= 0 (0: off)")
         if self.attention_backend not in ("auto", "sdpa", "triton"):  # the worker's choices (no torch here)
             raise ValueError("--attention-backend must be auto, sdpa or triton")
+        for name in ("body_read_timeout_s", "keep_alive_timeout_s"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ValueError(f"--{name.replace('_', '-')} must be in (0, 3600] seconds")
         if not 0 < self.adapter_memory_fraction <= 1:
             raise ValueError("--adapter-memory-fraction must be in (0, 1]")
 

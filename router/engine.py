@@ -6,6 +6,11 @@ goes away (client disconnect) is finished as aborted and released at the next st
 
 Workers keep a finished request until a step releases it, so changing adapter slots must wait
 for the step in flight and release what has finished first: `between_steps` does both.
+
+No exception ends the loop: a step that fails fails the requests in it (their clients get an
+error, the log gets the cause) and the loop goes on. Only a worker's own failure marks the server
+unhealthy, until a later step succeeds; a step the workers refused (INVALID_ARGUMENT) changed
+nothing there and does not.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from loraxpy.router.scheduler import FinishReason, SamplingOptions, Scheduler, SchedulerOutput, SequenceState
+from loraxpy.proto.sampling import SamplingParams
+from loraxpy.router.scheduler import FinishReason, Scheduler, SchedulerOutput, SequenceState
 from loraxpy.router.tracing import Tracer
 from loraxpy.router.worker_client import StepResult, WorkerClient, WorkerError
 
@@ -39,14 +45,20 @@ class TextStream(Protocol):
 
 
 class EngineError(RuntimeError):
-    """Generation failed for a request (a worker error, or a request the cache can never hold)."""
+    """Generation failed for a request (a worker error, or a request the cache can never hold).
+
+    Its message reaches the client, so it never carries an exception's text: that goes to the log.
+    """
+
+
+STEP_FAILED = "generation failed; the server log has the details"
 
 
 @dataclass(frozen=True)
 class GenerateInput:
     input_ids: tuple[int, ...]
     max_new_tokens: int
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter_index: int = 0
     ignore_eos: bool = False
 
@@ -105,8 +117,21 @@ class Engine:
     def num_active(self) -> int:
         return len(self._handles)
 
+    @property
+    def is_running(self) -> bool:
+        """The loop task is alive: started, and not ended (nothing but cancellation should end it)."""
+        return self._task is not None and not self._task.done()
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
+        self._task.add_done_callback(self._on_loop_end)
+
+    def _on_loop_end(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        logger.critical("the engine loop ended", exc_info=task.exception())
+        for handle in list(self._handles.values()):
+            handle.queue.put_nowait(EngineError("the server's engine stopped"))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -119,6 +144,8 @@ class Engine:
         self, inp: GenerateInput, stream: TextStream, trace_span: Any = None
     ) -> AsyncIterator[TokenEvent | RequestOutput]:
         """Yields a RequestOutput first (filled in as the request runs), then one TokenEvent per token."""
+        if not self.is_running:
+            raise EngineError("the server's engine is not running")
         seq = SequenceState(
             id=next(self._ids),
             prompt_ids=list(inp.input_ids),
@@ -164,7 +191,12 @@ class Engine:
                 await self._wake.wait()
                 continue
             async with self._step_lock:
-                stepped = await self._step()
+                try:
+                    stepped = await self._step()
+                except Exception:  # not any one request's fault (scheduling itself): fail all, go on
+                    logger.exception("engine step failed; failing every live request")
+                    self._fail_all()
+                    stepped = False
             if not stepped:
                 await asyncio.sleep(0.001)
 
@@ -178,8 +210,13 @@ class Engine:
         try:
             reply = await self.client.step(out, metadata=self._note_scheduled(out))
         except WorkerError as e:
-            self._fail_step([r.seq for r in out.scheduled], e)
+            await self._fail_step(out, e)
             return True
+        except Exception as e:  # a bug on this side of the wire: whether the workers got it is unknown
+            logger.exception("sending a step failed")
+            await self._fail_step(out, WorkerError(f"{type(e).__name__}: {e}"))
+            return True
+        self.is_healthy = True
         self._apply(reply.results)
         if self.on_step is not None:  # from scheduling to tokens handed out, and the workers' part of it
             self.on_step(time.perf_counter() - started, reply.worker_seconds, len(out.scheduled))
@@ -214,7 +251,11 @@ class Engine:
             handle = self._handles.get(res.id)
             if handle is None or res.token is None:
                 continue
-            self._emit(handle, res)
+            try:
+                self._emit(handle, res)
+            except Exception:  # e.g. a token its detokenizer cannot handle: only this request fails
+                logger.exception("request %d: handing out a token failed", res.id)
+                self._fail(handle.seq, EngineError(STEP_FAILED))
 
     def _emit(self, handle: _Handle, res: StepResult) -> None:
         assert res.token is not None
@@ -229,14 +270,37 @@ class Engine:
             seq.finish_reason = FinishReason.STOP_SEQUENCE
         handle.queue.put_nowait(TokenEvent(token_id, logprob, text, res.top_logprobs, seq.finish_reason))
 
-    def _fail_step(self, seqs: list[SequenceState], error: WorkerError) -> None:
-        logger.error("step failed: %s", error)
-        self.is_healthy = False
-        for seq in seqs:
-            handle = self._handles.get(seq.id)
-            self.scheduler.finish(seq, FinishReason.ABORTED)
-            if handle is not None:
-                handle.queue.put_nowait(EngineError(f"generation failed: {error}"))
+    async def _fail_step(self, out: SchedulerOutput, error: WorkerError) -> None:
+        """Fails the requests a step failed for. A refusal changed nothing on the workers: its new
+        requests are the suspects and fail (everyone in it only if none was new), the rest run on,
+        and its releases are sent again on their own so a refused request cannot hold them back."""
+        failed = [r.seq for r in out.scheduled]
+        if error.is_refusal:
+            logger.error("workers refused a step: %s", error.details)
+            self.scheduler.refused(out)
+            failed = [r.seq for r in out.scheduled if r.is_new] or failed
+        else:
+            logger.error("step failed: %s", error)
+            self.is_healthy = False
+        for seq in failed:
+            self._fail(seq, EngineError(STEP_FAILED))
+        if error.is_refusal and out.finished_ids:
+            try:
+                await self.client.step(SchedulerOutput((), out.finished_ids))
+            except WorkerError as e:
+                logger.error("releasing %s failed: %s", list(out.finished_ids), e.details)
+
+    def _fail(self, seq: SequenceState, error: EngineError) -> None:
+        handle = self._handles.get(seq.id)
+        self.scheduler.finish(seq, FinishReason.ABORTED)
+        if handle is not None:
+            handle.queue.put_nowait(error)
+
+    def _fail_all(self) -> None:
+        for handle in list(self._handles.values()):
+            with contextlib.suppress(Exception):  # scheduler state may be what broke
+                self.scheduler.finish(handle.seq, FinishReason.ABORTED)
+            handle.queue.put_nowait(EngineError(STEP_FAILED))
 
     def _fail_unschedulable(self) -> None:
         """Nothing running and the oldest waiting request still does not fit: it never will."""
@@ -244,12 +308,6 @@ class Engine:
             return
         for queue in self.scheduler.waiting.values():
             for seq in list(queue):
-                handle = self._handles.get(seq.id)
-                self.scheduler.finish(seq, FinishReason.ABORTED)
-                if handle is not None:
-                    handle.queue.put_nowait(
-                        EngineError(
-                            f"request needs more KV cache than the server has ({seq.num_tokens} tokens)"
-                        )
-                    )
+                message = f"request needs more KV cache than the server has ({seq.num_tokens} tokens)"
+                self._fail(seq, EngineError(message))
                 return

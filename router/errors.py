@@ -30,6 +30,13 @@ class BadRequestError(ValidationError):
     """Malformed body (not JSON, wrong types): LoRAX answers 422 for these too."""
 
 
+class BodyTimeoutError(BadRequestError):
+    """The client sent its body slower than --body-read-timeout-s allows."""
+
+    status = 408
+    openai_status = 408
+
+
 class NotFoundError(RouterError):
     kind = "not_found"
     status = 404
@@ -56,6 +63,27 @@ class GenerationError(RouterError):
     status = 424
     openai_status = 500
     openai_type = "server_error"
+
+
+class UnavailableError(RouterError):
+    """The server cannot serve now (its engine loop died, or a worker failed): /health answers 503."""
+
+    kind = "healthcheck"
+    status = 503
+    openai_status = 503
+    openai_type = "server_error"
+
+
+class InternalError(RouterError):
+    """Anything unexpected. Its message is generic on purpose: the exception itself goes to the log."""
+
+    kind = "internal"
+    status = 500
+    openai_status = 500
+    openai_type = "server_error"
+
+    def __init__(self, message: str = "internal server error; the server log has the details") -> None:
+        super().__init__(message)
 
 
 class IncompleteGenerationError(RouterError):

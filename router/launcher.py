@@ -107,6 +107,8 @@ def derive_limits(config: RouterConfig, info: WorkerInfo, num_blocks: int, model
         default_adapter_source=config.adapter_source,
         base_model_id=model_id,
         default_adapter_id=config.adapter_id,
+        vocab_size=info.vocab_size,
+        max_concurrent_requests=config.max_concurrent_requests,
     )
 
 
@@ -161,6 +163,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         info_body,
         max_concurrent_requests=config.max_concurrent_requests,
         api_key=config.api_key,
+        body_read_timeout_s=config.body_read_timeout_s,
         tracer=tracer,
         adapters=AdapterRegistry(
             client,
@@ -181,7 +184,12 @@ async def serve(
     state, engine = await build_state(config, client)
     engine.start()
     await _preload_adapters(config, state)
-    runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        build_app(state),
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=config.keep_alive_timeout_s,
+    )
     await runner.setup()
     await web.TCPSite(runner, config.hostname, config.port).start()
     logger.info("serving on http://%s:%d", config.hostname, config.port)

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from loraxpy.proto.sampling import SamplingParams
 from loraxpy.router.kv_blocks import BlockAllocator
 
 
@@ -51,23 +52,6 @@ class SchedulerConfig:
             raise ValueError("waiting_served_ratio and max_waiting_steps must be non-negative")
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """What the worker needs to choose tokens; mirrors the proto's SamplingParams (0 = unset)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int | None = None
-    top_logprobs: int = 0
-    prompt_logprobs: bool = False
-
-
 @dataclass
 class SequenceState:
     """The router's view of one request."""
@@ -76,7 +60,7 @@ class SequenceState:
     prompt_ids: list[int]
     max_new_tokens: int
     adapter_index: int = 0
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     eos_token_ids: frozenset[int] = frozenset()
     arrival: int = 0  # admission order, set by the scheduler
     output_ids: list[int] = field(default_factory=list)
@@ -251,6 +235,19 @@ class Scheduler:
         return admitted
 
     # ---- after the step -------------------------------------------------------------------------
+
+    def refused(self, out: SchedulerOutput) -> None:
+        """Undoes `out`, which the workers refused whole without changing anything: its requests are
+        as before the step (new ones were never sent; running ones give back the blocks they got), so
+        each can be scheduled again or finished. Its releases are the caller's to send again."""
+        for r in out.scheduled:
+            seq = r.seq
+            seq.num_computed_tokens -= r.num_tokens
+            if r.is_new:
+                seq.is_on_worker = False  # a NewRequest carries its whole block table next time
+            elif r.new_blocks:
+                del seq.blocks[-len(r.new_blocks) :]
+                self.allocator.free(list(r.new_blocks))
 
     def postprocess(self, sampled: dict[int, int]) -> list[SequenceState]:
         """Appends each request's sampled token; returns the requests that finished by length or EOS."""

@@ -2,21 +2,27 @@
 
 Handlers parse and validate, run the request through the engine, and render the result. Errors are
 rendered in one place per API family (LoRAX body on LoRAX routes, OpenAI body on /v1 routes),
-including aiohttp's own 4xx, because clients call `.json()` on every error.
+including aiohttp's own 4xx and anything unexpected (a generic 500; the exception goes to the
+log), because clients call `.json()` on every error.
+
+No request may hold the event loop: tokenizing and chat templates run in the default executor,
+bodies must arrive within a deadline, and one HTTP request reserves as many of
+--max-concurrent-requests as the generations it runs (prompts × n) before any starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pydantic
 from aiohttp import web
@@ -26,11 +32,14 @@ from loraxpy.router.adapters import AdapterRegistry
 from loraxpy.router.engine import Engine, EngineError, GenerateInput, RequestOutput, TokenEvent
 from loraxpy.router.errors import (
     BadRequestError,
+    BodyTimeoutError,
     GenerationError,
+    InternalError,
     NotFoundError,
     OverloadedError,
     RouterError,
     UnauthorizedError,
+    UnavailableError,
     ValidationError,
     lorax_error_body,
     openai_error_body,
@@ -46,11 +55,13 @@ from loraxpy.router.validation import (
     validate_chat,
     validate_completion,
     validate_generate,
+    validate_tokenize,
 )
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -66,6 +77,11 @@ class ServerState:
     tracer: Tracer = field(default_factory=lambda: Tracer(None))
     adapters: AdapterRegistry | None = None
     is_draining: bool = False
+    body_read_timeout_s: float = 30.0
+    num_admitted: int = 0  # generations reserved by running HTTP requests
+
+
+STATE = web.AppKey("state", ServerState)
 
 
 def _is_openai(request: web.Request) -> bool:
@@ -97,6 +113,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         err = NotFoundError(e.reason) if e.status == 404 else BadRequestError(e.reason)
         err.status = err.openai_status = e.status
         return _error_response(request, err)
+    except Exception:  # a bug: the client learns nothing about it but that it happened
+        logger.exception("%s %s failed", request.method, request.path)
+        return _error_response(request, InternalError())
 
 
 def auth_middleware(api_key: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -104,21 +123,36 @@ def auth_middleware(api_key: str | None) -> Callable[..., Awaitable[web.StreamRe
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if api_key and request.path != "/health":  # probes stay unauthenticated
             given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
+            # Header bytes that are not UTF-8 arrive as surrogates: compare them as the bytes they were.
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), api_key.encode()):
                 raise UnauthorizedError("missing or wrong API key: send `Authorization: Bearer <key>`")
         return await handler(request)
 
     return check
 
 
-async def _parse(request: web.Request, model: type[pydantic.BaseModel]) -> Any:
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, or a 408 if the client sends it slower than the deadline allows."""
+    timeout_s = request.app[STATE].body_read_timeout_s
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise BodyTimeoutError(f"request body not received within {timeout_s:g} s") from None
+
+
+async def _parse(request: web.Request, model: type[pydantic.BaseModel]) -> Any:
+    raw = await _read_body(request)
+    try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
         raise BadRequestError(f"request body is not valid JSON: {e.msg} at position {e.pos}") from None
     except UnicodeDecodeError:
         raise BadRequestError("request body is not UTF-8") from None
+    except RecursionError:
+        raise BadRequestError("request body is not valid JSON: nested too deeply") from None
+    except ValueError:  # e.g. an integer with more digits than Python converts
+        raise BadRequestError("request body is not valid JSON: a value is out of range") from None
     if not isinstance(data, dict):
         raise BadRequestError("request body must be a JSON object")
     try:
@@ -135,12 +169,23 @@ class Api:
 
     # ---- running one generation ---------------------------------------------------------------
 
-    def _admit(self) -> None:
+    @contextlib.contextmanager
+    def _admitted(self, count: int) -> Iterator[None]:
+        """Reserves `count` generations of --max-concurrent-requests for one HTTP request, all or none."""
         if self.s.is_draining:
             raise OverloadedError("the server is shutting down")
-        if self.s.engine.num_active >= self.s.max_concurrent_requests:
+        if self.s.num_admitted + count > self.s.max_concurrent_requests:
             self.s.metrics.request_failure.labels("overloaded").inc()
             raise OverloadedError("Model is overloaded")
+        self.s.num_admitted += count
+        try:
+            yield
+        finally:
+            self.s.num_admitted -= count
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs tokenizer work (a 4 MiB body takes seconds) beside the event loop, not on it."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def _events(self, valid: ValidRequest, gen: R.Generation) -> AsyncIterator[TokenEvent]:
         """The request's tokens; holds its adapter's device slot for as long as it runs."""
@@ -234,13 +279,16 @@ class Api:
         return await self._sse_lorax(request, await _parse(request, GenerateRequest))
 
     async def _generate(self, req: GenerateRequest) -> R.Generation:
-        valid = validate_generate(req, self.s.limits, self.s.tokenizer)
-        self._admit()
-        return await self._run(valid)
+        valid = await self._off_loop(validate_generate, req, self.s.limits, self.s.tokenizer)
+        with self._admitted(1):
+            return await self._run(valid)
 
     async def _sse_lorax(self, request: web.Request, req: GenerateRequest) -> web.StreamResponse:
-        valid = validate_generate(req, self.s.limits, self.s.tokenizer)
-        self._admit()
+        valid = await self._off_loop(validate_generate, req, self.s.limits, self.s.tokenizer)
+        with self._admitted(1):
+            return await self._stream_lorax(request, valid)
+
+    async def _stream_lorax(self, request: web.Request, valid: ValidRequest) -> web.StreamResponse:
         response: web.StreamResponse | None = None  # opened at the first token: earlier errors get a status
         gen = R.Generation(valid)
         try:
@@ -255,20 +303,23 @@ class Api:
 
     async def tokenize(self, request: web.Request) -> web.StreamResponse:
         req = await _parse(request, TokenizeRequest)
-        ids = self.s.tokenizer.encode(req.inputs, add_special_tokens=req.add_special_tokens)
+        ids = await self._off_loop(validate_tokenize, req, self.s.limits, self.s.tokenizer)
         return web.json_response(
             [{"id": t, "text": self.s.tokenizer.decode([t], skip_special_tokens=False)} for t in ids]
         )
 
     async def health(self, request: web.Request) -> web.StreamResponse:
+        if not self.s.engine.is_running:
+            raise UnavailableError("the engine loop is not running")
         if not self.s.engine.is_healthy:
-            raise GenerationError("a worker failed; the server is unhealthy")
+            raise UnavailableError("a worker failed the last step; the server is unhealthy")
         try:
             healthy = await self.s.engine.client.health(timeout=5.0)
-        except Exception as e:  # any failure to reach a shard makes the server unhealthy
-            raise GenerationError(f"worker health check failed: {e}") from None
+        except Exception:  # any failure to reach a shard makes the server unhealthy
+            logger.exception("worker health check failed")
+            raise UnavailableError("worker health check failed") from None
         if not healthy:
-            raise GenerationError("workers are not ready")
+            raise UnavailableError("workers are not ready")
         return web.json_response({})
 
     async def info(self, request: web.Request) -> web.StreamResponse:
@@ -301,29 +352,29 @@ class Api:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = await _parse(request, CompletionRequest)
-        valid = validate_completion(req, self.s.limits, self.s.tokenizer)
+        valid = await self._off_loop(validate_completion, req, self.s.limits, self.s.tokenizer)
         valid = [v for v in valid for _ in range(req.n)]
         want_logprobs = req.logprobs is not None
         if req.stream:
             return await self._sse_openai(request, valid, req, chat=False, want_logprobs=want_logprobs)
-        gens = await self._run_many(valid)
+        with self._admitted(len(valid)):
+            gens = await self._run_many(valid)
         return web.json_response(
             R.completion_body(self.s.tokenizer, req.model or self.s.model_id, gens, want_logprobs)
         )
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = await _parse(request, ChatCompletionRequest)
-        valid = [validate_chat(req, self.s.limits, self.s.tokenizer)] * req.n
+        valid = [await self._off_loop(validate_chat, req, self.s.limits, self.s.tokenizer)] * req.n
         if req.stream:
             return await self._sse_openai(request, valid, req, chat=True, want_logprobs=req.logprobs)
-        gens = await self._run_many(valid)
+        with self._admitted(len(valid)):
+            gens = await self._run_many(valid)
         return web.json_response(
             R.chat_body(self.s.tokenizer, req.model or self.s.model_id, gens, req.logprobs)
         )
 
     async def _run_many(self, valid: list[ValidRequest]) -> list[R.Generation]:
-        for _ in valid:
-            self._admit()
         tasks = [asyncio.ensure_future(self._run(v)) for v in valid]
         try:
             return list(await asyncio.gather(*tasks))
@@ -340,7 +391,18 @@ class Api:
         chat: bool,
         want_logprobs: bool,
     ) -> web.StreamResponse:
-        self._admit()
+        with self._admitted(len(valid)):
+            return await self._stream_openai(request, valid, req, chat=chat, want_logprobs=want_logprobs)
+
+    async def _stream_openai(
+        self,
+        request: web.Request,
+        valid: list[ValidRequest],
+        req: CompletionRequest | ChatCompletionRequest,
+        *,
+        chat: bool,
+        want_logprobs: bool,
+    ) -> web.StreamResponse:
         rid = R.new_id("chatcmpl" if chat else "cmpl")
         base = {
             "id": rid,
@@ -446,11 +508,12 @@ async def _send(response: web.StreamResponse, body: dict[str, Any]) -> None:
 
 
 def build_app(state: ServerState, max_body_bytes: int = 4 * 2**20) -> web.Application:
+    """The app; run it with `keepalive_timeout` bounded (aiohttp's default idles an hour)."""
     app = web.Application(
         middlewares=[errors_middleware, auth_middleware(state.api_key)], client_max_size=max_body_bytes
     )
     api = Api(state)
-    app["state"] = state
+    app[STATE] = state
     app.add_routes(
         [
             web.post("/", api.root),

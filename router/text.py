@@ -58,7 +58,9 @@ class Tokenizer:
         return [t for t in self._tok.get_added_tokens_decoder().values() if t.special]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works (encode does not), so tokenizing in an
+        # executor thread leaves the event loop running.
+        ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         bos_id = self._tok.token_to_id(self.special.bos) if self.special.bos else None
         if (
             add_special_tokens

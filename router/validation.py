@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from loraxpy.proto.sampling import MAX_TOP_LOGPROBS, SamplingError, SamplingParams, as_float32
 from loraxpy.router.engine import GenerateInput
 from loraxpy.router.errors import ValidationError
-from loraxpy.router.scheduler import SamplingOptions
 from loraxpy.router.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateParameters,
     GenerateRequest,
     MergedAdapters,
+    TokenizeRequest,
 )
 from loraxpy.router.text import TemplateError, Tokenizer
 from loraxpy.router.worker_client import AdapterMerge
 
-MAX_ALTERNATIVES = 20
+# A stop sequence is matched against every new piece of text on the event loop; a cap keeps that
+# cheap (the matcher holds back at most this many characters).
+MAX_STOP_SEQUENCE_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class Limits:
     default_adapter_source: str = "hub"
     base_model_id: str = ""
     default_adapter_id: str | None = None
+    vocab_size: int = 0  # the model's; 0: unknown (top_k is then bounded by its wire type only)
+    max_concurrent_requests: int = 128  # one HTTP request's generations (prompts × n) must fit
 
 
 @dataclass(frozen=True)
@@ -67,44 +71,28 @@ def _adapter(adapter_id: str | None, source: str | None, limits: Limits) -> tupl
     return adapter_id, source
 
 
-def _finite(name: str, value: float | None) -> None:
-    if value is not None and not math.isfinite(value):
-        raise ValidationError(f"`{name}` must be a finite number", param=name)
-
-
-def _check_sampling(p: GenerateParameters | CompletionRequest | ChatCompletionRequest, openai: bool) -> None:
-    for name in (
-        "temperature",
-        "top_p",
-        "typical_p",
-        "repetition_penalty",
-        "frequency_penalty",
-        "presence_penalty",
-    ):
-        _finite(name, getattr(p, name, None))
+def _check_sampling(
+    p: GenerateParameters | CompletionRequest | ChatCompletionRequest, limits: Limits, openai: bool
+) -> None:
+    """What each API means by its fields; the numeric bounds themselves belong to SamplingParams."""
     t = p.temperature
     if t is not None and (t < 0 if openai else t <= 0):
         raise ValidationError(
             "`temperature` must be strictly positive" if not openai else "`temperature` must be non-negative",
             param="temperature",
         )
-    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
-        raise ValidationError("`repetition_penalty` must be strictly positive", param="repetition_penalty")
-    if p.top_p is not None and not 0 < p.top_p <= (1.0 if openai else 1.0 - 1e-12):
-        raise ValidationError(
-            "`top_p` must be > 0.0 and < 1.0" if not openai else "`top_p` must be in (0, 1]", param="top_p"
-        )
+    if not openai and p.top_p is not None and p.top_p >= 1.0:
+        raise ValidationError("`top_p` must be > 0.0 and < 1.0", param="top_p")
     if p.top_k is not None and p.top_k <= 0:
         raise ValidationError("`top_k` must be strictly positive", param="top_k")
+    if limits.vocab_size and p.top_k is not None and p.top_k > limits.vocab_size:
+        raise ValidationError(
+            f"`top_k` must be at most the vocabulary size ({limits.vocab_size}). Given: {p.top_k}",
+            param="top_k",
+        )
     typical_p = getattr(p, "typical_p", None)
-    if typical_p is not None and not 0 < typical_p < 1.0:
+    if typical_p is not None and typical_p >= 1.0:
         raise ValidationError("`typical_p` must be > 0.0 and < 1.0", param="typical_p")
-    for name in ("frequency_penalty", "presence_penalty"):
-        value = getattr(p, name)
-        if value is not None and not -2.0 <= value <= 2.0:
-            raise ValidationError(f"`{name}` must be in [-2.0, 2.0]", param=name)
-    if p.seed is not None and not 0 <= p.seed < 2**64:
-        raise ValidationError("`seed` must be in [0, 2^64)", param="seed")
 
 
 def _sampling(
@@ -119,24 +107,36 @@ def _sampling(
     presence_penalty: float | None,
     seed: int | None,
     top_logprobs: int,
+    top_logprobs_field: str,
     prompt_logprobs: bool,
-) -> tuple[SamplingOptions, int | None]:
-    if do_sample and seed is None:
-        seed = random.getrandbits(63)
-    options = SamplingOptions(
-        do_sample=do_sample,
-        temperature=temperature if do_sample and temperature else 1.0,
-        top_k=top_k or 0,
-        top_p=top_p if top_p is not None else 1.0,
-        typical_p=typical_p if typical_p is not None else 1.0,
-        repetition_penalty=repetition_penalty or 1.0,
-        frequency_penalty=frequency_penalty or 0.0,
-        presence_penalty=presence_penalty or 0.0,
-        seed=seed if do_sample else None,
-        top_logprobs=top_logprobs,
-        prompt_logprobs=prompt_logprobs,
-    )
-    return options, options.seed
+) -> SamplingParams:
+    """The request's SamplingParams; a value outside the shared bounds is refused naming its field.
+
+    Every given value is checked, even one a greedy request ignores (a seed), so what passes here
+    is what any worker accepts.
+    """
+    try:
+        params = SamplingParams(
+            do_sample=do_sample,
+            temperature=temperature if do_sample and temperature is not None else 1.0,
+            top_k=0 if top_k is None else top_k,
+            top_p=1.0 if top_p is None else top_p,
+            typical_p=1.0 if typical_p is None else typical_p,
+            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+            frequency_penalty=0.0 if frequency_penalty is None else frequency_penalty,
+            presence_penalty=0.0 if presence_penalty is None else presence_penalty,
+            seed=seed,
+            top_logprobs=top_logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+    except SamplingError as e:
+        field = top_logprobs_field if e.field == "top_logprobs" else e.field
+        raise ValidationError(f"`{field}` {e.requirement}", param=field) from None
+    if not do_sample:
+        return replace(params, seed=None)
+    if seed is None:
+        return replace(params, seed=random.getrandbits(63))
+    return params
 
 
 def _length(input_ids: list[int], max_new_tokens: int | None, limits: Limits, field: str) -> int:
@@ -170,23 +170,46 @@ def _stops(stop: list[str], limits: Limits) -> tuple[str, ...]:
             f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}",
             param="stop",
         )
+    if any(len(s) > MAX_STOP_SEQUENCE_CHARS for s in stop):
+        raise ValidationError(
+            f"`stop` sequences must be at most {MAX_STOP_SEQUENCE_CHARS} characters long", param="stop"
+        )
     return tuple(s for s in stop if s)
+
+
+# Tokenizing is the cost /tokenize must cap, so text is refused by length before it is tokenized:
+# at a generous number of characters per token allowed (ordinary text runs about 4).
+MAX_CHARS_PER_TOKEN = 16
+
+
+def validate_tokenize(req: TokenizeRequest, limits: Limits, tokenizer: Tokenizer) -> list[int]:
+    """/tokenize's token ids, capped at the most tokens any request here may hold."""
+    cap = limits.max_total_tokens
+    if len(req.inputs) > cap * MAX_CHARS_PER_TOKEN:
+        raise ValidationError(
+            f"`inputs` must have at most {cap * MAX_CHARS_PER_TOKEN} characters. Given: {len(req.inputs)}",
+            param="inputs",
+        )
+    ids = tokenizer.encode(req.inputs, add_special_tokens=req.add_special_tokens)
+    if len(ids) > cap:
+        raise ValidationError(f"`inputs` must have at most {cap} tokens. Given: {len(ids)}", param="inputs")
+    return ids
 
 
 def validate_generate(req: GenerateRequest, limits: Limits, tokenizer: Tokenizer) -> ValidRequest:
     p = req.parameters
     if not req.inputs:
         raise ValidationError("`inputs` cannot be empty", param="inputs")
-    _check_sampling(p, openai=False)
+    _check_sampling(p, limits, openai=False)
     if p.best_of is not None and not 0 < p.best_of <= limits.max_best_of:
         raise ValidationError(
             f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {p.best_of}", param="best_of"
         )
     if p.best_of is not None and p.best_of > 1:
         raise ValidationError("`best_of` > 1 is not supported by this server", param="best_of")
-    if p.return_k_alternatives is not None and not 0 < p.return_k_alternatives <= MAX_ALTERNATIVES:
+    if p.return_k_alternatives is not None and not 0 < p.return_k_alternatives <= MAX_TOP_LOGPROBS:
         raise ValidationError(
-            f"`return_k_alternatives` must be in [1, {MAX_ALTERNATIVES}]", param="return_k_alternatives"
+            f"`return_k_alternatives` must be in [1, {MAX_TOP_LOGPROBS}]", param="return_k_alternatives"
         )
     if p.watermark:
         raise ValidationError("`watermark` is not supported by this server", param="watermark")
@@ -203,21 +226,12 @@ def validate_generate(req: GenerateRequest, limits: Limits, tokenizer: Tokenizer
             )
         merge = _merge(p.merged_adapters)
         adapter_id = merge.key
-    input_ids = tokenizer.encode(req.inputs)
-    if p.truncate is not None:
-        if not 0 < p.truncate <= limits.max_input_length:
-            raise ValidationError(
-                f"`truncate` must be strictly positive and less than {limits.max_input_length}. Given: {p.truncate}",
-                param="truncate",
-            )
-        input_ids = input_ids[-p.truncate :]
-    max_new_tokens = _length(input_ids, p.max_new_tokens, limits, "max_new_tokens")
     do_sample = (
         p.do_sample
         or any(v is not None for v in (p.top_k, p.top_p, p.typical_p))
         or (p.temperature is not None and p.temperature != 1.0)
     )
-    options, seed = _sampling(
+    sampling = _sampling(
         do_sample=do_sample,
         temperature=p.temperature,
         top_k=p.top_k,
@@ -228,12 +242,23 @@ def validate_generate(req: GenerateRequest, limits: Limits, tokenizer: Tokenizer
         presence_penalty=p.presence_penalty,
         seed=p.seed,
         top_logprobs=p.return_k_alternatives or 0,
+        top_logprobs_field="return_k_alternatives",
         prompt_logprobs=p.decoder_input_details,
     )
+    stop = _stops(p.stop, limits)
+    input_ids = tokenizer.encode(req.inputs)
+    if p.truncate is not None:
+        if not 0 < p.truncate <= limits.max_input_length:
+            raise ValidationError(
+                f"`truncate` must be strictly positive and less than {limits.max_input_length}. Given: {p.truncate}",
+                param="truncate",
+            )
+        input_ids = input_ids[-p.truncate :]
+    max_new_tokens = _length(input_ids, p.max_new_tokens, limits, "max_new_tokens")
     return ValidRequest(
-        engine=GenerateInput(tuple(input_ids), max_new_tokens, options, ignore_eos=p.ignore_eos_token),
-        stop=_stops(p.stop, limits),
-        seed=seed,
+        engine=GenerateInput(tuple(input_ids), max_new_tokens, sampling, ignore_eos=p.ignore_eos_token),
+        stop=stop,
+        seed=sampling.seed,
         details=p.details,
         decoder_input_details=p.decoder_input_details,
         return_full_text=p.return_full_text,
@@ -261,8 +286,8 @@ def _merge(m: MergedAdapters) -> AdapterMerge:
         raise ValidationError("`merged_adapters.ids` and `weights` must have the same length", param=param)
     if not all(i for i in m.ids):
         raise ValidationError("`merged_adapters.ids` cannot contain empty ids", param=param)
-    for w in m.weights:
-        _finite("merged_adapters.weights", w)
+    if any(as_float32(w) is None for w in m.weights):  # weights travel as float32
+        raise ValidationError("`merged_adapters.weights` must be finite numbers", param=param)
     strategy = m.merge_strategy or "linear"
     if strategy not in MERGE_STRATEGIES:
         raise ValidationError(
@@ -274,15 +299,16 @@ def _merge(m: MergedAdapters) -> AdapterMerge:
             f"`merged_adapters.majority_sign_method` must be one of {', '.join(MAJORITY_SIGN_METHODS)}",
             param=param,
         )
-    if not (math.isfinite(m.density) and 0.0 <= m.density <= 1.0):
+    if not (as_float32(m.density) is not None and 0.0 <= m.density <= 1.0):
         raise ValidationError("`merged_adapters.density` must be >= 0.0 and <= 1.0", param=param)
     return AdapterMerge(tuple(m.ids), tuple(m.weights), strategy, m.density, sign)
 
 
 def _openai_common(req: CompletionRequest | ChatCompletionRequest, limits: Limits) -> None:
-    _check_sampling(req, openai=True)
-    if req.n < 1 or req.n > limits.max_best_of * 8:
-        raise ValidationError("`n` must be between 1 and 16", param="n")
+    _check_sampling(req, limits, openai=True)
+    max_n = limits.max_best_of * 8
+    if not 1 <= req.n <= max_n:
+        raise ValidationError(f"`n` must be between 1 and {max_n}", param="n")
     if req.logit_bias:
         raise ValidationError("`logit_bias` is not supported by this server", param="logit_bias")
     if req.response_format is not None and req.response_format.type != "text":
@@ -299,14 +325,12 @@ def validate_openai(
     *,
     add_special_tokens: bool,
     top_logprobs: int,
+    top_logprobs_field: str,
     max_tokens: int | None,
 ) -> ValidRequest:
     _openai_common(req, limits)
-    input_ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-    max_new_tokens = _length(input_ids, max_tokens, limits, "max_tokens")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     temperature = 1.0 if req.temperature is None else req.temperature
-    options, seed = _sampling(
+    sampling = _sampling(
         do_sample=temperature > 0,
         temperature=temperature,
         top_k=req.top_k,
@@ -317,18 +341,33 @@ def validate_openai(
         presence_penalty=req.presence_penalty,
         seed=req.seed,
         top_logprobs=top_logprobs,
+        top_logprobs_field=top_logprobs_field,
         prompt_logprobs=False,
     )
+    stop = _stops([req.stop] if isinstance(req.stop, str) else list(req.stop or []), limits)
     adapter_id, adapter_source = _adapter(req.model, req.adapter_source, limits)
+    input_ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+    max_new_tokens = _length(input_ids, max_tokens, limits, "max_tokens")
     return ValidRequest(
-        engine=GenerateInput(tuple(input_ids), max_new_tokens, options, ignore_eos=req.ignore_eos),
-        stop=_stops(stop, limits),
-        seed=seed,
+        engine=GenerateInput(tuple(input_ids), max_new_tokens, sampling, ignore_eos=req.ignore_eos),
+        stop=stop,
+        seed=sampling.seed,
         prompt_text=prompt,
         adapter_id=adapter_id,
         adapter_source=adapter_source,
         api_token=req.api_token or "",
     )
+
+
+def check_num_choices(num_prompts: int, n: int, limits: Limits) -> None:
+    """One HTTP request runs prompts × n generations; more than the server runs at once never fits."""
+    total = num_prompts * max(n, 1)
+    if total > limits.max_concurrent_requests:
+        raise ValidationError(
+            f"this request asks for {total} generations ({num_prompts} prompt(s) × `n` = {n}); "
+            f"the server runs at most {limits.max_concurrent_requests} at once",
+            param="n" if n > 1 else "prompt",
+        )
 
 
 def validate_completion(req: CompletionRequest, limits: Limits, tokenizer: Tokenizer) -> list[ValidRequest]:
@@ -339,6 +378,7 @@ def validate_completion(req: CompletionRequest, limits: Limits, tokenizer: Token
         raise ValidationError("`logprobs` must be between 0 and 5", param="logprobs")
     if req.echo or req.suffix:
         raise ValidationError("`echo` and `suffix` are not supported by this server", param="echo")
+    check_num_choices(len(prompts), req.n, limits)
     return [
         validate_openai(
             req,
@@ -347,6 +387,7 @@ def validate_completion(req: CompletionRequest, limits: Limits, tokenizer: Token
             tokenizer,
             add_special_tokens=True,
             top_logprobs=req.logprobs or 0,
+            top_logprobs_field="logprobs",
             max_tokens=req.max_tokens if req.max_tokens is not None else 16,
         )
         for p in prompts
@@ -356,9 +397,10 @@ def validate_completion(req: CompletionRequest, limits: Limits, tokenizer: Token
 def validate_chat(req: ChatCompletionRequest, limits: Limits, tokenizer: Tokenizer) -> ValidRequest:
     if not req.messages:
         raise ValidationError("`messages` cannot be empty", param="messages")
-    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_ALTERNATIVES:
+    check_num_choices(1, req.n, limits)
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
         raise ValidationError(
-            f"`top_logprobs` must be between 0 and {MAX_ALTERNATIVES}", param="top_logprobs"
+            f"`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs"
         )
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     try:
@@ -369,5 +411,12 @@ def validate_chat(req: ChatCompletionRequest, limits: Limits, tokenizer: Tokeniz
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     # The template already wrote the special tokens it wants.
     return validate_openai(
-        req, prompt, limits, tokenizer, add_special_tokens=False, top_logprobs=top, max_tokens=max_tokens
+        req,
+        prompt,
+        limits,
+        tokenizer,
+        add_special_tokens=False,
+        top_logprobs=top,
+        top_logprobs_field="top_logprobs",
+        max_tokens=max_tokens,
     )

@@ -13,7 +13,8 @@ import grpc
 
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
-from loraxpy.router.scheduler import SamplingOptions, SchedulerOutput
+from loraxpy.proto.sampling import SamplingParams
+from loraxpy.router.scheduler import SchedulerOutput
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -25,6 +26,12 @@ class WorkerError(RuntimeError):
         super().__init__(message)
         self.code = code
         self.details = details or message
+
+    @property
+    def is_refusal(self) -> bool:
+        """The call changed nothing on the workers: every shard validates a call whole before acting
+        on it and answers INVALID_ARGUMENT, and a call that cannot be encoded is never sent."""
+        return self.code is grpc.StatusCode.INVALID_ARGUMENT
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ class StepResult:
     prompt_logprobs: tuple[float, ...]
 
 
-def sampling_to_proto(s: SamplingOptions) -> pb.SamplingParams:
+def sampling_to_proto(s: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams(
         do_sample=s.do_sample,
         temperature=s.temperature,
@@ -218,7 +225,13 @@ class WorkerClient:
 
     async def step(self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = ()) -> StepReply:
         """Runs one step on every shard; `metadata` carries the trace context (W3C traceparent)."""
-        replies = await self._all("Step", step_to_proto(out), metadata=metadata)
+        try:
+            request = step_to_proto(out)
+        except (ValueError, TypeError) as e:  # a field beyond its wire type: the step never leaves
+            raise WorkerError(
+                f"step could not be encoded: {e}", grpc.StatusCode.INVALID_ARGUMENT, str(e)
+            ) from e
+        replies = await self._all("Step", request, metadata=metadata)
         reply = replies[0]
         assert isinstance(reply, pb.StepResponse)
         worker_us = max(r.step_time_us for r in replies if isinstance(r, pb.StepResponse))
