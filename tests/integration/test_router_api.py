@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,14 @@ CHAT_PROMPT = f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 @pytest.fixture(scope="module")
 def server(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
     with launcher(
-        default_model_path, tmp_path_factory.mktemp("launcher"), "--max-concurrent-requests", "80"
+        default_model_path,
+        tmp_path_factory.mktemp("launcher"),
+        "--max-concurrent-requests",
+        "80",
+        "--body-read-timeout-s",
+        "2",
+        "--keep-alive-timeout-s",
+        "8",
     ) as s:
         yield s
 
@@ -372,3 +381,111 @@ def test_a_disconnected_non_streaming_request_is_released(server: Launcher) -> N
     while metrics(server)["lorax_kv_blocks_used"] > 0 or metrics(server)["lorax_batch_current_size"] > 0:
         assert time.monotonic() < deadline, "the abandoned request was not released"
         time.sleep(0.2)
+
+
+# Each of these once hung, crashed or stalled the server for everyone (a dead engine loop, a step
+# every worker refused, a 500 in text/plain); each now gets a JSON 4xx naming the problem.
+CHAT = [{"role": "user", "content": "hi"}]
+HOSTILE_REQUESTS = [
+    ("/generate", {"inputs": "hi", "parameters": {"top_k": 2**33}}, 422, "top_k"),
+    ("/generate", {"inputs": "hi", "parameters": {"top_k": 10**6}}, 422, "vocabulary"),
+    ("/generate", {"inputs": "hi", "parameters": {"temperature": 1e39}}, 422, "temperature"),
+    ("/generate", {"inputs": "hi", "parameters": {"temperature": 1e-40}}, 422, "temperature"),
+    ("/generate", {"inputs": "hi", "parameters": {"repetition_penalty": 1e39}}, 422, "repetition_penalty"),
+    ("/generate", {"inputs": "hi", "parameters": {"repetition_penalty": 1e-37}}, 422, "repetition_penalty"),
+    ("/generate", {"inputs": "hi", "parameters": {"presence_penalty": 1e39}}, 422, "presence_penalty"),
+    ("/generate", {"inputs": "hi", "parameters": {"seed": 2**64}}, 422, "seed"),
+    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 2**70}}, 422, "max_new_tokens"),
+    ("/generate", {"inputs": "hi", "parameters": {"stop": ["x" * 5000]}}, 422, "stop"),
+    ("/generate_stream", {"inputs": "hi", "parameters": {"top_k": 2**40}}, 422, "top_k"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_k": 2**33}, 400, "top_k"),
+    ("/v1/chat/completions", {"messages": CHAT, "temperature": 1e39}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 1e39}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, 400, "seed"),
+    # prompts × n is what runs: 90 and 200 generations against --max-concurrent-requests 80.
+    ("/v1/completions", {"prompt": ["x"] * 10, "n": 9, "max_tokens": 1}, 400, "90 generations"),
+    ("/v1/completions", {"prompt": ["x"] * 200, "max_tokens": 1}, 400, "200 generations"),
+    ("/tokenize", {"inputs": "word " * 300_000}, 422, "inputs"),
+    ("/generate", "[" * 100_000, 422, "nested too deeply"),
+    ("/v1/chat/completions", '{"messages": ' + "[" * 100_000, 400, "nested too deeply"),
+    ("/generate", '{"inputs": "hi", "parameters": {"seed": ' + "9" * 5000 + "}}", 422, "out of range"),
+]
+
+
+def test_hostile_requests_get_json_4xx_and_everyone_else_is_still_served(server: Launcher) -> None:
+    for path, body, status, needle in HOSTILE_REQUESTS:
+        data = body if isinstance(body, str) else json.dumps(body)
+        r = requests.post(server.url + path, data=data, timeout=30)
+        assert r.status_code == status, (path, str(body)[:200], r.text[:500])
+        payload = r.json()
+        message = payload["error"]["message"] if path.startswith("/v1/") else payload["error"]
+        assert needle in message, (path, str(body)[:200], payload)
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    assert Client(server.url).generate(CHAT_PROMPT, max_new_tokens=8).generated_text
+    assert Client(server.url).generate("Hi", max_new_tokens=4, do_sample=True, top_k=5, seed=1).generated_text
+
+
+def test_all_choices_of_a_request_are_admitted_together_or_not_at_all(server: Launcher) -> None:
+    body = {
+        "inputs": "Tell me a long story.",
+        "parameters": {"max_new_tokens": 300, "ignore_eos_token": True},
+    }
+    many = {"prompt": ["Hi"] * 5, "n": 16, "max_tokens": 1}  # 80 generations: the whole limit
+    with requests.post(server.url + "/generate_stream", json=body, stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)  # one generation running: 80 more no longer fit
+        crowded = requests.post(server.url + "/v1/completions", json=many, timeout=60)
+        streamed = requests.post(server.url + "/v1/completions", json={**many, "stream": True}, timeout=60)
+    assert crowded.status_code == 429 and crowded.json()["error"]["type"] == "rate_limit_error"
+    assert streamed.status_code == 429
+    deadline = time.monotonic() + 20
+    while metrics(server)["lorax_batch_current_size"] > 0:
+        assert time.monotonic() < deadline, "the abandoned stream was not released"
+        time.sleep(0.2)
+    alone = requests.post(server.url + "/v1/completions", json=many, timeout=120)
+    assert alone.status_code == 200 and len(alone.json()["choices"]) == 80
+
+
+def test_tokenizing_a_huge_input_does_not_hold_the_event_loop(server: Launcher) -> None:
+    # About 3.9 MB of text takes seconds to tokenize here; /health must not wait for it.
+    body = {"inputs": "word " * 780_000, "parameters": {"max_new_tokens": 1, "truncate": 8}}
+    big: dict[str, float] = {}
+
+    def send() -> None:
+        requests.post(server.url + "/generate", json=body, timeout=120).raise_for_status()
+        big["done"] = time.monotonic()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(0.5)  # the body is in and being tokenized
+    asked = time.monotonic()
+    assert requests.get(server.url + "/health", timeout=60).status_code == 200
+    answered = time.monotonic()
+    sender.join(timeout=120)
+    assert "done" in big, "the huge request itself is served"
+    assert answered - asked < 0.5 * (big["done"] - asked), (answered - asked, big["done"] - asked)
+
+
+def _raw(server: Launcher) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def test_a_body_sent_too_slowly_gets_408_and_the_connection_is_freed(server: Launcher) -> None:
+    with _raw(server) as conn:
+        conn.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b'{"inputs": "'
+        )
+        started = time.monotonic()
+        reply = conn.recv(4096)  # the rest never comes
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"not received within" in reply and time.monotonic() - started < 20
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed(server: Launcher) -> None:
+    with _raw(server) as conn:
+        conn.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+        started = time.monotonic()
+        assert conn.recv(4096) == b"", "the server closes it"
+    assert time.monotonic() - started < 25

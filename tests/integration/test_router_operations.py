@@ -87,6 +87,14 @@ def test_api_key_guards_every_route_but_health(secured) -> None:
     assert ok.generated_text
 
 
+def test_an_api_key_header_that_is_not_utf8_gets_401_not_500(secured) -> None:
+    for raw in (b"Bearer \xff\xfe", "Bearer clé".encode(), b"\x80"):
+        r = requests.post(secured.url + "/generate", json={"inputs": "hi"}, headers={"Authorization": raw})
+        assert r.status_code == 401 and r.json()["error_type"] == "unauthorized", (raw, r.text)
+    ok = Client(secured.url, headers={"Authorization": f"Bearer {API_KEY}"}).generate("Hi", max_new_tokens=2)
+    assert ok.generated_text
+
+
 def test_request_spans_reach_the_otlp_receiver(secured, otlp: OtlpReceiver) -> None:
     headers = {"Authorization": f"Bearer {API_KEY}"}
     Client(secured.url, headers=headers).generate("Tell me a joke.", max_new_tokens=6)
