@@ -9,7 +9,7 @@ when the layer has a sliding window, as HF transformers' sliding-window mask doe
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,8 @@ class AttentionMetadata:
     seq_lens_host: tuple[int, ...]
     max_query_len: int
     max_seq_len: int
+    # Per-step tensors a backend derives once and every layer reuses (e.g. the SDPA gather and mask).
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -100,6 +102,45 @@ def paged_attention_reference(
     return out
 
 
+@dataclass(frozen=True)
+class _SdpaLayout:
+    """What every layer's SDPA call shares in one step: computed by the first layer, reused by the rest."""
+
+    slots: torch.Tensor  # [num_seqs * max_seq_len]: cache slot of each sequence's key positions
+    q_valid: torch.Tensor | None  # [num_seqs, max_query_len] real query rows; None: every row is real
+    mask: torch.Tensor | None  # [num_seqs, 1, max_query_len, max_seq_len]; None: plain causal
+    is_causal: bool
+
+
+def _sdpa_layout(meta: AttentionMetadata, block_size: int, sliding_window: int | None) -> _SdpaLayout:
+    key = ("sdpa", block_size, sliding_window)
+    layout = meta.derived.get(key)
+    if layout is None:
+        layout = meta.derived[key] = _build_sdpa_layout(meta, block_size, sliding_window)
+    return layout
+
+
+def _build_sdpa_layout(meta: AttentionMetadata, block_size: int, sliding_window: int | None) -> _SdpaLayout:
+    num_seqs, device = len(meta.seq_lens_host), meta.seq_lens.device
+    key_pos = torch.arange(meta.max_seq_len, device=device)
+    blocks = meta.block_tables.gather(1, (key_pos // block_size).expand(num_seqs, -1))
+    slots = (blocks * block_size + key_pos % block_size).flatten()
+    same_q = len(set(meta.query_lens_host)) == 1
+    windowed = sliding_window is not None and sliding_window < meta.max_seq_len
+    # Equal fresh prompts (or one sequence's whole prompt): causal SDPA needs no mask at all.
+    if same_q and meta.query_lens_host == meta.seq_lens_host and not windowed:
+        return _SdpaLayout(slots, None, None, is_causal=True)
+    q_lens = torch.tensor(meta.query_lens_host, device=device)
+    q_idx = torch.arange(meta.max_query_len, device=device)
+    q_valid = q_idx[None, :] < q_lens[:, None]  # [num_seqs, max_query_len]
+    # Mask: causal + window + padding keys; padded query rows keep key 0 so no row is all -inf.
+    q_pos = (meta.seq_lens - q_lens)[:, None] + q_idx[None, :]  # [num_seqs, max_query_len]
+    allowed = _allowed(q_pos[:, :, None], key_pos[None, None, :], sliding_window)
+    allowed &= key_pos[None, None, :] < meta.seq_lens[:, None, None]
+    allowed |= ~q_valid[:, :, None] & (key_pos == 0)[None, None, :]
+    return _SdpaLayout(slots, None if same_q else q_valid, allowed[:, None], is_causal=False)
+
+
 def paged_attention_sdpa(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -108,37 +149,32 @@ def paged_attention_sdpa(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Same result as `paged_attention_reference`: gathers padded K/V per sequence, one SDPA call."""
+    """Same result as `paged_attention_reference`: gathers padded K/V per sequence, one SDPA call.
+
+    Decode steps and equal-length chunks view the queries in place; only uneven chunks are padded.
+    """
     num_seqs = len(meta.seq_lens_host)
     num_heads, head_dim = query.shape[1], query.shape[2]
-    block_size = k_cache.shape[1]
-    device = query.device
+    layout = _sdpa_layout(meta, k_cache.shape[1], sliding_window)
     # Gather every sequence's keys into [num_seqs, max_seq_len, kv_heads, head_dim].
-    key_pos = torch.arange(meta.max_seq_len, device=device)
-    blocks = meta.block_tables.gather(1, (key_pos // block_size).expand(num_seqs, -1))
-    slots = blocks * block_size + key_pos % block_size
-    k = k_cache.view(-1, *k_cache.shape[2:])[slots]
-    v = v_cache.view(-1, *v_cache.shape[2:])[slots]
-    # Scatter queries into [num_seqs, max_query_len, heads, head_dim].
-    q_lens = torch.tensor(meta.query_lens_host, device=device)
-    q_idx = torch.arange(meta.max_query_len, device=device)
-    q_valid = q_idx[None, :] < q_lens[:, None]  # [num_seqs, max_query_len]
-    q = query.new_zeros(num_seqs, meta.max_query_len, num_heads, head_dim)
-    q[q_valid] = query
-    # Mask: causal + window + padding keys; padded query rows keep key 0 so no row is all -inf.
-    q_pos = (meta.seq_lens - q_lens)[:, None] + q_idx[None, :]  # [num_seqs, max_query_len]
-    allowed = _allowed(q_pos[:, :, None], key_pos[None, None, :], sliding_window)
-    allowed &= key_pos[None, None, :] < meta.seq_lens[:, None, None]
-    allowed |= ~q_valid[:, :, None] & (key_pos == 0)[None, None, :]
+    kv_shape = (num_seqs, meta.max_seq_len, *k_cache.shape[2:])
+    k = k_cache.view(-1, k_cache.shape[2] * k_cache.shape[3]).index_select(0, layout.slots).view(kv_shape)
+    v = v_cache.view(-1, v_cache.shape[2] * v_cache.shape[3]).index_select(0, layout.slots).view(kv_shape)
+    if layout.q_valid is None:
+        q = query.view(num_seqs, meta.max_query_len, num_heads, head_dim)
+    else:  # scatter queries into [num_seqs, max_query_len, heads, head_dim]
+        q = query.new_zeros(num_seqs, meta.max_query_len, num_heads, head_dim)
+        q[layout.q_valid] = query
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
-        attn_mask=allowed[:, None],
+        attn_mask=layout.mask,
+        is_causal=layout.is_causal,
         scale=scale,
         enable_gqa=num_heads != k.shape[2],
-    )
-    return out.transpose(1, 2)[q_valid]
+    ).transpose(1, 2)
+    return out.reshape(query.shape) if layout.q_valid is None else out[layout.q_valid]
 
 
 AttentionFn = Callable[..., torch.Tensor]

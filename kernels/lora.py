@@ -3,16 +3,137 @@
 Adapters live in stacked, rank-padded slot tensors: `a` [num_slots, max_rank, in_features] and
 `b` [num_slots, out_features, max_rank], with lora_alpha / r already folded into `b` and slot 0
 (the base model) all zeros. Ranks below max_rank are zero-padded, which leaves the result exact.
-Row t uses slot `slots[t]`; the torch versions gather per row (no per-adapter Python loop) and
-process rows in chunks to bound the gathered weights' memory.
+
+`lora_add` is the torch path the worker serves with (CPU, and CUDA without Triton): a `LoraPlan`
+built once per step groups the rows by adapter, and each group of adapters whose slots are
+consecutive runs as two batched matmuls over *views* of the slot tensors, cut to the group's own
+largest rank. No adapter weight is copied, base rows cost nothing, and an adapter's bytes are
+read once per layer whatever its number of rows. `lora_shrink` / `lora_expand` gather each row's
+weights (simple, slow): they are the per-row twins the Triton kernels are tested against.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 # Rows per chunk: bounds the per-row gathered weights at about this many elements.
 _GATHER_BUDGET = 1 << 24
+# A group pads its adapters' rows up to the longest one's, by at most this many rows per adapter:
+# decode rows and equal prefill chunks batch together, and a long prefill never pads the others.
+_PAD_SLACK_ROWS = 8
+
+
+@dataclass(frozen=True)
+class LoraGroup:
+    """Adapters in consecutive slots, each with up to `num_rows` rows, computed as one batched matmul.
+
+    Their rows are x[rows] ([num_slots, num_rows]; short adapters repeat a row of their own), or,
+    when `rows` is None, the contiguous x[start : start + num_slots * num_rows]. `keep` picks the
+    real rows out of the flattened [num_slots * num_rows] result (None: no padding) and `dest` says
+    where each lands in y (None: contiguous from `start`).
+    """
+
+    first_slot: int
+    num_slots: int
+    num_rows: int
+    rank: int  # the largest rank among these slots; the others are zero-padded to it
+    start: int
+    rows: torch.Tensor | None
+    keep: torch.Tensor | None
+    dest: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """How one step's rows map onto adapter groups; shared by every adapted layer of the step."""
+
+    groups: tuple[LoraGroup, ...]
+
+    @classmethod
+    def build(
+        cls, slots: Sequence[int], ranks: Mapping[int, int], max_rank: int, device: torch.device
+    ) -> LoraPlan | None:
+        """The plan for rows using `slots` (0: no adapter); None when no row uses an adapter."""
+        rows_of: dict[int, list[int]] = {}
+        for row, slot in enumerate(slots):
+            if slot:
+                rows_of.setdefault(slot, []).append(row)
+        if not rows_of:
+            return None
+        runs: list[list[int]] = []
+        for slot in sorted(rows_of):
+            run = runs[-1] if runs else None
+            if run is not None and slot == run[-1] + 1 and _pads_little([*run, slot], rows_of):
+                run.append(slot)
+            else:
+                runs.append([slot])
+        groups = (_group(run, rows_of, ranks, max_rank, device) for run in runs)
+        return cls(tuple(groups))
+
+
+def _pads_little(run: list[int], rows_of: dict[int, list[int]]) -> bool:
+    lens = [len(rows_of[s]) for s in run]
+    return max(lens) * len(run) - sum(lens) <= _PAD_SLACK_ROWS * len(run)
+
+
+def _group(
+    run: list[int],
+    rows_of: dict[int, list[int]],
+    ranks: Mapping[int, int],
+    max_rank: int,
+    device: torch.device,
+) -> LoraGroup:
+    num_rows = max(len(rows_of[s]) for s in run)
+    padded = [rows_of[s] + rows_of[s][-1:] * (num_rows - len(rows_of[s])) for s in run]
+    flat = [row for rows in padded for row in rows]
+    is_padded = any(len(rows_of[s]) < num_rows for s in run)
+    start = flat[0]
+    rank = max(ranks.get(s, max_rank) for s in run)
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    if not is_padded and flat == list(range(start, start + len(flat))):
+        return LoraGroup(run[0], len(run), num_rows, rank, start, None, None, None)
+    keep = [u * num_rows + i for u, s in enumerate(run) for i in range(len(rows_of[s]))]
+    real = [row for s in run for row in rows_of[s]]
+    return LoraGroup(
+        run[0], len(run), num_rows, rank, start, tensor(flat).view(len(run), num_rows),
+        tensor(keep) if is_padded else None, tensor(real),
+    )  # fmt: skip
+
+
+def lora_add(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
+    plan: LoraPlan,
+) -> torch.Tensor:
+    """y[t, o_i : o_i + out_i] += (x[t] A_i[s_t]^T) B_i[s_t]^T for each slice (A_i, B_i, o_i) and row t.
+
+    x: [rows, in], y: [rows, out_total]; A_i: [num_slots, max_rank, in], B_i: [num_slots, out_i,
+    max_rank]; s_t is row t's slot in `plan` (rows of slot 0 are not in the plan and add nothing).
+    """
+    for g in plan.groups:
+        if g.rows is None:
+            xs = x[g.start : g.start + g.num_slots * g.num_rows].view(g.num_slots, g.num_rows, -1)
+        else:
+            xs = x[g.rows]  # [num_slots, num_rows, in]: activations, not weights, are gathered
+        slots = slice(g.first_slot, g.first_slot + g.num_slots)
+        for a, b, offset in weights:
+            v = torch.bmm(xs, a[slots, : g.rank].transpose(1, 2))  # [num_slots, num_rows, rank]
+            delta = torch.bmm(v, b[slots, :, : g.rank].transpose(1, 2)).flatten(0, 1)  # [n, out_i]
+            if g.keep is not None:
+                delta = delta[g.keep]
+            out = y[:, offset : offset + delta.shape[1]]
+            if g.dest is None:
+                out[g.start : g.start + delta.shape[0]] += delta
+            else:
+                out.index_add_(0, g.dest, delta)
+    return y
 
 
 def _row_chunks(num_rows: int, per_row: int) -> list[slice]:

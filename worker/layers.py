@@ -186,8 +186,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         # hidden: [n, hidden] -> logits [n, vocab_size] (fp32); rows: their indices in the batch
         local = F.linear(hidden, self.weight)
-        if self.lora is not None and rows is not None and self.lora.batch.token_slots is not None:
-            local = self.lora.add_delta(hidden, local, self.lora.batch.token_slots[rows])
+        if self.lora is not None and rows is not None and self.lora.batch.slots is not None:
+            local = self.lora.add_delta(hidden, local, rows.tolist())
         local = local.float()
         if self.shard.world_size > 1:
             parts = [torch.empty_like(local) for _ in range(self.shard.world_size)]

@@ -16,13 +16,14 @@ when the first adapter that adapts it arrives, and its delta uses the slots of t
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from loraxpy.kernels import lora_triton
-from loraxpy.kernels.lora import lora_expand, lora_shrink
+from loraxpy.kernels.lora import LoraPlan, lora_add
 from loraxpy.kernels.lora_triton import Segments, SliceLayout, StaticSegments, sgmv_expand_add, sgmv_shrink
 from loraxpy.worker.adapters import LoraAdapter, head_key, module_shape
 from loraxpy.worker.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Shard
@@ -49,8 +50,24 @@ class SlotsFullError(RuntimeError):
 class LoraBatch:
     """Per-step state shared by every adapted layer."""
 
-    token_slots: torch.Tensor | None = None  # [num_tokens] int64, or None when no row uses an adapter
+    max_rank: int
+    slot_ranks: dict[int, int] = field(default_factory=dict)  # the manager's: slot → adapter rank
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    slots: list[int] | None = None  # each token row's slot, or None when no row uses an adapter
+    plan: LoraPlan | None = None  # the rows grouped by adapter, on the torch path
     segments: Segments | None = None  # the same rows as SGMV segments, on the Triton path
+
+    def use(self, slots: list[int] | None, *, with_plan: bool = True) -> None:
+        """Sets this step's per-row slots (and, for the torch path, the plan every layer reads)."""
+        self.slots = slots if slots and any(slots) else None
+        self.plan = self.plan_for(range(len(self.slots))) if with_plan and self.slots else None
+
+    def plan_for(self, rows: Iterable[int]) -> LoraPlan | None:
+        """The torch path's plan for some rows of the step (the LM head's logit rows)."""
+        if self.slots is None:
+            return None
+        slots = [self.slots[r] for r in rows]
+        return LoraPlan.build(slots, self.slot_ranks, self.max_rank, self.device)
 
 
 @dataclass
@@ -110,6 +127,7 @@ class LoraSlots:
             b_start += out_local
         offsets = [s.out_offset for s in self.slices.values()]
         self.layout = SliceLayout.build(out_sizes, offsets, device)  # for the Triton expand
+        self.weights = [(s.a, s.b, s.out_offset) for s in self.slices.values()]  # for the torch path
 
     def write(self, slot: int, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Copies this rank's part of (A [r, in], B [out, r]) into `slot`, zero-padding the rank."""
@@ -130,21 +148,16 @@ class LoraSlots:
         self.a[slot].zero_()  # every slice's part: they are views into these two tensors
         self.b[slot].zero_()
 
-    def add_delta(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """y + LoRA delta for every row (x: [rows, in_local], y: [rows, out_local]).
 
-        `slots` defaults to the batch's per-token slots; the LM head passes those of its rows.
+        x holds every token row of the step, or, with `rows`, only those rows (the LM head's).
         """
-        if slots is None and self.batch.segments is not None:  # Triton SGMV (CUDA): all slices at once
+        if rows is None and self.batch.segments is not None:  # Triton SGMV (CUDA): all slices at once
             v = sgmv_shrink(x, self.a, self.batch.segments, len(self.slices))  # [rows, slices * max_rank]
             return sgmv_expand_add(v, self.b, self.batch.segments, y, self.layout)
-        slots = self.batch.token_slots if slots is None else slots
-        if slots is None:
-            return y
-        for s in self.slices.values():
-            delta = lora_expand(lora_shrink(x, s.a, slots), s.b, slots)
-            y[:, s.out_offset : s.out_offset + delta.shape[1]] += delta
-        return y
+        plan = self.batch.plan if rows is None else self.batch.plan_for(rows)
+        return y if plan is None else lora_add(x, y, self.weights, plan)
 
 
 def slot_bytes(config: ModelConfig, shard: Shard, max_rank: int, dtype: torch.dtype) -> int:
@@ -221,7 +234,6 @@ class LoraManager:
     backend: str = "torch"  # "triton" on CUDA when Triton is installed; chosen once, at attach
     slot_ranks: dict[int, int] = field(default_factory=dict)
     # Fixed buffers for captured decode graphs (`allocate_static_batch`); None until then.
-    static_slots: torch.Tensor | None = None
     static_segments: StaticSegments | None = None
     batch_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
@@ -231,7 +243,7 @@ class LoraManager:
     def attach(
         cls, model: nn.Module, config: ModelConfig, shard: Shard, num_slots: int, max_rank: int
     ) -> LoraManager:
-        batch = LoraBatch()
+        batch = LoraBatch(max_rank, device=next(model.parameters()).device)
         slots: dict[tuple[int, str], LoraSlots] = {}
         for i, layer in enumerate(model.layers):  # type: ignore[union-attr, arg-type]
             for path, targets in ADAPTED.items():
@@ -247,7 +259,7 @@ class LoraManager:
         dtype = next(model.parameters()).dtype
         return cls(
             slots, batch, num_slots, max_rank, head=head, config=config, shard=shard, backend=backend,
-            batch_device=device, dtype=dtype,
+            slot_ranks=batch.slot_ranks, batch_device=device, dtype=dtype,
         )  # fmt: skip
 
     def _head_slots(self) -> LoraSlots:
@@ -312,10 +324,10 @@ class LoraManager:
     def set_batch(self, token_adapter_indices: list[int], device: torch.device) -> None:
         self.batch.segments = None
         if not any(token_adapter_indices):
-            self.batch.token_slots = None
+            self.batch.use(None)
             return
         slots = self._slots_of(token_adapter_indices)
-        self.batch.token_slots = torch.tensor(slots, dtype=torch.int64, device=device)
+        self.batch.use(slots, with_plan=self.backend != "triton")
         if self.backend == "triton":
             self.batch.segments = Segments.build(slots, self.slot_ranks, device)
 
@@ -325,8 +337,13 @@ class LoraManager:
         return [slot_of[i] for i in token_adapter_indices]
 
     def allocate_static_batch(self, capacity: int, device: torch.device) -> None:
-        """Buffers `set_static_batch` fills in place, so a captured graph reads each step's rows."""
-        self.static_slots = torch.zeros(capacity, dtype=torch.int64, device=device)
+        """Buffers `set_static_batch` fills in place, so a captured graph reads each step's rows.
+
+        Only the Triton path reads its rows from device buffers; the torch path's plan is host-side
+        (so it serves the graphs' eager twin on CPU, but could not be captured).
+        """
+        if device.type == "cuda" and self.backend != "triton":
+            raise ValueError("decode CUDA graphs with adapters need the Triton LoRA backend")
         self.static_segments = StaticSegments.allocate(capacity, device) if self.backend == "triton" else None
 
     def set_static_batch(self, token_adapter_indices: list[int] | None, rows: int) -> None:
@@ -335,13 +352,11 @@ class LoraManager:
         With indices, every adapted layer runs its LoRA kernels (rows of the base model add
         nothing), so one captured graph serves any mix of adapters in this batch size.
         """
-        assert self.static_slots is not None, "allocate_static_batch first"
         if token_adapter_indices is None:
-            self.batch.token_slots = self.batch.segments = None
+            self.batch.use(None)
+            self.batch.segments = None
             return
-        slots = self._slots_of(token_adapter_indices)
-        view = self.static_slots[:rows]
-        view.copy_(torch.tensor(slots, dtype=torch.int64).to(view.device, non_blocking=True))
-        self.batch.token_slots = view
+        slots = self._slots_of(token_adapter_indices[:rows])
+        self.batch.use(slots, with_plan=self.static_segments is None)
         if self.static_segments is not None:
             self.batch.segments = self.static_segments.fill(slots, self.slot_ranks)

@@ -18,7 +18,9 @@ from loraxpy.worker.layers import (
     VocabParallelEmbedding,
 )
 from loraxpy.worker.model_config import ModelConfig
-from loraxpy.worker.rotary import RotaryEmbedding
+from loraxpy.worker.rotary import RotaryEmbedding, apply_rotary
+
+RopeTable = tuple[torch.Tensor, torch.Tensor]  # cos, sin [num_tokens, 1, head_dim] at the step's positions
 
 
 @dataclass
@@ -64,15 +66,14 @@ class Attention(nn.Module):
             config.q_size, config.hidden_size, bias=config.o_bias, shard=shard, dtype=dtype, device=device
         )
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RopeTable) -> torch.Tensor:
         # x: [num_tokens, hidden]
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(batch.positions, q, k)
+        # q and k sit side by side in qkv's rows: one rotary pass covers both.
+        qk = qkv[:, : q_size + kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(qk, rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = batch.kv_caches[self.layer_index]
         self.attention.store(k, v, k_cache, v_cache, batch.slot_mapping)
         out = self.attention.attend(q, k_cache, v_cache, batch.attn, self.scale, self.sliding_window)
@@ -117,8 +118,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype, device=device)
         self.mlp = MLP(config, shard, dtype, device)
 
-    def forward(self, h: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), batch, rotary)
+    def forward(self, h: torch.Tensor, batch: ForwardBatch, rope: RopeTable) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), batch, rope)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -160,8 +161,9 @@ class CausalLM(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         # returns hidden states [num_tokens, hidden] after the final norm
         h = self.embed_tokens(batch.input_ids)
+        rope = self.rotary.at(batch.positions, h.dtype)
         for layer in self.layers:
-            h = layer(h, batch, self.rotary)
+            h = layer(h, batch, rope)
         return self.norm(h)
 
     @torch.inference_mode()

@@ -59,6 +59,8 @@ CASES = {
     "chunked prefill": ((6, 9), (20, 9)),
     "prefill and decode mixed": ((12, 1, 3), (12, 33, 10)),
     "single token": ((1,), (1,)),
+    "equal fresh prompts (causal, no mask)": ((9, 9, 9), (9, 9, 9)),
+    "equal chunks over different contexts": ((4, 4), (10, 23)),
 }
 
 
@@ -101,3 +103,14 @@ def test_store_kv_writes_exactly_the_given_slots() -> None:
     untouched = [i for i in range(12) if i not in (0, 5, 9)]
     assert flat[untouched].abs().sum() == 0
     assert torch.equal(v_cache.view(12, 2)[5], -key[2, 0])
+
+
+def test_sdpa_layout_is_derived_once_per_step_and_shared_by_layers() -> None:
+    query, k_cache, v_cache, meta, _, _ = build_case((3, 1), (3, 9))
+    first = paged_attention_sdpa(query, k_cache, v_cache, meta, 0.25, None)
+    (layout,) = meta.derived.values()
+    again = paged_attention_sdpa(query, k_cache, v_cache, meta, 0.25, None)
+    assert list(meta.derived.values()) == [layout]  # the second layer reused it
+    torch.testing.assert_close(first, again)
+    paged_attention_sdpa(query, k_cache, v_cache, meta, 0.25, 2)
+    assert len(meta.derived) == 2  # a sliding-window layer has its own mask

@@ -69,3 +69,89 @@ def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_segments_from_slots() -> None:
     assert lora.segments_from_slots([0, 0, 2, 2, 2, 1, 0]) == [(0, 2, 0), (2, 5, 2), (5, 6, 1), (6, 7, 0)]
+
+
+RANKS = [0, 4, 8, 16, 1, 16, 2, 12, 8]  # slot → rank, padded to MAX_RANK in the slot tensors
+
+
+def grouped_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    """The serving path: lora_add over a plan, into zeros, for a two-slice layer (b split in halves)."""
+    plan = lora.LoraPlan.build(slots, dict(enumerate(RANKS)), MAX_RANK, x.device)
+    y = torch.zeros(x.shape[0], OUT)
+    if plan is None:
+        return y
+    half = OUT // 2
+    return lora.lora_add(x, y, [(a, b[:, :half], 0), (a, b[:, half:], half)], plan)
+
+
+def row_pattern(kind: str, rng: random.Random) -> list[int]:
+    """Batches as a server builds them: runs of rows per request (prefill) and single rows (decode)."""
+    if kind == "decode-distinct":
+        return list(range(1, NUM_SLOTS))
+    if kind == "prefill-distinct":
+        return [s for s in range(1, NUM_SLOTS) for _ in range(12)]
+    if kind == "long-prefill-among-decodes":
+        return [3] * 40 + [1, 2, 4, 5, 0, 6, 7, 8]
+    if kind == "gaps-in-slots":
+        return [1, 7, 0, 4, 7, 1, 8, 8]
+    if kind == "same-adapter-in-two-requests":
+        return [2] * 5 + [0] * 3 + [2] * 9 + [5]
+    if kind == "random":
+        return [rng.randrange(NUM_SLOTS) for _ in range(57)]
+    raise ValueError(kind)
+
+
+GROUPED_KINDS = [
+    "decode-distinct",
+    "prefill-distinct",
+    "long-prefill-among-decodes",
+    "gaps-in-slots",
+    "same-adapter-in-two-requests",
+    "random",
+]
+
+
+@pytest.mark.parametrize("kind", GROUPED_KINDS)
+def test_grouped_lora_equals_the_per_segment_loop(kind: str) -> None:
+    rng = random.Random(kind)
+    a, b = slot_tensors(RANKS)
+    slots = row_pattern(kind, rng)
+    x = torch.randn(len(slots), IN, generator=torch.Generator().manual_seed(3))
+    expected = lora.lora_delta_reference(x, a, b, lora.segments_from_slots(slots))
+    torch.testing.assert_close(grouped_delta(x, a, b, slots), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kind", ["all-distinct", "uniform", "skewed", "identical", "base-only", "interleaved"]
+)
+@pytest.mark.parametrize("num_rows", [1, 7, 64])
+def test_grouped_lora_equals_the_per_row_twin(kind: str, num_rows: int) -> None:
+    rng = random.Random(num_rows)
+    a, b = slot_tensors(RANKS)
+    slots = distribution(kind, num_rows, rng)
+    x = torch.randn(num_rows, IN, generator=torch.Generator().manual_seed(1))
+    index = torch.tensor(slots)
+    expected = lora.lora_expand(lora.lora_shrink(x, a, index), b, index)
+    delta = grouped_delta(x, a, b, slots)
+    torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-4)
+    assert delta[index == 0].abs().sum() == 0  # rows with no adapter add nothing
+
+
+def test_a_plan_batches_decode_rows_and_keeps_a_long_prefill_apart() -> None:
+    cpu = torch.device("cpu")
+    ranks = dict.fromkeys(range(1, 17), 16)
+    decode = lora.LoraPlan.build(list(range(1, 17)), ranks, 64, cpu)
+    assert decode is not None and len(decode.groups) == 1  # 16 adapters, one batched matmul
+    (group,) = decode.groups
+    assert (group.first_slot, group.num_slots, group.num_rows, group.rank) == (1, 16, 1, 16)
+    assert group.rows is None and group.dest is None  # contiguous rows: views, no gather
+    mixed = lora.LoraPlan.build([1] * 64 + list(range(2, 17)), ranks, 64, cpu)
+    assert mixed is not None
+    assert [(g.first_slot, g.num_slots, g.num_rows) for g in mixed.groups] == [(1, 1, 64), (2, 15, 1)]
+    assert lora.LoraPlan.build([0, 0, 0], ranks, 64, cpu) is None  # base rows cost nothing
+
+
+def test_a_group_is_cut_to_its_own_largest_rank() -> None:
+    plan = lora.LoraPlan.build([1, 2, 5], {1: 4, 2: 8, 5: 16}, 64, torch.device("cpu"))
+    assert plan is not None
+    assert [(g.first_slot, g.num_slots, g.rank) for g in plan.groups] == [(1, 2, 8), (5, 1, 16)]

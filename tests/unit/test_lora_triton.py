@@ -214,7 +214,7 @@ def fused_layer(out_sizes: dict[str, int], ranks: dict[int, int], hidden: int = 
         hidden, out_sizes, bias=False, shard=Shard(), dtype=torch.float32, device=cpu
     )
     layer.weight.data.normal_()
-    batch = LoraBatch()
+    batch = LoraBatch(max_rank=16)
     shapes = {name: (hidden, out) for name, out in out_sizes.items()}
     layer.lora = LoraSlots(layer, shapes, batch, num_slots=len(ranks) + 1, max_rank=16, shard=Shard())
     skipped = (max(ranks), list(out_sizes)[1])
@@ -239,12 +239,13 @@ def test_a_fused_qkv_layer_gives_the_same_output_on_both_paths(sgmv, out_sizes: 
     layer, batch = fused_layer(out_sizes, ranks)
     slots = [0, 0, 2, 2, 2, 1, 3, 3, 0, 1]
     x = torch.randn(len(slots), 32)
-    batch.token_slots = torch.tensor(slots)
+    batch.use(slots)
     expected = layer(x)
     batch.segments = sgmv.Segments.build(slots, ranks, x.device)
     got = layer(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
-    batch.token_slots, batch.segments = None, None
+    batch.use(None)
+    batch.segments = None
     assert not torch.allclose(layer(x), expected)  # the adapters did change the output
 
 
@@ -262,13 +263,13 @@ def test_a_fused_layer_launches_one_shrink_and_one_expand(
             launches.append(self.name)
             return self.kernel[grid]
 
-    kernels = sgmv._build()
-    for name in ("shrink", "expand"):
+    kernels = sgmv.jit_kernels()
+    for name in ("shrink_kernel", "expand_kernel"):
         monkeypatch.setitem(kernels, name, Counted(name, kernels[name]))
     ranks = {1: 4, 2: 16}
     layer, batch = fused_layer(out_sizes, ranks)
     slots = [1, 1, 0, 2, 1]
-    batch.token_slots = torch.tensor(slots)
+    batch.use(slots)
     batch.segments = sgmv.Segments.build(slots, ranks, torch.device("cpu"))
     layer(torch.randn(len(slots), 32))
-    assert launches == ["shrink", "expand"]
+    assert launches == ["shrink_kernel", "expand_kernel"]
