@@ -69,6 +69,15 @@ BAD_STEPS = {
         "temperature",
     ),
     "top_p above one": (pb.StepRequest(new_requests=[_new(1, [1], [0], top_p=1.5)]), "top_p"),
+    # inf on the wire (the router refuses 1e39 as not finite in float32): the sampler would get NaNs.
+    "infinite repetition penalty": (
+        pb.StepRequest(new_requests=[_new(1, [1], [0], repetition_penalty=float("inf"))]),
+        "repetition_penalty",
+    ),
+    "temperature that divides logits into inf": (
+        pb.StepRequest(new_requests=[_new(1, [1], [0], do_sample=True, temperature=1e-40)]),
+        "temperature",
+    ),
     "too many alternatives": (
         pb.StepRequest(new_requests=[_new(1, [1], [0], top_logprobs=1000)]),
         "top_logprobs",
