@@ -218,6 +218,10 @@ class AdapterRegistry:
 
 
 def _adapter_error(entry: AdapterEntry, e: WorkerError) -> RouterError:
+    if not e.is_refusal:  # not the worker's message for users but an exception's text: log it only
+        logger.error("loading adapter %s failed: %s", entry.adapter_id, e.details)
+        message = f"adapter {entry.adapter_id!r} cannot be loaded; the server log has the details"
+        return ValidationError(message, param="adapter_id")
     message = f"adapter {entry.adapter_id!r} cannot be loaded: {e.details}"
     if "not found" in e.details:
         return NotFoundError(message, param="adapter_id")

@@ -1,5 +1,6 @@
 """The HTTP layer in process, over loopback: anything unexpected is a generic JSON 500 (the cause
-goes to the log), and /health answers 503 once the engine loop has died."""
+goes to the log), and /health answers 503 once the engine loop has died. Worker failures behind an
+adapter load reach clients only as the worker's messages written for users."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import asyncio
 import logging
 from typing import Any
 
+import grpc
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from loraxpy.router.adapters import AdapterRegistry
 from loraxpy.router.engine import Engine
+from loraxpy.router.errors import ValidationError
 from loraxpy.router.kv_blocks import BlockAllocator
 from loraxpy.router.metrics import Metrics
 from loraxpy.router.scheduler import Scheduler, SchedulerConfig
 from loraxpy.router.server import ServerState, build_app
 from loraxpy.router.validation import Limits
+from loraxpy.router.worker_client import WorkerError
 
 SECRET = "KeyError: '/opt/models/private/tokenizer.json' at 0x7f3a"
 
@@ -89,3 +94,34 @@ def test_health_answers_503_once_the_engine_loop_is_dead() -> None:
     alive, dead, body = asyncio.run(scenario())
     assert alive == 200
     assert dead == 503 and "engine" in body["error"]
+
+
+class FailingLoads:
+    """Workers whose adapter loads fail: refused with a message for users, or crashing inside."""
+
+    async def load_adapter(
+        self, index: int, adapter_id: str, source: str, api_token: str = "", merge: object = None
+    ) -> int:
+        if adapter_id == "refused":
+            raise WorkerError(
+                "LoadAdapter failed", grpc.StatusCode.INVALID_ARGUMENT, "adapter has no LoRA weights"
+            )
+        raise WorkerError("LoadAdapter failed", grpc.StatusCode.INTERNAL, SECRET)
+
+    async def offload_adapter(self, index: int) -> None:
+        pass
+
+
+def test_adapter_load_errors_keep_messages_for_users_and_hide_internal_ones() -> None:
+    async def scenario() -> list[ValidationError]:
+        registry = AdapterRegistry(FailingLoads(), 2)  # type: ignore[arg-type]
+        errors = []
+        for adapter_id in ("refused", "crashes"):
+            with pytest.raises(ValidationError) as e:
+                await registry.acquire(adapter_id, "local")
+            errors.append(e.value)
+        return errors
+
+    refused, crashed = asyncio.run(scenario())
+    assert "no LoRA weights" in refused.message
+    assert SECRET not in crashed.message and "crashes" in crashed.message
