@@ -15,7 +15,8 @@ the host anyway, so no device-to-host sync is added.
 
 Rows of slot 0 (the base model) are skipped: shrink leaves their v at zero, expand adds nothing.
 Each segment also carries its adapter's rank; rank tiles past it are skipped within every slice.
-Feature sizes and the padded max rank are compile-time constants (a few distinct values per model).
+The padded max rank and the tile sizes are compile-time constants; the input feature count is an
+argument, so one compiled shrink serves every layer, model and tensor-parallel shard.
 `TRITON_INTERPRET=1` runs the same kernels on CPU, which is how the tests compare them with torch.
 """
 
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from loraxpy.kernels.triton_launch import Launch
 
 try:
     import triton
@@ -147,103 +150,151 @@ class SliceLayout:
         return len(self.out_sizes)
 
 
+# The kernels are plain functions here and JIT-decorated on first use by `jit_kernels()` (so
+# TRITON_INTERPRET set by a test takes effect); `kernels/triton_aot.py` compiles the same functions.
+def shrink_kernel(
+    x_ptr, a_ptr, v_ptr,
+    seg_start, seg_len, seg_slot, seg_rank,
+    in_features, stride_xm, stride_as, stride_ar, stride_vm,
+    MAX_RANK: tl.constexpr, RANK_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    seg = tl.program_id(0)
+    tile = tl.program_id(1)
+    part = tl.program_id(2) // RANK_TILES  # the slice: its rank chunk in A's rows and v's columns
+    rtile = tl.program_id(2) % RANK_TILES
+    length = tl.load(seg_len + seg)
+    rank = tl.minimum(tl.load(seg_rank + seg), MAX_RANK)  # never reach into the next slice
+    if tile * BLOCK_M >= length or rtile * BLOCK_R >= rank:
+        return
+    start = tl.load(seg_start + seg)
+    slot = tl.load(seg_slot + seg).to(tl.int64)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    ranks = rtile * BLOCK_R + tl.arange(0, BLOCK_R)
+    rank_ok = ranks < rank
+    cols = part * MAX_RANK + ranks
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, in_features, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < in_features
+        x = tl.load(
+            x_ptr + (start + rows)[:, None].to(tl.int64) * stride_xm + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            a_ptr + slot * stride_as + cols[None, :] * stride_ar + ks[:, None],
+            mask=rank_ok[None, :] & k_ok[:, None],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_R]: this slice's A[slot] transposed
+        acc += tl.dot(x, a, input_precision=PRECISION)
+    out = v_ptr + (start + rows)[:, None].to(tl.int64) * stride_vm + cols[None, :]
+    tl.store(out, acc.to(v_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+
+
+def expand_kernel(
+    v_ptr, b_ptr, y_ptr, tiles,
+    seg_start, seg_len, seg_slot, seg_rank,
+    stride_vm, stride_bs, stride_bn, stride_ym,
+    MAX_RANK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    seg = tl.program_id(0)
+    tile = tl.program_id(1)
+    ntile = tl.program_id(2)
+    length = tl.load(seg_len + seg)
+    if tile * BLOCK_M >= length:
+        return
+    part = tl.load(tiles + ntile * 4)
+    col0 = tl.load(tiles + ntile * 4 + 1)
+    col_end = tl.load(tiles + ntile * 4 + 2)
+    y_shift = tl.load(tiles + ntile * 4 + 3)
+    start = tl.load(seg_start + seg)
+    slot = tl.load(seg_slot + seg).to(tl.int64)
+    rank = tl.minimum(tl.load(seg_rank + seg), MAX_RANK)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    cols = col0 + tl.arange(0, BLOCK_N)  # rows of the stacked B
+    col_ok = cols < col_end
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, MAX_RANK, BLOCK_R):  # compile-time bound; ranks past this adapter's skip
+        if r0 < rank:
+            rs = r0 + tl.arange(0, BLOCK_R)
+            r_ok = rs < rank
+            v = tl.load(
+                v_ptr + (start + rows)[:, None].to(tl.int64) * stride_vm + part * MAX_RANK + rs[None, :],
+                mask=row_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )  # [BLOCK_M, BLOCK_R]: this slice's rank chunk of v
+            b = tl.load(
+                b_ptr + slot * stride_bs + cols[None, :].to(tl.int64) * stride_bn + rs[:, None],
+                mask=col_ok[None, :] & r_ok[:, None],
+                other=0.0,
+            )  # [BLOCK_R, BLOCK_N]: B[slot] transposed
+            acc += tl.dot(v, b, input_precision=PRECISION)
+    out = y_ptr + (start + rows)[:, None].to(tl.int64) * stride_ym + y_shift + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    y = tl.load(out, mask=mask, other=0.0)
+    tl.store(out, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 _kernels: dict[str, Any] = {}
+# A segment's start, length, slot and rank are rows of one [4, n] tensor, so the alignment of their
+# pointers changes with the number of segments; specialised on it, each kernel would compile twice
+# while serving (a scalar load per program gains nothing from it).
+_SEGMENT_POINTERS = ["seg_start", "seg_len", "seg_slot", "seg_rank"]
 
 
-def _build() -> dict[str, Any]:
-    """JIT-decorates the kernels on first use (so TRITON_INTERPRET set by a test takes effect)."""
+def jit_kernels() -> dict[str, Any]:
+    """The kernels JIT-decorated (in Triton's interpreter when TRITON_INTERPRET=1), by function name."""
     if _kernels or triton is None:
         return _kernels
-
-    @triton.jit
-    def shrink_kernel(
-        x_ptr, a_ptr, v_ptr,
-        seg_start, seg_len, seg_slot, seg_rank,
-        stride_xm, stride_as, stride_ar, stride_vm,
-        IN_FEATURES: tl.constexpr, MAX_RANK: tl.constexpr, RANK_TILES: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        seg = tl.program_id(0)
-        tile = tl.program_id(1)
-        part = tl.program_id(2) // RANK_TILES  # the slice: its rank chunk in A's rows and v's columns
-        rtile = tl.program_id(2) % RANK_TILES
-        length = tl.load(seg_len + seg)
-        rank = tl.minimum(tl.load(seg_rank + seg), MAX_RANK)  # never reach into the next slice
-        if tile * BLOCK_M >= length or rtile * BLOCK_R >= rank:
-            return
-        start = tl.load(seg_start + seg)
-        slot = tl.load(seg_slot + seg).to(tl.int64)
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < length
-        ranks = rtile * BLOCK_R + tl.arange(0, BLOCK_R)
-        rank_ok = ranks < rank
-        cols = part * MAX_RANK + ranks
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, IN_FEATURES, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < IN_FEATURES
-            x = tl.load(
-                x_ptr + (start + rows)[:, None].to(tl.int64) * stride_xm + ks[None, :],
-                mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            a = tl.load(
-                a_ptr + slot * stride_as + cols[None, :] * stride_ar + ks[:, None],
-                mask=rank_ok[None, :] & k_ok[:, None],
-                other=0.0,
-            )  # [BLOCK_K, BLOCK_R]: this slice's A[slot] transposed
-            acc += tl.dot(x, a, input_precision=PRECISION)
-        out = v_ptr + (start + rows)[:, None].to(tl.int64) * stride_vm + cols[None, :]
-        tl.store(out, acc.to(v_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
-
-    @triton.jit
-    def expand_kernel(
-        v_ptr, b_ptr, y_ptr, tiles,
-        seg_start, seg_len, seg_slot, seg_rank,
-        stride_vm, stride_bs, stride_bn, stride_ym,
-        MAX_RANK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        seg = tl.program_id(0)
-        tile = tl.program_id(1)
-        ntile = tl.program_id(2)
-        length = tl.load(seg_len + seg)
-        if tile * BLOCK_M >= length:
-            return
-        part = tl.load(tiles + ntile * 4)
-        col0 = tl.load(tiles + ntile * 4 + 1)
-        col_end = tl.load(tiles + ntile * 4 + 2)
-        y_shift = tl.load(tiles + ntile * 4 + 3)
-        start = tl.load(seg_start + seg)
-        slot = tl.load(seg_slot + seg).to(tl.int64)
-        rank = tl.minimum(tl.load(seg_rank + seg), MAX_RANK)
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < length
-        cols = col0 + tl.arange(0, BLOCK_N)  # rows of the stacked B
-        col_ok = cols < col_end
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, MAX_RANK, BLOCK_R):  # compile-time bound; ranks past this adapter's skip
-            if r0 < rank:
-                rs = r0 + tl.arange(0, BLOCK_R)
-                r_ok = rs < rank
-                v = tl.load(
-                    v_ptr + (start + rows)[:, None].to(tl.int64) * stride_vm + part * MAX_RANK + rs[None, :],
-                    mask=row_ok[:, None] & r_ok[None, :],
-                    other=0.0,
-                )  # [BLOCK_M, BLOCK_R]: this slice's rank chunk of v
-                b = tl.load(
-                    b_ptr + slot * stride_bs + cols[None, :].to(tl.int64) * stride_bn + rs[:, None],
-                    mask=col_ok[None, :] & r_ok[:, None],
-                    other=0.0,
-                )  # [BLOCK_R, BLOCK_N]: B[slot] transposed
-                acc += tl.dot(v, b, input_precision=PRECISION)
-        out = y_ptr + (start + rows)[:, None].to(tl.int64) * stride_ym + y_shift + cols[None, :]
-        mask = row_ok[:, None] & col_ok[None, :]
-        y = tl.load(out, mask=mask, other=0.0)
-        tl.store(out, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
-
-    _kernels.update(shrink=shrink_kernel, expand=expand_kernel)
+    for kernel in (shrink_kernel, expand_kernel):
+        _kernels[kernel.__name__] = triton.jit(do_not_specialize_on_alignment=_SEGMENT_POINTERS)(kernel)
     return _kernels
+
+
+def shrink_launch(
+    x: torch.Tensor, a: torch.Tensor, v: torch.Tensor, segments: Segments, num_slices: int
+) -> Launch:
+    """The shrink launch: rank tiles of each slice from the padded max rank R = a.shape[1] / num_slices."""
+    # x: [rows, in]; a: [slots, num_slices * R, in]; v: [rows, num_slices * R]
+    assert x.stride(1) == 1 and a.stride(2) == 1 and v.stride(1) == 1 and a.shape[1] % num_slices == 0
+    max_rank = a.shape[1] // num_slices
+    block_r = _block(max_rank, 16, 64)
+    rank_tiles = _cdiv(max_rank, block_r)
+    args = (
+        x, a, v,
+        segments.start, segments.length, segments.slot, segments.rank,
+        x.shape[1], x.stride(0), a.stride(0), a.stride(1), v.stride(0),
+    )  # fmt: skip
+    constexprs = {
+        "MAX_RANK": max_rank, "RANK_TILES": rank_tiles,
+        "BLOCK_M": BLOCK_M, "BLOCK_R": block_r, "BLOCK_K": BLOCK_K, "PRECISION": _precision(x.dtype),
+    }  # fmt: skip
+    grid = (segments.start.numel(), _cdiv(segments.max_length, BLOCK_M), num_slices * rank_tiles)
+    return Launch(shrink_kernel, grid, args, constexprs)
+
+
+def expand_launch(
+    v: torch.Tensor, b: torch.Tensor, segments: Segments, y: torch.Tensor, layout: SliceLayout
+) -> Launch:
+    """The expand launch: one program per (segment, row tile, output tile of the layout)."""
+    # v: [rows, num_slices * R]; b: [slots, sum of out_i, R]; y: [rows, >= the slices' columns]
+    assert v.stride(1) == 1 and b.stride(2) == 1 and y.stride(1) == 1
+    assert b.shape[1] == sum(layout.out_sizes) and v.shape[1] == layout.num_slices * b.shape[2]
+    args = (
+        v, b, y, layout.tiles,
+        segments.start, segments.length, segments.slot, segments.rank,
+        v.stride(0), b.stride(0), b.stride(1), y.stride(0),
+    )  # fmt: skip
+    constexprs = {
+        "MAX_RANK": b.shape[2], "BLOCK_M": BLOCK_M, "BLOCK_N": layout.block_n, "BLOCK_R": BLOCK_R_EXPAND,
+        "PRECISION": _precision(v.dtype),
+    }  # fmt: skip
+    grid = (segments.start.numel(), _cdiv(segments.max_length, BLOCK_M), layout.tiles.shape[0])
+    return Launch(expand_kernel, grid, args, constexprs)
 
 
 def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, segments: Segments, num_slices: int = 1) -> torch.Tensor:
@@ -255,18 +306,7 @@ def sgmv_shrink(x: torch.Tensor, a: torch.Tensor, segments: Segments, num_slices
     v = torch.zeros(x.shape[0], a.shape[1], dtype=x.dtype, device=x.device)
     if segments.max_length == 0:
         return v
-    assert x.stride(1) == 1 and a.stride(2) == 1 and a.shape[1] % num_slices == 0
-    max_rank = a.shape[1] // num_slices
-    block_r = _block(max_rank, 16, 64)
-    rank_tiles = _cdiv(max_rank, block_r)
-    grid = (segments.start.numel(), _cdiv(segments.max_length, BLOCK_M), num_slices * rank_tiles)
-    _build()["shrink"][grid](
-        x, a, v,
-        segments.start, segments.length, segments.slot, segments.rank,
-        x.stride(0), a.stride(0), a.stride(1), v.stride(0),
-        IN_FEATURES=x.shape[1], MAX_RANK=max_rank, RANK_TILES=rank_tiles,
-        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=BLOCK_K, PRECISION=_precision(x.dtype),
-    )  # fmt: skip
+    shrink_launch(x, a, v, segments, num_slices).run(jit_kernels())
     return v
 
 
@@ -280,14 +320,5 @@ def sgmv_expand_add(
     """
     if segments.max_length == 0:
         return y
-    assert v.stride(1) == 1 and b.stride(2) == 1 and y.stride(1) == 1
-    assert b.shape[1] == sum(layout.out_sizes) and v.shape[1] == layout.num_slices * b.shape[2]
-    grid = (segments.start.numel(), _cdiv(segments.max_length, BLOCK_M), layout.tiles.shape[0])
-    _build()["expand"][grid](
-        v, b, y, layout.tiles,
-        segments.start, segments.length, segments.slot, segments.rank,
-        v.stride(0), b.stride(0), b.stride(1), y.stride(0),
-        MAX_RANK=b.shape[2], BLOCK_M=BLOCK_M, BLOCK_N=layout.block_n, BLOCK_R=BLOCK_R_EXPAND,
-        PRECISION=_precision(v.dtype),
-    )  # fmt: skip
+    expand_launch(v, b, segments, y, layout).run(jit_kernels())
     return y
