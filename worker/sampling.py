@@ -139,8 +139,9 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
     """Chooses one token per row: argmax for greedy rows, an exponential race for sampling rows."""
-    # logits: [num_rows, vocab] fp32
-    raw_logprobs = logits.log_softmax(dim=-1)
+    # logits: [num_rows, vocab] fp32. Log-probs are reported on the raw logits: logit - logsumexp
+    # for the few tokens asked for, never a whole [num_rows, vocab] log-softmax.
+    log_norm = logits.logsumexp(dim=-1, keepdim=True)  # [num_rows, 1]
     processed = process_logits(logits, rows)
     chosen = processed.argmax(dim=-1)
     sampling = [i for i, r in enumerate(rows) if r.params.do_sample]
@@ -151,9 +152,10 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
             [torch.empty_like(probs[0]).exponential_(generator=rows[i].generator) for i in sampling]
         )
         chosen[sampling] = (probs / noise).argmax(dim=-1)
-    chosen_logprobs = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
+    chosen_logprobs = (logits.gather(1, chosen[:, None]) - log_norm).squeeze(1)
     k = max(r.params.top_logprobs for r in rows)
-    top_values, top_ids = raw_logprobs.topk(k, dim=-1) if k else (chosen_logprobs[:, None][:, :0],) * 2
+    top_values, top_ids = logits.topk(k, dim=-1) if k else (chosen_logprobs[:, None][:, :0],) * 2
+    top_values = top_values - log_norm if k else top_values
     # One device→host transfer for everything.
     token_ids, logprobs, top_v, top_i = (t.tolist() for t in (chosen, chosen_logprobs, top_values, top_ids))
     top = [
