@@ -52,6 +52,8 @@ class EngineError(RuntimeError):
 
 
 STEP_FAILED = "generation failed; the server log has the details"
+# Event-loop turns given to the HTTP handlers after a step: enough to hand out tokens and write them.
+_HANDLER_TURNS = 3
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,13 @@ class Engine:
         eos_token_ids: frozenset[int],
         on_step: Callable[[float, float, int], None] | None = None,
         tracer: Tracer | None = None,
+        host_bound: bool = False,
     ) -> None:
         self.tracer = tracer or Tracer(None)
+        # Workers compute on CPU cores: the HTTP handlers hand out a step's tokens before the next
+        # step is sent, so they never take a core from the workers' threads mid-step (on a GPU the
+        # handlers overlap the step instead).
+        self.host_bound = host_bound
         self.client = client
         self.scheduler = scheduler
         self.eos_token_ids = eos_token_ids
@@ -199,6 +206,9 @@ class Engine:
                     stepped = False
             if not stepped:
                 await asyncio.sleep(0.001)
+            elif self.host_bound:
+                for _ in range(_HANDLER_TURNS):
+                    await asyncio.sleep(0)
 
     async def _step(self) -> bool:
         """Runs one step; False when nothing could be scheduled."""

@@ -51,6 +51,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def threads_per_shard(num_shard: int) -> int:
+    """Each shard's CPU threads: this host's usable cores split evenly, so shards never oversubscribe
+    them (torch would give every shard all the cores, and its threads would wait on each other)."""
+    return max(1, len(os.sched_getaffinity(0)) // num_shard)
+
+
 def spawn_shards(config: RouterConfig, sock_dir: Path) -> list[tuple[subprocess.Popen[bytes], str]]:
     """One worker process per shard; they meet in a torch.distributed group on this host."""
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
@@ -78,6 +84,7 @@ def spawn_shards(config: RouterConfig, sock_dir: Path) -> list[tuple[subprocess.
         cmd += ["--attention-backend", config.attention_backend]
         cmd += ["--cuda-graph-max-batch-size", str(config.cuda_graph_max_batch_size)]
         env = {
+            "OMP_NUM_THREADS": str(threads_per_shard(config.num_shard)),  # unless the operator set it
             **os.environ,
             **rendezvous,
             "RANK": str(rank),
@@ -133,7 +140,12 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
     metrics = Metrics()
     tracer = Tracer(config.otlp_endpoint)
     engine = Engine(
-        client, scheduler, frozenset(info.eos_token_ids), on_step=metrics.observe_step, tracer=tracer
+        client,
+        scheduler,
+        frozenset(info.eos_token_ids),
+        on_step=metrics.observe_step,
+        tracer=tracer,
+        host_bound=info.device_type == "cpu",
     )
     info_body: dict[str, Any] = {
         "model_id": model_id,

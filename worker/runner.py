@@ -89,12 +89,13 @@ class ModelRunner:
         )
         load_weights(self.model, model_path, tied_lm_head=self.config.tie_word_embeddings)
         logger.info(
-            "model %s (%s, %s on %s, attention %s) loaded in %.1f s",
+            "model %s (%s, %s on %s, attention %s, %d CPU threads) loaded in %.1f s",
             model_path,
             self.config.model_type,
             options.dtype,
             options.device,
             self.attention_backend,
+            torch.get_num_threads(),
             time.perf_counter() - started,
         )
         self.kv_spec = KVCacheSpec(
