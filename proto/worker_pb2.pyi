@@ -11,7 +11,21 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_path", "model_type", "dtype", "device_type", "rank", "world_size", "vocab_size", "max_position_embeddings", "block_size", "num_blocks", "attention_backend", "supports_adapters", "eos_token_ids", "num_adapter_slots")
+    __slots__ = ("model_id", "model_path", "model_type", "dtype", "device_type", "rank", "world_size", "vocab_size", "max_position_embeddings", "block_size", "num_blocks", "attention_backend", "supports_adapters", "eos_token_ids", "num_adapter_slots", "kernel_paths", "self_check_failures")
+    class KernelPathsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class SelfCheckFailuresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +41,8 @@ class InfoResponse(_message.Message):
     SUPPORTS_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_PATHS_FIELD_NUMBER: _ClassVar[int]
+    SELF_CHECK_FAILURES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_path: str
     model_type: str
@@ -42,7 +58,9 @@ class InfoResponse(_message.Message):
     supports_adapters: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_adapter_slots: int
-    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., attention_backend: _Optional[str] = ..., supports_adapters: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., num_adapter_slots: _Optional[int] = ...) -> None: ...
+    kernel_paths: _containers.ScalarMap[str, str]
+    self_check_failures: _containers.ScalarMap[str, str]
+    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., attention_backend: _Optional[str] = ..., supports_adapters: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., num_adapter_slots: _Optional[int] = ..., kernel_paths: _Optional[_Mapping[str, str]] = ..., self_check_failures: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

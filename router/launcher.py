@@ -121,8 +121,8 @@ def derive_limits(config: RouterConfig, info: WorkerInfo, num_blocks: int, model
 
 async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[ServerState, Engine]:
     await client.wait_ready(timeout=STARTUP_TIMEOUT_S)
-    info = await client.info()
     num_blocks = await client.warmup(config.max_batch_prefill_tokens, config.max_concurrent_requests)
+    info = await client.info()  # after Warmup: its self-check may have switched a fast path to its twin
     if config.max_batch_total_tokens:
         num_blocks = min(num_blocks, -(-config.max_batch_total_tokens // info.block_size))
     model_id = config.model_id or info.model_id or "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -138,6 +138,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         BlockAllocator(num_blocks, info.block_size),
     )
     metrics = Metrics()
+    metrics.set_kernel_paths(info.kernel_paths)
     tracer = Tracer(config.otlp_endpoint)
     engine = Engine(
         client,
@@ -162,6 +163,8 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         "max_active_adapters": config.max_active_adapters,
         "adapter_cycle_time_s": config.adapter_cycle_time_s,
         "num_shards": info.world_size,
+        "kernel_paths": info.kernel_paths,
+        "self_check_failures": info.self_check_failures,
         "version": "0.1.0",
         "sha": None,
         "docker_label": None,

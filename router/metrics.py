@@ -77,6 +77,17 @@ class Metrics:
         self.adapter_waiting = Gauge(
             "lorax_adapter_waiting_requests", "Waiting requests per adapter", ["adapter"], registry=r
         )
+        self.kernel_path = Gauge(
+            "lorax_kernel_path",
+            "1 for the implementation each fast path runs on (after the workers' startup self-check)",
+            ["path", "implementation"],
+            registry=r,
+        )
+
+    def set_kernel_paths(self, paths: dict[str, str]) -> None:
+        """lorax_kernel_path{path, implementation} = 1 for what runs each fast path on the workers."""
+        for path, implementation in paths.items():
+            self.kernel_path.labels(path=path, implementation=implementation).set(1)
 
     def observe_step(self, seconds: float, worker_seconds: float, num_scheduled: int) -> None:
         self.step_duration.observe(seconds)

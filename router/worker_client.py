@@ -7,7 +7,7 @@ rank 0's answer is returned.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -48,6 +48,18 @@ class WorkerInfo:
     eos_token_ids: tuple[int, ...]
     attention_backend: str
     num_adapter_slots: int = 0  # the fewest any shard has
+    kernel_paths: dict[str, str] = field(default_factory=dict)  # fast path → what runs it on the shards
+    self_check_failures: dict[str, str] = field(default_factory=dict)  # path → why it fell back
+
+
+def merge_kernel_paths(per_shard: list[dict[str, str]]) -> dict[str, str]:
+    """Each fast path's implementation on every shard; "mixed: a, b" where shards differ (one
+    shard's self-check switched a path its peers kept)."""
+    merged: dict[str, str] = {}
+    for path in sorted({p for paths in per_shard for p in paths}):
+        values = sorted({paths.get(path, "") for paths in per_shard})
+        merged[path] = values[0] if len(values) == 1 else "mixed: " + ", ".join(values)
+    return merged
 
 
 @dataclass(frozen=True)
@@ -185,7 +197,8 @@ class WorkerClient:
         replies = await self._all("Info", pb.InfoRequest())
         i = replies[0]
         assert isinstance(i, pb.InfoResponse)
-        slots = min(r.num_adapter_slots for r in replies if isinstance(r, pb.InfoResponse))
+        infos = [r for r in replies if isinstance(r, pb.InfoResponse)]
+        slots = min(r.num_adapter_slots for r in infos)
         return WorkerInfo(
             model_id=i.model_id,
             model_path=i.model_path,
@@ -199,6 +212,8 @@ class WorkerClient:
             eos_token_ids=tuple(i.eos_token_ids),
             attention_backend=i.attention_backend,
             num_adapter_slots=slots,
+            kernel_paths=merge_kernel_paths([dict(r.kernel_paths) for r in infos]),
+            self_check_failures={k: v for r in reversed(infos) for k, v in r.self_check_failures.items()},
         )
 
     async def health(self, timeout: float = 5.0) -> bool:

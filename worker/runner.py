@@ -37,6 +37,7 @@ from loraxpy.worker.merge import MergeRequest, merge_adapters
 from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
 from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample
+from loraxpy.worker.self_check import SelfCheck, attention_of
 from loraxpy.worker.weights import load_weights
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class ModelRunner:
         self.limits: Limits | None = None
         self.requests: dict[int, RequestState] = {}
         self.graphs: DecodeGraphs | None = None
+        self.self_check = SelfCheck.for_device(options.device)  # CUDA: fast paths proven at warmup
 
     @property
     def is_ready(self) -> bool:
@@ -134,6 +136,9 @@ class ModelRunner:
             raise WorkerInputError("warmup needs max_prefill_tokens >= 1 and max_num_seqs >= 1")
         self.kv_caches = []
         self.requests.clear()
+        # Before profiling, so a kernel that fails its check is never profiled or served.
+        self.self_check.check_kernels(self.model, self.lora, self.options.block_size)
+        self.attention_backend = attention_of(self.model).name
         peak = self._profile(max_prefill_tokens, max_num_seqs)
         if num_blocks == 0:
             num_blocks = self._blocks_from_memory(peak)
@@ -155,7 +160,9 @@ class ModelRunner:
             self.options.block_size,
             num_blocks * self.kv_spec.bytes_per_block / 2**20,
         )
-        self.graphs = self._decode_graphs(max_num_seqs)
+        self.graphs = self.self_check.check_graphs(
+            self._decode_graphs(max_num_seqs), self.kv_caches, self.options.block_size, self.config.vocab_size
+        )
         return num_blocks
 
     def _decode_graphs(self, max_num_seqs: int) -> DecodeGraphs | None:
@@ -165,6 +172,9 @@ class ModelRunner:
             return None
         if self.attention_backend != "triton":  # SDPA sizes its work from host-side lengths
             logger.warning("CUDA graphs need the Triton attention backend; decoding eagerly")
+            return None
+        if self.lora is not None and self.lora.backend != "triton" and self.options.device.type == "cuda":
+            logger.warning("CUDA graphs with adapters need the Triton LoRA path; decoding eagerly")
             return None
         assert self.limits is not None
         graphs = DecodeGraphs(

@@ -31,6 +31,7 @@ from loraxpy.worker.lora import SlotsFullError
 from loraxpy.worker.merge import MergeOptions, MergeRequest
 from loraxpy.worker.runner import ModelRunner, NotReadyError
 from loraxpy.worker.sampling import SamplingParams
+from loraxpy.worker.self_check import active_paths
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             supports_adapters=r.lora is not None,
             eos_token_ids=list(r.config.eos_token_ids),
             num_adapter_slots=r.num_adapter_slots,
+            kernel_paths=active_paths(r.attention_backend, r.lora, r.graphs),
+            self_check_failures=r.self_check.failures,
         )
 
     @_rpc

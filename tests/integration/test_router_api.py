@@ -264,6 +264,11 @@ def test_a_disconnected_stream_is_released_and_its_blocks_freed(server: Launcher
 def test_info_health_and_tokenize(server: Launcher, hf) -> None:
     info = requests.get(server.url + "/info", timeout=10).json()
     assert info["max_total_tokens"] > info["max_input_length"] > 0
+    # CPU serves the torch paths: nothing for the startup self-check to switch.
+    assert info["kernel_paths"]["attention"] == "sdpa" and info["kernel_paths"]["decode"] == "eager"
+    assert info["self_check_failures"] == {}
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    assert 'lorax_kernel_path{implementation="sdpa",path="attention"} 1.0' in text
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
     tokens = requests.post(server.url + "/tokenize", json={"inputs": QUESTION}, timeout=10).json()
     assert [t["id"] for t in tokens] == hf.tokenizer(QUESTION).input_ids

@@ -1,0 +1,159 @@
+"""The startup self-check: each fast path runs a small case against its torch twin before serving.
+
+At warmup on CUDA, Triton attention (with its KV store), Triton SGMV and the captured decode
+graphs each compute a small random case next to their twins (SDPA, the grouped torch LoRA, the
+same forward run eagerly). A compile error, a launch failure or a result off by more than the
+dtype's rounding logs a warning naming the path and switches that path to its twin, so a kernel
+that misbehaves on some GPU costs speed, never a crash or wrong tokens. Info reports the paths in
+use (`active_paths`) and why any fast one was dropped. CPU serves the torch paths (Triton's
+interpreter is for tests), so nothing is checked there and CPU startup pays nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from loraxpy.kernels.attention import AttentionBackend, select_attention_backend
+from loraxpy.worker.self_check_cases import Case, attention_case, decode_graph_case, sgmv_case
+
+if TYPE_CHECKING:
+    from loraxpy.worker.cuda_graphs import DecodeGraphs
+    from loraxpy.worker.lora import LoraManager, LoraSlots
+    from loraxpy.worker.model import CausalLM
+
+logger = logging.getLogger(__name__)
+
+Outputs = Sequence[torch.Tensor]
+# Largest relative L2 error ‖fast − twin‖ / ‖twin‖ that counts as equal: a few times each dtype's
+# rounding (both sides round, in different orders). A wrong index or mask costs O(1) instead.
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ in float64; NaN or inf anywhere gives NaN (which never passes)."""
+    got, want = got.double(), want.double()
+    if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(want).all())):
+        return float("nan")
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def compare(fast: Callable[[], Outputs], twin: Callable[[], Outputs], dtype: torch.dtype) -> str | None:
+    """Runs a fast path and its twin on the same inputs: None when every output agrees within
+    `TOLERANCE[dtype]`, else why not (the fast path's exception, or the first output that differs)."""
+    try:
+        got = fast()
+        if got and got[0].device.type == "cuda":
+            torch.cuda.synchronize(got[0].device)  # launch errors surface here, not at the call
+    except Exception as e:  # a compile or launch error of any kind: the twin takes over
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    want = twin()
+    if len(got) != len(want):
+        return f"{len(got)} outputs instead of {len(want)}"
+    tolerance = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        if g.shape != w.shape:
+            return f"output {i} has shape {tuple(g.shape)} instead of {tuple(w.shape)}"
+        error = relative_error(g, w)
+        if not error <= tolerance:
+            return f"output {i} differs from the twin's: relative error {error:.2e} > {tolerance:.0e}"
+    return None
+
+
+def attention_of(model: CausalLM) -> AttentionBackend:
+    """The attention backend every layer uses (chosen once, so the first layer's is everyone's)."""
+    return model.layers[0].self_attn.attention  # type: ignore[index, union-attr, return-value]
+
+
+def use_attention(model: CausalLM, backend: AttentionBackend) -> None:
+    for layer in model.layers:
+        layer.self_attn.attention = backend  # type: ignore[union-attr]
+
+
+def active_paths(attention: str, lora: LoraManager | None, graphs: DecodeGraphs | None) -> dict[str, str]:
+    """What runs each fast path now: attention (triton | sdpa), lora (triton | torch | none),
+    decode (cuda-graphs | graph-twin, the padded eager forward on CPU | eager)."""
+    decode = "eager" if graphs is None else "cuda-graphs" if graphs.is_captured else "graph-twin"
+    return {"attention": attention, "lora": lora.backend if lora is not None else "none", "decode": decode}
+
+
+@dataclass
+class SelfCheck:
+    """Runs the checks at warmup and remembers what fell back: path → why."""
+
+    is_enabled: bool
+    failures: dict[str, str] = field(default_factory=dict)
+    is_kernels_checked: bool = False
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> SelfCheck:
+        return cls(is_enabled=device.type == "cuda")
+
+    def check_kernels(self, model: CausalLM, lora: LoraManager | None, block_size: int) -> None:
+        """Triton attention and SGMV against their twins, once per process; a failing one is
+        replaced by its twin in the model (attention) or the LoRA manager (SGMV)."""
+        if not self.is_enabled or self.is_kernels_checked:
+            return
+        self.is_kernels_checked = True
+        fast = attention_of(model)
+        if fast.name != "sdpa":
+            twin = select_attention_backend(torch.device("cpu"), "sdpa")
+            windows = sorted({layer.self_attn.sliding_window or 0 for layer in model.layers})  # type: ignore[union-attr]
+            failure = _first_failure(
+                attention_case(model, fast, twin, block_size, w or None) for w in windows
+            )
+            if failure is not None:
+                self._fall_back("attention", fast.name, twin.name, failure)
+                use_attention(model, twin)
+        if lora is not None and lora.backend == "triton":
+            failure = _first_failure(sgmv_case(slots) for slots in _first_layer_slots(lora))
+            if failure is not None:
+                self._fall_back("lora", "triton", "torch", failure)
+                lora.backend = "torch"
+
+    def check_graphs(
+        self,
+        graphs: DecodeGraphs | None,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        vocab_size: int,
+    ) -> DecodeGraphs | None:
+        """A captured decode step against the same step run eagerly; None (decode eagerly) if it differs."""
+        if not self.is_enabled or graphs is None or not graphs.is_captured:
+            return graphs
+        failure = _first_failure([decode_graph_case(graphs, kv_caches, block_size, vocab_size)])
+        if failure is None:
+            return graphs
+        self._fall_back("decode", "cuda-graphs", "eager", failure)
+        return None
+
+    def _fall_back(self, path: str, fast: str, twin: str, failure: str) -> None:
+        self.failures[path] = failure
+        logger.warning(
+            "self-check: the %s %s path failed against its twin (%s); using %s instead",
+            fast,
+            path,
+            failure,
+            twin,
+        )
+
+
+def _first_layer_slots(lora: LoraManager) -> list[LoraSlots]:
+    """One LoraSlots per fused layer kind (qkv, o, gate/up, down) of layer 0: every SGMV shape."""
+    seen: dict[int, LoraSlots] = {}
+    for (layer, _), slots in lora.slots.items():
+        if layer == 0:
+            seen.setdefault(id(slots), slots)
+    return list(seen.values())
+
+
+def _first_failure(cases: Iterable[Case]) -> str | None:
+    for fast, twin, dtype in cases:
+        failure = compare(fast, twin, dtype)
+        if failure is not None:
+            return failure
+    return None
