@@ -60,7 +60,9 @@ def build_model_parser() -> argparse.ArgumentParser:
         "--threads", type=int, help="torch threads of the floor, engine and HF (default: torch's, the cores)"
     )
     p.add_argument(
-        "--server-threads", type=int, help="the server worker's torch threads (default: --threads)"
+        "--server-threads",
+        type=int,
+        help="the server worker's torch threads (default: the launcher's, the usable cores per shard)",
     )
     p.add_argument(
         "--prefill-tokens",
@@ -68,7 +70,7 @@ def build_model_parser() -> argparse.ArgumentParser:
         default=4096,
         help="engine prefill chunk = server --max-batch-prefill-tokens",
     )
-    p.add_argument("--floor-repeats", type=int, default=5, help="timed passes of the matmul floor (median)")
+    p.add_argument("--floor-repeats", type=int, default=10, help="timed passes of the matmul floor (fastest)")
     p.add_argument("--port", type=int, default=0, help="the server's port (0: a free one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=Path("bench-model.json"), help="JSON results")
@@ -94,7 +96,7 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
         rank=args.rank,
         paths=tuple(p.strip() for p in args.paths.split(",") if p.strip()),
         threads=threads,
-        server_threads=args.server_threads or threads,
+        server_threads=args.server_threads,
         prefill_tokens=args.prefill_tokens,
         floor_repeats=args.floor_repeats,
         target_batch_sizes=_ints(pick("target_batch_sizes")),
@@ -115,7 +117,7 @@ def run(config: ModelBenchConfig, output: Path, plot: Path, workdir: Path) -> No
     print(
         f"{result.model_dir.name} on {m['cpu_model']} ({m['usable_cpus']} of {m['cpu_count']} CPUs, "
         f"{'/'.join(m['simd'])}), torch {m['torch']}: {t['floor_engine_hf_torch_threads']} threads in "
-        f"process, {t['server_worker_omp_num_threads']} in the server's worker"
+        f"process, {t['server_worker_threads']} in the server's worker"
     )
     load = max(result.load_average.values(), default=0.0)
     if load > m["usable_cpus"]:

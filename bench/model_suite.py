@@ -26,7 +26,7 @@ from loraxpy.bench.bounds import measure_copy_bandwidth
 from loraxpy.bench.engine import AdapterPool, EngineBench, RunSpec
 from loraxpy.bench.floor import FloorResult, MatmulFloor
 from loraxpy.bench.prompts import TextPrompt, text_prompts
-from loraxpy.bench.served import ServerOptions, generate_batch, launched_server
+from loraxpy.bench.served import ServerOptions, generate_batch, launched_server, logged_worker_threads
 from loraxpy.bench.shapes import ModelShape
 from loraxpy.bench.workloads import Workload
 from loraxpy.router.text import Tokenizer
@@ -51,9 +51,9 @@ class ModelBenchConfig:
     rank: int = 16
     paths: tuple[str, ...] = PATHS
     threads: int = 1  # torch intra-op threads of this process: floor, engine and HF
-    server_threads: int = 1  # the server's worker (OMP_NUM_THREADS)
+    server_threads: int | None = None  # the server's worker (OMP_NUM_THREADS); None: the launcher's choice
     prefill_tokens: int = 4096  # the engine's prefill chunk and the server's --max-batch-prefill-tokens
-    floor_repeats: int = 5
+    floor_repeats: int = 10
     target_batch_sizes: tuple[int, ...] = (16, 32)
     port: int = 0
     seed: int = 0
@@ -67,7 +67,7 @@ class ModelBenchConfig:
             raise ValueError("adapter counts start at 2 (one adapter for the whole batch is `single`)")
         if unknown := set(self.paths) - set(PATHS):
             raise ValueError(f"unknown paths {sorted(unknown)}; choose from {', '.join(PATHS)}")
-        if min(self.threads, self.server_threads, self.floor_repeats, self.prefill_tokens) < 1:
+        if min(self.threads, self.server_threads or 1, self.floor_repeats, self.prefill_tokens) < 1:
             raise ValueError("threads, floor repeats and prefill tokens must be positive")
 
     @property
@@ -144,6 +144,8 @@ def _run_paths(config: ModelBenchConfig, workdir: Path) -> ModelBenchResult:
         if path in config.paths:
             result.runs.update(run(config, model_dir, pool, prompts, workdir))
             gc.collect()  # one model in memory at a time
+    if "server" in config.paths:
+        result.threads["server_worker_threads"] = logged_worker_threads(workdir / "launcher.log")
     return result
 
 
@@ -151,7 +153,9 @@ def _threads(config: ModelBenchConfig) -> dict[str, Any]:
     return {
         "floor_engine_hf_torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "server_worker_omp_num_threads": config.server_threads,
+        # None: the launcher's own split of the usable cores over its shards (OMP_NUM_THREADS)
+        "server_worker_threads_requested": config.server_threads,
+        "server_worker_threads": None,  # what the worker logged it runs with, after the server path
         "server_router": "one asyncio process (no torch) on the same cores as the worker",
         "client": "this process, idle in asyncio while the server runs (the paths never overlap)",
         "env_omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

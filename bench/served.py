@@ -6,8 +6,9 @@ requests sent at once, each with `ignore_eos_token` and `details` (so the respon
 generated token id); its throughput is all generated tokens / the wall time from the first send to
 the last answer, the same measure as the in-process engine's end-to-end tokens/s.
 
-Threads: the worker's torch reads OMP_NUM_THREADS when it starts, inherited from the launcher's
-environment, so `threads` sets the worker's intra-op threads; the router is one asyncio process.
+Threads: the launcher gives its worker OMP_NUM_THREADS (the usable cores over the shards) unless
+its own environment sets it, so `threads` (when given) overrides that choice; the worker logs the
+torch threads it runs with, which `logged_worker_threads` reads back for the report.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -36,7 +38,7 @@ class ServerOptions:
     model_dir: Path
     adapter_root: Path
     log_path: Path
-    threads: int  # the worker's torch threads (OMP_NUM_THREADS)
+    threads: int | None  # the worker's torch threads (OMP_NUM_THREADS); None: the launcher's choice
     max_batch_size: int
     max_adapters: int
     max_lora_rank: int
@@ -60,7 +62,8 @@ class ServerOptions:
         ]
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
+        threads = {} if self.threads is None else {"OMP_NUM_THREADS": str(self.threads)}
+        return {**os.environ, **threads, "PYTHONUNBUFFERED": "1"}
 
 
 @dataclass
@@ -81,6 +84,12 @@ def free_port() -> int:
 
 def _log_tail(path: Path, chars: int = 4000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+def logged_worker_threads(log_path: Path) -> int | None:
+    """The CPU threads the worker reported when its model loaded, or None if its log says nothing."""
+    found = re.search(r"(\d+) CPU threads", _log_tail(log_path, 1 << 20))
+    return int(found.group(1)) if found else None
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], options: ServerOptions) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,9 @@ def test_targets_machine_and_threads_are_recorded(bench: tuple[dict, Path, str])
         assert isinstance(t["met"], bool) and t["met"] == (t["ratio"] >= t["threshold"])
     assert doc["machine"]["cpu_count"] >= 1 and doc["machine"]["cpu_model"]
     assert doc["threads"]["floor_engine_hf_torch_threads"] == 1
-    assert doc["threads"]["server_worker_omp_num_threads"] == 1
+    assert doc["threads"]["server_worker_threads_requested"] is None  # the launcher chose
+    launcher_split = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    assert doc["threads"]["server_worker_threads"] == launcher_split  # as the worker logged it
     assert set(doc["load_average"]) == {"start", "end"}
 
 
