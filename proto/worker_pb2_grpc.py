@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class WorkerStub:
-    """Missing associated documentation comment in .proto file."""
+    """A worker started with a secret refuses every call, Health included, whose metadata lacks
+    `authorization: Bearer <secret>`, with UNAUTHENTICATED and no detail (proto/auth.py).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -72,7 +74,9 @@ class WorkerStub:
 
 
 class WorkerServicer:
-    """Missing associated documentation comment in .proto file."""
+    """A worker started with a secret refuses every call, Health included, whose metadata lacks
+    `authorization: Bearer <secret>`, with UNAUTHENTICATED and no detail (proto/auth.py).
+    """
 
     def Info(self, request, context):
         """Static facts about the loaded model and this shard; answers before Warmup too.
@@ -173,7 +177,9 @@ def add_WorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Worker:
-    """Missing associated documentation comment in .proto file."""
+    """A worker started with a secret refuses every call, Health included, whose metadata lacks
+    `authorization: Bearer <secret>`, with UNAUTHENTICATED and no detail (proto/auth.py).
+    """
 
     @staticmethod
     def Info(request,

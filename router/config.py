@@ -6,6 +6,11 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
+from loraxpy.proto.auth import RefusedOnCommandLine, read_secret
+
+# Fields read from their environment variable only: a flag's value is visible to `ps`.
+ENV_ONLY = frozenset({"worker_secret"})
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -43,6 +48,16 @@ class RouterConfig:
     keep_alive_timeout_s: float = 75.0
     kv_cache_memory_mib: int = 1024
     worker_addresses: str | None = None  # lorax-router only: comma-separated worker addresses
+    # lorax-router only (the launcher makes a secret of its own for its shards): the secret every
+    # worker RPC carries, from env WORKER_SECRET (no flag: `ps` shows command lines) or this file.
+    worker_secret: str | None = None
+    worker_secret_file: str | None = None
+    # lorax-router only: TLS to the workers; the CA that signed their certificates, the router's
+    # own certificate and key for mutual TLS, and the name the certificates carry if not the host's.
+    worker_tls_ca_file: str | None = None
+    worker_tls_cert_file: str | None = None
+    worker_tls_key_file: str | None = None
+    worker_tls_server_name: str | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -75,10 +90,14 @@ class RouterConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be in (0, 3600] seconds")
         if not 0 < self.adapter_memory_fraction <= 1:
             raise ValueError("--adapter-memory-fraction must be in (0, 1]")
+        if (self.worker_tls_cert_file is None) != (self.worker_tls_key_file is None):
+            raise ValueError("--worker-tls-cert-file and --worker-tls-key-file go together")
 
-    def __repr__(self) -> str:  # never print the API key
-        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
-        return f"RouterConfig({shown}, api_key={'***' if self.api_key else None})"
+    def __repr__(self) -> str:  # never print the API key or the worker secret
+        hidden = ("api_key", "worker_secret")
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
+        masked = ", ".join(f"{n}={'***' if getattr(self, n) else None}" for n in hidden)
+        return f"RouterConfig({shown}, {masked})"
 
 
 def _bool(value: str) -> bool:
@@ -90,6 +109,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "lorax-launcher") -> R
     env = os.environ
     parser = argparse.ArgumentParser(prog=prog)
     for f in fields(RouterConfig):
+        if f.name in ENV_ONLY:
+            parser.add_argument("--" + f.name.replace("_", "-"), action=RefusedOnCommandLine)
+            continue
         flag = "--" + f.name.replace("_", "-")
         env_name = f.name.upper()
         default = f.default
@@ -110,4 +132,5 @@ def parse_args(argv: list[str] | None = None, prog: str = "lorax-launcher") -> R
             help=f"(env {env_name}; default {default})",
         )
     args = parser.parse_args(argv)
-    return RouterConfig(**vars(args))
+    secret = read_secret(env.get("WORKER_SECRET"), args.worker_secret_file)
+    return RouterConfig(**vars(args), worker_secret=secret)

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from loraxpy.proto.auth import channel_credentials, new_secret
 from loraxpy.router.adapters import AdapterRegistry
 from loraxpy.router.config import RouterConfig, parse_args
 from loraxpy.router.engine import Engine
@@ -41,6 +42,12 @@ MAX_ADAPTER_SLOTS = 128
 STARTUP_TIMEOUT_S = 900.0
 
 
+# The worker's access settings (worker/config.py): the launcher sets its shards' own, none is inherited.
+SHARD_ACCESS_ENV = frozenset(
+    {"WORKER_SECRET_FILE", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE", "ALLOW_UNAUTHENTICATED"}
+)
+
+
 class ShardFailed(RuntimeError):
     pass
 
@@ -57,8 +64,12 @@ def threads_per_shard(num_shard: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // num_shard)
 
 
-def spawn_shards(config: RouterConfig, sock_dir: Path) -> list[tuple[subprocess.Popen[bytes], str]]:
-    """One worker process per shard; they meet in a torch.distributed group on this host."""
+def spawn_shards(
+    config: RouterConfig, sock_dir: Path, secret: str
+) -> list[tuple[subprocess.Popen[bytes], str]]:
+    """One worker process per shard; they meet in a torch.distributed group on this host. Each
+    answers only calls carrying `secret`, which it finds in its environment (only this user can
+    read it there; `ps` shows command lines to everyone)."""
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     shards = []
     for rank in range(config.num_shard):
@@ -85,11 +96,12 @@ def spawn_shards(config: RouterConfig, sock_dir: Path) -> list[tuple[subprocess.
         cmd += ["--cuda-graph-max-batch-size", str(config.cuda_graph_max_batch_size)]
         env = {
             "OMP_NUM_THREADS": str(threads_per_shard(config.num_shard)),  # unless the operator set it
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in SHARD_ACCESS_ENV},
             **rendezvous,
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "WORLD_SIZE": str(config.num_shard),
+            "WORKER_SECRET": secret,
         }
         shards.append((subprocess.Popen(cmd, env=env), address))
     return shards
@@ -272,21 +284,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lorax-launcher: {e}", file=sys.stderr)
         sys.exit(2)
     configure_logging(config.json_output)
-    with tempfile.TemporaryDirectory(prefix="lorax-") as sock_dir:
-        procs = spawn_shards(config, Path(sock_dir))
+    secret = new_secret()  # this launch's shards answer only to this launcher
+    with tempfile.TemporaryDirectory(prefix="lorax-") as sock_dir:  # private to this user (0700)
+        procs = spawn_shards(config, Path(sock_dir), secret)
         shards = [p for p, _ in procs]
         try:
-            code = asyncio.run(_serve_or_fail(config, [a for _, a in procs], shards))
+            code = asyncio.run(_serve_or_fail(config, [a for _, a in procs], shards, secret))
         finally:
             _stop_shards(shards)
     sys.exit(code)
 
 
 async def _serve_or_fail(
-    config: RouterConfig, addresses: list[str], shards: list[subprocess.Popen[bytes]]
+    config: RouterConfig, addresses: list[str], shards: list[subprocess.Popen[bytes]], secret: str
 ) -> int:
     """Fails fast when a shard dies during startup instead of waiting out the startup timeout."""
-    client = WorkerClient(addresses)  # gRPC aio channels belong to the running event loop
+    client = WorkerClient(addresses, secret=secret)  # gRPC aio channels belong to the running loop
     ready = asyncio.Event()
     serving = asyncio.ensure_future(serve(config, client, shards, ready))
     while not serving.done() and not ready.is_set():
@@ -301,17 +314,37 @@ async def _serve_or_fail(
 
 def router_main(argv: list[str] | None = None) -> None:
     """`lorax-router --worker-addresses unix:///a.sock,host:port`: the router alone (separate worker pods)."""
-    config = parse_args(argv, prog="lorax-router")
+    try:
+        config = parse_args(argv, prog="lorax-router")
+    except ValueError as e:
+        print(f"lorax-router: {e}", file=sys.stderr)
+        sys.exit(2)
     configure_logging(config.json_output)
     if not config.worker_addresses:
         print("lorax-router: --worker-addresses is required", file=sys.stderr)
         sys.exit(2)
     addresses = config.worker_addresses.split(",")
+    if config.worker_secret is None and config.worker_tls_cert_file is None:
+        logger.warning(
+            "no WORKER_SECRET and no client certificate: workers that require one refuse every call"
+        )
 
     async def run() -> int:
-        return await serve(config, WorkerClient(addresses), [])
+        return await serve(config, worker_client(config, addresses), [])
 
     sys.exit(asyncio.run(run()))
+
+
+def worker_client(config: RouterConfig, addresses: list[str]) -> WorkerClient:
+    """lorax-router's client for separately started workers: their secret, and TLS if configured."""
+    tls = None
+    if config.worker_tls_ca_file or config.worker_tls_cert_file:
+        tls = channel_credentials(
+            config.worker_tls_ca_file, config.worker_tls_cert_file, config.worker_tls_key_file
+        )
+    return WorkerClient(
+        addresses, secret=config.worker_secret, tls=tls, tls_server_name=config.worker_tls_server_name
+    )
 
 
 if __name__ == "__main__":

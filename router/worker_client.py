@@ -13,6 +13,7 @@ import grpc
 
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
+from loraxpy.proto.auth import call_metadata
 from loraxpy.proto.sampling import SamplingParams
 from loraxpy.router.scheduler import SchedulerOutput
 
@@ -159,17 +160,33 @@ def result_from_proto(o: pb.RequestOutput) -> StepResult:
 
 
 class WorkerClient:
-    """Async client over all shards of one model (addresses in rank order)."""
+    """Async client over all shards of one model (addresses in rank order). Every call carries
+    `secret` (the workers refuse calls without theirs); `tls` switches the channels to TLS."""
 
-    def __init__(self, addresses: list[str]) -> None:
+    def __init__(
+        self,
+        addresses: list[str],
+        *,
+        secret: str | None = None,
+        tls: grpc.ChannelCredentials | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
         if not addresses:
             raise ValueError("at least one worker address is needed")
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
+        if tls_server_name:  # the name the workers' certificates carry, when not the address's host
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
         self.addresses = addresses
-        self._channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
+        self._auth = call_metadata(secret)
+        self._channels = [
+            grpc.aio.secure_channel(a, tls, options=options)
+            if tls is not None
+            else grpc.aio.insecure_channel(a, options=options)
+            for a in addresses
+        ]
         self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
 
     async def close(self) -> None:
@@ -182,12 +199,17 @@ class WorkerClient:
         timeout: float | None = None,
         metadata: tuple[tuple[str, str], ...] = (),
     ) -> list[object]:
+        metadata = self._auth + metadata
         calls = [
             getattr(stub, method)(request, timeout=timeout, metadata=metadata or None) for stub in self._stubs
         ]
         try:
             return list(await asyncio.gather(*calls))
         except grpc.aio.AioRpcError as e:
+            if e.code() is grpc.StatusCode.UNAUTHENTICATED:
+                raise WorkerError(
+                    f"worker {method} refused: the router's WORKER_SECRET is not the workers'", e.code()
+                ) from e
             raise WorkerError(f"worker {method} failed: {e.details()}", e.code(), e.details() or "") from e
 
     async def wait_ready(self, timeout: float) -> None:

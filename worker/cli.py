@@ -7,6 +7,9 @@ import signal
 import sys
 import threading
 
+import grpc
+
+from loraxpy.proto.auth import server_credentials
 from loraxpy.worker.config import WorkerConfig, parse_args
 from loraxpy.worker.distributed import init_distributed
 from loraxpy.worker.layers import Shard
@@ -50,6 +53,31 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
     return ModelRunner(model_path, options)
 
 
+def tls(config: WorkerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+    return server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+
+
+def warn_about_access(config: WorkerConfig) -> None:
+    """Says loudly when the port is open to anyone, or when secrets cross the network in clear text."""
+    if not config.is_tcp:
+        return
+    if config.worker_secret is None and config.tls_client_ca_file is None:
+        logger.warning(
+            "--allow-unauthenticated: anyone who reaches %s can load adapters with this worker's "
+            "credentials, read and overwrite other requests' KV cache, and wipe it with Warmup",
+            config.listen,
+        )
+    if config.tls_cert_file is None:
+        logger.warning(
+            "%s serves without TLS: the worker secret and tenants' adapter api_tokens cross the "
+            "network in clear text (set --tls-cert-file/--tls-key-file, or keep the port on a "
+            "network only the router reaches)",
+            config.listen,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -58,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, ModelSourceError) as e:
         logger.error("%s", e)
         sys.exit(2)
-    server = serve(WorkerServicer(runner, config.model_id), config.listen)
+    warn_about_access(config)
+    server = serve(WorkerServicer(runner, config.model_id), config.listen, config.worker_secret, tls(config))
     logger.info("worker rank %d/%d listening on %s", config.rank, config.world_size, config.listen)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from loraxpy.kernels.attention import ATTENTION_BACKENDS
+from loraxpy.proto.auth import RefusedOnCommandLine, read_secret
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -38,6 +39,12 @@ class WorkerConfig:
     adapter_memory_fraction: float = 0.1
     attention_backend: str = "auto"
     cuda_graph_max_batch_size: int = 0
+    # Who may call this worker (proto/auth.py): the shared secret every RPC must carry, and TLS.
+    worker_secret: str | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None  # set: mutual TLS, clients need a certificate it signed
+    allow_unauthenticated: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -66,10 +73,32 @@ class WorkerConfig:
             raise ValueError("--adapter-host-cache-mib must be >= 0")
         if not self.listen:
             raise ValueError("--listen needs an address: unix:///path/to.sock or host:port")
+        self._check_access()
 
-    def __repr__(self) -> str:  # never print the token
-        fields = {k: v for k, v in self.__dict__.items() if k != "hub_token"}
-        return f"WorkerConfig({fields}, hub_token={'***' if self.hub_token else None})"
+    def _check_access(self) -> None:
+        """A TCP port is reachable by anything on the network, and a caller of the Worker service can
+        load adapters with the server's credentials and write any request's KV blocks: unless the
+        operator says otherwise, it must be guarded by the secret or by client certificates."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("--tls-cert-file and --tls-key-file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+        is_guarded = self.worker_secret is not None or self.tls_client_ca_file is not None
+        if self.is_tcp and not is_guarded and not self.allow_unauthenticated:
+            raise ValueError(
+                f"refusing to serve {self.listen} to anyone who can reach it: set WORKER_SECRET (or "
+                "--worker-secret-file, or --tls-client-ca-file for client certificates), or pass "
+                "--allow-unauthenticated on a network only the router can reach"
+            )
+
+    @property
+    def is_tcp(self) -> bool:
+        return not self.listen.startswith("unix:")
+
+    def __repr__(self) -> str:  # never print the token or the secret
+        hidden = ("hub_token", "worker_secret")
+        fields = {k: ("***" if v else None) if k in hidden else v for k, v in self.__dict__.items()}
+        return f"WorkerConfig({fields})"
 
     def torch_device(self) -> torch.device:
         """CUDA is detected once, here; everything else receives the device explicitly."""
@@ -163,6 +192,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         default=int(env.get("ADAPTER_HOST_CACHE_MIB", 4096)),
         help="host memory for adapters that left the device or were merged, LRU (env ADAPTER_HOST_CACHE_MIB)",
     )
+    _add_access_flags(p)
     args = p.parse_args(argv)
     hub_cache = env.get("HF_HUB_CACHE")
     return WorkerConfig(
@@ -188,4 +218,41 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         adapter_memory_fraction=args.adapter_memory_fraction,
         attention_backend=args.attention_backend,
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
+        worker_secret=read_secret(env.get("WORKER_SECRET"), args.worker_secret_file),
+        tls_cert_file=_path(args.tls_cert_file),
+        tls_key_file=_path(args.tls_key_file),
+        tls_client_ca_file=_path(args.tls_client_ca_file),
+        allow_unauthenticated=args.allow_unauthenticated,
+    )
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
+def _add_access_flags(p: argparse.ArgumentParser) -> None:
+    """The secret itself has no flag: command lines are visible to every user of the host (`ps`)."""
+    env = os.environ
+    p.add_argument("--worker-secret", action=RefusedOnCommandLine)
+    p.add_argument(
+        "--worker-secret-file",
+        default=env.get("WORKER_SECRET_FILE") or None,
+        help="file holding the secret every RPC must carry (or the secret itself in env WORKER_SECRET)",
+    )
+    p.add_argument(
+        "--tls-cert-file", default=env.get("TLS_CERT_FILE") or None, help="PEM certificate: serve TLS"
+    )
+    p.add_argument(
+        "--tls-key-file", default=env.get("TLS_KEY_FILE") or None, help="PEM key of the certificate"
+    )
+    p.add_argument(
+        "--tls-client-ca-file",
+        default=env.get("TLS_CLIENT_CA_FILE") or None,
+        help="PEM CA: only clients with a certificate it signed may connect (mutual TLS)",
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        default=_env_flag("ALLOW_UNAUTHENTICATED"),
+        help="serve a TCP port without a secret or client certificates (env ALLOW_UNAUTHENTICATED)",
     )

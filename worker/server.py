@@ -19,6 +19,7 @@ import grpc
 
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
+from loraxpy.proto.auth import SecretInterceptor
 from loraxpy.worker.adapters import AdapterError
 from loraxpy.worker.batch import (
     CachedRequestData,
@@ -223,17 +224,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return pb.OffloadAdapterResponse()
 
 
-def serve(servicer: WorkerServicer, listen: str) -> grpc.Server:
-    """Starts the server on `listen` (unix:///path or host:port) and returns it; raises if it cannot bind."""
+def serve(
+    servicer: WorkerServicer,
+    listen: str,
+    secret: str | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+) -> grpc.Server:
+    """Starts the server on `listen` (unix:///path or host:port) and returns it; raises if it cannot bind.
+    With `secret`, every RPC (Health too) must carry it (`proto/auth.py`); with `credentials`, TLS."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),
+        interceptors=[SecretInterceptor(secret)] if secret else [],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ],
     )
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
-    if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
+    if credentials is not None:
+        port = server.add_secure_port(listen, credentials)
+    else:
+        port = server.add_insecure_port(listen)
+    if port == 0 and not listen.startswith("unix:"):
         raise OSError(f"cannot listen on {listen}")
     server.start()
     return server

@@ -11,12 +11,17 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import grpc
 import pytest
 import requests
 from launcher_process import Launcher, _wait_healthy, free_port, launcher
 from lorax import Client
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from worker_driver import worker_process
+
+from loraxpy.proto import worker_pb2 as pb
+from loraxpy.proto import worker_pb2_grpc
+from loraxpy.proto.auth import call_metadata, channel_credentials, new_secret
 
 pytestmark = pytest.mark.slow
 
@@ -136,10 +141,57 @@ def test_openapi_document_describes_every_route(secured) -> None:
     assert {"temperature", "adapter_id", "merged_adapters", "return_k_alternatives"} <= generate.keys()
 
 
-def test_lorax_router_alone_serves_through_separately_started_workers(
-    default_model_path: Path, tmp_path: Path
+def shard_pids(launcher_pid: int) -> list[int]:
+    """The launcher's worker shards: its children running the worker, found in /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            is_worker = b"loraxpy.worker.cli" in (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if parent == launcher_pid and is_worker:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_launcher_shards_answer_only_calls_carrying_this_launchs_secret(secured) -> None:
+    if not Path("/proc/self/environ").exists():
+        pytest.skip("reads the shard's command line and environment from Linux's /proc")
+    (pid,) = shard_pids(secured.proc.pid)
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    (secret,) = [e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"WORKER_SECRET=")]
+    assert len(secret) >= 40 and not any(secret.encode() in arg for arg in argv)  # `ps` never shows it
+    assert secret not in secured.log()
+    address = argv[argv.index(b"--listen") + 1].decode()
+    assert address.startswith("unix://")
+    with grpc.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Health(pb.HealthRequest(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.Health(pb.HealthRequest(), metadata=call_metadata(secret), timeout=10).ready
+
+
+def test_lorax_router_alone_serves_through_a_worker_on_tcp_with_mutual_tls_and_the_secret(
+    default_model_path: Path, tmp_path: Path, tls_files
 ) -> None:
-    with worker_process(default_model_path, tmp_path) as _:
+    """Split pods at their most locked down: the worker on TCP with TLS, accepting only clients
+    with a certificate its CA signed and the secret; the router reading the secret from a file."""
+    secret, secret_file = new_secret(), tmp_path / "worker-secret"
+    secret_file.write_text(secret + "\n")
+    address = f"127.0.0.1:{free_port()}"
+    server_tls = ("--tls-cert-file", str(tls_files.server_cert), "--tls-key-file", str(tls_files.server_key))
+    client_tls = channel_credentials(tls_files.ca, tls_files.client_cert, tls_files.client_key)
+    with worker_process(
+        default_model_path,
+        tmp_path,
+        address=address,
+        extra_args=(*server_tls, "--tls-client-ca-file", str(tls_files.ca)),
+        env={"WORKER_SECRET": secret},
+        credentials=client_tls,
+    ) as _:
         port = free_port()
         router = Path(sys.executable).parent / "lorax-router"
         log_path = tmp_path / "router.log"
@@ -148,7 +200,15 @@ def test_lorax_router_alone_serves_through_separately_started_workers(
                 [
                     str(router),
                     "--worker-addresses",
-                    f"unix://{tmp_path}/worker.sock",
+                    address,
+                    "--worker-secret-file",
+                    str(secret_file),
+                    "--worker-tls-ca-file",
+                    str(tls_files.ca),
+                    "--worker-tls-cert-file",
+                    str(tls_files.client_cert),
+                    "--worker-tls-key-file",
+                    str(tls_files.client_key),
                     "--hostname",
                     "127.0.0.1",
                     "--port",
@@ -166,6 +226,7 @@ def test_lorax_router_alone_serves_through_separately_started_workers(
                     Client(handle.url).generate("The capital of France is", max_new_tokens=5).generated_text
                 )
                 assert "Paris" in text
+                assert secret not in log_path.read_text() + (tmp_path / "worker.log").read_text()
             finally:
                 proc.terminate()
                 assert proc.wait(timeout=30) == 0

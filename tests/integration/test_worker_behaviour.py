@@ -12,6 +12,7 @@ from worker_driver import Driver, Request, worker_process
 
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
+from loraxpy.proto.auth import call_metadata, new_secret
 
 NUM_BLOCKS = 32
 BLOCK_SIZE = 16
@@ -173,12 +174,45 @@ def test_half_precision_worker_runs(tiny_llama: Path, tmp_path: Path, dtype: str
         assert all(lp <= 0 and lp == lp for lp in r.logprobs)
 
 
-def test_worker_listens_on_tcp(tiny_llama: Path, tmp_path: Path) -> None:
+# Every RPC, each with a request that would change the worker's state (or fetch with its
+# credentials) if it were served.
+UNAUTHENTICATED_CALLS = {
+    "Info": pb.InfoRequest(),
+    "Health": pb.HealthRequest(),
+    "Warmup": pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=4, num_blocks=NUM_BLOCKS),
+    "Step": pb.StepRequest(new_requests=[_new(1, [1, 2], [0])]),
+    "DownloadAdapter": pb.DownloadAdapterRequest(adapter=pb.AdapterSpec(adapter_id="org/x", source="hub")),
+    "LoadAdapter": pb.LoadAdapterRequest(adapter=pb.AdapterSpec(adapter_id="/x"), adapter_index=1),
+    "OffloadAdapter": pb.OffloadAdapterRequest(adapter_index=1),
+}
+
+
+def test_worker_on_tcp_serves_only_calls_carrying_its_secret(tiny_llama: Path, tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with worker_process(tiny_llama, tmp_path, address=f"127.0.0.1:{port}") as s:
-        assert s.Info(pb.InfoRequest()).model_type == "llama"
+    secret = new_secret()
+    env = {"WORKER_SECRET": secret}
+    with worker_process(tiny_llama, tmp_path, address=f"127.0.0.1:{port}", env=env) as s:
+        for metadata in (None, call_metadata(new_secret())):
+            for method, request in UNAUTHENTICATED_CALLS.items():
+                with pytest.raises(grpc.RpcError) as e:
+                    getattr(s, method)(request, metadata=metadata)
+                assert (e.value.code(), e.value.details()) == (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "unauthenticated",
+                )
+        ok = call_metadata(secret)
+        assert not s.Health(pb.HealthRequest(), metadata=ok).ready  # the refused Warmup never ran
+        assert s.Info(pb.InfoRequest(), metadata=ok).model_type == "llama"
+        s.Warmup(UNAUTHENTICATED_CALLS["Warmup"], metadata=ok)
+        reply = s.Step(UNAUTHENTICATED_CALLS["Step"], metadata=ok)
+        assert [o.id for o in reply.outputs if o.HasField("token")] == [1]
+        with pytest.raises(grpc.RpcError) as e:  # past the secret, the worker's own checks
+            s.LoadAdapter(UNAUTHENTICATED_CALLS["LoadAdapter"], metadata=ok)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    log = (tmp_path / "worker.log").read_text()
+    assert "refused" in log and "clear text" in log and secret not in log
 
 
 def test_worker_refuses_a_missing_model_with_a_clear_message(tmp_path: Path) -> None:

@@ -90,13 +90,15 @@ def worker_process(
     extra_args: tuple[str, ...] = (),
     timeout_s: float = 180.0,
     address: str | None = None,
+    env: dict[str, str] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> Iterator[worker_pb2_grpc.WorkerStub]:
-    """Starts `lorax-worker` (on a unix socket unless `address` is given), waits until it answers,
-    yields a stub, then stops it."""
+    """Starts `lorax-worker` (on a unix socket unless `address` is given; `env` on top of ours),
+    waits until it answers (over TLS with `credentials`), yields a stub, then stops it."""
     address = address or f"unix://{sock_dir}/worker.sock"
     log = sock_dir / "worker.log"
-    proc = _spawn(model_path, address, log, extra_args)
-    channel = grpc.insecure_channel(address)
+    proc = _spawn(model_path, address, log, extra_args, env)
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     try:
         _wait_ready([proc], [channel], [log], timeout_s)
         yield worker_pb2_grpc.WorkerStub(channel)

@@ -36,7 +36,12 @@ FULL_VALUES: dict[str, Any] = {
     "model": {"revision": "0123abcd"},
     "adapters": {"source": "local", "root": "/adapters", "volume": {"hostPath": {"path": "/a"}}},
     "s3": {"endpointUrl": "http://minio:9000", "secretName": "s3-credentials"},
-    "secrets": {"hfToken": {"name": "hub-token"}, "apiKey": {"name": "router-key", "key": "key"}},
+    "secrets": {
+        "hfToken": {"name": "hub-token"},
+        "apiKey": {"name": "router-key", "key": "key"},
+        "workerSecret": {"name": "worker-auth", "key": "secret"},
+    },
+    "workerTls": {"secretName": "worker-tls"},
     "router": {"maxInputLength": 1000, "maxTotalTokens": 2048, "otlpEndpoint": "http://otel:4318"},
     "worker": {"replicas": 3, "extraArgs": ["--block-size=32"], "resources": {"limits": {"memory": "64Gi"}}},
 }
@@ -45,7 +50,16 @@ VALUE_SETS = pytest.mark.parametrize(
     "values", [{}, FULL_VALUES, OFFLINE_LOCAL_VALUES], ids=["defaults", "full", "offline-local"]
 )
 # Env vars that carry secrets: only ever from a Secret.
-SECRET_ENV = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+SECRET_ENV = {
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "API_KEY",
+    "WORKER_SECRET",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+}
+# Read by Python, Triton and the hub client for their own files: the chart points it at /tmp.
+LIBRARY_ENV = {"HOME"}
 # Each image and the console script it runs.
 DOCKERFILES = {
     "Dockerfile.router": "lorax-router",
@@ -197,10 +211,10 @@ def test_worker_args_parse_with_the_worker_parser_on_every_rank(
 @VALUE_SETS
 def test_every_env_var_set_is_one_the_code_reads(values: dict[str, Any]) -> None:
     chart = render(values)
-    assert {e["name"] for e in chart.container("router").get("env", [])} <= router_env_names()
-    assert {e["name"] for e in chart.container("worker")["env"]} <= worker_env_names()
+    assert {e["name"] for e in chart.container("router").get("env", [])} <= router_env_names() | LIBRARY_ENV
+    assert {e["name"] for e in chart.container("worker")["env"]} <= worker_env_names() | LIBRARY_ENV
     for init in chart.pod("router")["spec"].get("initContainers", []):
-        assert {e["name"] for e in init.get("env", [])} <= {"HF_TOKEN"} & worker_env_names()
+        assert {e["name"] for e in init.get("env", [])} <= ({"HF_TOKEN"} & worker_env_names()) | LIBRARY_ENV
 
 
 def test_secrets_come_from_secret_references_never_from_values() -> None:
@@ -208,7 +222,7 @@ def test_secrets_come_from_secret_references_never_from_values() -> None:
     pods = [chart.pod("router")["spec"], chart.pod("worker")["spec"]]
     refs = {}
     for c in [c for spec in pods for c in spec["containers"] + spec.get("initContainers", [])]:
-        assert not any(a.startswith("--api-key") for a in c.get("args", []))
+        assert not any(a.startswith(("--api-key", "--worker-secret=")) for a in c.get("args", []))
         for e in c.get("env", []):
             if e["name"] in SECRET_ENV:
                 assert "value" not in e, f"{e['name']} is inline in {c['name']}"
@@ -216,6 +230,7 @@ def test_secrets_come_from_secret_references_never_from_values() -> None:
         assert all(list(source) == ["secretRef"] for source in c.get("envFrom", []))
     assert refs["HF_TOKEN"] == {"name": "hub-token", "key": "HF_TOKEN"}
     assert refs["API_KEY"] == {"name": "router-key", "key": "key"}
+    assert refs["WORKER_SECRET"] == {"name": "worker-auth", "key": "secret"}
 
 
 @pytest.mark.parametrize("replicas", [1, 3])

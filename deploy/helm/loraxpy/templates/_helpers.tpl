@@ -69,3 +69,36 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- define "loraxpy.loraxCache" -}}
 {{- printf "%s/loraxpy" (.Values.cache.mountPath | trimSuffix "/") -}}
 {{- end -}}
+
+{{/* The Secret holding WORKER_SECRET: the user's, or the one worker-secret.yaml makes. */}}
+{{- define "loraxpy.workerSecretName" -}}
+{{- .Values.secrets.workerSecret.name | default (printf "%s-worker-secret" (include "loraxpy.fullname" .)) -}}
+{{- end -}}
+
+{{/* WORKER_SECRET from that Secret: the router sends it on every call, the workers require it. */}}
+{{- define "loraxpy.workerSecretEnv" -}}
+{{- $ref := dict "name" (include "loraxpy.workerSecretName" .) "key" .Values.secrets.workerSecret.key -}}
+{{- include "loraxpy.secretEnv" (dict "env" "WORKER_SECRET" "ref" $ref) -}}
+{{- end -}}
+
+{{/* Where the workerTls Secret is mounted in the router and the workers. */}}
+{{- define "loraxpy.tlsPath" -}}
+/etc/loraxpy/worker-tls
+{{- end -}}
+
+{{/* The read-only root's writable scratch: /tmp in every container, HOME inside it. */}}
+{{- define "loraxpy.tmpEnv" -}}
+- name: HOME
+  value: /tmp
+{{- end -}}
+
+{{- define "loraxpy.tmpMount" -}}
+- name: tmp
+  mountPath: /tmp
+{{- end -}}
+
+{{- define "loraxpy.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmp.sizeLimit }}
+{{- end -}}
