@@ -102,9 +102,8 @@ class SelfCheck:
         fast = attention_of(model)
         if fast.name != "sdpa":
             twin = select_attention_backend(torch.device("cpu"), "sdpa")
-            windows = sorted({layer.self_attn.sliding_window or 0 for layer in model.layers})  # type: ignore[union-attr]
             failure = _first_failure(
-                attention_case(model, fast, twin, block_size, w or None) for w in windows
+                attention_case(model, fast, twin, block_size, window) for window in _windows(model)
             )
             if failure is not None:
                 self._fall_back("attention", fast.name, twin.name, failure)
@@ -140,6 +139,12 @@ class SelfCheck:
             failure,
             twin,
         )
+
+
+def _windows(model: CausalLM) -> list[int | None]:
+    """Each distinct sliding window of the model's layers (None: full attention), checked once each."""
+    windows = {layer.self_attn.sliding_window for layer in model.layers}  # type: ignore[union-attr]
+    return sorted(windows, key=lambda w: -1 if w is None else w)
 
 
 def _first_layer_slots(lora: LoraManager) -> list[LoraSlots]:
