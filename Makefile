@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # The default model is converted once into this cache and reused by later runs.
 export LORAX_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: install test test-fast lint proto run clean
+.PHONY: install test test-fast lint proto run clean gpu-check gpu-check-rehearse gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,27 @@ proto: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/lorax-launcher $(ARGS)
+
+# Issue 17's one command for a GPU session: the device image's own python3 (no venv, no make
+# needed: `python3 bench/gpu_check.py` is the same), results under $$OUT. See README, "GPU check".
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py
+
+# The same script on CPU: tiny shape, CPU-sized steps, in under a minute (also a test in make test).
+gpu-check-rehearse: $(STAMP)
+	$(PY) bench/gpu_check.py --rehearse --out .cache/gpu-check
+
+# Run here, with a network: what the GPU image lacks or has too old (protobuf and grpcio at least
+# the stubs' versions; pydantic for the router; gguf), as wheels for its Python 3.12 in .whl/
+# (git-ignored). Name .whl in the device tool's `carry`; gpu_check.py installs what is needed.
+GPU_WHEELS ?= protobuf grpcio pydantic pydantic-core annotated-types typing-inspection gguf
+gpu-wheels: $(STAMP)
+	rm -rf .whl
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$($(PY) -c "from importlib.metadata import version as v; print(' '.join(n + '==' + v(n) for n in '$(GPU_WHEELS)'.split()))")
+	du -sh .whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -41,7 +41,7 @@ def test_triton_attention_equals_the_reference_on_cuda(dtype: torch.dtype, windo
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["all-distinct", "uniform", "skewed", "identical", "base-only"])
 def test_sgmv_equals_the_torch_twin_on_cuda(dtype: torch.dtype, kind: str) -> None:
     from test_lora_kernels import IN, OUT, distribution, slot_tensors
@@ -60,6 +60,24 @@ def test_sgmv_equals_the_torch_twin_on_cuda(dtype: torch.dtype, kind: str) -> No
     y = torch.zeros(128, OUT, device=CUDA, dtype=dtype)
     lora_triton.sgmv_expand_add(v, b, segments, y)
     torch.testing.assert_close(y.float(), lora.lora_expand(v.float(), b.float(), index), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_kv_store_equals_the_torch_store_on_cuda(dtype: torch.dtype) -> None:
+    """Every row lands in its slot; rows with slot -1 (a graph's padding) write nothing."""
+    from loraxpy.kernels.attention import store_kv
+    from loraxpy.kernels.attention_triton import store_kv_triton
+
+    num_blocks, block_size, kv_heads, dim = 40, 16, 8, 128
+    slots = torch.randperm(num_blocks * block_size, device=CUDA)[:300]
+    key = torch.randn(300, kv_heads, dim, device=CUDA).to(dtype)
+    value = torch.randn(300, kv_heads, dim, device=CUDA).to(dtype)
+    caches = [torch.randn(num_blocks, block_size, kv_heads, dim, device=CUDA).to(dtype) for _ in range(2)]
+    want = [c.clone() for c in caches]
+    store_kv(key[:250], value[:250], *want, slots[:250])
+    padded = torch.cat([slots[:250], torch.full((50,), -1, device=CUDA)])
+    store_kv_triton(key, value, *caches, padded)
+    torch.testing.assert_close(caches, want, atol=0, rtol=0)
 
 
 def test_captured_decode_graphs_replay_the_eager_twin(tmp_path) -> None:

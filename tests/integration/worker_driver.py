@@ -22,6 +22,10 @@ from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
 from loraxpy.router.kv_blocks import BlockAllocator
 
+# The device the spawned workers run on: cpu here; `make gpu-check` sets cuda, so the same tests
+# prove the CUDA paths equal HF transformers and PEFT (whose references stay on the CPU).
+TEST_DEVICE = os.environ.get("LORAX_TEST_DEVICE", "cpu")
+
 
 def _spawn(
     model_path: Path | str,
@@ -41,7 +45,7 @@ def _spawn(
         "--dtype",
         "float32",
         "--device",
-        "cpu",
+        TEST_DEVICE,
         *extra_args,
     ]
     with open(log_path, "w") as log:
