@@ -41,7 +41,7 @@ run: $(STAMP)
 	$(VENV)/bin/lorax-launcher $(ARGS)
 
 # Issue 17's one command for a GPU session: the device image's own python3 (no venv, no make
-# needed: `python3 bench/gpu_check.py` is the same), results under $$OUT. See README, "GPU check".
+# needed: `python3 bench/gpu_check.py` is the same), results under $OUT. See README, "GPU check".
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) bench/gpu_check.py
