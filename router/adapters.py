@@ -8,6 +8,12 @@ the registry's lock, so requests for adapters already on the device never wait f
 an offload runs between two engine steps (see `Engine.between_steps`). An adapter that fails to
 load fails only the requests that asked for it, with the worker's message.
 
+Every adapter a request touches (each part of a merge too) is named by its canonical form (`./x`,
+`x/`, `x/.` are `x`), checked against the operator's policy, and — for hub adapters, the only
+per-tenant ones — authorized for the request's `api_token` by the workers, at the hub, the first
+time that token asks for it: no token owns an adapter id, and a token nobody checked never shares a
+slot another token loaded. Not found and not allowed are the same 404.
+
 No adapter starves: once an adapter has held its slot for `cycle_time_s` while requests for other
 adapters wait for one, its new requests queue behind them; it drains, yields its slot, and comes
 back in turn (LoRAX's --adapter-cycle-time-s).
@@ -16,21 +22,35 @@ back in turn (LoRAX's --adapter-cycle-time-s).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import functools
 import hashlib
-import hmac
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
-from loraxpy.router.errors import NotFoundError, RouterError, UnauthorizedError, ValidationError
+import grpc
+
+from loraxpy.proto.adapter_policy import (
+    AdapterIdError,
+    AdapterNotAllowedError,
+    AdapterPolicy,
+    AdapterRef,
+    SourceNotAllowedError,
+    not_found_message,
+)
+from loraxpy.router.errors import NotFoundError, OverloadedError, RouterError, ValidationError
 from loraxpy.router.worker_client import AdapterMerge, WorkerClient, WorkerError
 
 logger = logging.getLogger(__name__)
+
+# Remembered (hub adapter, token digest) pairs the workers accepted; a forgotten one is checked again.
+MAX_GRANTS = 4096
 
 
 class AdapterState(enum.Enum):
@@ -42,15 +62,15 @@ class AdapterState(enum.Enum):
 
 @dataclass
 class AdapterEntry:
-    adapter_id: str
+    adapter_id: str  # canonical
     source: str
     index: int
     state: AdapterState = AdapterState.OFFLOADED
     num_active: int = 0  # requests holding it
     last_used: float = field(default_factory=time.monotonic)
-    # sha256 of the api_token it was fetched with: a private adapter is served only to that token.
-    token_digest: str | None = None
-    load_token: str = field(default="", repr=False)  # for reloading after an offload; never logged
+    # A token of a request allowed to use it, for (re)loading after an offload; never logged.
+    load_token: str = field(default="", repr=False)
+    ref: AdapterRef | None = None  # None for a merge
     has_loaded: bool = False
     merge: AdapterMerge | None = None  # a per-request merge of other adapters (adapter_id is its key)
     loaded_at: float = 0.0  # when it last reached the device (monotonic)
@@ -63,8 +83,12 @@ class AdapterRegistry:
         num_slots: int,
         between_steps: Callable[[], AbstractAsyncContextManager[None]] | None = None,
         cycle_time_s: float | None = None,
+        policy: AdapterPolicy | None = None,
     ) -> None:
         self.client = client
+        self.policy = policy or AdapterPolicy()
+        self._grants: OrderedDict[tuple[AdapterRef, str], None] = OrderedDict()
+        self._checks: dict[tuple[AdapterRef, str], asyncio.Future[int]] = {}
         self.cycle_time_s = cycle_time_s
         # Workers keep a finished request until a step releases it: offloads wait for that.
         self.between_steps = between_steps
@@ -79,6 +103,13 @@ class AdapterRegistry:
     def loaded(self) -> list[AdapterEntry]:
         return [e for e in self.entries.values() if e.state is AdapterState.READY]
 
+    def public(self) -> list[AdapterEntry]:
+        """Adapters on the device that a request without any token may use (what /v1/models lists)."""
+        return [e for e in self.loaded() if e.ref is not None and self._is_public(e.ref)]
+
+    def _is_public(self, ref: AdapterRef) -> bool:
+        return ref.source != "hub" or self.policy.is_operators(ref) or (ref, "") in self._grants
+
     async def acquire(
         self, adapter_id: str, source: str, api_token: str = "", merge: AdapterMerge | None = None
     ) -> int:
@@ -86,18 +117,19 @@ class AdapterRegistry:
 
         With `merge`, the adapter is that merge of other adapters and `adapter_id` its key.
         """
-        key = (adapter_id, source)
-        digest = hashlib.sha256(api_token.encode()).hexdigest() if api_token else None
+        refs = [self._ref(part, source) for part in (merge.adapter_ids if merge else (adapter_id,))]
+        for ref in refs:
+            await self._authorize(ref, api_token)
+        if merge is not None:
+            merge = dataclasses.replace(merge, adapter_ids=tuple(str(r) for r in refs))
+        key = (merge.key if merge else str(refs[0]), source)
         entry = self.entries.get(key)
         if entry is None:
-            entry = self.entries[key] = AdapterEntry(adapter_id, source, next(self._indices), merge=merge)
-            entry.token_digest, entry.load_token = digest, api_token
-        elif entry.token_digest is not None and not hmac.compare_digest(entry.token_digest, digest or ""):
-            # LoRAX serves a cached private adapter to anyone who knows its id; we do not.
-            raise UnauthorizedError(
-                f"adapter {adapter_id!r} is private: this request's api_token cannot read it",
-                param="api_token",
+            ref = None if merge else refs[0]
+            entry = self.entries[key] = AdapterEntry(
+                key[0], source, next(self._indices), merge=merge, ref=ref
             )
+        entry.load_token = api_token  # authorized above: a (re)load may use it
         entry.last_used = time.monotonic()
         try:
             await self._ensure_loaded(entry)  # on success, this request holds the adapter
@@ -107,6 +139,46 @@ class AdapterRegistry:
                 self.entries.pop(key, None)  # a failed first load leaves no trace (nor its token)
             raise
         return entry.index
+
+    def _ref(self, adapter_id: str, source: str) -> AdapterRef:
+        try:
+            ref = AdapterRef.parse(adapter_id, source)
+            self.policy.check(ref)
+        except AdapterIdError as e:
+            raise ValidationError(str(e), param="adapter_id") from None
+        except SourceNotAllowedError as e:
+            raise ValidationError(str(e), param="adapter_source") from None
+        except AdapterNotAllowedError:
+            raise NotFoundError(not_found_message(adapter_id), param="adapter_id") from None
+        return ref
+
+    async def _authorize(self, ref: AdapterRef, api_token: str) -> None:
+        """A hub adapter is per tenant: the first time a token asks for it, the workers check at the
+        hub that the token can read it (DownloadAdapter). Local and s3 adapters are the operator's:
+        the policy alone decides (the workers check it again)."""
+        if ref.source != "hub" or self.policy.is_operators(ref):
+            return
+        key = (ref, hashlib.sha256(api_token.encode()).hexdigest() if api_token else "")
+        if key in self._grants:
+            self._grants.move_to_end(key)
+            return
+        check = self._checks.get(key)
+        if check is None:  # one check per (adapter, token) however many requests wait for it
+            check = asyncio.ensure_future(self.client.download_adapter(str(ref), ref.source, api_token))
+            self._checks[key] = check
+            check.add_done_callback(functools.partial(self._check_done, key))
+        try:
+            await asyncio.shield(check)
+        except WorkerError as e:
+            raise _adapter_error(str(ref), e) from None
+        self._grants[key] = None
+        while len(self._grants) > MAX_GRANTS:
+            self._grants.popitem(last=False)
+
+    def _check_done(self, key: tuple[AdapterRef, str], check: asyncio.Future[int]) -> None:
+        self._checks.pop(key, None)
+        if not check.cancelled():
+            check.exception()  # retrieved here, so a check whose requests all left logs no warning
 
     async def release(self, index: int) -> None:
         async with self._changed:
@@ -201,7 +273,7 @@ class AdapterRegistry:
         except BaseException as e:
             entry.state = AdapterState.OFFLOADED
             if isinstance(e, WorkerError):
-                raise _adapter_error(entry, e) from None
+                raise _adapter_error(entry.adapter_id, e) from None
             raise
         finally:
             async with self._changed:
@@ -217,12 +289,15 @@ class AdapterRegistry:
         logger.info("offloaded adapter %s (index %d)", victim.adapter_id, victim.index)
 
 
-def _adapter_error(entry: AdapterEntry, e: WorkerError) -> RouterError:
+def _adapter_error(adapter_id: str, e: WorkerError) -> RouterError:
+    if e.code is grpc.StatusCode.NOT_FOUND:  # the workers' one message for missing and not allowed
+        return NotFoundError(e.details, param="adapter_id")
+    if e.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return OverloadedError(
+            f"adapter {adapter_id!r} cannot be loaded now: {e.details}", param="adapter_id"
+        )
     if not e.is_refusal:  # not the worker's message for users but an exception's text: log it only
-        logger.error("loading adapter %s failed: %s", entry.adapter_id, e.details)
-        message = f"adapter {entry.adapter_id!r} cannot be loaded; the server log has the details"
+        logger.error("loading adapter %s failed: %s", adapter_id, e.details)
+        message = f"adapter {adapter_id!r} cannot be loaded; the server log has the details"
         return ValidationError(message, param="adapter_id")
-    message = f"adapter {entry.adapter_id!r} cannot be loaded: {e.details}"
-    if "not found" in e.details:
-        return NotFoundError(message, param="adapter_id")
-    return ValidationError(message, param="adapter_id")
+    return ValidationError(f"adapter {adapter_id!r} cannot be loaded: {e.details}", param="adapter_id")

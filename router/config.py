@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass, fields
 
+from loraxpy.proto.adapter_policy import AdapterPolicy, AdapterSettings
 from loraxpy.proto.auth import RefusedOnCommandLine, read_secret
 
 # Fields read from their environment variable only: a flag's value is visible to `ps`.
@@ -39,6 +41,15 @@ class RouterConfig:
     adapter_memory_fraction: float = 0.1  # CUDA: share of device memory for adapter slots
     attention_backend: str = "auto"  # the workers' --attention-backend: auto, sdpa or triton
     cuda_graph_max_batch_size: int = 0  # the workers' decode CUDA graphs (0: off)
+    # Which adapters requests may use, with whose credentials, and the workers' caps on loading
+    # them: declared (with their defaults) in proto/adapter_policy.py, handed to every shard.
+    allowed_adapter_sources: str = AdapterSettings.allowed_adapter_sources
+    allowed_hub_adapters: str = AdapterSettings.allowed_hub_adapters
+    allowed_s3_buckets: str = AdapterSettings.allowed_s3_buckets
+    max_adapter_size_mib: int = AdapterSettings.max_adapter_size_mib
+    adapter_disk_cache_mib: int = AdapterSettings.adapter_disk_cache_mib
+    adapter_load_timeout_s: float = AdapterSettings.adapter_load_timeout_s
+    max_concurrent_adapter_loads: int = AdapterSettings.max_concurrent_adapter_loads
     otlp_endpoint: str | None = None
     json_output: bool = False
     api_key: str | None = None
@@ -90,8 +101,32 @@ class RouterConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be in (0, 3600] seconds")
         if not 0 < self.adapter_memory_fraction <= 1:
             raise ValueError("--adapter-memory-fraction must be in (0, 1]")
+        self._check_adapter_policy()
         if (self.worker_tls_cert_file is None) != (self.worker_tls_key_file is None):
             raise ValueError("--worker-tls-cert-file and --worker-tls-key-file go together")
+
+    def adapter_settings(self) -> AdapterSettings:
+        return AdapterSettings(**{f.name: getattr(self, f.name) for f in fields(AdapterSettings)})
+
+    def adapter_policy(self) -> AdapterPolicy:
+        """Requests use --adapter-source only, unless --allowed-adapter-sources allows more."""
+        return self.adapter_settings().policy(self.adapter_source)
+
+    def worker_adapter_args(self) -> list[str]:
+        """The adapter flags for this launcher's shards: the same policy, sources pinned as here."""
+        sources = ",".join(sorted(self.adapter_policy().sources))
+        return dataclasses.replace(self.adapter_settings(), allowed_adapter_sources=sources).to_argv()
+
+    def _check_adapter_policy(self) -> None:
+        policy = self.adapter_policy()
+        if self.adapter_source not in policy.sources:
+            raise ValueError("--adapter-source must be one of --allowed-adapter-sources")
+        if "s3" in policy.sources and not policy.s3_buckets:
+            # S3 has no per-request credential: every fetch would use the server's own.
+            raise ValueError(
+                "s3 adapters need --allowed-s3-buckets: the buckets they may come from "
+                "(or * for every bucket the server's credentials can read)"
+            )
 
     def __repr__(self) -> str:  # never print the API key or the worker secret
         hidden = ("api_key", "worker_secret")

@@ -94,6 +94,7 @@ def spawn_shards(
         cmd += ["--adapter-memory-fraction", str(config.adapter_memory_fraction)]
         cmd += ["--attention-backend", config.attention_backend]
         cmd += ["--cuda-graph-max-batch-size", str(config.cuda_graph_max_batch_size)]
+        cmd += config.worker_adapter_args()
         env = {
             "OMP_NUM_THREADS": str(threads_per_shard(config.num_shard)),  # unless the operator set it
             **{k: v for k, v in os.environ.items() if k not in SHARD_ACCESS_ENV},
@@ -197,6 +198,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
             info.num_adapter_slots,
             between_steps=engine.between_steps,
             cycle_time_s=config.adapter_cycle_time_s,
+            policy=config.adapter_policy(),
         ),
     )
     return state, engine

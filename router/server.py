@@ -336,9 +336,8 @@ class Api:
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         models = [{"id": self.s.model_id, "object": "model", "created": 0, "owned_by": "loraxpy"}]
-        for entry in self.s.adapters.loaded() if self.s.adapters else []:
-            if entry.merge is not None:
-                continue  # a per-request merge is not a model one can name
+        # Only what a caller without any token may use: private hub adapters and merges stay unlisted.
+        for entry in self.s.adapters.public() if self.s.adapters else []:
             models.append(
                 {
                     "id": entry.adapter_id,

@@ -292,3 +292,10 @@ class WorkerClient:
 
     async def offload_adapter(self, adapter_index: int) -> None:
         await self._all("OffloadAdapter", pb.OffloadAdapterRequest(adapter_index=adapter_index))
+
+    async def download_adapter(self, adapter_id: str, source: str, api_token: str = "") -> int:
+        """Every shard checks that `api_token` may read the adapter at its source and fetches its
+        files (a refusal reads like "not found"); returns the largest size a shard reports."""
+        spec = pb.AdapterSpec(adapter_id=adapter_id, source=source, api_token=api_token)
+        replies = await self._all("DownloadAdapter", pb.DownloadAdapterRequest(adapter=spec))
+        return max(r.size_bytes for r in replies if isinstance(r, pb.DownloadAdapterResponse))

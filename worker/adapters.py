@@ -1,31 +1,43 @@
-"""PEFT LoRA adapters: reading and checking one from disk, and where its files may come from.
+"""PEFT LoRA adapters: reading and checking one from its files, which are untrusted input.
 
 An adapter becomes per-(layer, module) pairs (A [r, in], B [out, r]) and a scale lora_alpha / r
-(or lora_alpha / sqrt(r) for rsLoRA), checked against the model's shapes. Anything the
-worker cannot serve exactly is refused with a message naming the problem.
+(or lora_alpha / sqrt(r) for rsLoRA), checked against the model's shapes. Everything the
+safetensors header tells (names, shapes, dtypes, rank, total bytes) is checked before any tensor
+is read, and nothing in adapter_config.json is run as a regex. Anything the worker cannot serve
+exactly is refused with a message naming the problem.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
+import stat
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
+from loraxpy.proto.adapter_policy import not_found_message
 from loraxpy.worker.model_config import ModelConfig
-from loraxpy.worker.model_source import ModelSourceError, hub_snapshot
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+# Layer numbers are capped in digits: int() of thousands of digits raises (and would be slow).
+_KEY = re.compile(r"layers\.(\d{1,6})\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 _HEAD_KEY = re.compile(r"(?:^|\.)(lm_head)\.lora_([AB])(?:\.default)?\.weight$")
 # PEFT saves the base weights of an adapted LM head / embedding next to the LoRA ("auto"), in case
 # the vocabulary was resized; they must equal the model's own (checked by the runner).
 _BASE_LAYER_KEY = re.compile(r"(?:^|\.)(lm_head|embed_tokens)\.base_layer\.weight$")
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 16 << 20  # a 100-layer adapter's header is well under 1 MiB
+MAX_TENSOR_NAME_CHARS = 512
 
 
 def head_key(config: ModelConfig) -> tuple[int, str]:
@@ -35,6 +47,21 @@ def head_key(config: ModelConfig) -> tuple[int, str]:
 
 class AdapterError(ValueError):
     """The adapter cannot be served; the message says what is wrong with it."""
+
+
+class AdapterNotFoundError(AdapterError):
+    """Not found, or not allowed to this request: one answer for both, so a refusal reveals nothing."""
+
+    def __init__(self, adapter_id: str) -> None:
+        super().__init__(not_found_message(adapter_id))
+
+
+class AdapterBusyError(AdapterError):
+    """Too many adapter loads are in flight on this worker; retry later."""
+
+
+class AdapterTimeoutError(AdapterError):
+    """An adapter load took longer than --adapter-load-timeout-s."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +79,19 @@ class LoraAdapter:
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter's two files, resolved: regular files, inside where they may be, within the caps."""
+
+    config: Path
+    weights: Path  # resolved: in a hub cache, a blob named by its hash
+    weights_name: str = "adapter_model.safetensors"  # or adapter_model.bin: says the format
+
+    @property
+    def nbytes(self) -> int:
+        return self.config.stat().st_size + self.weights.stat().st_size
+
+
 def module_shape(config: ModelConfig, target: str) -> tuple[int, int]:
     """(in_features, out_features) of a target module in the full (unsharded) model."""
     h, i = config.hidden_size, config.intermediate_size
@@ -67,82 +107,62 @@ def module_shape(config: ModelConfig, target: str) -> tuple[int, int]:
     }[target]
 
 
-def resolve_local_adapter(adapter_id: str, adapter_root: Path | None) -> Path:
-    """A local adapter path, which must lie inside --adapter-root after resolving `..` and symlinks."""
-    if adapter_root is None:
-        raise AdapterError("local adapters are disabled: start the server with --adapter-root")
-    root = adapter_root.resolve()
-    path = (root / adapter_id).resolve()  # an absolute adapter_id replaces root here, then is checked
-    if path != root and root not in path.parents:
-        raise AdapterError(f"adapter path {adapter_id!r} is outside --adapter-root")
-    if not path.is_dir():
-        raise AdapterError(f"adapter {adapter_id!r} not found under --adapter-root")
-    return path
+def max_adapter_bytes(config: ModelConfig, max_rank: int) -> int:
+    """The largest adapter files this model can serve: every target at `max_rank` in fp32, the LM
+    head and embedding PEFT may save beside them, and a header."""
+    per_layer = sum(max_rank * sum(module_shape(config, t)) for t in TARGETS if t != "lm_head")
+    head = max_rank * sum(module_shape(config, "lm_head"))
+    base_layers = 2 * config.vocab_size * config.hidden_size
+    return 4 * (config.num_layers * per_layer + head + base_layers) + MAX_HEADER_BYTES
 
 
-ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+def is_within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
 
-def resolve_hub_adapter(adapter_id: str, *, token: str | None, cache_dir: Path | None, offline: bool) -> Path:
-    """A hub adapter's folder, from the local hub cache or downloaded with `token`."""
+def find_adapter_files(folder: Path, root: Path, max_bytes: int) -> AdapterFiles:
+    """The adapter's config and weights in `folder`, each resolved (symlinks too) inside `root`."""
+    config = _confined_file(folder / "adapter_config.json", root, MAX_CONFIG_BYTES)
+    if config is None:
+        raise AdapterError(f"adapter {folder.name!r} has no adapter_config.json")
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        weights = _confined_file(folder / name, root, max_bytes)
+        if weights is not None:
+            return AdapterFiles(config, weights, name)
+    raise AdapterError(f"adapter {folder.name!r} has no adapter_model.safetensors or adapter_model.bin")
+
+
+def _confined_file(path: Path, root: Path, max_bytes: int) -> Path | None:
+    if not path.is_symlink() and not path.exists():
+        return None
+    real = path.resolve()
+    if not is_within(real, root):
+        raise AdapterError(f"adapter file {path.name} points outside the adapter's folder")
     try:
-        return hub_snapshot(
-            adapter_id,
-            revision=None,
-            token=token,
-            cache_dir=cache_dir,
-            offline=offline,
-            patterns=ADAPTER_PATTERNS,
-            what="adapter",
-        )
-    except ModelSourceError as e:
+        st = real.stat()
+    except OSError:
+        raise AdapterError(f"adapter file {path.name} is unreadable") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        raise AdapterError(f"adapter file {path.name} is not a regular file")
+    if st.st_size > max_bytes:
         raise AdapterError(
-            f"{e} (not found)" if "does not exist" in str(e) or "not in the local" in str(e) else str(e)
-        ) from None
-
-
-def resolve_s3_adapter(adapter_id: str, cache_dir: Path) -> Path:
-    """Downloads s3://bucket/prefix (or bucket/prefix) once into cache_dir; boto3 reads credentials
-    and AWS_ENDPOINT_URL from the environment."""
-    try:
-        import boto3
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:
-        raise AdapterError("s3 adapters need boto3: pip install 'loraxpy[s3]'") from None
-    bucket, _, prefix = adapter_id.removeprefix("s3://").partition("/")
-    if not bucket or not prefix or ".." in prefix.split("/"):
-        raise AdapterError(f"s3 adapter id {adapter_id!r} must look like s3://bucket/path/to/adapter")
-    target = cache_dir / "adapters" / "s3" / bucket / prefix
-    if (target / "adapter_config.json").exists():
-        return target
-    tmp = target.with_name(f".{target.name}.partial")
-    try:
-        client = boto3.client("s3")
-        listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
-        keys = [
-            o["Key"] for o in listing.get("Contents", []) if o["Key"].rsplit("/", 1)[-1] in ADAPTER_PATTERNS
-        ]
-        if not keys:
-            raise AdapterError(f"s3 adapter {adapter_id!r} not found (no adapter files under that prefix)")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for key in keys:
-            client.download_file(bucket, key, str(tmp / key.rsplit("/", 1)[-1]))
-    except (BotoCoreError, ClientError) as e:
-        raise AdapterError(f"s3 adapter {adapter_id!r} cannot be fetched ({type(e).__name__}: {e})") from None
-    tmp.replace(target)
-    return target
+            f"adapter file {path.name} has {st.st_size} bytes; this server takes at most {max_bytes} "
+            "(--max-adapter-size-mib, or the largest adapter --max-lora-rank allows)"
+        )
+    return real
 
 
 def _read_config(path: Path) -> dict:
-    config_path = path / "adapter_config.json"
-    if not config_path.exists():
-        raise AdapterError(f"adapter {path.name!r} has no adapter_config.json")
     try:
-        cfg = json.loads(config_path.read_text())
+        cfg = json.loads(path.read_bytes())
     except json.JSONDecodeError as e:
         raise AdapterError(f"adapter_config.json is not valid JSON: {e.msg}") from None
+    except (RecursionError, UnicodeDecodeError, ValueError):
+        raise AdapterError("adapter_config.json is not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError("adapter_config.json must hold a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"peft_type {cfg.get('peft_type')!r} is not supported; only LORA")
+        raise AdapterError(f"peft_type {str(cfg.get('peft_type'))[:40]!r} is not supported; only LORA")
     for key, bad, why in (
         ("bias", lambda v: v not in (None, "none"), "LoRA bias terms"),
         ("use_dora", bool, "DoRA"),
@@ -154,72 +174,215 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    st, binary = path / "adapter_model.safetensors", path / "adapter_model.bin"
+@dataclass(frozen=True)
+class TensorHeader:
+    dtype: str  # safetensors' names: F32, F16, BF16, …
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BYTES.get(self.dtype, 8)
+
+
+@contextmanager
+def open_weights(
+    path: Path, name: str
+) -> Iterator[tuple[dict[str, TensorHeader], Callable[[str], torch.Tensor]]]:
+    """Each tensor's header, and a function reading one tensor: nothing is read before it is asked for.
+    `name` (adapter_model.safetensors or .bin) says the format; `path` may be a blob without one."""
     try:
-        if st.exists():
-            return load_file(str(st))
-        if binary.exists():
-            return torch.load(binary, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, ValueError) as e:
+        if name.endswith(".safetensors"):
+            _check_header_size(path)
+            with safe_open(str(path), framework="pt") as f:
+                headers = {}
+                names = f.keys()  # safe_open is not a mapping
+                for name in names:
+                    view = f.get_slice(name)
+                    headers[name] = TensorHeader(view.get_dtype(), tuple(view.get_shape()))
+                yield headers, f.get_tensor
+            return
+        # mmap: the tensors' bytes stay on disk until read (old non-zip .bin files are refused)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise AdapterError("adapter_model.bin must hold a dict of tensors")
+        headers = {
+            str(k): TensorHeader(_DTYPE_NAMES.get(v.dtype, str(v.dtype)), tuple(v.shape))
+            for k, v in state.items()
+        }
+        yield headers, state.__getitem__
+    except (SafetensorError, RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
+        if isinstance(e, AdapterError):
+            raise
+        raise AdapterError(f"adapter weights in {name} are unreadable ({type(e).__name__}: {e})") from None
+
+
+def _check_header_size(path: Path) -> None:
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+    if len(prefix) < 8 or struct.unpack("<Q", prefix)[0] > MAX_HEADER_BYTES:
+        raise AdapterError("adapter weights are unreadable (bad safetensors header)")
+
+
+@dataclass
+class _Plan:
+    """Which tensor is what, decided from the header alone."""
+
+    pairs: dict[tuple[int, str], dict[str, str]] = field(default_factory=dict)  # key → {"A": name, "B": name}
+    base_layers: dict[str, str] = field(default_factory=dict)  # "lm_head" → tensor name
+
+
+def plan_tensors(
+    headers: dict[str, TensorHeader], config: ModelConfig, max_rank: int, max_bytes: int, base: str | None
+) -> _Plan:
+    """Checks every tensor's name, dtype and shape, the ranks and the total bytes; reads nothing."""
+    plan = _Plan()
+    total = 0
+    for name, h in headers.items():
+        if h.dtype not in DTYPE_BYTES or len(h.shape) != 2:
+            raise AdapterError(
+                f"adapter tensor {name[:80]!r} is {h.dtype} {list(h.shape)}; only 2-D F32/F16/BF16"
+            )
+        total += h.nbytes
+        if len(name) > MAX_TENSOR_NAME_CHARS:
+            raise AdapterError(f"adapter tensor name {name[:80]!r}… is too long")
+        base_layer = _BASE_LAYER_KEY.search(name)
+        if base_layer is not None:
+            if h.shape != (config.vocab_size, config.hidden_size):
+                raise AdapterError(
+                    f"adapter replaces the model's {base_layer[1]} weights (a resized or retrained "
+                    f"vocabulary: {h.shape}); only adapters over the base model's own {base_layer[1]} can be served"
+                )
+            plan.base_layers[base_layer[1]] = name
+            continue
+        key, which = _lora_key(name, config)
+        slot = plan.pairs.setdefault(key, {})
+        if which in slot:
+            raise AdapterError(f"adapter has two lora_{which} tensors for layer {key[0]} {key[1]}")
+        slot[which] = name
+    if total > max_bytes:
+        raise AdapterError(f"adapter tensors take {total} bytes; this server takes at most {max_bytes}")
+    if not plan.pairs:
+        raise AdapterError("adapter has no LoRA weights")
+    for (layer, target), ab in plan.pairs.items():
+        _check_pair(layer, target, headers, ab, config, max_rank, base)
+    return plan
+
+
+def _lora_key(name: str, config: ModelConfig) -> tuple[tuple[int, str], str]:
+    """(layer, target) and "A" or "B" of a LoRA tensor's name."""
+    match, head = _KEY.search(name), _HEAD_KEY.search(name)
+    if head is not None:
+        return head_key(config), head[2]
+    if match is None:
+        raise AdapterError(f"adapter tensor {name!r} targets a module this server cannot adapt")
+    layer, target = int(match[1]), match[2]
+    if target not in TARGETS or layer >= config.num_layers:
+        raise AdapterError(f"adapter tensor {name!r} does not fit the model ({config.num_layers} layers)")
+    return (layer, target), match[3]
+
+
+def _check_pair(
+    layer: int,
+    target: str,
+    headers: dict[str, TensorHeader],
+    ab: dict[str, str],
+    config: ModelConfig,
+    max_rank: int,
+    base: str | None,
+) -> None:
+    if set(ab) != {"A", "B"}:
+        raise AdapterError(f"layer {layer} {target}: lora_A and lora_B must both be present")
+    a, b = headers[ab["A"]].shape, headers[ab["B"]].shape
+    in_features, out_features = module_shape(config, target)
+    r = a[0]
+    if a != (r, in_features) or b != (out_features, r):
         raise AdapterError(
-            f"adapter weights in {path.name!r} are unreadable ({type(e).__name__}: {e})"
-        ) from None
-    raise AdapterError(f"adapter {path.name!r} has no adapter_model.safetensors or adapter_model.bin")
+            f"layer {layer} {target}: adapter shapes A {a}, B {b} do not fit the "
+            f"model ({in_features} → {out_features}); was it trained for another base model"
+            + (f" ({str(base)[:200]})?" if base else "?")
+        )
+    if not 1 <= r <= max_rank:
+        raise AdapterError(f"adapter rank {r} exceeds --max-lora-rank {max_rank}")
+
+
+# PEFT matches an alpha_pattern / rank_pattern key k against a module's full name with
+# re.match(rf"(.*\.)?({k})$", name): the whole name, or what follows one of its dots. For plain
+# names that is suffix matching, done here without compiling anything; a key with regex syntax
+# (which could also take exponential time) is refused rather than guessed at.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+MAX_PATTERN_KEY_CHARS = 256
+
+
+def pattern_value(patterns: object, module: str, what: str = "alpha_pattern") -> object | None:
+    """The value of the first key (in the file's order, as PEFT) that names `module`, else None."""
+    if not patterns:
+        return None
+    if not isinstance(patterns, dict):
+        raise AdapterError(f"{what} must be a JSON object")
+    for key, value in patterns.items():
+        plain = key.replace("\\.", ".")  # an escaped dot is a dot
+        if len(plain) > MAX_PATTERN_KEY_CHARS or not _PLAIN_KEY.fullmatch(plain):
+            raise AdapterError(
+                f"{what} key {key[:60]!r} is a regular expression; this server matches keys as module "
+                "names (the whole name or a suffix after a dot, as PEFT does for plain names) and runs "
+                "no regex from adapter files"
+            )
+        if module == plain or module.endswith("." + plain):
+            return value
+    return None
+
+
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AdapterError(f"{what} must be a finite number")
+    return float(value)
+
+
+def module_name(layer: int, target: str) -> str:
+    """The module's name in the HF model, as PEFT's patterns see it."""
+    if target == "lm_head":
+        return "lm_head"
+    block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{layer}.{block}.{target}"
 
 
 def _alpha(cfg: dict, layer: int, target: str, r: int) -> float:
-    """lora_alpha for one module, honouring PEFT's alpha_pattern (keys match module-name suffixes)."""
-    block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-    module = "lm_head" if target == "lm_head" else f"model.layers.{layer}.{block}.{target}"
-    for key, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
-            return float(value)
-    return float(cfg.get("lora_alpha", r))
+    """lora_alpha for one module, honouring PEFT's alpha_pattern."""
+    value = pattern_value(cfg.get("alpha_pattern"), module_name(layer, target))
+    if value is not None:
+        return _number(value, "an alpha_pattern value")
+    return _number(cfg.get("lora_alpha", r), "lora_alpha")
 
 
-def load_peft_adapter(path: Path, config: ModelConfig, max_rank: int) -> LoraAdapter:
-    cfg = _read_config(path)
-    base = cfg.get("base_model_name_or_path")
-    tensors = _read_tensors(path)
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    base_layers: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
-        base_layer = _BASE_LAYER_KEY.search(name)
-        if base_layer is not None:
-            base_layers[base_layer[1]] = tensor
-            continue
-        match, head = _KEY.search(name), _HEAD_KEY.search(name)
-        if head is not None:
-            (layer, target), which = head_key(config), head[2]
-        elif match is not None:
-            layer, target, which = int(match[1]), match[2], match[3]
-        else:
-            raise AdapterError(f"adapter tensor {name!r} targets a module this server cannot adapt")
-        if target not in TARGETS or (target != "lm_head" and layer >= config.num_layers):
-            raise AdapterError(f"adapter tensor {name!r} does not fit the model ({config.num_layers} layers)")
-        pairs.setdefault((layer, target), {})[which] = tensor
-    if not pairs:
-        raise AdapterError("adapter has no LoRA weights")
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    scales: dict[tuple[int, str], float] = {}
-    for (layer, target), ab in sorted(pairs.items(), key=lambda kv: (kv[0][0], TARGETS.index(kv[0][1]))):
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"layer {layer} {target}: lora_A and lora_B must both be present")
-        a, b = ab["A"].float(), ab["B"].float()
-        in_features, out_features = module_shape(config, target)
-        r = a.shape[0]
-        if a.shape != (r, in_features) or b.shape != (out_features, r):
-            raise AdapterError(
-                f"layer {layer} {target}: adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the "
-                f"model ({in_features} → {out_features}); was it trained for another base model"
-                + (f" ({base})?" if base else "?")
+def load_peft_adapter(
+    path: Path, config: ModelConfig, max_rank: int, max_bytes: int | None = None
+) -> LoraAdapter:
+    """Reads the adapter in folder `path` (its files must lie inside it)."""
+    limit = max_bytes if max_bytes is not None else max_adapter_bytes(config, max_rank)
+    return read_adapter_files(find_adapter_files(path, path.resolve(), limit), config, max_rank, limit)
+
+
+def read_adapter_files(
+    files: AdapterFiles, config: ModelConfig, max_rank: int, max_bytes: int
+) -> LoraAdapter:
+    cfg = _read_config(files.config)
+    with open_weights(files.weights, files.weights_name) as (headers, read):
+        plan = plan_tensors(headers, config, max_rank, max_bytes, cfg.get("base_model_name_or_path"))
+        keys = sorted(plan.pairs, key=lambda k: (k[0], TARGETS.index(k[1])))
+        scales = {key: _scale(cfg, key, headers[plan.pairs[key]["A"]].shape[0]) for key in keys}
+        # Copies, not views: a .bin is memory-mapped, and its file may change or go once read.
+        base_layers = {key: read(name).clone() for key, name in plan.base_layers.items()}
+        weights = {
+            key: (
+                read(plan.pairs[key]["A"]).to(torch.float32, copy=True),
+                read(plan.pairs[key]["B"]).to(torch.float32, copy=True),
             )
-        if r > max_rank:
-            raise AdapterError(f"adapter rank {r} exceeds --max-lora-rank {max_rank}")
-        alpha = _alpha(cfg, layer, target, r)
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        weights[(layer, target)] = (a, b)
-        scales[(layer, target)] = scale
+            for key in keys
+        }
     rank = max(a.shape[0] for a, _ in weights.values())
     return LoraAdapter(rank=rank, weights=weights, scales=scales, base_layers=base_layers)
+
+
+def _scale(cfg: dict, key: tuple[int, str], r: int) -> float:
+    alpha = _alpha(cfg, key[0], key[1], r)
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r

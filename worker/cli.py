@@ -49,6 +49,7 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
         adapter_memory_fraction=config.adapter_memory_fraction,
         attention_backend=config.attention_backend,
         cuda_graph_max_batch_size=config.cuda_graph_max_batch_size,
+        adapter_settings=config.adapter_settings,
     )
     return ModelRunner(model_path, options)
 

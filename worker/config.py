@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from loraxpy.kernels.attention import ATTENTION_BACKENDS
+from loraxpy.proto.adapter_policy import AdapterSettings
 from loraxpy.proto.auth import RefusedOnCommandLine, read_secret
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,6 +40,7 @@ class WorkerConfig:
     adapter_memory_fraction: float = 0.1
     attention_backend: str = "auto"
     cuda_graph_max_batch_size: int = 0
+    adapter_settings: AdapterSettings = field(default_factory=AdapterSettings)  # proto/adapter_policy.py
     # Who may call this worker (proto/auth.py): the shared secret every RPC must carry, and TLS.
     worker_secret: str | None = None
     tls_cert_file: Path | None = None
@@ -193,6 +195,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         help="host memory for adapters that left the device or were merged, LRU (env ADAPTER_HOST_CACHE_MIB)",
     )
     _add_access_flags(p)
+    AdapterSettings.add_arguments(p)  # which adapters requests may use; size, disk and load caps
     args = p.parse_args(argv)
     hub_cache = env.get("HF_HUB_CACHE")
     return WorkerConfig(
@@ -218,6 +221,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         adapter_memory_fraction=args.adapter_memory_fraction,
         attention_backend=args.attention_backend,
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
+        adapter_settings=AdapterSettings.from_args(args),
         worker_secret=read_secret(env.get("WORKER_SECRET"), args.worker_secret_file),
         tls_cert_file=_path(args.tls_cert_file),
         tls_key_file=_path(args.tls_key_file),

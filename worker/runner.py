@@ -11,14 +11,10 @@ from pathlib import Path
 import torch
 
 from loraxpy.kernels.attention import AttentionMetadata, select_attention_backend
-from loraxpy.worker.adapter_cache import HostAdapterCache
-from loraxpy.worker.adapters import (
-    LoraAdapter,
-    load_peft_adapter,
-    resolve_hub_adapter,
-    resolve_local_adapter,
-    resolve_s3_adapter,
-)
+from loraxpy.proto.adapter_policy import AdapterSettings
+from loraxpy.worker.adapter_sources import SourceOptions
+from loraxpy.worker.adapter_store import AdapterStore
+from loraxpy.worker.adapters import AdapterFiles, LoraAdapter, max_adapter_bytes, read_adapter_files
 from loraxpy.worker.batch import (
     BatchPlan,
     Limits,
@@ -33,7 +29,7 @@ from loraxpy.worker.cuda_graphs import DecodeGraphs
 from loraxpy.worker.kv_cache import KVCacheSpec
 from loraxpy.worker.layers import Shard
 from loraxpy.worker.lora import LoraManager, StagedAdapter, num_adapter_slots
-from loraxpy.worker.merge import MergeRequest, merge_adapters
+from loraxpy.worker.merge import MergeRequest
 from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
 from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample
@@ -63,10 +59,12 @@ class RunnerOptions:
     max_lora_rank: int = 64
     adapter_root: Path | None = None  # local adapters must lie inside it
     hub_cache_dir: Path | None = None
-    hub_token: str | None = None  # used for hub adapters when a request brings no api_token
+    hub_token: str | None = None  # the server's: only for hub adapters adapter_policy allows
     offline: bool = False
-    cache_dir: Path = Path(".cache")  # downloaded adapters (s3) live under it
+    cache_dir: Path = Path(".cache")  # downloaded adapters (hub, s3) live under cache_dir/adapters
     adapter_host_cache_bytes: int = 4 << 30  # parsed adapters kept in host memory (LRU)
+    # Which adapters requests may use and with whose credentials; size, disk, time and load caps.
+    adapter_settings: AdapterSettings = field(default_factory=AdapterSettings)
     attention_backend: str = "auto"  # auto | sdpa | triton (auto: Triton on CUDA)
     # Decode steps of up to this many requests replay CUDA graphs (0: off). On CPU nothing is
     # captured and such steps run the graphs' padded eager twin, which is how it is tested.
@@ -117,7 +115,7 @@ class ModelRunner:
             if self.num_adapter_slots > 0
             else None
         )
-        self.host_cache = HostAdapterCache(options.adapter_host_cache_bytes)
+        self.adapters = self._adapter_store()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.limits: Limits | None = None
         self.requests: dict[int, RequestState] = {}
@@ -341,29 +339,30 @@ class ModelRunner:
 
     # ---- adapters -----------------------------------------------------------------------------
 
+    def _adapter_store(self) -> AdapterStore:
+        o, settings = self.options, self.options.adapter_settings
+        max_bytes = settings.max_adapter_size_mib * 2**20 or max_adapter_bytes(self.config, o.max_lora_rank)
+        self.max_adapter_bytes = max_bytes
+        sources = SourceOptions(
+            settings.policy(), o.adapter_root, o.hub_cache_dir, o.hub_token, o.offline, max_bytes
+        )
+        disk_bytes = settings.adapter_disk_cache_mib * 2**20
+        return AdapterStore(
+            sources, o.cache_dir / "adapters", disk_bytes, o.adapter_host_cache_bytes, self._parse_adapter
+        )
+
     def read_adapter(
         self, adapter_id: str, source: str, api_token: str = "", merge: MergeRequest | None = None
     ) -> LoraAdapter:
-        """Fetches and parses (or merges) an adapter; touches no device slot, so it runs beside `step`.
-
-        Parsed adapters stay in the host-memory cache, so a reload skips disk, download and merge.
-        """
+        """Fetches and parses (or merges) an adapter for a request holding `api_token`; touches no
+        device slot, so it runs beside `step`. Parsed adapters stay in the host-memory cache."""
         if self.lora is None:
             raise WorkerInputError("this worker was started without adapter slots (--max-loras 0)")
-        key = (source, adapter_id, merge)
-        adapter = self.host_cache.get(key)
-        if adapter is not None:
-            return adapter
-        if merge is None:
-            path = self.adapter_path(adapter_id, source, api_token)
-            adapter = self._check_base_layers(
-                load_peft_adapter(path, self.config, self.options.max_lora_rank)
-            )
-        else:
-            parts = [self.read_adapter(part, source, api_token) for part in merge.adapter_ids]
-            adapter = merge_adapters(parts, merge.weights, merge.options, seed=merge.seed)
-        self.host_cache.put(key, adapter)
-        return adapter
+        return self.adapters.read(adapter_id, source, api_token, merge)
+
+    def _parse_adapter(self, files: AdapterFiles) -> LoraAdapter:
+        adapter = read_adapter_files(files, self.config, self.options.max_lora_rank, self.max_adapter_bytes)
+        return self._check_base_layers(adapter)
 
     def _check_base_layers(self, adapter: LoraAdapter) -> LoraAdapter:
         """Refuses an adapter whose saved LM head / embedding differs from the model's; drops them."""
@@ -411,18 +410,9 @@ class ModelRunner:
         """`read_adapter` then `install_adapter`."""
         return self.install_adapter(adapter_index, self.read_adapter(adapter_id, source, api_token, merge))
 
-    def adapter_path(self, adapter_id: str, source: str, api_token: str = "") -> Path:
-        """Where an adapter's files are on this host, fetching them first when needed."""
-        if source == "local":
-            return resolve_local_adapter(adapter_id, self.options.adapter_root)
-        if source == "hub":
-            o = self.options
-            return resolve_hub_adapter(
-                adapter_id, token=api_token or o.hub_token, cache_dir=o.hub_cache_dir, offline=o.offline
-            )
-        if source == "s3":
-            return resolve_s3_adapter(adapter_id, self.options.cache_dir)
-        raise WorkerInputError(f"adapter source {source!r} is not one of local, hub, s3")
+    def download_adapter(self, adapter_id: str, source: str, api_token: str = "") -> int:
+        """Checks that `api_token` may read the adapter and fetches its files; returns their bytes."""
+        return self.adapters.download(adapter_id, source, api_token)
 
     def offload_adapter(self, adapter_index: int) -> None:
         if self.lora is None or adapter_index not in self.lora.index_to_slot:

@@ -20,7 +20,8 @@ import grpc
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
 from loraxpy.proto.auth import SecretInterceptor
-from loraxpy.worker.adapters import AdapterError
+from loraxpy.worker.adapter_loads import AdapterLoads
+from loraxpy.worker.adapters import AdapterBusyError, AdapterError, AdapterNotFoundError, AdapterTimeoutError
 from loraxpy.worker.batch import (
     CachedRequestData,
     NewRequestData,
@@ -28,7 +29,7 @@ from loraxpy.worker.batch import (
     StepInput,
     WorkerInputError,
 )
-from loraxpy.worker.lora import SlotsFullError
+from loraxpy.worker.lora import SlotsFullError, StagedAdapter
 from loraxpy.worker.merge import MergeOptions, MergeRequest
 from loraxpy.worker.runner import ModelRunner, NotReadyError
 from loraxpy.worker.sampling import SamplingParams
@@ -47,6 +48,12 @@ def _rpc(method: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
+        except AdapterNotFoundError as e:  # or not allowed: one answer, so it reveals nothing
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except AdapterBusyError as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except AdapterTimeoutError as e:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         except (WorkerInputError, AdapterError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except SlotsFullError as e:
@@ -133,9 +140,14 @@ def merge_from_proto(spec: pb.AdapterSpec) -> MergeRequest | None:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, runner: ModelRunner, model_id: str | None) -> None:
+    def __init__(self, runner: ModelRunner, model_id: str | None, loads: AdapterLoads | None = None) -> None:
         self.runner = runner
         self.model_id = model_id or ""
+        # Adapter fetches and parses: their own threads, capped and timed (never Step's threads).
+        settings = runner.options.adapter_settings
+        self.loads = loads or AdapterLoads(
+            settings.max_concurrent_adapter_loads, settings.adapter_load_timeout_s
+        )
         # One forward pass at a time; Health and Info never wait for it.
         self.lock = threading.Lock()
 
@@ -194,8 +206,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         merge = merge_from_proto(spec)
         size = 0
         for adapter_id in merge.adapter_ids if merge else (spec.adapter_id,):
-            path = self.runner.adapter_path(adapter_id, spec.source or "local", spec.api_token)
-            size += sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("adapter_model"))
+            size += self.loads.run(
+                self.runner.download_adapter, adapter_id, spec.source or "local", spec.api_token
+            )
         return pb.DownloadAdapterResponse(size_bytes=size)
 
     @_rpc
@@ -207,13 +220,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise WorkerInputError("adapter index 0 is the base model; adapters use indices from 1")
         # Fetching, parsing and the upload to the device (a side stream on CUDA) run beside steps;
         # only the device-to-device slot write waits for the step in flight.
-        adapter = self.runner.read_adapter(
-            spec.adapter_id, spec.source or "local", spec.api_token, merge_from_proto(spec)
+        merge = merge_from_proto(spec)
+        staged = self.loads.run(
+            self._read_and_stage, spec.adapter_id, spec.source or "local", spec.api_token, merge
         )
-        staged = self.runner.stage_adapter(adapter)
         with self.lock:
             nbytes = self.runner.install_adapter(request.adapter_index, staged)
         return pb.LoadAdapterResponse(memory_bytes=nbytes)
+
+    def _read_and_stage(
+        self, adapter_id: str, source: str, api_token: str, merge: MergeRequest | None
+    ) -> StagedAdapter:
+        return self.runner.stage_adapter(self.runner.read_adapter(adapter_id, source, api_token, merge))
 
     @_rpc
     def OffloadAdapter(

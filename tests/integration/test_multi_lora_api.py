@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 import requests
 import torch
+from fake_hub import fake_hub, hub_cache_from_folder
 from launcher_process import Launcher, launcher
 from lorax import AsyncClient, Client
 from lorax.errors import NotFoundError, ValidationError
+
+from loraxpy.proto.adapter_policy import not_found_message
 
 pytestmark = pytest.mark.slow
 
@@ -148,7 +156,7 @@ def test_bad_adapters_fail_only_their_requests(server: Launcher, adapter_root: P
     cases = [
         ("corrupt", ValidationError, "unreadable"),
         ("no-such-adapter", NotFoundError, "not found"),
-        ("../../etc", ValidationError, "outside --adapter-root"),
+        ("../../etc", NotFoundError, "not found"),
     ]
     for adapter_id, error, message in cases:
         with pytest.raises(error, match=message):
@@ -213,67 +221,141 @@ def test_bad_merges_fail_with_a_clear_error(server: Launcher) -> None:
     assert client.generate(PROMPT, adapter_id="all-r8", max_new_tokens=4).generated_text
 
 
-def hub_cache_from_folder(hub: Path, repo_id: str, folder: Path) -> None:
-    """Lays out `folder` as huggingface_hub caches a repo: blobs, a snapshot of symlinks, refs/main."""
-    commit = "f" * 40
-    repo = hub / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir()
-    for i, f in enumerate(sorted(folder.iterdir())):
-        blob = repo / "blobs" / f"{i:040x}"
-        blob.write_bytes(f.read_bytes())
-        (snapshot / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+def _generate(url: str, **parameters: Any) -> requests.Response:
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, **parameters}}
+    return requests.post(url + "/generate", json=body, timeout=120)
 
 
-def test_private_hub_adapter_is_served_only_to_its_token(
+def test_hostile_adapter_requests_get_a_4xx_and_everyone_else_is_served(
+    server: Launcher, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    outside = tmp_path_factory.mktemp("outside") / "qv-r4"
+    shutil.copytree(adapter_root / "qv-r4", outside)
+    (adapter_root / "escape").symlink_to(outside)  # a link out of --adapter-root
+    shutil.copytree(adapter_root / "qv-r4", adapter_root / "redos")
+    config = json.loads((adapter_root / "redos" / "adapter_config.json").read_text())
+    config["alpha_pattern"] = {"(.*)*z": 2}  # as a regex over a module name: hours, holding the GIL
+    (adapter_root / "redos" / "adapter_config.json").write_text(json.dumps(config))
+    refused = [  # (parameters, status, the id a 404 names)
+        ({"adapter_id": "qv-r4", "adapter_source": "hub"}, 422, None),  # --adapter-source local pins it
+        ({"adapter_id": "s3://bucket/qv-r4", "adapter_source": "s3"}, 422, None),
+        ({"adapter_id": "escape"}, 404, "escape"),
+        ({"adapter_id": str(outside)}, 404, str(outside)),
+        ({"adapter_id": "../../etc"}, 404, "../../etc"),
+        ({"merged_adapters": {"ids": ["qv-r4", "escape"], "weights": [1.0, 1.0]}}, 404, "escape"),
+        ({"adapter_id": "redos"}, 422, None),
+    ]
+    for parameters, status, named in refused:
+        started = time.monotonic()
+        r = _generate(server.url, **parameters)
+        assert r.status_code == status, (parameters, r.text)
+        assert time.monotonic() - started < 30
+        if named is not None:  # not found and not allowed read the same
+            assert r.json()["error"] == not_found_message(named)
+    assert "adapter_source" in _generate(server.url, adapter_id="x", adapter_source="hub").json()["error"]
+    # Every spelling of an id is the one adapter, under its one name.
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "Hi"}]
+    for model in ("qv-r4/.", "./qv-r4", "qv-r4/"):
+        client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=2)
+    names = [m.id for m in client.models.list().data]
+    assert "qv-r4" in names and not {"qv-r4/.", "./qv-r4", "qv-r4/", "escape", "redos"} & set(names)
+    assert Client(server.url).generate(PROMPT, adapter_id="all-r8", max_new_tokens=4).generated_text
+    assert Client(server.url).generate(PROMPT, max_new_tokens=4).generated_text
+
+
+def test_hub_adapters_are_isolated_per_token_where_weights_are_read(
     default_model_path: Path, adapter_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, peft_greedy
 ) -> None:
     hub = tmp_path / "hub"
-    hub_cache_from_folder(hub, "acme/private-lora", adapter_root / "all-r8")
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    token = "hf_tenant_a_secret_token"
-    with launcher(default_model_path, tmp_path) as s:
-        client = Client(s.url)
-        owner = client.generate(
-            PROMPT,
-            adapter_id="acme/private-lora",
-            adapter_source="hub",
-            api_token=token,
-            max_new_tokens=8,
-            details=True,
-        )
-        assert [t.id for t in owner.details.tokens] == peft_greedy("all-r8", PROMPT, 8)
-        for other in (None, "hf_tenant_b_token"):
-            r = requests.post(
-                s.url + "/generate",
-                json={
-                    "inputs": PROMPT,
-                    "parameters": {
-                        "adapter_id": "acme/private-lora",
-                        "adapter_source": "hub",
-                        "api_token": other,
-                        "max_new_tokens": 4,
-                    },
-                },
-                timeout=30,
+    for repo, folder in [
+        ("acme/private-lora", "all-r8"),
+        ("acme/public-lora", "qv-r4"),
+        ("acme/server-only", "mlp-r16"),
+        ("acme/slow", "qv-r4"),
+    ]:
+        hub_cache_from_folder(hub, repo, adapter_root / folder)  # every file is on local disk
+    owner, server_token = "hf_tenant_a_secret_token", "hf_server_own_secret_token"
+    with fake_hub() as fake:
+        fake.readers = {
+            "acme/private-lora": {owner},
+            "acme/public-lora": {None, owner},
+            "acme/server-only": {server_token},
+            "acme/slow": {None},
+        }
+        fake.slow["acme/slow"] = 30.0
+        for name, value in (
+            ("HF_HUB_CACHE", str(hub)),
+            ("HF_ENDPOINT", fake.url),
+            ("HF_TOKEN", server_token),
+        ):
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        args = ("--adapter-load-timeout-s", "3", "--max-concurrent-adapter-loads", "1")
+        with launcher(default_model_path, tmp_path, *args) as s:
+            _check_hub_tenants(s, fake, owner, peft_greedy)
+            _check_slow_loads_leave_others_served(s)
+            log = s.log()
+    assert owner not in log and server_token not in log
+
+
+def _check_hub_tenants(s: Launcher, fake: Any, owner: str, peft_greedy) -> None:
+    private = "acme/private-lora"
+    # The first to ask, with some other token, gets a 404 and owns nothing.
+    assert _generate(s.url, adapter_id=private, api_token="hf_attacker").status_code == 404
+    served = Client(s.url).generate(
+        PROMPT, adapter_id=private, api_token=owner, max_new_tokens=8, details=True
+    )
+    assert [t.id for t in served.details.tokens] == peft_greedy("all-r8", PROMPT, 8)
+    refused = [
+        {"adapter_id": private},
+        {"adapter_id": private, "api_token": "hf_tenant_b_token"},
+        {"adapter_id": "acme/private-lora/"},
+        {"adapter_id": "./acme/private-lora"},
+        {"merged_adapters": {"ids": ["acme/public-lora", private], "weights": [1.0, 1.0]}},
+        {"adapter_id": "acme/server-only"},  # the server's own HF_TOKEN could: it is not lent out
+    ]
+    for parameters in refused:
+        r = _generate(s.url, **parameters)
+        assert r.status_code == 404, (parameters, r.text)
+        assert r.json()["error"] in (not_found_message(private), not_found_message("acme/server-only"))
+    assert _generate(s.url, adapter_id="acme/absent").json()["error"] == not_found_message("acme/absent")
+    r = requests.post(
+        s.url + "/v1/chat/completions",
+        json={
+            "model": "acme/private-lora/.",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 2,
+        },
+        timeout=60,
+    )
+    assert r.status_code == 404
+    assert ("acme/server-only", "hf_server_own_secret_token") not in fake.seen
+    assert _generate(s.url, adapter_id="acme/public-lora").status_code == 200
+    models = [m["id"] for m in requests.get(s.url + "/v1/models", timeout=10).json()["data"]]
+    assert "acme/public-lora" in models and private not in models
+
+
+def _check_slow_loads_leave_others_served(s: Launcher) -> None:
+    """A hub that stalls holds at most --max-concurrent-adapter-loads loads (and as many waiting);
+    the rest are refused at once, the held ones time out, and base requests never wait."""
+    statuses: list[int] = []
+    slow = [
+        threading.Thread(
+            target=lambda t=t: statuses.append(
+                _generate(s.url, adapter_id="acme/slow", api_token=t).status_code
             )
-            assert r.status_code == 401 and "private" in r.json()["error"]
-        missing = requests.post(
-            s.url + "/generate",
-            json={
-                "inputs": PROMPT,
-                "parameters": {"adapter_id": "acme/absent", "adapter_source": "hub", "max_new_tokens": 4},
-            },
-            timeout=30,
         )
-        assert missing.status_code == 404
-        metrics_text = requests.get(s.url + "/metrics", timeout=10).text
-        log = s.log()
-    assert token not in log and token not in metrics_text
+        for t in ("hf_1", "hf_2", "hf_3")
+    ]
+    started = time.monotonic()
+    for thread in slow:
+        thread.start()
+    time.sleep(0.5)
+    assert Client(s.url).generate(PROMPT, max_new_tokens=4).generated_text
+    for thread in slow:
+        thread.join(60)
+    assert statuses == [429, 429, 429] and time.monotonic() - started < 20
 
 
 def test_default_and_preloaded_adapters(

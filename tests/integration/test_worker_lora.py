@@ -15,6 +15,7 @@ from worker_driver import Driver, Request, worker_process
 
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
+from loraxpy.proto.adapter_policy import not_found_message
 
 # name → (rank, alpha, target modules, rsLoRA)
 ADAPTERS = {
@@ -99,7 +100,14 @@ def stub(
     with worker_process(
         tiny_llama,
         tmp_path_factory.mktemp("sock"),
-        extra_args=("--adapter-root", str(adapter_root), "--max-loras", "5"),
+        extra_args=(
+            "--adapter-root",
+            str(adapter_root),
+            "--max-loras",
+            "5",
+            "--allowed-s3-buckets",
+            "adapters",
+        ),
     ) as s:
         s.Warmup(pb.WarmupRequest(max_prefill_tokens=128, max_num_seqs=8, num_blocks=64))
         yield s
@@ -206,23 +214,28 @@ def _retrained_head(root: Path) -> str:
     return "retrained-head"
 
 
+INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+
+
 @pytest.mark.parametrize(
-    ("make", "message"),
+    ("make", "code", "message"),
     [
-        (_corrupt, "unreadable"),
-        (_wrong_shape, "do not fit"),
-        (_retrained_head, "replaces the model's lm_head"),
-        (lambda root: "missing-adapter", "not found"),
-        (lambda root: "../../etc", "outside --adapter-root"),
-        (lambda root: "/etc", "outside --adapter-root"),
+        (_corrupt, INVALID, "unreadable"),
+        (_wrong_shape, INVALID, "do not fit"),
+        (_retrained_head, INVALID, "replaces the model's lm_head"),
+        # Missing and out of bounds read the same: a refusal tells nothing about what exists.
+        (lambda root: "missing-adapter", NOT_FOUND, not_found_message("missing-adapter")),
+        (lambda root: "../../etc", NOT_FOUND, not_found_message("../../etc")),
+        (lambda root: "/etc", NOT_FOUND, not_found_message("/etc")),
     ],
 )
 def test_bad_adapters_are_refused_clearly_and_the_worker_keeps_serving(
-    stub, adapter_root: Path, make, message: str
+    stub, adapter_root: Path, make, code: grpc.StatusCode, message: str
 ) -> None:
     with pytest.raises(grpc.RpcError) as e:
         load(stub, 9, make(adapter_root))
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
+    assert e.value.code() == code
+    assert e.value.details() == message if code == NOT_FOUND else message in e.value.details()
     r = Request(id=200, prompt=[1, 2, 3], max_new_tokens=3, adapter_index=INDEX["qv-r4"])
     Driver(stub, num_blocks=64, block_size=16, step_token_budget=128).run([r])
     assert len(r.generated) == 3
@@ -259,7 +272,16 @@ def test_s3_adapter_is_fetched_once_and_matches_peft(
     r = Request(id=400, prompt=[9, 8, 7, 6, 5], max_new_tokens=8, adapter_index=11)
     Driver(stub, num_blocks=64, block_size=16, step_token_budget=128).run([r])
     assert r.generated == peft_greedy(tiny_llama, adapter_root, "qv-r4", r.prompt, 8)
-    missing = pb.AdapterSpec(adapter_id="s3://adapters/team/absent", source="s3")
-    with pytest.raises(grpc.RpcError) as e:
-        stub.LoadAdapter(pb.LoadAdapterRequest(adapter=missing, adapter_index=12))
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not found" in e.value.details()
+    s3.create_bucket(Bucket="elsewhere")  # readable with the worker's credentials, but not allowed
+    for f in (adapter_root / "qv-r4").iterdir():
+        s3.upload_file(str(f), "elsewhere", f"team/qv-r4/{f.name}")
+    for adapter_id, code in [
+        ("s3://adapters/team/absent", grpc.StatusCode.NOT_FOUND),
+        ("s3://elsewhere/team/qv-r4", grpc.StatusCode.NOT_FOUND),
+        (f"s3://adapters//{adapter_root}/qv-r4", grpc.StatusCode.INVALID_ARGUMENT),  # once an absolute path
+        ("s3://adapters/team/../team/qv-r4", grpc.StatusCode.INVALID_ARGUMENT),
+    ]:
+        spec = pb.AdapterSpec(adapter_id=adapter_id, source="s3")
+        with pytest.raises(grpc.RpcError) as e:
+            stub.LoadAdapter(pb.LoadAdapterRequest(adapter=spec, adapter_index=12))
+        assert e.value.code() == code, adapter_id

@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import posixpath
 
 import grpc
 import pytest
 
-from loraxpy.router.adapters import AdapterRegistry, AdapterState
-from loraxpy.router.errors import NotFoundError, UnauthorizedError, ValidationError
-from loraxpy.router.worker_client import WorkerError
+from loraxpy.proto.adapter_policy import AdapterIdError, AdapterPolicy, AdapterRef, not_found_message
+from loraxpy.router.adapters import AdapterRegistry
+from loraxpy.router.errors import NotFoundError, OverloadedError, ValidationError
+from loraxpy.router.worker_client import AdapterMerge, WorkerError
 
 
 class RecordingWorkers:
-    """Records adapter RPCs; refuses the adapter ids in `broken` the way a worker does."""
+    """Records adapter RPCs; refuses the adapter ids in `broken` the way a worker does; a hub
+    adapter in `readers` may be read only with one of its tokens ("" for no token)."""
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self.on_device: set[int] = set()
         self.calls: list[tuple[str, int]] = []
-        self.broken = {"corrupt": "adapter weights are unreadable", "gone": "adapter 'gone' not found"}
+        self.broken = {"corrupt": "adapter weights are unreadable"}
+        self.readers = {"org/private": {"token-a"}, "org/public": {"", "token-a", "token-b", "token-x"}}
+        self.checks: list[tuple[str, str]] = []
+
+    async def download_adapter(self, adapter_id: str, source: str, api_token: str = "") -> int:
+        await asyncio.sleep(0)
+        self.checks.append((adapter_id, api_token))
+        if api_token not in self.readers.get(adapter_id, ()):
+            raise WorkerError(
+                "DownloadAdapter failed", grpc.StatusCode.NOT_FOUND, not_found_message(adapter_id)
+            )
+        return 1
 
     async def load_adapter(
         self, index: int, adapter_id: str, source: str, api_token: str = "", merge: object = None
@@ -27,6 +41,10 @@ class RecordingWorkers:
         await asyncio.sleep(0)
         if adapter_id in self.broken:
             raise WorkerError("LoadAdapter failed", grpc.StatusCode.INVALID_ARGUMENT, self.broken[adapter_id])
+        if adapter_id == "gone":
+            raise WorkerError("LoadAdapter failed", grpc.StatusCode.NOT_FOUND, not_found_message("gone"))
+        if adapter_id == "slow":
+            raise WorkerError("LoadAdapter failed", grpc.StatusCode.DEADLINE_EXCEEDED, "took longer than 1 s")
         assert len(self.on_device) < self.slots, "the registry never loads into a full device"
         self.on_device.add(index)
         self.calls.append(("load", index))
@@ -37,9 +55,9 @@ class RecordingWorkers:
         self.calls.append(("offload", index))
 
 
-def registry(slots: int) -> tuple[AdapterRegistry, RecordingWorkers]:
+def registry(slots: int, policy: AdapterPolicy | None = None) -> tuple[AdapterRegistry, RecordingWorkers]:
     workers = RecordingWorkers(slots)
-    return AdapterRegistry(workers, slots), workers  # type: ignore[arg-type]
+    return AdapterRegistry(workers, slots, policy=policy), workers  # type: ignore[arg-type]
 
 
 def test_idle_adapters_are_offloaded_least_recently_used_first() -> None:
@@ -91,17 +109,70 @@ def test_a_failed_load_fails_only_its_request_with_the_workers_message() -> None
     asyncio.run(run())
 
 
-def test_a_private_adapter_needs_the_token_it_was_loaded_with() -> None:
+def test_hub_adapters_are_authorized_per_token_and_no_token_owns_an_id() -> None:
+    async def run() -> None:
+        reg, workers = registry(2)
+        # An attacker asking first with some token neither gets it nor locks the owner out.
+        with pytest.raises(NotFoundError):
+            await reg.acquire("org/private", "hub", "token-x")
+        index = await reg.acquire("org/private", "hub", "token-a")
+        await reg.release(index)
+        await reg.release(await reg.acquire("org/private", "hub", "token-a"))
+        assert workers.checks.count(("org/private", "token-a")) == 1  # checked once, then remembered
+        # Other tokens, no token and every spelling of the id: the same 404 as an adapter that is not there.
+        for adapter_id, token in [
+            ("org/private", ""),
+            ("org/private", "token-b"),
+            ("org/private/", ""),
+            ("./org/private", "token-b"),
+            ("org/private/.", ""),
+            ("org/absent", ""),
+        ]:
+            with pytest.raises(NotFoundError) as e:
+                await reg.acquire(adapter_id, "hub", token)
+            assert e.value.message == not_found_message(posixpath.normpath(adapter_id))
+        # The owner's spellings all share the one entry.
+        for variant in ("org/private/", "./org/private", "org/private/."):
+            held = await reg.acquire(variant, "hub", "token-a")
+            assert held == index
+            await reg.release(held)
+        await reg.release(await reg.acquire("org/public", "hub"))
+        await reg.release(await reg.acquire("org/public", "hub", "token-b"))
+        assert [e.adapter_id for e in reg.loaded()] == ["org/private", "org/public"]
+        assert [e.adapter_id for e in reg.public()] == ["org/public"]  # what /v1/models lists
+
+    asyncio.run(run())
+
+
+def test_every_part_of_a_merge_is_authorized() -> None:
     async def run() -> None:
         reg, _ = registry(2)
-        await reg.release(await reg.acquire("org/private", "hub", "token-a"))
-        await reg.release(await reg.acquire("org/private", "hub", "token-a"))
-        for other in ("", "token-b"):
-            with pytest.raises(UnauthorizedError, match="private"):
-                await reg.acquire("org/private", "hub", other)
-        await reg.release(await reg.acquire("org/public", "hub"))
-        await reg.release(await reg.acquire("org/public", "hub", "any-token"))
-        assert reg.entries[("org/private", "hub")].state is AdapterState.READY
+        await reg.release(await reg.acquire("org/private", "hub", "token-a"))  # its owner loaded it
+        merge = AdapterMerge(("org/public", "org/private/."), (1.0, 1.0))
+        for token in ("", "token-b"):
+            with pytest.raises(NotFoundError, match="org/private"):
+                await reg.acquire("m", "hub", token, merge)
+        index = await reg.acquire("m", "hub", "token-a", merge)
+        entry = next(e for e in reg.loaded() if e.index == index)
+        assert entry.merge is not None and entry.merge.adapter_ids == ("org/public", "org/private")
+        assert entry not in reg.public()
+        await reg.release(index)
+
+    asyncio.run(run())
+
+
+def test_the_policy_refuses_sources_and_buckets_before_any_worker_call() -> None:
+    async def run() -> None:
+        reg, workers = registry(2, AdapterPolicy(frozenset({"local", "s3"}), s3_buckets=("team",)))
+        with pytest.raises(ValidationError) as e:
+            await reg.acquire("org/public", "hub")
+        assert e.value.param == "adapter_source"
+        for adapter_id in ("s3://other/x", "s3://team//etc/passwd", "s3://team/../x"):
+            with pytest.raises((NotFoundError, ValidationError)):
+                await reg.acquire(adapter_id, "s3")
+        assert workers.calls == [] and workers.checks == []
+        with pytest.raises(OverloadedError, match="longer than"):
+            await reg.acquire("slow", "local")
 
     asyncio.run(run())
 
@@ -141,3 +212,54 @@ def test_a_busy_adapter_yields_its_slot_after_the_cycle_time() -> None:
     assert "hot" in served[:cold] and "hot" in served[cold:]  # hot was served before and after
     with pytest.raises(TimeoutError):  # without a cycle time, "hot" never lets go of the slot
         asyncio.run(run(cycle_time_s=None))
+
+
+@pytest.mark.parametrize(
+    ("source", "spellings", "canonical"),
+    [
+        ("local", ["x", "x/", "./x", "x/.", "a/../x"], "x"),
+        ("hub", ["org/x", "org/x/", "./org/x", "org/x/.", "org//x"], "org/x"),
+        ("s3", ["s3://bucket/team/x", "bucket/team/x", "s3://bucket/team/x/"], "s3://bucket/team/x"),
+    ],
+)
+def test_every_spelling_of_an_id_has_one_canonical_name(
+    source: str, spellings: list[str], canonical: str
+) -> None:
+    assert {str(AdapterRef.parse(s, source)) for s in spellings} == {canonical}
+
+
+@pytest.mark.parametrize(
+    ("source", "adapter_id"),
+    [
+        ("hub", "org/x/y"),
+        ("hub", "../x"),
+        ("hub", "/org/x"),
+        ("hub", "org/x--y"),
+        ("s3", "s3://bucket//abs/path"),
+        ("s3", "s3://bucket/a/../b"),
+        ("s3", "s3://bucket"),
+        ("s3", "s3://Bad_Bucket/x"),
+        ("local", "."),
+        ("local", "x\x00y"),
+    ],
+)
+def test_ids_that_name_no_adapter_are_refused(source: str, adapter_id: str) -> None:
+    with pytest.raises(AdapterIdError):
+        AdapterRef.parse(adapter_id, source)
+
+
+def test_the_launcher_hands_its_shards_the_routers_policy() -> None:
+    from loraxpy.router.config import parse_args
+    from loraxpy.worker.config import parse_args as worker_args
+
+    config = parse_args(
+        ["--adapter-source", "local", "--allowed-hub-adapters", "acme", "--max-adapter-size-mib", "64"]
+    )
+    worker = worker_args(["--listen", "unix:///tmp/w.sock", *config.worker_adapter_args()])
+    assert worker.adapter_settings.policy() == config.adapter_policy()
+    assert config.adapter_policy().sources == {"local"} and worker.adapter_settings.max_adapter_size_mib == 64
+    with pytest.raises(ValueError, match="--allowed-s3-buckets"):
+        parse_args(["--adapter-source", "s3"])
+    assert parse_args(
+        ["--adapter-source", "s3", "--allowed-s3-buckets", "team"]
+    ).adapter_policy().s3_buckets == ("team",)

@@ -128,7 +128,7 @@ def worker_env_names() -> set[str]:
     """worker/config.py reads the worker's env; torch's env:// rendezvous and boto3 read the rest."""
     names = set(re.findall(r'(?:env\.get|_env_flag)\("([A-Z_]+)"', (REPO / "worker/config.py").read_text()))
     assert 'init_method="env://"' in (REPO / "worker/distributed.py").read_text()
-    assert "AWS_ENDPOINT_URL" in (REPO / "worker/adapters.py").read_text()
+    assert "AWS_ENDPOINT_URL" in (REPO / "worker/adapter_sources.py").read_text()
     return names | {"MASTER_ADDR", "MASTER_PORT", "AWS_ENDPOINT_URL"}
 
 
