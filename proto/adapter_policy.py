@@ -154,9 +154,10 @@ class AdapterSettings:
             raise ValueError("--max-adapter-size-mib must be >= 0 and --adapter-disk-cache-mib positive")
         if not 0 < self.adapter_load_timeout_s <= 3600:
             raise ValueError("--adapter-load-timeout-s must be in (0, 3600] seconds")
-        if not 1 <= self.max_concurrent_adapter_loads <= 4:
-            # Each waiting load holds one of the worker's 8 gRPC threads: Step must always find one.
-            raise ValueError("--max-concurrent-adapter-loads must be in [1, 4]")
+        if not 1 <= self.max_concurrent_adapter_loads <= 3:
+            # Each running or waiting load holds one of the worker's 8 gRPC threads (twice this
+            # many at most): Step and Health must always find one free.
+            raise ValueError("--max-concurrent-adapter-loads must be in [1, 3]")
 
     def policy(self, default_source: str | None = None) -> AdapterPolicy:
         """The policy; with `default_source` (the router's --adapter-source), requests are pinned to
