@@ -125,7 +125,11 @@ def lora_add(
         slots = slice(g.first_slot, g.first_slot + g.num_slots)
         for a, b, offset in weights:
             v = torch.bmm(xs, a[slots, : g.rank].transpose(1, 2))  # [num_slots, num_rows, rank]
-            delta = torch.bmm(v, b[slots, :, : g.rank].transpose(1, 2)).flatten(0, 1)  # [n, out_i]
+            bt = b[slots, :, : g.rank].transpose(1, 2)  # [num_slots, rank, out_i]
+            if g.rows is None and g.num_slots == 1:  # one adapter's contiguous rows: accumulate in place
+                y[g.start : g.start + g.num_rows, offset : offset + bt.shape[2]].addmm_(v[0], bt[0])
+                continue
+            delta = torch.bmm(v, bt).flatten(0, 1)  # [n, out_i]
             if g.keep is not None:
                 delta = delta[g.keep]
             out = y[:, offset : offset + delta.shape[1]]
