@@ -22,6 +22,7 @@ back in turn (LoRAX's --adapter-cycle-time-s).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -84,8 +85,12 @@ class AdapterRegistry:
         between_steps: Callable[[], AbstractAsyncContextManager[None]] | None = None,
         cycle_time_s: float | None = None,
         policy: AdapterPolicy | None = None,
+        max_concurrent_loads: int | None = None,
     ) -> None:
         self.client = client
+        # The workers refuse loads past their cap (--max-concurrent-adapter-loads): the router's own
+        # loads queue here instead, so a burst of new adapters waits rather than failing with 429.
+        self._loads = asyncio.Semaphore(max_concurrent_loads) if max_concurrent_loads else None
         self.policy = policy or AdapterPolicy()
         self._grants: OrderedDict[tuple[AdapterRef, str], None] = OrderedDict()
         self._checks: dict[tuple[AdapterRef, str], asyncio.Future[int]] = {}
@@ -262,9 +267,10 @@ class AdapterRegistry:
                 except BaseException:
                     victim.state = AdapterState.READY
                     raise
-            await self.client.load_adapter(
-                entry.index, entry.adapter_id, entry.source, entry.load_token, entry.merge
-            )
+            async with self._loads or contextlib.nullcontext():
+                await self.client.load_adapter(
+                    entry.index, entry.adapter_id, entry.source, entry.load_token, entry.merge
+                )
             entry.state = AdapterState.READY
             entry.has_loaded = True
             entry.loaded_at = time.monotonic()

@@ -199,6 +199,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
             between_steps=engine.between_steps,
             cycle_time_s=config.adapter_cycle_time_s,
             policy=config.adapter_policy(),
+            max_concurrent_loads=config.max_concurrent_adapter_loads,
         ),
     )
     return state, engine

@@ -263,3 +263,41 @@ def test_the_launcher_hands_its_shards_the_routers_policy() -> None:
     assert parse_args(
         ["--adapter-source", "s3", "--allowed-s3-buckets", "team"]
     ).adapter_policy().s3_buckets == ("team",)
+
+
+class CappedWorkers(RecordingWorkers):
+    """Refuses a load past `cap` in flight, as a worker does past --max-concurrent-adapter-loads."""
+
+    def __init__(self, slots: int, cap: int) -> None:
+        super().__init__(slots)
+        self.cap, self.in_flight, self.most = cap, 0, 0
+
+    async def load_adapter(
+        self, index: int, adapter_id: str, source: str, api_token: str = "", merge: object = None
+    ) -> int:
+        if self.in_flight >= self.cap:
+            raise WorkerError("LoadAdapter failed", grpc.StatusCode.RESOURCE_EXHAUSTED, "too many loads")
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(0.01)
+            return await super().load_adapter(index, adapter_id, source, api_token, merge)
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.mark.parametrize("cap", [1, 2, 3])
+def test_a_burst_of_new_adapters_queues_within_the_workers_load_cap(cap: int) -> None:
+    async def run() -> CappedWorkers:
+        workers = CappedWorkers(slots=16, cap=cap)
+        reg = AdapterRegistry(workers, 16, max_concurrent_loads=cap)  # type: ignore[arg-type]
+
+        async def use(name: str) -> None:
+            await reg.release(await reg.acquire(name, "local"))
+
+        await asyncio.gather(*(use(f"a{i}") for i in range(16)))
+        return workers
+
+    workers = asyncio.run(run())
+    assert len([c for c in workers.calls if c[0] == "load"]) == 16, "every adapter loaded, none refused"
+    assert workers.most == cap
