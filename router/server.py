@@ -52,6 +52,7 @@ from loraxpy.router.tracing import Tracer
 from loraxpy.router.validation import (
     Limits,
     ValidRequest,
+    choices,
     validate_chat,
     validate_completion,
     validate_generate,
@@ -352,7 +353,7 @@ class Api:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = await _parse(request, CompletionRequest)
         valid = await self._off_loop(validate_completion, req, self.s.limits, self.s.tokenizer)
-        valid = [v for v in valid for _ in range(req.n)]
+        valid = [c for v in valid for c in choices(v, req.n)]
         want_logprobs = req.logprobs is not None
         if req.stream:
             return await self._sse_openai(request, valid, req, chat=False, want_logprobs=want_logprobs)
@@ -364,7 +365,7 @@ class Api:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = await _parse(request, ChatCompletionRequest)
-        valid = [await self._off_loop(validate_chat, req, self.s.limits, self.s.tokenizer)] * req.n
+        valid = choices(await self._off_loop(validate_chat, req, self.s.limits, self.s.tokenizer), req.n)
         if req.stream:
             return await self._sse_openai(request, valid, req, chat=True, want_logprobs=req.logprobs)
         with self._admitted(len(valid)):

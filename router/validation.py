@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field, replace
 
@@ -357,6 +358,21 @@ def validate_openai(
         adapter_source=adapter_source,
         api_token=req.api_token or "",
     )
+
+
+def choices(valid: ValidRequest, n: int) -> list[ValidRequest]:
+    """`n` independent choices of one prompt (OpenAI's `n`): choice i > 0 samples with a seed derived
+    from the request's, so a seeded request stays reproducible; greedy choices are plain copies."""
+    seed = valid.engine.sampling.seed
+    if n <= 1 or not valid.engine.sampling.do_sample or seed is None:
+        return [valid] * n
+    out = [valid]
+    for i in range(1, n):
+        digest = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
+        derived = int.from_bytes(digest, "big") >> 1  # 63 bits, like a seed the router draws
+        sampling = replace(valid.engine.sampling, seed=derived)
+        out.append(replace(valid, engine=replace(valid.engine, sampling=sampling), seed=derived))
+    return out
 
 
 def check_num_choices(num_prompts: int, n: int, limits: Limits) -> None:

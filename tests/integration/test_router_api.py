@@ -494,3 +494,18 @@ def test_a_connection_that_never_finishes_its_headers_is_closed(server: Launcher
         started = time.monotonic()
         assert conn.recv(4096) == b"", "the server closes it"
     assert time.monotonic() - started < 25
+
+
+def test_openai_n_choices_are_independent_samples_and_a_seed_reproduces_them(server: Launcher) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+
+    def texts() -> list[str]:
+        done = client.completions.create(
+            model=base_model(server), prompt="Once upon a time", n=3, temperature=1.0, seed=5, max_tokens=12
+        )
+        assert [c.index for c in done.choices] == [0, 1, 2]
+        return [c.text for c in done.choices]
+
+    first = texts()
+    assert len(set(first)) > 1, f"three samples came out identical: {first}"
+    assert texts() == first, "the same seed gives the same choices"

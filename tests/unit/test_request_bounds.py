@@ -12,6 +12,7 @@ from loraxpy.router.errors import ValidationError
 from loraxpy.router.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, TokenizeRequest
 from loraxpy.router.validation import (
     Limits,
+    choices,
     validate_chat,
     validate_completion,
     validate_generate,
@@ -166,3 +167,15 @@ def test_every_float_field_has_a_finite_float32_range() -> None:
             assert as_float32(end) is not None
     # The sampler divides logits by temperature and repetition_penalty: neither may reach zero.
     assert FLOAT_RANGES["temperature"].low > 0 and FLOAT_RANGES["repetition_penalty"].low > 0
+
+
+def test_n_choices_sample_independently_and_a_seeded_request_stays_reproducible() -> None:
+    seeded = choices(chat(temperature=1.0, seed=7, n=3), 3)
+    seeds = [c.engine.sampling.seed for c in seeded]
+    assert seeds[0] == 7 and len(set(seeds)) == 3, "each choice draws from its own generator"
+    assert [c.seed for c in seeded] == seeds, "details report the seed each choice used"
+    assert [c.engine.sampling.seed for c in choices(chat(temperature=1.0, seed=7, n=3), 3)] == seeds
+    unseeded = [c.engine.sampling.seed for c in choices(chat(temperature=1.0, n=3), 3)]
+    assert len(set(unseeded)) == 3
+    greedy = choices(chat(temperature=0, n=2), 2)
+    assert greedy[0] is greedy[1], "greedy choices are the same computation"
