@@ -1,10 +1,12 @@
 """The chart's defences for split pods, rendered by Helm and parsed with the real CLI parsers: the
-worker secret both pods share, TLS between them, the workers' NetworkPolicy, unprivileged
-containers on a read-only root, and bounded scratch space."""
+worker secret both pods share, TLS between them, the workers' NetworkPolicy, the operator's adapter
+policy on both pods, unprivileged containers on a read-only root, and bounded scratch space."""
 
 from __future__ import annotations
 
+import argparse
 import base64
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from test_deploy import (
     render,
 )
 
+from loraxpy.proto.adapter_policy import AdapterSettings
 from loraxpy.proto.auth import read_secret
 
 COMPONENTS = ("router", "worker")
@@ -148,6 +151,107 @@ def test_network_policy_can_be_left_out() -> None:
     assert [
         d for d in render({"networkPolicy": {"enabled": False}}).docs if d["kind"] == "NetworkPolicy"
     ] == []
+
+
+# ---- the adapter policy ----
+
+# values.yaml's adapters.* key of each AdapterSettings field (proto/adapter_policy.py).
+POLICY_VALUES = {
+    "allowed_adapter_sources": "allowedSources",
+    "allowed_hub_adapters": "allowedHubAdapters",
+    "allowed_s3_buckets": "allowedS3Buckets",
+    "max_adapter_size_mib": "maxSizeMiB",
+    "adapter_disk_cache_mib": "diskCacheMiB",
+    "adapter_load_timeout_s": "loadTimeoutS",
+    "max_concurrent_adapter_loads": "maxConcurrentLoads",
+}
+POLICY_SET: dict[str, Any] = {
+    "source": "s3",
+    "allowedSources": ["s3", "hub"],
+    "allowedHubAdapters": ["acme", "meta-llama/Llama-Guard-3-1B"],
+    "allowedS3Buckets": ["adapters-prod", "adapters-eval"],
+    "maxSizeMiB": 512,
+    "diskCacheMiB": 4096,
+    "loadTimeoutS": 42.5,
+    "maxConcurrentLoads": 3,
+}
+
+
+def as_launcher_pins(router_argv: list[str]) -> AdapterSettings:
+    """What lorax-launcher hands each shard (`worker_adapter_args`), parsed by the shard's parser."""
+    parser = argparse.ArgumentParser()
+    AdapterSettings.add_arguments(parser)
+    return AdapterSettings.from_args(parser.parse_args(router_argv))
+
+
+def test_values_default_to_the_codes_adapter_settings() -> None:
+    adapters, defaults = render({}).values["adapters"], AdapterSettings()
+    assert set(POLICY_VALUES) == {f.name for f in dataclasses.fields(AdapterSettings)}
+    for name, key in POLICY_VALUES.items():
+        value = adapters[key]
+        assert (",".join(value) if isinstance(value, list) else value) == getattr(defaults, name), key
+
+
+@pytest.mark.parametrize("adapters", [{}, POLICY_SET], ids=["defaults", "set"])
+def test_router_and_every_worker_parse_the_same_adapter_policy(
+    adapters: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chart = render({"adapters": adapters, "worker": {"replicas": 2}})
+    router = parse_router(chart, monkeypatch)
+    expected = AdapterSettings(
+        **{
+            # The chart passes sources sorted, as lorax-launcher does.
+            name: ",".join(sorted(v) if name == "allowed_adapter_sources" else v)
+            if isinstance(v, list)
+            else v
+            for name, key in POLICY_VALUES.items()
+            if (v := adapters.get(key)) is not None
+        }
+    )
+    assert router.adapter_settings() == expected  # defaults: exactly the code's
+    assert router.adapter_source == adapters.get("source", "hub")
+    policy = router.adapter_policy()
+    if adapters:
+        assert policy.sources == {"s3", "hub"}
+        assert policy.hub_allowed == ("acme", "meta-llama/Llama-Guard-3-1B")
+        assert policy.s3_buckets == ("adapters-prod", "adapters-eval")
+    else:
+        assert policy.sources == {"hub"} and policy.hub_allowed == policy.s3_buckets == ()
+    # Every worker enforces the router's policy, sources pinned as lorax-launcher pins its shards.
+    pinned = as_launcher_pins(router.worker_adapter_args())
+    for rank in range(2):
+        worker = parse_worker(chart, rank, monkeypatch).adapter_settings
+        assert worker == pinned
+        assert worker == dataclasses.replace(
+            expected, allowed_adapter_sources=",".join(sorted(policy.sources))
+        )
+
+
+@pytest.mark.parametrize(
+    "adapters",
+    [{"source": "s3"}, {"allowedSources": ["hub", "s3"]}],
+    ids=["s3-source", "s3-allowed"],
+)
+def test_s3_without_allowed_buckets_fails_at_install_not_at_router_start(adapters: dict[str, Any]) -> None:
+    with pytest.raises(Exception, match="allowedS3Buckets"):
+        render({"adapters": adapters})
+
+
+def test_a_wildcard_bucket_list_reaches_both_pods_intact(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {"source": "s3", "allowedSources": "s3", "allowedS3Buckets": "*", "allowedHubAdapters": "*"}
+    chart = render({"adapters": values})  # a string, as `--set adapters.allowedS3Buckets=*` gives
+    router = parse_router(chart, monkeypatch)
+    assert (router.allowed_s3_buckets, router.allowed_hub_adapters, router.allowed_adapter_sources) == (
+        "*",
+        "*",
+        "s3",
+    )
+    worker = parse_worker(chart, 0, monkeypatch).adapter_settings
+    assert (worker.allowed_s3_buckets, worker.allowed_hub_adapters, worker.allowed_adapter_sources) == (
+        "*",
+        "*",
+        "s3",
+    )
 
 
 # ---- the containers ----

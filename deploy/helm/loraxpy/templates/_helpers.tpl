@@ -102,3 +102,48 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
   emptyDir:
     sizeLimit: {{ .Values.tmp.sizeLimit }}
 {{- end -}}
+
+{{/*
+The operator's adapter policy (proto/adapter_policy.py's AdapterSettings): the same flags on the
+router and on every worker, since both enforce it. (dict "root" $ "worker" bool). A value left
+empty ("", [] or null) is not passed: the code's default applies. Workers get the sources the
+router allows (--adapter-source unless adapters.allowedSources), as lorax-launcher pins its shards.
+*/}}
+{{- define "loraxpy.adapterPolicyArgs" -}}
+{{- $a := .root.Values.adapters -}}
+{{- $sources := $a.allowedSources | default list -}}
+{{- if kindIs "string" $sources }}{{ $sources = splitList "," $sources }}{{ end -}}
+{{- $sources = join "," ($sources | uniq | sortAlpha) -}}
+{{- $buckets := join "," ($a.allowedS3Buckets | default list) -}}
+{{- $pinned := $sources | default $a.source -}}
+{{- if and (has "s3" (splitList "," $pinned)) (not $buckets) -}}
+{{- fail "adapters.allowedS3Buckets: s3 adapters need the buckets they may come from (or \"*\" for every bucket the S3 credentials can read)" -}}
+{{- end -}}
+{{- $flags := list -}}
+{{- if .worker -}}
+{{- $flags = append $flags (printf "--allowed-adapter-sources=%s" $pinned) -}}
+{{- else if $sources -}}
+{{- $flags = append $flags (printf "--allowed-adapter-sources=%s" $sources) -}}
+{{- end -}}
+{{- with join "," ($a.allowedHubAdapters | default list) -}}
+{{- $flags = append $flags (printf "--allowed-hub-adapters=%s" .) -}}
+{{- end -}}
+{{- with $buckets -}}
+{{- $flags = append $flags (printf "--allowed-s3-buckets=%s" .) -}}
+{{- end -}}
+{{- if not (kindIs "invalid" $a.maxSizeMiB) -}}
+{{- $flags = append $flags (printf "--max-adapter-size-mib=%d" (int $a.maxSizeMiB)) -}}
+{{- end -}}
+{{- if not (kindIs "invalid" $a.diskCacheMiB) -}}
+{{- $flags = append $flags (printf "--adapter-disk-cache-mib=%d" (int $a.diskCacheMiB)) -}}
+{{- end -}}
+{{- if not (kindIs "invalid" $a.loadTimeoutS) -}}
+{{- $flags = append $flags (printf "--adapter-load-timeout-s=%v" (float64 $a.loadTimeoutS)) -}}
+{{- end -}}
+{{- if not (kindIs "invalid" $a.maxConcurrentLoads) -}}
+{{- $flags = append $flags (printf "--max-concurrent-adapter-loads=%d" (int $a.maxConcurrentLoads)) -}}
+{{- end -}}
+{{- range $flags }}
+- {{ . | quote }}
+{{- end -}}
+{{- end -}}
