@@ -51,7 +51,7 @@ class LoraBatch:
     """Per-step state shared by every adapted layer."""
 
     max_rank: int
-    slot_ranks: dict[int, int] = field(default_factory=dict)  # the manager's: slot → adapter rank
+    slot_ranks: dict[int, int] = field(default_factory=dict)  # slot → rank of the adapter it holds
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     slots: list[int] | None = None  # each token row's slot, or None when no row uses an adapter
     plan: LoraPlan | None = None  # the rows grouped by adapter, on the torch path
@@ -232,7 +232,6 @@ class LoraManager:
     config: ModelConfig | None = None
     shard: Shard = field(default_factory=Shard)
     backend: str = "torch"  # "triton" on CUDA when Triton is installed; chosen once, at attach
-    slot_ranks: dict[int, int] = field(default_factory=dict)
     # Fixed buffers for captured decode graphs (`allocate_static_batch`); None until then.
     static_segments: StaticSegments | None = None
     batch_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -259,8 +258,13 @@ class LoraManager:
         dtype = next(model.parameters()).dtype
         return cls(
             slots, batch, num_slots, max_rank, head=head, config=config, shard=shard, backend=backend,
-            slot_ranks=batch.slot_ranks, batch_device=device, dtype=dtype,
+            batch_device=device, dtype=dtype,
         )  # fmt: skip
+
+    @property
+    def slot_ranks(self) -> dict[int, int]:
+        """Slot → adapter rank: the batch owns it, since every layer's plan reads it."""
+        return self.batch.slot_ranks
 
     def _head_slots(self) -> LoraSlots:
         """The LM head's slots, allocated on first use (B is vocab × rank per slot)."""
