@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from loraxpy.proto.sampling import SamplingParams
+from loraxpy.router.grammar import CompiledGrammar, GrammarCompiler, GrammarMatcher, MaskTimer
 from loraxpy.router.scheduler import FinishReason, Scheduler, SchedulerOutput, SequenceState
 from loraxpy.router.tracing import Tracer
 from loraxpy.router.worker_client import StepResult, WorkerClient, WorkerError
@@ -63,6 +64,7 @@ class GenerateInput:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter_index: int = 0
     ignore_eos: bool = False
+    grammar: CompiledGrammar | None = None  # structured output: tokens are constrained to it
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class _Handle:
     output: RequestOutput
     trace_span: Any = None
     queue: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
+    matcher: GrammarMatcher | None = None  # structured output: where the request is in its grammar
 
 
 class Engine:
@@ -103,6 +106,7 @@ class Engine:
         on_step: Callable[[float, float, int], None] | None = None,
         tracer: Tracer | None = None,
         host_bound: bool = False,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.tracer = tracer or Tracer(None)
         # Workers compute on CPU cores: the HTTP handlers hand out a step's tokens before the next
@@ -119,6 +123,8 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._step_lock = asyncio.Lock()  # held while a step is in flight; FIFO, so no one starves
         self.is_healthy = True
+        self.grammars = grammars  # computes constrained requests' masks, all of a step's at once
+        self.mask_time = MaskTimer()
 
     @property
     def num_active(self) -> int:
@@ -162,7 +168,8 @@ class Engine:
             eos_token_ids=frozenset() if inp.ignore_eos else self.eos_token_ids,
         )
         output = RequestOutput(seq.id)
-        handle = _Handle(seq, stream, output, trace_span)
+        matcher = inp.grammar.matcher() if inp.grammar is not None else None
+        handle = _Handle(seq, stream, output, trace_span, matcher=matcher)
         self._handles[seq.id] = handle
         self.scheduler.add(seq)
         self._wake.set()
@@ -218,7 +225,8 @@ class Engine:
             self._fail_unschedulable()
             return False
         try:
-            reply = await self.client.step(out, metadata=self._note_scheduled(out))
+            masks = self._masks(out)
+            reply = await self.client.step(out, metadata=self._note_scheduled(out), masks=masks)
         except WorkerError as e:
             await self._fail_step(out, e)
             return True
@@ -246,6 +254,24 @@ class Engine:
                 metadata = self.tracer.grpc_metadata(handle.trace_span)
         return metadata
 
+    def _masks(self, out: SchedulerOutput) -> dict[int, bytes]:
+        """Allowed-token masks of the constrained requests that sample in this step."""
+        matchers: dict[int, GrammarMatcher] = {}
+        for r in out.scheduled:
+            handle = self._handles.get(r.seq.id)
+            if (
+                handle is not None
+                and handle.matcher is not None
+                and r.seq.num_computed_tokens == r.seq.num_tokens
+            ):
+                matchers[r.seq.id] = handle.matcher
+        if not matchers or self.grammars is None:
+            return {}
+        started = time.perf_counter()
+        masks = dict(zip(matchers, self.grammars.masks(list(matchers.values())), strict=True))
+        self.mask_time.add(started, len(masks))
+        return masks
+
     def _apply(self, results: list[StepResult]) -> None:
         sampled: dict[int, int] = {}
         for res in results:
@@ -256,7 +282,10 @@ class Engine:
                 handle.output.prompt_logprobs[res.prompt_logprobs_start + i] = lp
             if res.token is not None:
                 sampled[res.id] = res.token[0]
+                if handle.matcher is not None:
+                    handle.matcher.advance(res.token[0])
         self.scheduler.postprocess(sampled)
+        self._end_grammars(results)
         for res in results:
             handle = self._handles.get(res.id)
             if handle is None or res.token is None:
@@ -266,6 +295,17 @@ class Engine:
             except Exception:  # e.g. a token its detokenizer cannot handle: only this request fails
                 logger.exception("request %d: handing out a token failed", res.id)
                 self._fail(handle.seq, EngineError(STEP_FAILED))
+
+    def _end_grammars(self, results: list[StepResult]) -> None:
+        """A request whose grammar has ended stops here, as if it had sampled EOS."""
+        for res in results:
+            handle = self._handles.get(res.id)
+            if handle is None or handle.matcher is None or not handle.matcher.is_done:
+                continue
+            if handle.matcher.error:  # the workers sampled a token the mask forbade: a bug, not the client's
+                logger.error("request %d left its grammar: %s", res.id, handle.matcher.error)
+            if handle.seq.finish_reason is None:
+                self.scheduler.finish(handle.seq, FinishReason.EOS_TOKEN)
 
     def _emit(self, handle: _Handle, res: StepResult) -> None:
         assert res.token is not None

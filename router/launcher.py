@@ -26,6 +26,7 @@ from loraxpy.proto.auth import channel_credentials, new_secret
 from loraxpy.router.adapters import AdapterRegistry
 from loraxpy.router.config import RouterConfig, parse_args
 from loraxpy.router.engine import Engine
+from loraxpy.router.grammar import GrammarCompiler
 from loraxpy.router.kv_blocks import BlockAllocator
 from loraxpy.router.logs import configure_logging
 from loraxpy.router.metrics import Metrics
@@ -141,6 +142,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
     model_id = config.model_id or info.model_id or "HuggingFaceTB/SmolLM2-135M-Instruct"
     limits = derive_limits(config, info, num_blocks, model_id)
     tokenizer = Tokenizer(Path(info.model_path))
+    grammars = GrammarCompiler.for_model(Path(info.model_path), info.vocab_size, info.eos_token_ids)
     scheduler = Scheduler(
         SchedulerConfig(
             max_num_seqs=config.max_concurrent_requests,
@@ -160,6 +162,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         on_step=metrics.observe_step,
         tracer=tracer,
         host_bound=info.device_type == "cpu",
+        grammars=grammars,
     )
     info_body: dict[str, Any] = {
         "model_id": model_id,

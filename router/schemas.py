@@ -23,9 +23,31 @@ class MergedAdapters(_Body):
     majority_sign_method: str | None = None  # total (default), frequency
 
 
+class JsonSchemaFormat(_Body):
+    """OpenAI's `response_format.json_schema` (what `client.beta.chat.completions.parse` sends)."""
+
+    name: str = ""
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Body):
+    """LoRAX: `{"type": "json_object", "schema": {...}}`; OpenAI: `text`, `json_object`, or
+    `{"type": "json_schema", "json_schema": {...}}`."""
+
     type: str
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs`: at most one of a JSON schema, a regex, a choice list, a grammar."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class GenerateParameters(_Body):
@@ -86,6 +108,11 @@ class _OpenAISampling(_Body):
     user: str | None = None
     response_format: ResponseFormat | None = None
     # Not OpenAI, accepted as vLLM and LoRAX do:
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False

@@ -280,12 +280,16 @@ class Api:
         return await self._sse_lorax(request, await _parse(request, GenerateRequest))
 
     async def _generate(self, req: GenerateRequest) -> R.Generation:
-        valid = await self._off_loop(validate_generate, req, self.s.limits, self.s.tokenizer)
+        valid = await self._off_loop(
+            validate_generate, req, self.s.limits, self.s.tokenizer, self.s.engine.grammars
+        )
         with self._admitted(1):
             return await self._run(valid)
 
     async def _sse_lorax(self, request: web.Request, req: GenerateRequest) -> web.StreamResponse:
-        valid = await self._off_loop(validate_generate, req, self.s.limits, self.s.tokenizer)
+        valid = await self._off_loop(
+            validate_generate, req, self.s.limits, self.s.tokenizer, self.s.engine.grammars
+        )
         with self._admitted(1):
             return await self._stream_lorax(request, valid)
 
@@ -352,7 +356,9 @@ class Api:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = await _parse(request, CompletionRequest)
-        valid = await self._off_loop(validate_completion, req, self.s.limits, self.s.tokenizer)
+        valid = await self._off_loop(
+            validate_completion, req, self.s.limits, self.s.tokenizer, self.s.engine.grammars
+        )
         valid = [c for v in valid for c in choices(v, req.n)]
         want_logprobs = req.logprobs is not None
         if req.stream:
@@ -365,7 +371,10 @@ class Api:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = await _parse(request, ChatCompletionRequest)
-        valid = choices(await self._off_loop(validate_chat, req, self.s.limits, self.s.tokenizer), req.n)
+        valid = choices(
+            await self._off_loop(validate_chat, req, self.s.limits, self.s.tokenizer, self.s.engine.grammars),
+            req.n,
+        )
         if req.stream:
             return await self._sse_openai(request, valid, req, chat=True, want_logprobs=req.logprobs)
         with self._admitted(len(valid)):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from loraxpy.proto.sampling import MAX_TOP_LOGPROBS, SamplingError, SamplingParams, as_float32
 from loraxpy.router.engine import GenerateInput
 from loraxpy.router.errors import ValidationError
+from loraxpy.router.grammar import CompiledGrammar, GrammarCompiler
 from loraxpy.router.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -17,6 +18,7 @@ from loraxpy.router.schemas import (
     MergedAdapters,
     TokenizeRequest,
 )
+from loraxpy.router.structured import compile_spec, lorax_spec, openai_spec
 from loraxpy.router.text import TemplateError, Tokenizer
 from loraxpy.router.worker_client import AdapterMerge
 
@@ -197,7 +199,9 @@ def validate_tokenize(req: TokenizeRequest, limits: Limits, tokenizer: Tokenizer
     return ids
 
 
-def validate_generate(req: GenerateRequest, limits: Limits, tokenizer: Tokenizer) -> ValidRequest:
+def validate_generate(
+    req: GenerateRequest, limits: Limits, tokenizer: Tokenizer, grammars: GrammarCompiler | None = None
+) -> ValidRequest:
     p = req.parameters
     if not req.inputs:
         raise ValidationError("`inputs` cannot be empty", param="inputs")
@@ -214,10 +218,7 @@ def validate_generate(req: GenerateRequest, limits: Limits, tokenizer: Tokenizer
         )
     if p.watermark:
         raise ValidationError("`watermark` is not supported by this server", param="watermark")
-    if p.response_format is not None:
-        raise ValidationError(
-            "`response_format` is not supported by this server yet", param="response_format"
-        )
+    grammar = compile_spec(lorax_spec(p.response_format), "response_format", grammars)
     adapter_id, adapter_source = _adapter(p.adapter_id, p.adapter_source, limits)
     merge = None
     if p.merged_adapters is not None:
@@ -257,7 +258,9 @@ def validate_generate(req: GenerateRequest, limits: Limits, tokenizer: Tokenizer
         input_ids = input_ids[-p.truncate :]
     max_new_tokens = _length(input_ids, p.max_new_tokens, limits, "max_new_tokens")
     return ValidRequest(
-        engine=GenerateInput(tuple(input_ids), max_new_tokens, sampling, ignore_eos=p.ignore_eos_token),
+        engine=GenerateInput(
+            tuple(input_ids), max_new_tokens, sampling, ignore_eos=p.ignore_eos_token, grammar=grammar
+        ),
         stop=stop,
         seed=sampling.seed,
         details=p.details,
@@ -312,10 +315,6 @@ def _openai_common(req: CompletionRequest | ChatCompletionRequest, limits: Limit
         raise ValidationError(f"`n` must be between 1 and {max_n}", param="n")
     if req.logit_bias:
         raise ValidationError("`logit_bias` is not supported by this server", param="logit_bias")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise ValidationError(
-            "`response_format` other than text is not supported yet", param="response_format"
-        )
 
 
 def validate_openai(
@@ -328,6 +327,7 @@ def validate_openai(
     top_logprobs: int,
     top_logprobs_field: str,
     max_tokens: int | None,
+    grammar: CompiledGrammar | None = None,
 ) -> ValidRequest:
     _openai_common(req, limits)
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -350,7 +350,9 @@ def validate_openai(
     input_ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
     max_new_tokens = _length(input_ids, max_tokens, limits, "max_tokens")
     return ValidRequest(
-        engine=GenerateInput(tuple(input_ids), max_new_tokens, sampling, ignore_eos=req.ignore_eos),
+        engine=GenerateInput(
+            tuple(input_ids), max_new_tokens, sampling, ignore_eos=req.ignore_eos, grammar=grammar
+        ),
         stop=stop,
         seed=sampling.seed,
         prompt_text=prompt,
@@ -386,7 +388,17 @@ def check_num_choices(num_prompts: int, n: int, limits: Limits) -> None:
         )
 
 
-def validate_completion(req: CompletionRequest, limits: Limits, tokenizer: Tokenizer) -> list[ValidRequest]:
+def openai_grammar(
+    req: CompletionRequest | ChatCompletionRequest, grammars: GrammarCompiler | None
+) -> CompiledGrammar | None:
+    """The grammar an OpenAI request's structured-output fields ask for, compiled (or refused)."""
+    spec, param = openai_spec(req)
+    return compile_spec(spec, param, grammars)
+
+
+def validate_completion(
+    req: CompletionRequest, limits: Limits, tokenizer: Tokenizer, grammars: GrammarCompiler | None = None
+) -> list[ValidRequest]:
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not prompts:
         raise ValidationError("`prompt` cannot be empty", param="prompt")
@@ -395,6 +407,7 @@ def validate_completion(req: CompletionRequest, limits: Limits, tokenizer: Token
     if req.echo or req.suffix:
         raise ValidationError("`echo` and `suffix` are not supported by this server", param="echo")
     check_num_choices(len(prompts), req.n, limits)
+    grammar = openai_grammar(req, grammars)
     return [
         validate_openai(
             req,
@@ -405,12 +418,15 @@ def validate_completion(req: CompletionRequest, limits: Limits, tokenizer: Token
             top_logprobs=req.logprobs or 0,
             top_logprobs_field="logprobs",
             max_tokens=req.max_tokens if req.max_tokens is not None else 16,
+            grammar=grammar,
         )
         for p in prompts
     ]
 
 
-def validate_chat(req: ChatCompletionRequest, limits: Limits, tokenizer: Tokenizer) -> ValidRequest:
+def validate_chat(
+    req: ChatCompletionRequest, limits: Limits, tokenizer: Tokenizer, grammars: GrammarCompiler | None = None
+) -> ValidRequest:
     if not req.messages:
         raise ValidationError("`messages` cannot be empty", param="messages")
     check_num_choices(1, req.n, limits)
@@ -435,4 +451,5 @@ def validate_chat(req: ChatCompletionRequest, limits: Limits, tokenizer: Tokeniz
         top_logprobs=top,
         top_logprobs_field="top_logprobs",
         max_tokens=max_tokens,
+        grammar=openai_grammar(req, grammars),
     )

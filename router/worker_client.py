@@ -7,6 +7,7 @@ rank 0's answer is returned.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -125,10 +126,13 @@ def sampling_to_proto(s: SamplingParams) -> pb.SamplingParams:
     return msg
 
 
-def step_to_proto(out: SchedulerOutput) -> pb.StepRequest:
+def step_to_proto(out: SchedulerOutput, masks: Mapping[int, bytes] | None = None) -> pb.StepRequest:
+    """The step on the wire; `masks`: each constrained request's allowed-token mask, by request id."""
     req = pb.StepRequest(finished_ids=out.finished_ids)
+    masks = masks or {}
     for r in out.scheduled:
         seq = r.seq
+        mask = masks.get(seq.id, b"")
         if r.is_new:
             req.new_requests.append(
                 pb.NewRequest(
@@ -139,11 +143,17 @@ def step_to_proto(out: SchedulerOutput) -> pb.StepRequest:
                     adapter_index=seq.adapter_index,
                     block_table=seq.blocks,
                     num_scheduled_tokens=r.num_tokens,
+                    allowed_token_mask=mask,
                 )
             )
         else:
             req.cached_requests.append(
-                pb.CachedRequest(id=seq.id, new_block_ids=r.new_blocks, num_scheduled_tokens=r.num_tokens)
+                pb.CachedRequest(
+                    id=seq.id,
+                    new_block_ids=r.new_blocks,
+                    num_scheduled_tokens=r.num_tokens,
+                    allowed_token_mask=mask,
+                )
             )
     return req
 
@@ -260,10 +270,16 @@ class WorkerClient:
             )
         return blocks
 
-    async def step(self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = ()) -> StepReply:
-        """Runs one step on every shard; `metadata` carries the trace context (W3C traceparent)."""
+    async def step(
+        self,
+        out: SchedulerOutput,
+        metadata: tuple[tuple[str, str], ...] = (),
+        masks: Mapping[int, bytes] | None = None,
+    ) -> StepReply:
+        """Runs one step on every shard; `metadata` carries the trace context (W3C traceparent),
+        `masks` the allowed-token masks of constrained requests (structured output)."""
         try:
-            request = step_to_proto(out)
+            request = step_to_proto(out, masks)
         except (ValueError, TypeError) as e:  # a field beyond its wire type: the step never leaves
             raise WorkerError(
                 f"step could not be encoded: {e}", grpc.StatusCode.INVALID_ARGUMENT, str(e)

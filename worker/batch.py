@@ -23,6 +23,7 @@ class NewRequestData:
     adapter_index: int
     block_table: tuple[int, ...]
     num_scheduled_tokens: int
+    allowed_token_mask: bytes = b""  # packed bits of the tokens this step may sample; empty: any
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class CachedRequestData:
     id: int
     new_block_ids: tuple[int, ...]
     num_scheduled_tokens: int
+    allowed_token_mask: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class RequestState:
     block_table: list[int]
     generator: torch.Generator | None
     num_computed_tokens: int = 0
+    allowed_token_mask: bytes = b""  # this step's (structured output); empty: any token
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ def validate_step(
             raise WorkerInputError(f"request {new.id} is already live; new request ids must be unique")
         seen.add(new.id)
         _validate_new(new, limits)
+        _validate_mask(new.id, new.allowed_token_mask, limits)
         if new.adapter_index and new.adapter_index not in loaded_adapters:
             raise WorkerInputError(f"request {new.id}: adapter index {new.adapter_index} is not loaded")
     for cached in step.cached_requests:
@@ -105,10 +109,20 @@ def validate_step(
             raise WorkerInputError(f"request {cached.id} is scheduled twice in one step")
         seen.add(cached.id)
         _validate_cached(cached, live[cached.id], limits)
+        _validate_mask(cached.id, cached.allowed_token_mask, limits)
     if step.num_scheduled_tokens > limits.max_step_tokens:
         raise WorkerInputError(
             f"step schedules {step.num_scheduled_tokens} tokens, more than the {limits.max_step_tokens} "
             "profiled at warmup"
+        )
+
+
+def _validate_mask(rid: int, mask: bytes, limits: Limits) -> None:
+    expected = 4 * ((limits.vocab_size + 31) // 32)
+    if mask and len(mask) != expected:
+        raise WorkerInputError(
+            f"request {rid}: allowed_token_mask has {len(mask)} bytes; the vocabulary of "
+            f"{limits.vocab_size} tokens needs {expected}"
         )
 
 

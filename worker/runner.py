@@ -32,7 +32,7 @@ from loraxpy.worker.lora import LoraManager, StagedAdapter, num_adapter_slots
 from loraxpy.worker.merge import MergeRequest
 from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
-from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample
+from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample, unpack_token_masks
 from loraxpy.worker.self_check import SelfCheck, attention_of
 from loraxpy.worker.weights import load_weights
 
@@ -260,12 +260,14 @@ class ModelRunner:
                 block_table=list(new.block_table),
                 # Shards must draw alike: without a seed, every shard falls back to the request id.
                 generator=make_generator(new.params, self.options.device, fallback_seed=new.id),
+                allowed_token_mask=new.allowed_token_mask,
             )
             self.requests[new.id] = state
             scheduled.append((state, new.num_scheduled_tokens))
         for cached in step.cached_requests:
             state = self.requests[cached.id]
             state.block_table.extend(cached.new_block_ids)
+            state.allowed_token_mask = cached.allowed_token_mask
             scheduled.append((state, cached.num_scheduled_tokens))
         return scheduled
 
@@ -297,7 +299,8 @@ class ModelRunner:
                 SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator)
                 for s, _ in (scheduled[i] for i, _ in sampling)
             ]
-            result = sample(logits, sampling_rows)
+            masks = [scheduled[i][0].allowed_token_mask for i, _ in sampling]
+            result = sample(logits, sampling_rows, unpack_token_masks(masks, logits.shape[1], logits.device))
             for k, (i, _) in enumerate(sampling):
                 top = tuple((int(t), float(lp)) for t, lp in result.top_logprobs[k])
                 tokens[i] = ((result.token_ids[k], result.logprobs[k]), top)

@@ -127,8 +127,29 @@ def _typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop & (mass < 1), float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """logits [num_rows, vocab] fp32 → processed logits; warpers apply to sampling rows only."""
+def unpack_token_masks(masks: list[bytes], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """Packed allowed-token masks (bit t % 8 of byte t // 8; b"" = any token) → [num_rows, vocab] bool,
+    or None when no row is constrained. Each mask covers the vocabulary (the step was validated)."""
+    if not any(masks):
+        return None
+    width = max(len(m) for m in masks)
+    packed = bytearray().join(m if m else b"\xff" * width for m in masks)
+    # packed: [num_rows, width] uint8 → bits [num_rows, width * 8], least significant bit first.
+    u8 = torch.frombuffer(packed, dtype=torch.uint8).view(len(masks), width).to(device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=device)
+    bits = (u8[:, :, None] >> shifts) & 1
+    return bits.view(len(masks), width * 8)[:, :vocab_size].bool()
+
+
+def process_logits(
+    logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """logits [num_rows, vocab] fp32 → processed logits; warpers apply to sampling rows only.
+
+    `allowed` [num_rows, vocab] bool (structured output): disallowed tokens become -inf first, so
+    penalties and warpers see only what the grammar allows."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if any(r.params.has_penalties for r in rows):
         logits = _apply_penalties(logits, rows)
     is_sampling = torch.tensor([r.params.do_sample for r in rows], device=logits.device)[:, None]
@@ -137,12 +158,15 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     return logits
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
-    """Chooses one token per row: argmax for greedy rows, an exponential race for sampling rows."""
+def sample(
+    logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor | None = None
+) -> SampleOutput:
+    """Chooses one token per row: argmax for greedy rows, an exponential race for sampling rows,
+    among the tokens `allowed` ([num_rows, vocab] bool, or None: all) permits."""
     # logits: [num_rows, vocab] fp32. Log-probs are reported on the raw logits: logit - logsumexp
     # for the few tokens asked for, never a whole [num_rows, vocab] log-softmax.
     log_norm = logits.logsumexp(dim=-1, keepdim=True)  # [num_rows, 1]
-    processed = process_logits(logits, rows)
+    processed = process_logits(logits, rows, allowed)
     chosen = processed.argmax(dim=-1)
     sampling = [i for i, r in enumerate(rows) if r.params.do_sample]
     if sampling:

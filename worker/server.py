@@ -104,13 +104,14 @@ def step_from_proto(req: pb.StepRequest) -> StepInput:
                 adapter_index=r.adapter_index,
                 block_table=tuple(r.block_table),
                 num_scheduled_tokens=r.num_scheduled_tokens,
+                allowed_token_mask=r.allowed_token_mask,
             )
         )
     return StepInput(
         finished_ids=tuple(req.finished_ids),
         new_requests=tuple(new_requests),
         cached_requests=tuple(
-            CachedRequestData(r.id, tuple(r.new_block_ids), r.num_scheduled_tokens)
+            CachedRequestData(r.id, tuple(r.new_block_ids), r.num_scheduled_tokens, r.allowed_token_mask)
             for r in req.cached_requests
         ),
     )

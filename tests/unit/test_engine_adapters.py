@@ -27,7 +27,9 @@ class StatefulWorker:
         self.on_device: set[int] = set()
         self.step_seconds = 0.005
 
-    async def step(self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = ()) -> StepReply:
+    async def step(
+        self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = (), masks: object = None
+    ) -> StepReply:
         # The step reaches the worker a little later: an offload sent meanwhile may be served first.
         await asyncio.sleep(self.step_seconds)
         for rid in out.finished_ids:

@@ -44,7 +44,9 @@ class StrictWorker:
             if not r.is_new and r.seq.id not in self.live:
                 self._refuse(f"request {r.seq.id} is unknown")
 
-    async def step(self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = ()) -> StepReply:
+    async def step(
+        self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = (), masks: object = None
+    ) -> StepReply:
         await asyncio.sleep(0.002)
         self._validate(out)
         self.live -= set(out.finished_ids)
@@ -165,7 +167,9 @@ class EncodingClient(WorkerClient):
     ) -> list[object]:
         return [pb.StepResponse()]
 
-    async def step(self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = ()) -> StepReply:
+    async def step(
+        self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = (), masks: object = None
+    ) -> StepReply:
         await super().step(out, metadata)  # encodes (and refuses) as the real client does
         return await self.worker.step(out, metadata)
 

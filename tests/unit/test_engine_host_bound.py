@@ -21,7 +21,9 @@ class RecordingWorker:
         self.sampled = 0
         self.lag_at_step: list[int] = []
 
-    async def step(self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = ()) -> StepReply:
+    async def step(
+        self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = (), masks: object = None
+    ) -> StepReply:
         self.lag_at_step.append(self.sampled - len(self.received))
         await asyncio.sleep(0.001)
         results = []

@@ -15,7 +15,14 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, process_logits, sample
+from loraxpy.worker.sampling import (
+    SamplingParams,
+    SamplingRow,
+    make_generator,
+    process_logits,
+    sample,
+    unpack_token_masks,
+)
 
 VOCAB = 50
 CPU = torch.device("cpu")
@@ -162,3 +169,45 @@ def test_sampled_frequencies_follow_the_processed_distribution() -> None:
 def test_invalid_parameters_are_refused_naming_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def _pack(allowed: list[bool]) -> bytes:
+    """The wire's packing, written out bit by bit (the slow twin of unpack_token_masks)."""
+    out = bytearray(4 * ((len(allowed) + 31) // 32))
+    for t, ok in enumerate(allowed):
+        if ok:
+            out[t // 8] |= 1 << (t % 8)
+    return bytes(out)
+
+
+def test_token_masks_unpack_bit_for_bit_and_an_empty_mask_allows_everything() -> None:
+    gen = torch.Generator().manual_seed(7)
+    wanted = (torch.rand(3, VOCAB, generator=gen) < 0.3).tolist()
+    masks = [_pack(wanted[0]), b"", _pack(wanted[2])]
+    allowed = unpack_token_masks(masks, VOCAB, CPU)
+    assert allowed is not None
+    assert allowed[0].tolist() == wanted[0]
+    assert allowed[1].all()
+    assert allowed[2].tolist() == wanted[2]
+    assert unpack_token_masks([b"", b""], VOCAB, CPU) is None
+
+
+@pytest.mark.parametrize("params", PARAM_SETS, ids=str)
+def test_masked_rows_choose_only_allowed_tokens_and_unmasked_rows_are_unchanged(params) -> None:
+    logits, rows = random_rows([params, params], seed=3)
+    only = [3, 17, 41]
+    allowed = unpack_token_masks([_pack([t in only for t in range(VOCAB)]), b""], VOCAB, CPU)
+    for row in rows:
+        if row.generator is not None:
+            row.generator.manual_seed(5)
+    masked = sample(logits, rows, allowed)
+    for row in rows:
+        if row.generator is not None:
+            row.generator.manual_seed(5)
+    plain = sample(logits, rows)
+    assert masked.token_ids[0] in only
+    if not params.do_sample:  # greedy under a mask: the best allowed token after penalties
+        best = process_logits(logits, rows)[0, only].argmax()
+        assert masked.token_ids[0] == only[int(best)]
+    assert masked.token_ids[1] == plain.token_ids[1]
+    assert masked.logprobs[1] == plain.logprobs[1]
