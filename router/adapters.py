@@ -17,6 +17,11 @@ slot another token loaded. Not found and not allowed are the same 404.
 No adapter starves: once an adapter has held its slot for `cycle_time_s` while requests for other
 adapters wait for one, its new requests queue behind them; it drains, yields its slot, and comes
 back in turn (LoRAX's --adapter-cycle-time-s).
+
+Memory stays bounded whatever ids clients send: an adapter off the device that no request holds
+or waits for leaves the registry, and its index goes to the next new adapter. Reuse is safe
+because an index reaches a step only once its new adapter's LoadAdapter succeeded, and a worker's
+load under an index replaces whatever that index held.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import heapq
 import itertools
 import logging
 import time
@@ -68,11 +74,11 @@ class AdapterEntry:
     index: int
     state: AdapterState = AdapterState.OFFLOADED
     num_active: int = 0  # requests holding it
+    num_pending: int = 0  # requests in `acquire` for it (authorized, waiting for a slot or loading)
     last_used: float = field(default_factory=time.monotonic)
     # A token of a request allowed to use it, for (re)loading after an offload; never logged.
     load_token: str = field(default="", repr=False)
     ref: AdapterRef | None = None  # None for a merge
-    has_loaded: bool = False
     merge: AdapterMerge | None = None  # a per-request merge of other adapters (adapter_id is its key)
     loaded_at: float = 0.0  # when it last reached the device (monotonic)
 
@@ -100,6 +106,7 @@ class AdapterRegistry:
         self.num_slots = num_slots
         self.entries: dict[tuple[str, str], AdapterEntry] = {}
         self._indices = itertools.count(1)
+        self._free_indices: list[int] = []  # of adapters that left the registry, smallest first
         self._changed = asyncio.Condition()
         self._queue: list[tuple[int, AdapterEntry]] = []  # (ticket, wanted) waiting, in arrival order
         self._tickets = itertools.count()
@@ -131,19 +138,29 @@ class AdapterRegistry:
         entry = self.entries.get(key)
         if entry is None:
             ref = None if merge else refs[0]
-            entry = self.entries[key] = AdapterEntry(
-                key[0], source, next(self._indices), merge=merge, ref=ref
-            )
+            entry = self.entries[key] = AdapterEntry(key[0], source, self._new_index(), merge=merge, ref=ref)
         entry.load_token = api_token  # authorized above: a (re)load may use it
         entry.last_used = time.monotonic()
+        entry.num_pending += 1
         try:
             await self._ensure_loaded(entry)  # on success, this request holds the adapter
-        except BaseException:
-            waited_on = any(e is entry for _, e in self._queue)
-            if entry.state is AdapterState.OFFLOADED and not entry.has_loaded and not waited_on:
-                self.entries.pop(key, None)  # a failed first load leaves no trace (nor its token)
-            raise
+        finally:
+            entry.num_pending -= 1
+            self._forget_if_unused(entry)  # a failed load leaves no trace (nor its token)
         return entry.index
+
+    def _new_index(self) -> int:
+        return heapq.heappop(self._free_indices) if self._free_indices else next(self._indices)
+
+    def _forget_if_unused(self, entry: AdapterEntry) -> None:
+        """Drops an adapter that is off the device and that no request holds or waits for; its
+        index is free again. The next adapter given it is loaded under it before any step uses it."""
+        if entry.state is not AdapterState.OFFLOADED or entry.num_active or entry.num_pending:
+            return
+        key = (entry.adapter_id, entry.source)
+        if self.entries.get(key) is entry:
+            del self.entries[key]
+            heapq.heappush(self._free_indices, entry.index)
 
     def _ref(self, adapter_id: str, source: str) -> AdapterRef:
         try:
@@ -272,7 +289,6 @@ class AdapterRegistry:
                     entry.index, entry.adapter_id, entry.source, entry.load_token, entry.merge
                 )
             entry.state = AdapterState.READY
-            entry.has_loaded = True
             entry.loaded_at = time.monotonic()
             entry.num_active += 1  # the loader's hold
             logger.info("loaded adapter %s (index %d)", entry.adapter_id, entry.index)
@@ -282,6 +298,7 @@ class AdapterRegistry:
                 raise _adapter_error(entry.adapter_id, e) from None
             raise
         finally:
+            self._forget_if_unused(entry)  # a load whose requests all left, and that failed
             async with self._changed:
                 self._changed.notify_all()
 
@@ -293,6 +310,7 @@ class AdapterRegistry:
                 await self.client.offload_adapter(victim.index)
         victim.state = AdapterState.OFFLOADED
         logger.info("offloaded adapter %s (index %d)", victim.adapter_id, victim.index)
+        self._forget_if_unused(victim)
 
 
 def _adapter_error(adapter_id: str, e: WorkerError) -> RouterError:

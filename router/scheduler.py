@@ -124,12 +124,20 @@ class Scheduler:
         if seq.status is Status.FINISHED:
             return
         if seq.status is Status.WAITING:
-            self.waiting[seq.adapter_index].remove(seq)
+            self._unqueue(seq)
         else:
             self.running.remove(seq)
         self._free(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+
+    def _unqueue(self, seq: SequenceState) -> None:
+        """Takes a waiting request out of its adapter's queue; an empty queue goes (adapter indices
+        are reused, and the per-adapter metrics list each queue)."""
+        queue = self.waiting[seq.adapter_index]
+        queue.remove(seq)
+        if not queue:
+            del self.waiting[seq.adapter_index]
 
     @property
     def num_waiting(self) -> int:
@@ -225,7 +233,7 @@ class Scheduler:
             needed = self.allocator.blocks_needed(n, 0)
             if not self.allocator.can_allocate(needed):
                 break
-            queue.popleft()
+            self._unqueue(seq)
             seq.blocks = self.allocator.allocate(needed)
             seq.status = Status.RUNNING
             self.running.append(seq)

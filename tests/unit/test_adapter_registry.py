@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import posixpath
+import random
 
 import grpc
 import pytest
@@ -301,3 +302,89 @@ def test_a_burst_of_new_adapters_queues_within_the_workers_load_cap(cap: int) ->
     workers = asyncio.run(run())
     assert len([c for c in workers.calls if c[0] == "load"]) == 16, "every adapter loaded, none refused"
     assert workers.most == cap
+
+
+class IndexedWorkers(RecordingWorkers):
+    """Also refuses every id starting with `missing-` as not found (optionally after `gate` opens),
+    and records which adapter each index holds, as a worker's slots do."""
+
+    def __init__(self, slots: int) -> None:
+        super().__init__(slots)
+        self.held: dict[int, str] = {}
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def load_adapter(
+        self, index: int, adapter_id: str, source: str, api_token: str = "", merge: object = None
+    ) -> int:
+        if adapter_id.startswith("missing-"):
+            await self.gate.wait()
+            raise WorkerError("LoadAdapter failed", grpc.StatusCode.NOT_FOUND, not_found_message(adapter_id))
+        assert index not in self.on_device, "an index is given again only once the workers dropped it"
+        nbytes = await super().load_adapter(index, adapter_id, source, api_token, merge)
+        self.held[index] = adapter_id
+        return nbytes
+
+
+def test_a_flood_of_distinct_missing_adapters_leaves_nothing_and_indices_are_reused() -> None:
+    async def run() -> None:
+        workers = IndexedWorkers(slots=2)
+        reg = AdapterRegistry(workers, 2)  # type: ignore[arg-type]
+        held = await reg.acquire("a", "local")
+
+        async def missing(i: int) -> None:
+            with pytest.raises(NotFoundError):
+                await reg.acquire(f"missing-{i}", "local")
+
+        for start in range(0, 10_000, 50):  # 50 at once: each holds an entry and an index meanwhile
+            await asyncio.gather(*(missing(i) for i in range(start, start + 50)))
+        assert list(reg.entries) == [("a", "local")]
+        assert await reg.acquire("b", "local") == 2  # the smallest free index, not the 10,002nd
+        await reg.release(held)
+
+    asyncio.run(run())
+
+
+def test_adapters_leave_the_registry_with_the_device_and_no_request_runs_on_another_ones_index() -> None:
+    """60 adapters over 3 slots, 20 requests at a time: every request finds its own adapter under its
+    index on the workers, the registry keeps at most the adapters on the device or wanted, and the
+    indices stay within that many."""
+
+    async def run() -> None:
+        workers = IndexedWorkers(slots=3)
+        reg = AdapterRegistry(workers, 3)  # type: ignore[arg-type]
+        rng = random.Random(7)
+        seen: set[int] = set()
+
+        async def request(name: str) -> None:
+            index = await reg.acquire(name, "local")
+            seen.add(index)
+            for _ in range(rng.randrange(3)):
+                assert workers.held[index] == name and index in workers.on_device
+                await asyncio.sleep(0)
+            await reg.release(index)
+
+        for _ in range(20):
+            await asyncio.gather(*(request(f"a{rng.randrange(60)}") for _ in range(20)))
+            assert len(reg.entries) <= 3
+        assert len([c for c in workers.calls if c[0] == "load"]) > 100  # adapters really cycled
+        assert max(seen) <= 3 + 20
+
+    asyncio.run(run())
+
+
+def test_a_request_that_leaves_while_its_adapter_fails_to_load_leaves_nothing_behind() -> None:
+    async def run() -> None:
+        workers = IndexedWorkers(slots=1)
+        reg = AdapterRegistry(workers, 1)  # type: ignore[arg-type]
+        workers.gate.clear()
+        task = asyncio.ensure_future(reg.acquire("missing-x", "local"))
+        await asyncio.sleep(0.01)
+        task.cancel()  # the client left; the load runs on and fails
+        await asyncio.gather(task, return_exceptions=True)
+        workers.gate.set()
+        await asyncio.sleep(0.01)
+        assert reg.entries == {}
+        assert await reg.acquire("a", "local") == 1
+
+    asyncio.run(run())

@@ -58,3 +58,50 @@ def test_cpu_slots_are_capped_and_zero_means_no_adapters(config: ModelConfig) ->
     assert num_adapter_slots(config, Shard(), 40, 8, torch.float32, cpu, 0.1) == CPU_MAX_ADAPTER_SLOTS
     assert num_adapter_slots(config, Shard(), 5, 8, torch.float32, cpu, 0.1) == 5
     assert num_adapter_slots(config, Shard(), 0, 8, torch.float32, cpu, 0.1) == 0
+
+
+def _random_adapter(config: ModelConfig, rank: int, targets: tuple[str, ...], seed: int):
+    from loraxpy.worker.adapters import LoraAdapter, module_shape
+
+    g = torch.Generator().manual_seed(seed)
+    weights, scales = {}, {}
+    for layer in range(config.num_layers):
+        for t in targets:
+            n_in, n_out = module_shape(config, t)
+            weights[(layer, t)] = (
+                torch.randn(rank, n_in, generator=g),
+                torch.randn(n_out, rank, generator=g),
+            )
+            scales[(layer, t)] = 2.0
+    return LoraAdapter(rank, weights, scales)
+
+
+def test_an_index_given_to_another_adapter_holds_only_the_new_adapters_weights(config: ModelConfig) -> None:
+    """The router reuses the index of an adapter that left; the worker's load under that index must
+    leave nothing of the old adapter (other modules, higher rank) behind, offloaded first or not."""
+    attention = select_attention_backend(torch.device("cpu"))
+    cpu = torch.device("cpu")
+
+    def slot_tensors(manager: LoraManager) -> list[torch.Tensor]:
+        layers = list({id(lora): lora for _, lora in sorted(manager.slots.items())}.values())  # in key order
+        return [t for lora in layers for t in (lora.a, lora.b)]
+
+    old = _random_adapter(config, 8, ("q_proj", "v_proj", "down_proj", "gate_proj"), seed=1)
+    new = _random_adapter(config, 4, ("k_proj", "o_proj"), seed=2)
+
+    def manager() -> LoraManager:
+        model = CausalLM(config, shard=Shard(), attention=attention, dtype=torch.float32, device=cpu)
+        return LoraManager.attach(model, config, Shard(), 2, 8)
+
+    reference = manager()
+    reference.load(1, new)
+    for offload_first in (True, False):
+        reused = manager()
+        reused.load(1, old)
+        reused.load(2, _random_adapter(config, 8, ("q_proj",), seed=3))  # a neighbour in slot 2
+        if offload_first:
+            reused.offload(1)
+        reused.load(1, new)
+        assert reused.index_to_slot[1] == 1 and reused.slot_ranks[1] == 4
+        for got, want in zip(slot_tensors(reused), slot_tensors(reference), strict=True):
+            torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
