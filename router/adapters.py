@@ -111,6 +111,9 @@ class AdapterRegistry:
         self._queue: list[tuple[int, AdapterEntry]] = []  # (ticket, wanted) waiting, in arrival order
         self._tickets = itertools.count()
         self._background: set[asyncio.Future[None]] = set()
+        # Cleared while the workers are healed (router/healing.py): loads and offloads wait for them.
+        self.workers_up = asyncio.Event()
+        self.workers_up.set()
 
     def loaded(self) -> list[AdapterEntry]:
         return [e for e in self.entries.values() if e.state is AdapterState.READY]
@@ -276,9 +279,33 @@ class AdapterRegistry:
         idle = [e for e in on_device if e.state is AdapterState.READY and e.num_active == 0]
         return min(idle, key=lambda e: e.last_used) if idle else False
 
+    async def workers_restarted(self) -> None:
+        """The workers came back with empty slots. Adapters that requests hold are loaded again into
+        their index; the rest are marked offloaded (loaded again on their next use), so no step runs
+        against weights the workers no longer have. A swap in flight finishes on its own."""
+        held: list[AdapterEntry] = []
+        for e in list(self.entries.values()):
+            if e.state is AdapterState.READY and e.num_active > 0:
+                e.state = AdapterState.LOADING
+                held.append(e)
+            elif e.state in (AdapterState.READY, AdapterState.OFFLOADING):
+                e.state = AdapterState.OFFLOADED
+                self._forget_if_unused(e)
+        for e in held:
+            try:
+                await self.client.load_adapter(e.index, e.adapter_id, e.source, e.load_token, e.merge)
+                e.state, e.loaded_at = AdapterState.READY, time.monotonic()
+                logger.info("loaded adapter %s (index %d) again", e.adapter_id, e.index)
+            except WorkerError as err:  # its requests are refused by the workers (index not loaded)
+                e.state = AdapterState.OFFLOADED
+                logger.error("loading adapter %s again failed: %s", e.adapter_id, err.details)
+        async with self._changed:
+            self._changed.notify_all()
+
     async def _swap(self, victim: AdapterEntry | None, entry: AdapterEntry) -> None:
+        await self.workers_up.wait()
         try:
-            if victim is not None:
+            if victim is not None and victim.state is AdapterState.OFFLOADING:
                 try:
                     await self._offload(victim)
                 except BaseException:

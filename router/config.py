@@ -58,6 +58,10 @@ class RouterConfig:
     # An idle connection, or one still sending its headers, is closed after this many seconds.
     keep_alive_timeout_s: float = 75.0
     kv_cache_memory_mib: int = 1024
+    # lorax-launcher: restarts of the whole shard group after a shard dies, at most this many
+    # within --restart-window-s; one more and the launcher exits non-zero (0: never restart).
+    max_restarts: int = 3
+    restart_window_s: float = 600.0
     worker_addresses: str | None = None  # lorax-router only: comma-separated worker addresses
     # lorax-router only (the launcher makes a secret of its own for its shards): the secret every
     # worker RPC carries, from env WORKER_SECRET (no flag: `ps` shows command lines) or this file.
@@ -99,6 +103,8 @@ class RouterConfig:
         for name in ("body_read_timeout_s", "keep_alive_timeout_s"):
             if not 0 < getattr(self, name) <= 3600:
                 raise ValueError(f"--{name.replace('_', '-')} must be in (0, 3600] seconds")
+        if self.max_restarts < 0 or self.restart_window_s <= 0:
+            raise ValueError("--max-restarts must be >= 0 and --restart-window-s positive")
         if not 0 < self.adapter_memory_fraction <= 1:
             raise ValueError("--adapter-memory-fraction must be in (0, 1]")
         self._check_adapter_policy()

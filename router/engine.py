@@ -10,7 +10,9 @@ for the step in flight and release what has finished first: `between_steps` does
 No exception ends the loop: a step that fails fails the requests in it (their clients get an
 error, the log gets the cause) and the loop goes on. Only a worker's own failure marks the server
 unhealthy, until a later step succeeds; a step the workers refused (INVALID_ARGUMENT) changed
-nothing there and does not.
+nothing there and does not. With a healer attached (`on_worker_failure`, router/healing.py), a
+worker's own failure also suspends the loop: waiting requests stay queued, rather than failing
+against lost workers, until the healer has the workers back and calls `resume`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, Protocol
 
 from loraxpy.proto.sampling import SamplingParams
 from loraxpy.router.grammar import CompiledGrammar, GrammarCompiler, GrammarMatcher, MaskTimer
+from loraxpy.router.kv_blocks import BlockAllocator
 from loraxpy.router.scheduler import FinishReason, Scheduler, SchedulerOutput, SequenceState
 from loraxpy.router.tracing import Tracer
 from loraxpy.router.worker_client import StepResult, WorkerClient, WorkerError
@@ -123,12 +126,20 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._step_lock = asyncio.Lock()  # held while a step is in flight; FIFO, so no one starves
         self.is_healthy = True
+        self.on_worker_failure: Callable[[WorkerError], None] | None = None  # the healer's
+        self._resumed = asyncio.Event()  # cleared while suspended (healing)
+        self._resumed.set()
         self.grammars = grammars  # computes constrained requests' masks, all of a step's at once
         self.mask_time = MaskTimer()
 
     @property
     def num_active(self) -> int:
         return len(self._handles)
+
+    @property
+    def is_suspended(self) -> bool:
+        """No steps are sent: the workers are being healed; new requests wait in the queue."""
+        return not self._resumed.is_set()
 
     @property
     def is_running(self) -> bool:
@@ -198,8 +209,36 @@ class Engine:
                 await self.client.step(SchedulerOutput((), released))
             yield
 
+    # ---- healing (router/healing.py) ----------------------------------------------------------------
+
+    def suspend(self) -> None:
+        """Stops sending steps after the one in flight; requests keep arriving and wait."""
+        self._resumed.clear()
+
+    async def fail_running(self) -> None:
+        """Fails the requests the workers hold (their state there is lost), after the step in flight."""
+        async with self._step_lock:
+            for seq in list(self.scheduler.running):
+                self._fail(seq, EngineError(STEP_FAILED))
+
+    async def restart(self, allocator: BlockAllocator) -> None:
+        """The workers came back empty: running requests fail, waiting ones stay queued for a new
+        KV cache (`allocator`), and nothing is left to release on them."""
+        async with self._step_lock:
+            for seq in list(self.scheduler.running):
+                self._fail(seq, EngineError(STEP_FAILED))
+            self.scheduler.restart(allocator)
+
+    def resume(self) -> None:
+        self.is_healthy = True
+        self._resumed.set()
+        self._wake.set()
+
     async def _loop(self) -> None:
         while True:
+            if not self._resumed.is_set():
+                await self._resumed.wait()
+                continue
             if not self.scheduler.has_work():
                 self._wake.clear()
                 await self._wake.wait()
@@ -332,6 +371,9 @@ class Engine:
         else:
             logger.error("step failed: %s", error)
             self.is_healthy = False
+            if self.on_worker_failure is not None:
+                self.suspend()  # until the healer has checked the workers (or brought them back)
+                self.on_worker_failure(error)
         for seq in failed:
             self._fail(seq, EngineError(STEP_FAILED))
         if error.is_refusal and out.finished_ids:

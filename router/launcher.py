@@ -2,14 +2,17 @@
 
 Startup: spawn shards on unix sockets → wait until they answer → Warmup sizes the KV cache → read
 the tokenizer from the model folder → serve HTTP. SIGTERM/SIGINT stop admitting, give in-flight
-requests a grace period, stop the shards and exit 0. A shard that dies stops everything: the
-launcher exits non-zero naming the shard.
+requests a grace period, stop the shards and exit 0. A shard that dies is healed
+(router/healing.py): the launcher restarts the whole shard group (router/shards.py) and serves
+again; past --max-restarts within --restart-window-s it exits non-zero naming the shard.
+lorax-router heals too: it waits for its workers to come back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -27,11 +30,13 @@ from loraxpy.router.adapters import AdapterRegistry
 from loraxpy.router.config import RouterConfig, parse_args
 from loraxpy.router.engine import Engine
 from loraxpy.router.grammar import GrammarCompiler
+from loraxpy.router.healing import Healer, HealingFailed
 from loraxpy.router.kv_blocks import BlockAllocator
 from loraxpy.router.logs import configure_logging
 from loraxpy.router.metrics import Metrics
 from loraxpy.router.scheduler import Scheduler, SchedulerConfig
 from loraxpy.router.server import ServerState, build_app
+from loraxpy.router.shards import ShardGroup
 from loraxpy.router.text import Tokenizer
 from loraxpy.router.tracing import Tracer
 from loraxpy.router.validation import Limits
@@ -47,10 +52,6 @@ STARTUP_TIMEOUT_S = 900.0
 SHARD_ACCESS_ENV = frozenset(
     {"WORKER_SECRET_FILE", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE", "ALLOW_UNAUTHENTICATED"}
 )
-
-
-class ShardFailed(RuntimeError):
-    pass
 
 
 def _free_port() -> int:
@@ -133,12 +134,18 @@ def derive_limits(config: RouterConfig, info: WorkerInfo, num_blocks: int, model
     )
 
 
-async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[ServerState, Engine]:
-    await client.wait_ready(timeout=STARTUP_TIMEOUT_S)
+async def warm_workers(config: RouterConfig, client: WorkerClient) -> tuple[int, WorkerInfo]:
+    """Warmup then Info on every shard (at startup and after healing): the KV blocks to use."""
     num_blocks = await client.warmup(config.max_batch_prefill_tokens, config.max_concurrent_requests)
     info = await client.info()  # after Warmup: its self-check may have switched a fast path to its twin
     if config.max_batch_total_tokens:
         num_blocks = min(num_blocks, -(-config.max_batch_total_tokens // info.block_size))
+    return num_blocks, info
+
+
+async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[ServerState, Engine, WorkerInfo]:
+    await client.wait_ready(timeout=STARTUP_TIMEOUT_S)
+    num_blocks, info = await warm_workers(config, client)
     model_id = config.model_id or info.model_id or "HuggingFaceTB/SmolLM2-135M-Instruct"
     limits = derive_limits(config, info, num_blocks, model_id)
     tokenizer = Tokenizer(Path(info.model_path))
@@ -205,18 +212,23 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
             max_concurrent_loads=config.max_concurrent_adapter_loads,
         ),
     )
-    return state, engine
+    return state, engine, info
 
 
 async def serve(
     config: RouterConfig,
     client: WorkerClient,
-    shards: list[subprocess.Popen[bytes]],
+    shards: ShardGroup | None,
     ready: asyncio.Event | None = None,
 ) -> int:
-    state, engine = await build_state(config, client)
+    """Serves until SIGTERM/SIGINT (0) or until healing fails (1). `shards`: the launcher's own,
+    restarted when one dies; None for lorax-router, which waits for its workers to come back."""
+    state, engine, info = await build_state(config, client)
     engine.start()
     await _preload_adapters(config, state)
+    restart = None if shards is None else functools.partial(shards.restart, client=client)
+    healer = Healer(engine, state.adapters, functools.partial(warm_workers, config, client), info, restart)
+    healing = asyncio.create_task(healer.run(), name="healer")
     runner = web.AppRunner(
         build_app(state),
         handler_cancellation=True,
@@ -232,7 +244,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    failed = await _wait_for_stop_or_failure(stop, shards)
+    failed = await _supervise(stop, shards, healer, healing)
+    healing.cancel()
     state.is_draining = True
     if failed is None:
         await _drain(engine, GRACE_S)
@@ -256,11 +269,20 @@ async def _preload_adapters(config: RouterConfig, state: ServerState) -> None:
         await state.adapters.release(index)
 
 
-async def _wait_for_stop_or_failure(stop: asyncio.Event, shards: list[subprocess.Popen[bytes]]) -> str | None:
+async def _supervise(
+    stop: asyncio.Event, shards: ShardGroup | None, healer: Healer, healing: asyncio.Task[None]
+) -> str | None:
+    """Until SIGTERM/SIGINT, reports a shard that exits to the healer; why to stop if healing failed."""
     while not stop.is_set():
-        for rank, proc in enumerate(shards):
-            if proc.poll() is not None:
-                return f"shard {rank} exited with code {proc.returncode}"
+        if healing.done():
+            error = healing.exception()
+            if not isinstance(error, HealingFailed):
+                logger.error("the healer stopped", exc_info=error)
+            return str(error)
+        if shards is not None and not healer.is_healing:
+            dead = shards.first_dead()
+            if dead is not None:
+                healer.lost(dead)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=0.5)
     return None
@@ -272,17 +294,6 @@ async def _drain(engine: Engine, grace_s: float) -> None:
         await asyncio.sleep(0.1)
 
 
-def _stop_shards(shards: list[subprocess.Popen[bytes]]) -> None:
-    for proc in shards:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in shards:
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def main(argv: list[str] | None = None) -> None:
     try:
         config = parse_args(argv)
@@ -292,28 +303,30 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(config.json_output)
     secret = new_secret()  # this launch's shards answer only to this launcher
     with tempfile.TemporaryDirectory(prefix="lorax-") as sock_dir:  # private to this user (0700)
-        procs = spawn_shards(config, Path(sock_dir), secret)
-        shards = [p for p, _ in procs]
+        shards = ShardGroup(
+            functools.partial(spawn_shards, config, Path(sock_dir), secret),
+            config.max_restarts,
+            config.restart_window_s,
+        )
+        shards.start()
         try:
-            code = asyncio.run(_serve_or_fail(config, [a for _, a in procs], shards, secret))
+            code = asyncio.run(_serve_or_fail(config, shards, secret))
         finally:
-            _stop_shards(shards)
+            shards.stop()
     sys.exit(code)
 
 
-async def _serve_or_fail(
-    config: RouterConfig, addresses: list[str], shards: list[subprocess.Popen[bytes]], secret: str
-) -> int:
+async def _serve_or_fail(config: RouterConfig, shards: ShardGroup, secret: str) -> int:
     """Fails fast when a shard dies during startup instead of waiting out the startup timeout."""
-    client = WorkerClient(addresses, secret=secret)  # gRPC aio channels belong to the running loop
+    client = WorkerClient(shards.addresses, secret=secret)  # gRPC aio channels belong to the running loop
     ready = asyncio.Event()
     serving = asyncio.ensure_future(serve(config, client, shards, ready))
     while not serving.done() and not ready.is_set():
-        for rank, proc in enumerate(shards):
-            if proc.poll() is not None and not serving.done():
-                serving.cancel()
-                logger.error("shard %d exited with code %s during startup", rank, proc.returncode)
-                return 1
+        dead = shards.first_dead()
+        if dead is not None and not serving.done():
+            serving.cancel()
+            logger.error("%s during startup", dead)
+            return 1
         await asyncio.wait([serving], timeout=0.5)
     return await serving
 
@@ -336,7 +349,7 @@ def router_main(argv: list[str] | None = None) -> None:
         )
 
     async def run() -> int:
-        return await serve(config, worker_client(config, addresses), [])
+        return await serve(config, worker_client(config, addresses), None)
 
     sys.exit(asyncio.run(run()))
 

@@ -146,6 +146,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running or self.num_waiting or self._to_release)
 
+    def restart(self, allocator: BlockAllocator) -> None:
+        """The workers restarted and hold nothing: waiting requests (they hold no blocks) stay
+        queued for the new cache; there is nothing left to release. Running ones must be finished."""
+        assert not self.running, "finish running requests before the workers' state is gone"
+        self.allocator = allocator
+        self._to_release = []
+
     def take_released(self) -> tuple[int, ...]:
         """Ids to release on the worker now (outside a step), e.g. before offloading their adapter."""
         released, self._to_release = tuple(self._to_release), []

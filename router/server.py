@@ -316,6 +316,8 @@ class Api:
     async def health(self, request: web.Request) -> web.StreamResponse:
         if not self.s.engine.is_running:
             raise UnavailableError("the engine loop is not running")
+        if self.s.engine.is_suspended:  # router/healing.py: requests wait meanwhile
+            raise UnavailableError("the workers are being restarted; requests wait until they are back")
         if not self.s.engine.is_healthy:
             raise UnavailableError("a worker failed the last step; the server is unhealthy")
         try:

@@ -186,6 +186,11 @@ class WorkerClient:
         options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # A worker that went away is dialed again within 2 s of coming back (gRPC's default
+            # backoff grows to 2 minutes), so healing does not wait on the channel.
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         if tls_server_name:  # the name the workers' certificates carry, when not the address's host
             options.append(("grpc.ssl_target_name_override", tls_server_name))

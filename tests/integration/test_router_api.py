@@ -283,7 +283,7 @@ def test_sigterm_exits_cleanly(default_model_path: Path, tmp_path: Path) -> None
 def test_a_dead_shard_stops_the_launcher_with_a_non_zero_exit(
     default_model_path: Path, tmp_path: Path
 ) -> None:
-    with launcher(default_model_path, tmp_path) as s:
+    with launcher(default_model_path, tmp_path, "--max-restarts", "0") as s:
         children = subprocess.run(
             ["pgrep", "-P", str(s.proc.pid)], capture_output=True, text=True
         ).stdout.split()
