@@ -2,13 +2,15 @@
 
 Protobuf stops here. Every exception is mapped to a gRPC status in one place (`_rpc`): bad input
 becomes INVALID_ARGUMENT and leaves the worker's state untouched, so one bad Step never stops the
-worker serving the next one.
+worker serving the next one. A shard of a tensor-parallel group whose step fails mid-forward exits
+instead: the group is broken, and only restarting all of it mends it.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+EXIT_GROUP_BROKEN = 3  # the exit status of a shard whose tensor-parallel group broke
 
 
 def _rpc(method: F) -> F:
@@ -195,9 +198,26 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             logger.debug("step traceparent=%s", trace)
         started = time.perf_counter()
         with self.lock:
-            outputs = self.runner.step(step)
+            try:
+                outputs = self.runner.step(step)
+            except (WorkerInputError, NotReadyError):  # refused before any collective
+                raise
+            except Exception:
+                self._leave_if_sharded()
+                raise
         elapsed_us = int((time.perf_counter() - started) * 1e6)
         return pb.StepResponse(outputs=[output_to_proto(o) for o in outputs], step_time_us=elapsed_us)
+
+    def _leave_if_sharded(self) -> None:
+        """A step that failed mid-forward in a tensor-parallel group (a peer died, or this shard
+        left a collective its peers are in) leaves the group unusable: this shard exits, after
+        answering, so that the whole group restarts (lorax-launcher, or the pods' restart policy)."""
+        world_size = self.runner.options.shard.world_size
+        if world_size > 1:
+            logger.critical(
+                "a step failed inside the %d-shard group: exiting so the group restarts", world_size
+            )
+            threading.Timer(0.5, os._exit, (EXIT_GROUP_BROKEN,)).start()
 
     @_rpc
     def DownloadAdapter(

@@ -22,6 +22,8 @@ from conftest import build_tiny_model
 from launcher_process import Launcher, _wait_healthy, free_port, launcher
 from worker_driver import _spawn
 
+from loraxpy.worker.server import EXIT_GROUP_BROKEN
+
 pytestmark = pytest.mark.slow
 
 PROMPT = "w5 w17 w3 w250"
@@ -172,17 +174,29 @@ def test_a_crash_loop_exits_non_zero_after_max_restarts(tiny: Path, tmp_path: Pa
 # ---- lorax-router alone: it reconnects to workers that come back ------------------------------
 
 
-def test_lorax_router_alone_waits_for_a_restarted_worker_and_serves_the_same_tokens(
+def test_lorax_router_alone_waits_for_its_restarted_worker_pods_and_serves_the_same_tokens(
     tiny: Path, tmp_path: Path
 ) -> None:
-    address = f"unix://{tmp_path}/worker.sock"
-    args = ("--adapter-root", str(tiny.parent / "adapters"))
-    worker = _spawn(tiny, address, tmp_path / "worker-1.log", args)
+    """Two worker "pods" of one tensor-parallel group: one is killed mid-stream, the other leaves
+    the broken group by itself, both come back (as a StatefulSet's pods do) while the router waits."""
+    addresses = [f"unix://{tmp_path}/worker-{rank}.sock" for rank in range(2)]
+    rendezvous = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+
+    def start_workers(tag: str) -> list[subprocess.Popen[bytes]]:
+        args = ("--adapter-root", str(tiny.parent / "adapters"), "--kv-cache-memory-mib", "64")
+        return [
+            _spawn(
+                tiny, address, tmp_path / f"worker-{rank}-{tag}.log", args, {**rendezvous, "RANK": str(rank)}
+            )
+            for rank, address in enumerate(addresses)
+        ]
+
+    workers = start_workers("first")
     port = free_port()
     router_cmd = [
         str(Path(sys.executable).parent / "lorax-router"),
         "--worker-addresses",
-        address,
+        ",".join(addresses),
         "--hostname",
         "127.0.0.1",
         "--port",
@@ -200,16 +214,16 @@ def test_lorax_router_alone_waits_for_a_restarted_worker_and_serves_the_same_tok
         _wait_healthy(handle, 120)
         before, before_lora = generate(handle.url), generate(handle.url, "qv")
 
-        error = kill_mid_stream(handle.url, worker.kill)
+        error = kill_mid_stream(handle.url, workers[1].kill)
         assert "generation failed" in error
-        worker.wait()
+        assert workers[0].wait(timeout=ERROR_WITHIN_S) == EXIT_GROUP_BROKEN, "the survivor leaves the group"
         assert health_during_healing(handle.url) == 503
         queued, queued_lora = Queued(handle.url), Queued(handle.url, "qv")
-        time.sleep(2.0)  # the worker stays away a while: the router backs off and keeps trying
+        time.sleep(2.0)  # the workers stay away a while: the router backs off and keeps trying
         assert health_during_healing(handle.url) == 503
-        assert queued.is_alive() and queued_lora.is_alive(), "queued requests wait for the worker"
+        assert queued.is_alive() and queued_lora.is_alive(), "queued requests wait for the workers"
 
-        worker = _spawn(tiny, address, tmp_path / "worker-2.log", args)  # a rescheduled pod
+        workers = start_workers("again")  # the pods' containers restart
         wait_healthy_again(handle.url)
         queued.join(BACK_WITHIN_S)
         queued_lora.join(BACK_WITHIN_S)
@@ -220,6 +234,8 @@ def test_lorax_router_alone_waits_for_a_restarted_worker_and_serves_the_same_tok
         assert router.poll() is None, handle.log()
     finally:
         router.terminate()
-        worker.terminate()
+        for worker in workers:
+            worker.terminate()
         assert router.wait(timeout=30) == 0, handle.log()
-        worker.wait(timeout=30)
+        for worker in workers:
+            worker.wait(timeout=30)
