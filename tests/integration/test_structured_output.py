@@ -1,0 +1,291 @@
+"""Structured output through the real launcher on the default model, driven by the real `lorax-client`
+and `openai` SDKs: every output parses and validates (jsonschema), greedy equals HF transformers
+with llguidance's own mask as a logits processor, and unconstrained neighbours are untouched."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+import requests
+from launcher_process import Launcher, launcher
+from lorax import AsyncClient, Client
+from lorax.errors import ValidationError
+from pydantic import BaseModel, Field
+from structured_schemas import SCHEMAS
+from test_multi_lora_api import save_adapter
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "<|im_start|>user\nAnswer in JSON.<|im_end|>\n<|im_start|>assistant\n"
+# Free-form JSON objects: a question the model answers in a few tokens (on others it loops).
+CAPITAL = "What is the capital of France? Answer in JSON."
+CAPITAL_PROMPT = f"<|im_start|>user\n{CAPITAL}<|im_end|>\n<|im_start|>assistant\n"
+ADAPTER = "json-r8"
+
+
+@pytest.fixture(scope="module")
+def adapter_root(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("structured-adapters")
+    save_adapter(default_model_path, root / ADAPTER, 8, 16, ["q_proj", "v_proj", "down_proj"], 5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(
+    default_model_path: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Launcher]:
+    with launcher(
+        default_model_path,
+        tmp_path_factory.mktemp("structured-launcher"),
+        "--adapter-root",
+        str(adapter_root),
+        "--adapter-source",
+        "local",
+    ) as s:
+        yield s
+
+
+def base_model(server: Launcher) -> str:
+    return str(requests.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"])
+
+
+def test_every_schema_validates_greedy_and_sampled_with_and_without_an_adapter(server: Launcher) -> None:
+    client = AsyncClient(server.url, timeout=300)
+    cases = [
+        (name, adapter, sample) for name in SCHEMAS for adapter in (None, ADAPTER) for sample in (False, True)
+    ]
+
+    async def one(name: str, adapter: str | None, sample: bool) -> Any:
+        return await client.generate(
+            PROMPT,
+            adapter_id=adapter,
+            max_new_tokens=160,
+            do_sample=sample,
+            seed=7 if sample else None,
+            response_format={"type": "json_object", "schema": SCHEMAS[name]},
+        )
+
+    async def run() -> list[Any]:
+        return list(await asyncio.gather(*(one(*case) for case in cases)))
+
+    responses = asyncio.run(run())
+    for (name, adapter, sample), response in zip(cases, responses, strict=True):
+        where = f"{name} adapter={adapter} sample={sample}: {response.generated_text!r}"
+        assert response.details.finish_reason.value == "eos_token", where
+        jsonschema.validate(json.loads(response.generated_text), SCHEMAS[name])
+    # The adapter changes what the model writes, inside the same grammar.
+    greedy = {(c[0], c[1]): r.generated_text for c, r in zip(cases, responses, strict=True) if not c[2]}
+    assert any(greedy[(n, None)] != greedy[(n, ADAPTER)] for n in SCHEMAS)
+
+
+def test_a_json_object_without_a_schema_is_any_object(server: Launcher) -> None:
+    # lorax-client always sends a schema; LoRAX's API also takes none.
+    body = {
+        "inputs": PROMPT,
+        "parameters": {"max_new_tokens": 200, "response_format": {"type": "json_object"}},
+    }
+    response = requests.post(server.url + "/generate", json=body, timeout=120)
+    assert response.status_code == 200
+    assert isinstance(json.loads(response.json()["generated_text"]), dict)
+
+
+def test_an_unconstrained_request_beside_constrained_ones_is_unchanged(server: Launcher) -> None:
+    client = AsyncClient(server.url, timeout=300)
+    plain = "<|im_start|>user\nWrite one sentence about the sea.<|im_end|>\n<|im_start|>assistant\n"
+
+    async def unconstrained() -> list[int]:
+        response = await client.generate(plain, max_new_tokens=24, details=True)
+        return [t.id for t in response.details.tokens]
+
+    async def crowd() -> list[int]:
+        constrained = [
+            client.generate(PROMPT, max_new_tokens=40, response_format={"type": "json_object", "schema": s})
+            for s in list(SCHEMAS.values())[:6]
+        ]
+        results = await asyncio.gather(unconstrained(), *constrained)
+        return results[0]
+
+    alone = asyncio.run(unconstrained())
+    assert asyncio.run(crowd()) == alone
+
+
+def test_greedy_constrained_output_equals_transformers_with_llguidances_mask(
+    server: Launcher, default_model_path: Path
+) -> None:
+    import llguidance
+    import llguidance.hf
+    import llguidance.torch
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+    vocab = model.config.vocab_size
+    llg_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
+
+    class GrammarMask(LogitsProcessor):
+        def __init__(self, schema: dict[str, Any], prompt_len: int) -> None:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_flexible": False}
+            )
+            self.matcher = llguidance.LLMatcher(llg_tokenizer, grammar)
+            self.prompt_len = prompt_len
+            self.mask = llguidance.torch.allocate_token_bitmask(1, vocab)
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            if input_ids.shape[1] > self.prompt_len:
+                assert self.matcher.consume_token(int(input_ids[0, -1]))
+            llguidance.torch.fill_next_token_bitmask(self.matcher, self.mask)
+            llguidance.torch.apply_token_bitmask_inplace(scores, self.mask)
+            return scores
+
+    client = Client(server.url, timeout=120)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    for name in ("nested", "any_of_objects"):
+        schema = SCHEMAS[name]
+        processors = LogitsProcessorList([GrammarMask(schema, ids.shape[1])])
+        out = model.generate(ids, max_new_tokens=40, do_sample=False, logits_processor=processors)
+        expected = out[0, ids.shape[1] :].tolist()
+        response = client.generate(
+            PROMPT, max_new_tokens=40, details=True, response_format={"type": "json_object", "schema": schema}
+        )
+        ours = [t.id for t in response.details.tokens]
+        # The server ends as soon as the grammar is complete; HF spends one more step on the EOS.
+        assert expected == [*ours, tokenizer.convert_tokens_to_ids("<|im_end|>")], name
+
+
+def test_a_grammar_cut_short_by_max_tokens_finishes_with_length(server: Launcher) -> None:
+    schema = SCHEMAS["array_of_objects"]
+    response = Client(server.url, timeout=120).generate(
+        PROMPT, max_new_tokens=4, response_format={"type": "json_object", "schema": schema}
+    )
+    assert response.details.finish_reason.value == "length"
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    chat = oai.chat.completions.create(
+        model=base_model(server),
+        messages=[{"role": "user", "content": "Answer in JSON."}],
+        max_tokens=4,
+        response_format={"type": "json_schema", "json_schema": {"name": "items", "schema": schema}},
+    )
+    assert chat.choices[0].finish_reason == "length"
+
+
+def test_bad_schemas_regexes_and_grammars_are_refused_with_the_engines_message(server: Launcher) -> None:
+    with pytest.raises(ValidationError, match="strin"):
+        Client(server.url).generate(
+            PROMPT, response_format={"type": "json_object", "schema": {"type": "strin"}}
+        )
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    messages = [{"role": "user", "content": "hi"}]
+    for body, param, message in [
+        ({"structured_outputs": {"regex": "a(b"}}, "structured_outputs.regex", "unclosed group"),
+        ({"guided_grammar": "start: foo"}, "guided_grammar", "foo"),
+        ({"guided_choice": []}, "guided_choice", "at least one"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "at most one"),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=message) as caught:
+            oai.chat.completions.create(model=base_model(server), messages=messages, extra_body=body)
+        assert caught.value.status_code == 400
+        assert caught.value.body["param"] == param  # type: ignore[index]
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=20)
+    age: int = Field(ge=0, le=120)
+    hobbies: list[str] = Field(min_length=1, max_length=2)
+
+
+def test_openai_parse_with_a_pydantic_model_returns_a_parsed_object(server: Launcher) -> None:
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    completion = oai.chat.completions.parse(
+        model=base_model(server),
+        messages=[{"role": "user", "content": "Describe a person."}],
+        response_format=Person,
+        max_tokens=120,
+        temperature=0,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert isinstance(choice.message.parsed, Person)
+
+
+def test_openai_json_schema_and_json_object_streamed_and_not(server: Launcher) -> None:
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    schema = SCHEMAS["nested"]
+    formats: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        (
+            {"type": "json_schema", "json_schema": {"name": "nested", "schema": schema, "strict": True}},
+            schema,
+        ),
+        ({"type": "json_object"}, {"type": "object"}),
+    ]
+    for response_format, check in formats:
+        kwargs: dict[str, Any] = dict(
+            model=base_model(server),
+            messages=[{"role": "user", "content": CAPITAL}],
+            max_tokens=100,
+            response_format=response_format,
+            temperature=0,
+        )
+        whole = oai.chat.completions.create(**kwargs)
+        text = whole.choices[0].message.content or ""
+        jsonschema.validate(json.loads(text), check)
+        chunks = list(oai.chat.completions.create(stream=True, **kwargs))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        completion = oai.completions.create(
+            model=base_model(server),
+            prompt=CAPITAL_PROMPT,
+            max_tokens=100,
+            temperature=0,
+            extra_body={"response_format": response_format},
+        )
+        jsonschema.validate(json.loads(completion.choices[0].text), check)
+
+
+def test_vllm_extras_constrain_to_a_regex_a_choice_and_a_grammar(server: Launcher) -> None:
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    messages = [{"role": "user", "content": "Give me a code."}]
+    grammar = 'start: "id-" DIGIT DIGIT ("," "id-" DIGIT DIGIT)?\nDIGIT: /[0-9]/'
+    cases: list[tuple[dict[str, Any], Any]] = [
+        ({"structured_outputs": {"regex": "[A-Z]{3}-[0-9]{2}"}}, re.compile(r"[A-Z]{3}-[0-9]{2}")),
+        ({"guided_regex": "(yes|no), [a-z]{2,5}"}, re.compile(r"(yes|no), [a-z]{2,5}")),
+        ({"structured_outputs": {"choice": ["alpha", "beta", "gamma"]}}, {"alpha", "beta", "gamma"}),
+        ({"guided_choice": ["left", "right"]}, {"left", "right"}),
+        ({"structured_outputs": {"grammar": grammar}}, re.compile(r"id-[0-9]{2}(,id-[0-9]{2})?")),
+        (
+            {
+                "guided_json": {
+                    "type": "object",
+                    "properties": {"n": {"type": "integer", "maximum": 9, "minimum": 0}},
+                    "required": ["n"],
+                    "additionalProperties": False,
+                }
+            },
+            re.compile(r'\{"n":[0-9]\}'),
+        ),
+    ]
+    for body, expected in cases:
+        for temperature in (0.0, 1.0):
+            chat = oai.chat.completions.create(
+                model=base_model(server),
+                messages=messages,
+                max_tokens=30,
+                temperature=temperature,
+                seed=11,
+                extra_body=body,
+            )
+            text = chat.choices[0].message.content or ""
+            assert chat.choices[0].finish_reason == "stop", (body, text)
+            if isinstance(expected, set):
+                assert text in expected, (body, text)
+            else:
+                assert expected.fullmatch(text), (body, text)
