@@ -50,6 +50,10 @@ class RouterConfig:
     adapter_disk_cache_mib: int = AdapterSettings.adapter_disk_cache_mib
     adapter_load_timeout_s: float = AdapterSettings.adapter_load_timeout_s
     max_concurrent_adapter_loads: int = AdapterSettings.max_concurrent_adapter_loads
+    # A request waiting longer than this for an adapter slot or its first step gets 503 (0: no limit).
+    max_queue_time_s: float = 60.0
+    # After SIGTERM: new requests get 503 while running ones have this long to finish.
+    shutdown_grace_period_s: float = 10.0
     otlp_endpoint: str | None = None
     json_output: bool = False
     api_key: str | None = None
@@ -100,6 +104,8 @@ class RouterConfig:
             raise ValueError("--cuda-graph-max-batch-size must be >= 0 (0: off)")
         if self.attention_backend not in ("auto", "sdpa", "triton"):  # the worker's choices (no torch here)
             raise ValueError("--attention-backend must be auto, sdpa or triton")
+        if not 0 <= self.max_queue_time_s <= 3600 or not 0 <= self.shutdown_grace_period_s <= 3600:
+            raise ValueError("--max-queue-time-s and --shutdown-grace-period-s must be in [0, 3600] seconds")
         for name in ("body_read_timeout_s", "keep_alive_timeout_s"):
             if not 0 < getattr(self, name) <= 3600:
                 raise ValueError(f"--{name.replace('_', '-')} must be in (0, 3600] seconds")

@@ -12,6 +12,7 @@ class RouterError(Exception):
     status = 424
     openai_status = 500
     openai_type = "server_error"
+    retry_after_s: int | None = None  # sent as Retry-After: the client may try again this much later
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -45,10 +46,21 @@ class NotFoundError(RouterError):
 
 
 class OverloadedError(RouterError):
+    """More requests than --max-concurrent-requests: refused at once."""
+
     kind = "overloaded"
     status = 429
     openai_status = 429
     openai_type = "rate_limit_error"
+    retry_after_s = 1
+
+
+class QueueTimeoutError(OverloadedError):
+    """The request waited longer than --max-queue-time-s for an adapter slot or its first step."""
+
+    status = 503
+    openai_status = 503
+    openai_type = "server_error"
 
 
 class UnauthorizedError(RouterError):
@@ -72,6 +84,13 @@ class UnavailableError(RouterError):
     status = 503
     openai_status = 503
     openai_type = "server_error"
+
+
+class ShuttingDownError(UnavailableError):
+    """The server is draining after SIGTERM: requests already running finish, new ones go elsewhere."""
+
+    kind = "unavailable"
+    retry_after_s = 5
 
 
 class InternalError(RouterError):

@@ -43,7 +43,6 @@ from loraxpy.router.validation import Limits
 from loraxpy.router.worker_client import WorkerClient, WorkerInfo
 
 logger = logging.getLogger("loraxpy.launcher")
-GRACE_S = 10.0
 MAX_ADAPTER_SLOTS = 128
 STARTUP_TIMEOUT_S = 900.0
 
@@ -202,6 +201,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         max_concurrent_requests=config.max_concurrent_requests,
         api_key=config.api_key,
         body_read_timeout_s=config.body_read_timeout_s,
+        max_queue_time_s=config.max_queue_time_s,
         tracer=tracer,
         adapters=AdapterRegistry(
             client,
@@ -248,7 +248,7 @@ async def serve(
     healing.cancel()
     state.is_draining = True
     if failed is None:
-        await _drain(engine, GRACE_S)
+        await _drain(state, config.shutdown_grace_period_s)
     await engine.stop()
     await runner.cleanup()
     state.tracer.shutdown()
@@ -288,10 +288,14 @@ async def _supervise(
     return None
 
 
-async def _drain(engine: Engine, grace_s: float) -> None:
-    deadline = asyncio.get_running_loop().time() + grace_s
-    while engine.num_active and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.1)
+async def _drain(state: ServerState, grace_s: float) -> None:
+    """Waits, up to `grace_s`, for the HTTP requests already admitted (new ones get 503 meanwhile);
+    what still runs after it is failed when the engine stops."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    logger.info("draining: %d requests running, up to %g s", state.num_admitted, grace_s)
+    while (state.num_admitted or state.engine.num_active) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
+    from loraxpy.router.adapters import AdapterRegistry
     from loraxpy.router.engine import Engine
     from loraxpy.router.responses import Generation
 
@@ -70,12 +71,18 @@ class Metrics:
             "lorax_preemptions", "Requests preempted so far (recomputed later)", registry=r
         )
         # Per-adapter load, the shape Kubernetes inference gateways read to route LoRA traffic.
-        # Label values are adapter indices (bounded by --max-active-adapters), never user strings.
+        # Label values are adapter indices, never user strings: only adapters with running or waiting
+        # requests are listed, and the registry reuses the indices of adapters that left.
         self.adapter_running = Gauge(
             "lorax_adapter_running_requests", "Running requests per adapter", ["adapter"], registry=r
         )
         self.adapter_waiting = Gauge(
             "lorax_adapter_waiting_requests", "Waiting requests per adapter", ["adapter"], registry=r
+        )
+        self.adapter_entries = Gauge(
+            "lorax_adapter_registry_entries",
+            "Adapters the router tracks: on the device, loading, or wanted by a request",
+            registry=r,
         )
         self.kernel_path = Gauge(
             "lorax_kernel_path",
@@ -107,7 +114,9 @@ class Metrics:
             if len(g.events) > 1:
                 self.time_per_token.observe((now - g.first_token_at) / (len(g.events) - 1))
 
-    def render(self, engine: Engine) -> tuple[bytes, str]:
+    def render(self, engine: Engine, adapters: AdapterRegistry | None = None) -> tuple[bytes, str]:
+        if adapters is not None:
+            self.adapter_entries.set(len(adapters.entries))
         scheduler = engine.scheduler
         self.queue_length.set(scheduler.num_waiting)
         self.batch_size.set(len(scheduler.running))

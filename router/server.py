@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,7 +38,9 @@ from loraxpy.router.errors import (
     InternalError,
     NotFoundError,
     OverloadedError,
+    QueueTimeoutError,
     RouterError,
+    ShuttingDownError,
     UnauthorizedError,
     UnavailableError,
     ValidationError,
@@ -77,7 +80,8 @@ class ServerState:
     api_key: str | None = None
     tracer: Tracer = field(default_factory=lambda: Tracer(None))
     adapters: AdapterRegistry | None = None
-    is_draining: bool = False
+    is_draining: bool = False  # after SIGTERM: new requests get 503, running ones finish
+    max_queue_time_s: float = 0.0  # longest wait for an adapter slot or the first step (0: no limit)
     body_read_timeout_s: float = 30.0
     num_admitted: int = 0  # generations reserved by running HTTP requests
 
@@ -90,9 +94,21 @@ def _is_openai(request: web.Request) -> bool:
 
 
 def _error_response(request: web.Request, err: RouterError) -> web.Response:
+    if _is_openai(request) and err.param == "adapter_id":
+        err = _naming_the_base_model(err, request.app[STATE].model_id)
     status, body = openai_error_body(err) if _is_openai(request) else lorax_error_body(err)
-    headers = {"Retry-After": "1"} if status == 429 else None
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
     return web.json_response(body, status=status, headers=headers)
+
+
+def _naming_the_base_model(err: RouterError, model_id: str) -> RouterError:
+    """An adapter error on /v1 routes comes from `model`: it says which name is the base model."""
+    named = copy.copy(err)
+    named.param = "model"
+    named.message = (
+        f"{err.message} (`model` names an adapter; the base model is {model_id!r}, see /v1/models)"
+    )
+    return named
 
 
 # When the request arrived and which route serves it, for the request's trace span.
@@ -174,7 +190,7 @@ class Api:
     def _admitted(self, count: int) -> Iterator[None]:
         """Reserves `count` generations of --max-concurrent-requests for one HTTP request, all or none."""
         if self.s.is_draining:
-            raise OverloadedError("the server is shutting down")
+            raise ShuttingDownError("the server is shutting down; retry on another replica")
         if self.s.num_admitted + count > self.s.max_concurrent_requests:
             self.s.metrics.request_failure.labels("overloaded").inc()
             raise OverloadedError("Model is overloaded")
@@ -191,23 +207,74 @@ class Api:
     async def _events(self, valid: ValidRequest, gen: R.Generation) -> AsyncIterator[TokenEvent]:
         """The request's tokens; holds its adapter's device slot for as long as it runs."""
         index = 0
+        queued_until = self._queue_deadline()
         if valid.adapter_id is not None:
             if self.s.adapters is None:
                 raise ValidationError("this server was started without adapters", param="adapter_id")
-            index = await self.s.adapters.acquire(
+            acquire = self.s.adapters.acquire(
                 valid.adapter_id, valid.adapter_source, valid.api_token, valid.merge
             )
+            index = await self._within_queue_time(acquire, queued_until)
         try:
             async for event in self._engine_events(
-                dataclasses.replace(valid.engine, adapter_index=index), valid, gen
+                dataclasses.replace(valid.engine, adapter_index=index), valid, gen, queued_until
             ):
                 yield event
         finally:
             if index:
                 await self.s.adapters.release(index)  # type: ignore[union-attr]
 
+    def _queue_deadline(self) -> float | None:
+        limit = self.s.max_queue_time_s
+        return asyncio.get_running_loop().time() + limit if limit else None
+
+    def _queue_timeout(self) -> QueueTimeoutError:
+        self.s.metrics.request_failure.labels("queue_timeout").inc()
+        limit = self.s.max_queue_time_s
+        return QueueTimeoutError(f"the server is overloaded: the request waited {limit:g} s in the queue")
+
+    async def _within_queue_time(self, wait: Awaitable[T], deadline: float | None) -> T:
+        """Awaits a wait in a queue (for an adapter's slot); past the deadline the request gets 503."""
+        if deadline is None:
+            return await wait
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await wait
+        except TimeoutError:
+            raise self._queue_timeout() from None
+
+    async def _until_scheduled(
+        self, items: AsyncIterator[TokenEvent | RequestOutput], deadline: float | None
+    ) -> AsyncIterator[TokenEvent | RequestOutput]:
+        """The engine's items for one request; one still waiting for its first step at the deadline
+        leaves the scheduler's queue (the engine aborts it) with a 503. Once in a step, no deadline."""
+        first: asyncio.Future[TokenEvent | RequestOutput] | None = None
+        try:
+            output = await anext(items)  # the engine yields the request's RequestOutput at once
+            yield output
+            first = asyncio.ensure_future(anext(items))
+            while deadline is not None and not first.done():
+                if isinstance(output, RequestOutput) and output.scheduled_ns is not None:
+                    break
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise self._queue_timeout()
+                await asyncio.wait([first], timeout=remaining)
+            try:
+                yield await first
+            except StopAsyncIteration:
+                return
+            async for item in items:
+                yield item
+        finally:
+            if first is not None and not first.done():
+                first.cancel()  # the engine's generator ends with it and aborts the request
+                await asyncio.gather(first, return_exceptions=True)
+            if isinstance(items, AsyncGenerator):
+                await items.aclose()
+
     async def _engine_events(
-        self, inp: GenerateInput, valid: ValidRequest, gen: R.Generation
+        self, inp: GenerateInput, valid: ValidRequest, gen: R.Generation, queued_until: float | None = None
     ) -> AsyncIterator[TokenEvent]:
         stream = self.s.tokenizer.stream(
             list(valid.engine.input_ids), valid.stop, include_stop=valid.include_stop
@@ -220,7 +287,9 @@ class Api:
         output: RequestOutput | None = None
         error: str | None = None
         try:
-            async for item in self.s.engine.generate(inp, stream, trace_span=span):
+            async for item in self._until_scheduled(
+                self.s.engine.generate(inp, stream, trace_span=span), queued_until
+            ):
                 if isinstance(item, RequestOutput):
                     output = item
                     gen.prompt_logprobs = item.prompt_logprobs
@@ -314,6 +383,8 @@ class Api:
         )
 
     async def health(self, request: web.Request) -> web.StreamResponse:
+        if self.s.is_draining:  # load balancers stop sending requests here
+            raise ShuttingDownError("the server is shutting down")
         if not self.s.engine.is_running:
             raise UnavailableError("the engine loop is not running")
         if self.s.engine.is_suspended:  # router/healing.py: requests wait meanwhile
@@ -336,7 +407,7 @@ class Api:
         return web.json_response(openapi_document(str(self.s.info.get("version", ""))))
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
-        body, content_type = self.s.metrics.render(self.s.engine)
+        body, content_type = self.s.metrics.render(self.s.engine, self.s.adapters)
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     # ---- OpenAI routes --------------------------------------------------------------------------
@@ -440,6 +511,13 @@ class Api:
                     continue
                 if response is None:
                     response = await self._open_openai_stream(request, base, len(valid), chat)
+                if chat and valid[i].parse_tool_calls:  # tools: sent whole once the choice has finished
+                    if event.finish_reason is not None:
+                        for delta in R.tool_stream_deltas(gens[i]):
+                            await _send(
+                                response, {**base, "choices": [{"index": i, "logprobs": None, **delta}]}
+                            )
+                    continue
                 choice = self._chunk_choice(i, event, chat, want_logprobs)
                 await _send(response, {**base, "choices": [choice]})
             response = response or await self._open_openai_stream(request, base, len(valid), chat)

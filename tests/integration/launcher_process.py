@@ -33,7 +33,11 @@ class Launcher:
 
 @contextmanager
 def launcher(
-    model_path: Path | str | None, log_dir: Path, *args: str, timeout_s: float = 300
+    model_path: Path | str | None,
+    log_dir: Path,
+    *args: str,
+    timeout_s: float = 300,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Launcher]:
     port = free_port()
     cmd = [
@@ -57,7 +61,10 @@ def launcher(
     log_path = log_dir / f"launcher-{port}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
         )
         handle = Launcher(f"http://127.0.0.1:{port}", proc, log_path)
         try:
