@@ -207,10 +207,11 @@ class AdapterRegistry:
 
     async def release(self, index: int) -> None:
         async with self._changed:
-            for entry in self.entries.values():
-                if entry.index == index:
-                    entry.num_active -= 1
-                    entry.last_used = time.monotonic()
+            entry = next((e for e in self.entries.values() if e.index == index), None)  # one per index
+            if entry is not None:
+                entry.num_active -= 1
+                entry.last_used = time.monotonic()
+                self._forget_if_unused(entry)  # e.g. its reload failed after the workers restarted
             self._changed.notify_all()
 
     async def _ensure_loaded(self, entry: AdapterEntry) -> None:

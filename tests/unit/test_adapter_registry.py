@@ -388,3 +388,18 @@ def test_a_request_that_leaves_while_its_adapter_fails_to_load_leaves_nothing_be
         assert await reg.acquire("a", "local") == 1
 
     asyncio.run(run())
+
+
+def test_an_adapter_whose_reload_failed_after_a_worker_restart_leaves_with_its_last_request() -> None:
+    async def run() -> None:
+        workers = IndexedWorkers(slots=2)
+        reg = AdapterRegistry(workers, 2)  # type: ignore[arg-type]
+        index = await reg.acquire("a", "local")
+        workers.on_device.clear()  # the workers restarted empty, and "a" can no longer be read
+        workers.broken["a"] = "adapter weights are unreadable"
+        await reg.workers_restarted()
+        await reg.release(index)
+        assert reg.entries == {}
+        assert await reg.acquire("b", "local") == index
+
+    asyncio.run(run())
