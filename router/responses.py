@@ -13,6 +13,7 @@ from typing import Any
 from loraxpy.router.engine import TokenEvent
 from loraxpy.router.scheduler import FinishReason
 from loraxpy.router.text import Tokenizer
+from loraxpy.router.tools import read_calls
 from loraxpy.router.validation import ValidRequest
 
 OPENAI_FINISH = {
@@ -165,20 +166,54 @@ def completion_body(
     }
 
 
+def chat_message(g: Generation) -> tuple[dict[str, Any], str]:
+    """The assistant message of a finished chat generation and its finish reason: with tools, calls
+    read back from the text (finish reason `tool_calls`); a call cut short by length stays text."""
+    finish = OPENAI_FINISH[g.finish_reason]
+    if g.request.parse_tool_calls and g.finish_reason is not FinishReason.LENGTH:
+        content, calls = read_calls(g.text)
+        if calls:
+            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": g.text}, finish
+
+
+def tool_stream_deltas(g: Generation) -> list[dict[str, Any]]:
+    """A chat generation with tools, streamed once it has finished: its content, then each call as
+    OpenAI streams calls (id and name with empty arguments, then the arguments), then the finish."""
+    message, finish = chat_message(g)
+    deltas: list[dict[str, Any]] = []
+    if message.get("content"):
+        deltas.append({"delta": {"content": message["content"]}, "finish_reason": None})
+    for k, call in enumerate(message.get("tool_calls", [])):
+        head = {
+            "index": k,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["function"]["name"], "arguments": ""},
+        }
+        args = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
+        deltas.append({"delta": {"tool_calls": [head]}, "finish_reason": None})
+        deltas.append({"delta": {"tool_calls": [args]}, "finish_reason": None})
+    deltas.append({"delta": {}, "finish_reason": finish})
+    return deltas
+
+
+def _chat_choice(tok: Tokenizer, i: int, g: Generation, want_logprobs: bool) -> dict[str, Any]:
+    message, finish = chat_message(g)
+    return {
+        "index": i,
+        "message": message,
+        "logprobs": chat_logprobs(tok, g.events) if want_logprobs else None,
+        "finish_reason": finish,
+    }
+
+
 def chat_body(tok: Tokenizer, model: str, gens: list[Generation], want_logprobs: bool) -> dict[str, Any]:
     return {
         "id": new_id("chatcmpl"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": g.text},
-                "logprobs": chat_logprobs(tok, g.events) if want_logprobs else None,
-                "finish_reason": OPENAI_FINISH[g.finish_reason],
-            }
-            for i, g in enumerate(gens)
-        ],
+        "choices": [_chat_choice(tok, i, g, want_logprobs) for i, g in enumerate(gens)],
         "usage": usage(gens),
     }

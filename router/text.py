@@ -77,7 +77,17 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self._tok.id_to_token(token_id) or ""
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_supports_tools(self) -> bool:
+        """The chat template renders `tools` itself (else router/tools.py writes them into the system prompt)."""
+        return self.chat_template is not None and "tools" in self.chat_template
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         if self._compiled is None:
             raise TemplateError("this model has no chat template")
         try:
@@ -86,6 +96,7 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.special.bos or "",
                 eos_token=self.special.eos or "",
+                tools=tools,
             )
         except jinja2.TemplateError as e:
             raise TemplateError(str(e)) from e

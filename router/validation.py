@@ -20,6 +20,7 @@ from loraxpy.router.schemas import (
 )
 from loraxpy.router.structured import compile_spec, lorax_spec, openai_spec
 from loraxpy.router.text import TemplateError, Tokenizer
+from loraxpy.router.tools import plan_tools
 from loraxpy.router.worker_client import AdapterMerge
 
 # A stop sequence is matched against every new piece of text on the event loop; a cap keeps that
@@ -57,6 +58,7 @@ class ValidRequest:
     adapter_source: str = "hub"
     api_token: str = field(default="", repr=False)  # secret: never logged
     merge: AdapterMerge | None = None  # adapter_id is then the merge's key
+    parse_tool_calls: bool = False  # chat with tools: read tool calls back from the output
 
 
 ADAPTER_SOURCES = ("hub", "local", "s3")
@@ -434,15 +436,23 @@ def validate_chat(
         raise ValidationError(
             f"`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs"
         )
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    tools = plan_tools(req, tokenizer.template_supports_tools)
+    grammar = openai_grammar(req, grammars)
+    if tools.grammar is not None:
+        if grammar is not None:
+            raise ValidationError(
+                "`tools` cannot be combined with `response_format` or structured outputs", param="tools"
+            )
+        grammar = compile_spec(tools.grammar, "tools", grammars)
     try:
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        template_kwargs = {"tools": tools.template_tools} if tools.template_tools else {}
+        prompt = tokenizer.apply_chat_template(tools.messages, add_generation_prompt=True, **template_kwargs)
     except TemplateError as e:
         raise ValidationError(f"chat template: {e}", param="messages") from e
     top = (req.top_logprobs or 0) if req.logprobs else 0
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     # The template already wrote the special tokens it wants.
-    return validate_openai(
+    valid = validate_openai(
         req,
         prompt,
         limits,
@@ -451,5 +461,6 @@ def validate_chat(
         top_logprobs=top,
         top_logprobs_field="top_logprobs",
         max_tokens=max_tokens,
-        grammar=openai_grammar(req, grammars),
+        grammar=grammar,
     )
+    return replace(valid, parse_tool_calls=tools.parse_calls)

@@ -22,6 +22,8 @@ from pydantic import BaseModel, Field
 from structured_schemas import SCHEMAS
 from test_multi_lora_api import save_adapter
 
+from loraxpy.router.tools import SYSTEM_PROMPT
+
 pytestmark = pytest.mark.slow
 
 PROMPT = "<|im_start|>user\nAnswer in JSON.<|im_end|>\n<|im_start|>assistant\n"
@@ -289,3 +291,169 @@ def test_vllm_extras_constrain_to_a_regex_a_choice_and_a_grammar(server: Launche
                 assert text in expected, (body, text)
             else:
                 assert expected.fullmatch(text), (body, text)
+
+
+TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["c", "f"]}},
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Time in a timezone",
+            "parameters": {
+                "type": "object",
+                "properties": {"tz": {"enum": ["UTC", "CET"]}},
+                "required": ["tz"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def check_calls(calls: list[Any], names: set[str]) -> None:
+    """Each call has an id, names a function offered, and its arguments validate against its schema."""
+    parameters = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    assert calls
+    for call in calls:
+        assert call.id.startswith("call_") and call.type == "function"
+        assert call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), parameters[call.function.name])
+
+
+def test_tool_choice_required_and_named_return_valid_tool_calls(server: Launcher) -> None:
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for tool_choice, names in [("required", {"get_weather", "get_time"}), (named, {"get_time"})]:
+        for temperature in (0.0, 1.0):
+            chat = oai.chat.completions.create(
+                model=base_model(server),
+                messages=WEATHER,  # type: ignore[arg-type]
+                tools=TOOLS,  # type: ignore[arg-type]
+                tool_choice=tool_choice,  # type: ignore[arg-type]
+                parallel_tool_calls=False,
+                max_tokens=80,
+                temperature=temperature,
+                seed=5,
+            )
+            choice = chat.choices[0]
+            assert choice.finish_reason == "tool_calls", choice.message
+            assert choice.message.content is None
+            assert len(choice.message.tool_calls or []) == 1
+            check_calls(choice.message.tool_calls or [], names)
+
+
+def test_parallel_tool_calls_allows_several_calls_and_false_allows_one(server: Launcher) -> None:
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    kwargs: dict[str, Any] = dict(
+        model=base_model(server), messages=WEATHER, tools=TOOLS, tool_choice="required", temperature=0
+    )
+    several = oai.chat.completions.create(max_tokens=60, **kwargs).choices[0]
+    # This small model keeps calling; its text holds several valid calls before the length cut.
+    text = several.message.content or ""
+    assert several.finish_reason == "length" and text.count("<tool_call>") >= 2
+    blocks = re.findall(r"<tool_call>\n(.*?)\n</tool_call>", text, re.DOTALL)
+    assert len(blocks) >= 2
+    for block in blocks:
+        call = json.loads(block)
+        parameters = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+        jsonschema.validate(call["arguments"], parameters[call["name"]])
+    one = oai.chat.completions.create(max_tokens=60, parallel_tool_calls=False, **kwargs).choices[0]
+    assert one.finish_reason == "tool_calls" and len(one.message.tool_calls or []) == 1
+
+
+def test_tool_choice_none_and_auto_answer_in_text_or_valid_calls(server: Launcher) -> None:
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    for tool_choice in ("none", "auto"):
+        choice = oai.chat.completions.create(
+            model=base_model(server),
+            messages=WEATHER,  # type: ignore[arg-type]
+            tools=TOOLS,  # type: ignore[arg-type]
+            tool_choice=tool_choice,  # type: ignore[arg-type]
+            max_tokens=40,
+            temperature=0,
+        ).choices[0]
+        if choice.message.tool_calls:
+            assert tool_choice == "auto" and choice.finish_reason == "tool_calls"
+            check_calls(choice.message.tool_calls, {"get_weather", "get_time"})
+        else:
+            assert choice.message.content and not choice.message.content.startswith("<tool_call>")
+            assert choice.finish_reason in ("stop", "length")
+
+
+def test_streamed_tool_calls_arrive_as_openai_deltas_equal_to_the_whole_response(server: Launcher) -> None:
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    kwargs: dict[str, Any] = dict(
+        model=base_model(server),
+        messages=WEATHER,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=60,
+        temperature=0,
+    )
+    whole = oai.chat.completions.create(**kwargs).choices[0]
+    chunks = [c for c in oai.chat.completions.create(stream=True, **kwargs) if c.choices]
+    calls: dict[int, dict[str, str]] = {}
+    for chunk in chunks:
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] += delta.id or ""
+            call["name"] += (delta.function.name or "") if delta.function else ""
+            call["arguments"] += (delta.function.arguments or "") if delta.function else ""
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert len(calls) == 1 and calls[0]["id"].startswith("call_")
+    assert whole.message.tool_calls is not None
+    expected = whole.message.tool_calls[0].function
+    assert (calls[0]["name"], calls[0]["arguments"]) == (expected.name, expected.arguments)
+
+
+def test_tool_calls_and_tool_results_in_the_history_are_rendered_as_documented(server: Launcher) -> None:
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    arguments = json.dumps({"city": "Paris", "unit": "c"})
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    history = [
+        *WEATHER,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+    ]
+    full = oai.chat.completions.create(model=base_model(server), messages=history, tools=TOOLS, max_tokens=1)
+    # SmolLM2's template knows no tools: they go into a system prompt, calls and results into the text.
+    listing = "\n".join(json.dumps(t["function"]) for t in TOOLS)
+    expected = (
+        f"<|im_start|>system\n{SYSTEM_PROMPT.format(tools=listing)}<|im_end|>\n"
+        "<|im_start|>user\nWhat is the weather in Paris?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}'
+        "\n</tool_call><|im_end|>\n"
+        '<|im_start|>user\n<tool_response>\n{"temperature": 21}\n</tool_response><|im_end|>\n'
+        "<|im_start|>assistant\n"
+    )
+    body = {"inputs": expected, "add_special_tokens": False}
+    tokens = requests.post(server.url + "/tokenize", json=body, timeout=10).json()
+    assert full.usage is not None and full.usage.prompt_tokens == len(tokens)
+
+
+def test_bad_tools_and_tool_choices_are_refused_naming_the_field(server: Launcher) -> None:
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [*TOOLS, TOOLS[0]]}, "tools"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tools"),
+    ]
+    for body, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            oai.chat.completions.create(model=base_model(server), messages=WEATHER, extra_body=body)  # type: ignore[arg-type]
+        assert caught.value.body["param"] == param, body  # type: ignore[index]

@@ -27,6 +27,8 @@ LIMITS = Limits(max_input_length=100, max_total_tokens=200, vocab_size=320, max_
 class WordTokenizer:
     """One token per character: enough for validation, which only counts tokens."""
 
+    template_supports_tools = False
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) % 320 for c in text]
 

@@ -1,0 +1,84 @@
+"""Tool calling's pieces: the calls grammar (compiled by llguidance), reading calls back, the prompt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loraxpy.router.errors import ValidationError
+from loraxpy.router.grammar import GrammarCompiler
+from loraxpy.router.schemas import ChatCompletionRequest, Tool
+from loraxpy.router.text import Tokenizer
+from loraxpy.router.tools import calls_grammar, plan_tools, read_calls
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+CALL = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_path: Path) -> Tokenizer:
+    return Tokenizer(default_model_path)
+
+
+def accepts(compiler: GrammarCompiler, tokenizer: Tokenizer, spec, text: str) -> bool:
+    matcher = compiler.compile(spec).template.deep_copy()
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+
+def test_the_calls_grammar_takes_valid_calls_only_and_text_only_under_auto(
+    default_model_path, tokenizer
+) -> None:
+    compiler = GrammarCompiler.for_model(default_model_path, tokenizer.vocab_size, (2,))
+    tools = [Tool.model_validate(WEATHER), Tool.model_validate(TIME)]
+    required = calls_grammar(tools, parallel=True, allow_text=False)
+    single = calls_grammar(tools, parallel=False, allow_text=False)
+    auto = calls_grammar(tools, parallel=True, allow_text=True)
+    time_call = '<tool_call>\n{"name":"get_time","arguments":{}}\n</tool_call>'
+    assert accepts(compiler, tokenizer, required, CALL)
+    assert accepts(compiler, tokenizer, required, CALL + "\n" + time_call)
+    assert not accepts(compiler, tokenizer, single, CALL + "\n" + time_call)
+    assert not accepts(compiler, tokenizer, required, CALL.replace('"city"', '"town"'))
+    assert not accepts(compiler, tokenizer, required, "It is sunny.")
+    assert accepts(compiler, tokenizer, auto, "It is sunny.")
+    assert accepts(compiler, tokenizer, auto, CALL)
+    assert not accepts(compiler, tokenizer, auto, "<tool_call>\nnot json")
+
+
+def test_calls_are_read_back_in_openais_shape_and_text_stays_content() -> None:
+    content, calls = read_calls(CALL + "\n" + CALL)
+    assert content is None and len(calls) == 2 and calls[0]["id"] != calls[1]["id"]
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}
+    assert read_calls("It is sunny.") == ("It is sunny.", [])
+
+
+def request(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+def test_tool_choice_none_renders_no_tools_and_a_name_keeps_only_its_function() -> None:
+    none = plan_tools(request(tools=[WEATHER, TIME], tool_choice="none"), template_supports_tools=False)
+    assert none.grammar is None and not none.parse_calls and none.messages[0]["role"] == "user"
+    named = plan_tools(
+        request(tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}}),
+        template_supports_tools=False,
+    )
+    assert named.parse_calls and "get_time" in named.messages[0]["content"]
+    assert "get_weather" not in named.messages[0]["content"]
+    with pytest.raises(ValidationError) as e:
+        plan_tools(request(tools=[{**TIME, "function": {"name": "bad name"}}]), template_supports_tools=False)
+    assert e.value.param == "tools"
