@@ -1,7 +1,9 @@
 """HTTP request bodies (pydantic): LoRAX's generate API and OpenAI's completions and chat completions.
 
 Field names, types and defaults follow LoRAX's router and OpenAI's API reference. Unknown fields
-are ignored, as both servers do. Range checks live in `validation.py`, where the limits are known.
+are ignored on LoRAX's routes, as LoRAX does; on OpenAI's routes a field not declared here is
+refused by name (`validation.py`), so nothing a client asks for is silently dropped. Range checks
+live in `validation.py`, where the limits are known.
 """
 
 from __future__ import annotations
@@ -93,6 +95,12 @@ class StreamOptions(_Body):
 
 
 class _OpenAISampling(_Body):
+    # Every field not declared here is kept so validation can refuse it by name: OpenAI's fields
+    # this server does not honour are never silently ignored.
+    model_config = ConfigDict(
+        extra="allow", protected_namespaces=(), json_schema_extra={"additionalProperties": False}
+    )
+
     model: str = ""
     max_tokens: int | None = None
     temperature: float | None = None

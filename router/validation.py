@@ -310,7 +310,16 @@ def _merge(m: MergedAdapters) -> AdapterMerge:
     return AdapterMerge(tuple(m.ids), tuple(m.weights), strategy, m.density, sign)
 
 
+def _refuse_unknown(req: CompletionRequest | ChatCompletionRequest) -> None:
+    """OpenAI fields this server does not honour (and fields OpenAI does not have) are refused by name."""
+    for name in sorted(req.model_extra or {}):
+        raise ValidationError(f"`{name}` is not supported by this server", param=name)
+    if isinstance(req, CompletionRequest) and req.best_of is not None and req.best_of != 1:
+        raise ValidationError("`best_of` other than 1 is not supported by this server", param="best_of")
+
+
 def _openai_common(req: CompletionRequest | ChatCompletionRequest, limits: Limits) -> None:
+    _refuse_unknown(req)
     _check_sampling(req, limits, openai=True)
     max_n = limits.max_best_of * 8
     if not 1 <= req.n <= max_n:

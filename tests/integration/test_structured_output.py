@@ -457,3 +457,29 @@ def test_bad_tools_and_tool_choices_are_refused_naming_the_field(server: Launche
         with pytest.raises(openai.BadRequestError) as caught:
             oai.chat.completions.create(model=base_model(server), messages=WEATHER, extra_body=body)  # type: ignore[arg-type]
         assert caught.value.body["param"] == param, body  # type: ignore[index]
+
+
+def test_openai_fields_this_server_does_not_honour_are_refused_by_name(server: Launcher) -> None:
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    chat: list[tuple[dict[str, Any], str]] = [
+        ({"service_tier": "flex"}, "service_tier"),
+        ({"store": True}, "store"),
+        ({"metadata": {"k": "v"}}, "metadata"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"functions": [TOOLS[0]["function"]]}, "functions"),
+        ({"logit_bias": {"42": 10}}, "logit_bias"),
+        ({"extra_body": {"not_a_field": 1}}, "not_a_field"),
+    ]
+    for kwargs, param in chat:
+        with pytest.raises(openai.BadRequestError) as caught:
+            oai.chat.completions.create(model=base_model(server), messages=WEATHER, max_tokens=2, **kwargs)  # type: ignore[arg-type]
+        assert caught.value.status_code == 400
+        assert caught.value.body["param"] == param  # type: ignore[index]
+        assert param in caught.value.body["message"]  # type: ignore[index]
+    for kwargs, param in [
+        ({"best_of": 2}, "best_of"),
+        ({"extra_body": {"guided_decoding_backend": "x"}}, "guided_decoding_backend"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            oai.completions.create(model=base_model(server), prompt="hi", max_tokens=2, **kwargs)  # type: ignore[arg-type]
+        assert caught.value.body["param"] == param  # type: ignore[index]
