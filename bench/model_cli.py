@@ -73,6 +73,12 @@ def build_model_parser() -> argparse.ArgumentParser:
     p.add_argument("--floor-repeats", type=int, default=10, help="timed passes of the matmul floor (fastest)")
     p.add_argument("--port", type=int, default=0, help="the server's port (0: a free one)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="every path's dtype (the targets are for float32; bfloat16 needs AMX or AVX512-BF16 to pay)",
+    )
     p.add_argument("--output", type=Path, default=Path("bench-model.json"), help="JSON results")
     p.add_argument("--plot", type=Path, help="PNG of tokens/s vs adapters (default: --output with .png)")
     p.add_argument("--workdir", type=Path, help="keep the adapters and the server's log here (default: temp)")
@@ -102,6 +108,7 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
         target_batch_sizes=_ints(pick("target_batch_sizes")),
         port=args.port,
         seed=args.seed,
+        dtype=args.dtype,
     )
 
 

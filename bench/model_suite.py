@@ -57,6 +57,7 @@ class ModelBenchConfig:
     target_batch_sizes: tuple[int, ...] = (16, 32)
     port: int = 0
     seed: int = 0
+    dtype: str = "float32"  # every path's: floor, engine, server (--dtype) and HF
 
     def __post_init__(self) -> None:
         if min(self.batch_sizes, default=0) < 1 or self.prompt_len < 1 or self.rank < 1:
@@ -69,6 +70,10 @@ class ModelBenchConfig:
             raise ValueError(f"unknown paths {sorted(unknown)}; choose from {', '.join(PATHS)}")
         if min(self.threads, self.server_threads or 1, self.floor_repeats, self.prefill_tokens) < 1:
             raise ValueError("threads, floor repeats and prefill tokens must be positive")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
 
     @property
     def max_adapters(self) -> int:
@@ -136,7 +141,7 @@ def _run_paths(config: ModelBenchConfig, workdir: Path) -> ModelBenchResult:
         config, model_dir, shape, prompts, {}, {}, _threads(config), measure_copy_bandwidth(CPU)
     )
     if "floor" in config.paths:
-        floor = MatmulFloor(shape, seed=config.seed)
+        floor = MatmulFloor(shape, dtype=config.torch_dtype, seed=config.seed)
         result.floors = {b: floor.measure(b, config.floor_repeats) for b in config.batch_sizes}
         del floor
     steps = (("engine", _engine_runs), ("hf", _hf_runs), ("server", _server_runs))
@@ -173,7 +178,7 @@ def _engine_runs(
     max_batch = max(config.batch_sizes)
     blocks_per_request = -(-(config.prompt_len + config.new_tokens + 1) // BLOCK_SIZE)
     options = RunnerOptions(
-        dtype=torch.float32,
+        dtype=config.torch_dtype,
         device=CPU,
         block_size=BLOCK_SIZE,
         max_loras=config.max_adapters,
@@ -213,7 +218,7 @@ def _hf_runs(
     specs = [BaselineSpec(b, config.prompt_len, config.new_tokens, w.num_adapters) for b, w in keys]
     adapter_dirs = [pool.root / pool.folder(config.rank, j) for j in range(1, config.max_adapters + 1)]
     ids = [list(p.token_ids) for p in prompts]
-    results = run_baseline(model_dir, adapter_dirs, specs, ids, torch.float32, CPU)
+    results = run_baseline(model_dir, adapter_dirs, specs, ids, config.torch_dtype, CPU)
     return {
         ("hf", b, w.name): _log(
             PathRun("hf", b, w.name, r.tokens_per_s, r.tokens, extra={"seconds": r.seconds})
@@ -244,6 +249,7 @@ def _server_runs(
         prefill_tokens=config.prefill_tokens,
         kv_cache_mib=_kv_cache_mib(config, pool.shape),
         port=config.port,
+        dtype=config.dtype,
     )
     runs = {}
     with launched_server(options) as url:

@@ -45,6 +45,7 @@ class ServerOptions:
     prefill_tokens: int
     kv_cache_mib: int
     port: int = 0  # 0: a free port
+    dtype: str = "float32"
     startup_timeout_s: float = 600.0
 
     def command(self, port: int) -> list[str]:
@@ -53,7 +54,7 @@ class ServerOptions:
             "-m",
             "loraxpy.router.launcher",
             *("--hostname", "127.0.0.1", "--port", str(port)),
-            *("--model-id", str(self.model_dir), "--dtype", "float32"),
+            *("--model-id", str(self.model_dir), "--dtype", self.dtype),
             *("--adapter-source", "local", "--adapter-root", str(self.adapter_root)),
             *("--max-active-adapters", str(self.max_adapters), "--max-lora-rank", str(self.max_lora_rank)),
             *("--max-concurrent-requests", str(self.max_batch_size)),

@@ -123,13 +123,16 @@ def lora_add(
         else:
             xs = x[g.rows]  # [num_slots, num_rows, in]: activations, not weights, are gathered
         slots = slice(g.first_slot, g.first_slot + g.num_slots)
+        # Slots may be wider than the model (fp32 adapters beside a bf16 model on CPU): compute in
+        # the slots' dtype and round the delta once, where it is added to y.
+        xs = xs.to(weights[0][0].dtype)
         for a, b, offset in weights:
             v = torch.bmm(xs, a[slots, : g.rank].transpose(1, 2))  # [num_slots, num_rows, rank]
             bt = b[slots, :, : g.rank].transpose(1, 2)  # [num_slots, rank, out_i]
-            if g.rows is None and g.num_slots == 1:  # one adapter's contiguous rows: accumulate in place
+            if g.rows is None and g.num_slots == 1 and y.dtype == v.dtype:  # one adapter's rows: in place
                 y[g.start : g.start + g.num_rows, offset : offset + bt.shape[2]].addmm_(v[0], bt[0])
                 continue
-            delta = torch.bmm(v, bt).flatten(0, 1)  # [n, out_i]
+            delta = torch.bmm(v, bt).flatten(0, 1).to(y.dtype)  # [n, out_i]
             if g.keep is not None:
                 delta = delta[g.keep]
             out = y[:, offset : offset + delta.shape[1]]

@@ -10,7 +10,7 @@ import threading
 import grpc
 
 from loraxpy.proto.auth import server_credentials
-from loraxpy.worker.config import WorkerConfig, parse_args
+from loraxpy.worker.config import WorkerConfig, cpu_native_bf16, parse_args
 from loraxpy.worker.distributed import init_distributed
 from loraxpy.worker.layers import Shard
 from loraxpy.worker.model_source import ModelSourceError, resolve_model
@@ -31,8 +31,13 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
     )
     device = config.torch_device()
     init_distributed(config.rank, config.world_size, device)
+    dtype = config.torch_dtype(device)
+    if config.dtype == "auto" and device.type == "cpu":
+        feature = cpu_native_bf16()
+        why = f"the CPU has {feature}" if feature else "the CPU has no native bf16 (AMX or AVX512-BF16)"
+        logger.info("dtype auto: %s on CPU, as %s", str(dtype).removeprefix("torch."), why)
     options = RunnerOptions(
-        dtype=config.torch_dtype(device),
+        dtype=dtype,
         device=device,
         block_size=config.block_size,
         shard=Shard(config.rank, config.world_size),

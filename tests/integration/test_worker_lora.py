@@ -285,3 +285,66 @@ def test_s3_adapter_is_fetched_once_and_matches_peft(
         with pytest.raises(grpc.RpcError) as e:
             stub.LoadAdapter(pb.LoadAdapterRequest(adapter=spec, adapter_index=12))
         assert e.value.code() == code, adapter_id
+
+
+def peft_logprobs(base: Path, adapter_root: Path, name: str | None, tokens: list[int]) -> list[float]:
+    """fp32 HF (+ PEFT) log-probability of tokens[j] after tokens[:j], for j >= 1."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if name is not None:
+        model = PeftModel.from_pretrained(model, adapter_root / name)
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    return [lp[j - 1, tokens[j]].item() for j in range(1, len(tokens))]
+
+
+# bf16 rounds every weight and activation (3 significant digits): against fp32 the tiny model's
+# log-probabilities moved by 0.014 (base) to 0.055 (a large rank-8 adapter on every projection)
+# when this was written. A wrong LoRA or attention path moves them by far more.
+BF16_LOGPROB_TOL = 0.08
+
+
+def test_bfloat16_worker_on_cpu_follows_peft_in_a_mixed_batch(
+    tiny_llama: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """bf16 (the CPU default where the CPU multiplies bf16 natively): adapters stay fp32 beside the
+    bf16 base and attention runs in fp32, so a mixed batch stays close to fp32 HF + PEFT, teacher-forced
+    on PEFT's own greedy continuation (bf16 may flip near-ties, so tokens are not compared)."""
+    names = [None, "qv-r4", "all-r8-rslora", "head-r4"]
+    rng = random.Random(11)
+    full = {}
+    for name in names:
+        prompt = [rng.randrange(320) for _ in range(12)]
+        full[name] = prompt + peft_greedy(tiny_llama, adapter_root, name, prompt, 8)
+    with worker_process(
+        tiny_llama,
+        tmp_path_factory.mktemp("sock"),
+        extra_args=("--dtype", "bfloat16", "--adapter-root", str(adapter_root), "--max-loras", "4"),
+    ) as s:
+        assert s.Info(pb.InfoRequest()).dtype == "bfloat16"
+        s.Warmup(pb.WarmupRequest(max_prefill_tokens=128, max_num_seqs=8, num_blocks=32))
+        for name in names[1:]:
+            load(s, INDEX[name], name)
+        requests = [
+            Request(
+                id=i + 1,
+                prompt=full[name],
+                max_new_tokens=1,
+                adapter_index=INDEX[name] if name else 0,
+                params=pb.SamplingParams(prompt_logprobs=True),
+            )
+            for i, name in enumerate(names)
+        ]
+        Driver(s, num_blocks=32, block_size=16, step_token_budget=128).run(requests)
+    base_ref = peft_logprobs(tiny_llama, adapter_root, None, full[names[1]])
+    for name, r in zip(names, requests, strict=True):
+        ref = peft_logprobs(tiny_llama, adapter_root, name, full[name])
+        ours = [r.prompt_logprobs[j] for j in range(1, len(full[name]))]
+        worst = max(abs(a - b) for a, b in zip(ours, ref, strict=True))
+        assert worst < BF16_LOGPROB_TOL, (name, worst)
+    # The adapters move the same tokens' log-probabilities far beyond that tolerance.
+    adapted = peft_logprobs(tiny_llama, adapter_root, names[1], full[names[1]])
+    assert max(abs(a - b) for a, b in zip(adapted, base_ref, strict=True)) > 5 * BF16_LOGPROB_TOL

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from loraxpy.bench.cli import main
+from loraxpy.bench.floor import linear_shapes
 from loraxpy.bench.shapes import SHAPES, write_random_model
 
 pytestmark = pytest.mark.slow
@@ -123,3 +124,21 @@ def test_bad_flags_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert "single" in capsys.readouterr().err
     assert main(["model", "--paths=engine,gpu"]) == 2
     assert "unknown paths" in capsys.readouterr().err
+
+
+def test_bfloat16_runs_every_in_process_path_in_bf16(tmp_path: Path) -> None:
+    model = write_random_model(SHAPES["tiny"], tmp_path / "tiny", torch.float32, seed=3)
+    write_word_tokenizer(model, SHAPES["tiny"].vocab_size)
+    argv = [
+        "model", f"--model-id={model}", "--batch-sizes=2", "--adapter-counts=2", "--prompt-len=4",
+        "--new-tokens=2", "--target-batch-sizes=2", "--rank=4", "--threads=1", "--floor-repeats=1",
+        "--paths=floor,engine,hf", "--dtype=bfloat16",
+        f"--output={tmp_path / 'out.json'}", f"--workdir={tmp_path / 'work'}",
+    ]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["config"]["dtype"] == "bfloat16"
+    assert doc["floor"][0]["weight_bytes"] == sum(2 * o * i for o, i in linear_shapes(SHAPES["tiny"]))
+    for row in doc["rows"]:
+        assert _positive(row["engine_tokens_per_s"]) and _positive(row["hf_tokens_per_s"])

@@ -9,7 +9,14 @@ import torch
 
 from loraxpy.kernels.attention import select_attention_backend
 from loraxpy.worker.layers import Shard
-from loraxpy.worker.lora import CPU_MAX_ADAPTER_SLOTS, LoraManager, fit_slots, num_adapter_slots, slot_bytes
+from loraxpy.worker.lora import (
+    CPU_MAX_ADAPTER_SLOTS,
+    LoraManager,
+    fit_slots,
+    num_adapter_slots,
+    slot_bytes,
+    slot_dtype,
+)
 from loraxpy.worker.model import CausalLM
 from loraxpy.worker.model_config import ModelConfig
 
@@ -42,7 +49,8 @@ def test_slot_bytes_equal_the_allocated_slot_tensors(config: ModelConfig, world_
     tensors = [t for lora in set(manager.slots.values()) for s in lora.slices.values() for t in (s.a, s.b)]
     tensors += [t for lora in set(manager.slots.values()) for t in (lora.a, lora.b)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    assert sum(storages.values()) == (num_slots + 1) * slot_bytes(config, shard, rank, dtype)  # slot 0: base
+    per_slot = slot_bytes(config, shard, rank, slot_dtype(dtype, torch.device("cpu")))
+    assert sum(storages.values()) == (num_slots + 1) * per_slot  # slot 0: base
     assert sum(t.nbytes for t in tensors) == 2 * sum(storages.values())  # the views cover each stack once
 
 
