@@ -62,6 +62,12 @@ EXPECTED = {
     "curl localhost:3000/v1/chat/completions -H 'Content-Type: application/json' \\": ["Paris", "Paris"],
     "from lorax import Client  # pip install lorax-client": ["HuggingFaceTB/SmolLM2-135M-Instruct"],
     "lorax-launcher --adapter-root /srv/adapters --adapter-source local": ["generated_text"],
+    # Structured output: the parsed JSON, the pydantic object, a tool call.
+    "import json": ["{'city': 'Paris'}"],
+    "from openai import OpenAI": ["city='Paris'"],
+    "curl -s localhost:3000/v1/chat/completions -H 'Content-Type: application/json' -d '{": [
+        '"finish_reason": "tool_calls"'
+    ],
 }
 OWN_COMMANDS = ("lorax-launcher", "lorax-router", "lorax-worker", "lorax-bench")
 
