@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from loraxpy.worker.batch import (
     StepInput,
     WorkerInputError,
 )
+from loraxpy.worker.distributed import leave_broken_group
 from loraxpy.worker.lora import SlotsFullError, StagedAdapter
 from loraxpy.worker.merge import MergeOptions, MergeRequest
 from loraxpy.worker.runner import ModelRunner, NotReadyError
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-EXIT_GROUP_BROKEN = 3  # the exit status of a shard whose tensor-parallel group broke
 
 
 def _rpc(method: F) -> F:
@@ -214,10 +213,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         answering, so that the whole group restarts (lorax-launcher, or the pods' restart policy)."""
         world_size = self.runner.options.shard.world_size
         if world_size > 1:
-            logger.critical(
-                "a step failed inside the %d-shard group: exiting so the group restarts", world_size
-            )
-            threading.Timer(0.5, os._exit, (EXIT_GROUP_BROKEN,)).start()
+            reason = f"a step failed inside the {world_size}-shard group"
+            threading.Timer(0.5, leave_broken_group, (reason,)).start()
 
     @_rpc
     def DownloadAdapter(

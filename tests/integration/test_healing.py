@@ -22,7 +22,7 @@ from conftest import build_tiny_model
 from launcher_process import Launcher, _wait_healthy, free_port, launcher
 from worker_driver import _spawn
 
-from loraxpy.worker.server import EXIT_GROUP_BROKEN
+from loraxpy.worker.distributed import EXIT_GROUP_BROKEN
 
 pytestmark = pytest.mark.slow
 
@@ -97,13 +97,17 @@ class Queued(threading.Thread):
             self.error = e
 
 
-def wait_healthy_again(url: str) -> None:
-    deadline = time.monotonic() + BACK_WITHIN_S
+def wait_for_health(url: str, status: int, within_s: float = BACK_WITHIN_S) -> None:
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        if requests.get(url + "/health", timeout=10).status_code == 200:
+        if requests.get(url + "/health", timeout=10).status_code == status:
             return
         time.sleep(0.2)
-    raise TimeoutError("the server did not heal")
+    raise TimeoutError(f"/health did not answer {status} within {within_s:g} s")
+
+
+def wait_healthy_again(url: str) -> None:
+    wait_for_health(url, 200)
 
 
 def shard_pids(launcher_pid: int) -> set[int]:
@@ -231,6 +235,20 @@ def test_lorax_router_alone_waits_for_its_restarted_worker_pods_and_serves_the_s
         assert queued_lora.error is None and queued_lora.tokens == before_lora
         assert generate(handle.url) == before
         assert generate(handle.url, "qv") == before_lora
+
+        # Idle, the rendezvous host (rank 0) dies: the other shard's heartbeat fails and it exits
+        # too; the router notices by its probe, with no request to meet the loss, and heals again.
+        time.sleep(1.0)  # the last request's release has reached the workers: no step is in flight
+        workers[0].kill()
+        assert workers[1].wait(timeout=ERROR_WITHIN_S) == EXIT_GROUP_BROKEN, "the survivor leaves the group"
+        deadline = time.monotonic() + ERROR_WITHIN_S
+        while "does not answer the health probe" not in handle.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "does not answer the health probe" in handle.log()
+        assert health_during_healing(handle.url) == 503
+        workers = start_workers("third")
+        wait_for_health(handle.url, 200)
+        assert generate(handle.url) == before
         assert router.poll() is None, handle.log()
     finally:
         router.terminate()

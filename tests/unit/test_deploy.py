@@ -278,8 +278,11 @@ def test_ports_agree_between_args_containers_services_and_probes(
     ports = {p["name"]: (p["port"], p["targetPort"]) for p in service_ports}
     assert ports == {"grpc": (grpc, "grpc"), "rendezvous": (rendezvous, "rendezvous")}
     assert pod_env(wc)["MASTER_PORT"] == str(rendezvous)
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert rc[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    # /health is 503 while the router heals its workers: that must not get it restarted.
+    assert rc["livenessProbe"] == {"tcpSocket": {"port": "http"}, "periodSeconds": 20, "failureThreshold": 3}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert wc[probe]["tcpSocket"] == {"port": "grpc"}  # the Worker service has no grpc.health.v1
 
 
