@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
 
+import jsonschema
 import pytest
 import requests
 from conftest import build_tiny_model
 from launcher_process import launcher
-from lorax import Client
+from lorax import AsyncClient, Client
+from structured_schemas import SCHEMAS
 from test_worker_lora import INDEX, load, make_adapters, peft_greedy
 from test_worker_matches_transformers import assert_matches_hf, make_requests
 from worker_driver import Driver, Request, sharded_workers
@@ -80,10 +83,45 @@ def test_default_model_over_three_shards_matches_one(default_model_path: Path, t
         info = requests.get(s.url + "/info", timeout=10).json()
         assert info["num_shards"] == 3
         sharded = Client(s.url).generate(prompt, max_new_tokens=20, details=True)
+        sharded_json = constrained(s.url)
     with launcher(default_model_path, tmp_path) as s:
         single = Client(s.url).generate(prompt, max_new_tokens=20, details=True)
+        single_json = constrained(s.url)
     assert [t.id for t in sharded.details.tokens] == [t.id for t in single.details.tokens]
     assert sharded.generated_text == "The capital of France is Paris."
+    # Structured output: every shard applies the same mask, so three shards write what one does.
+    assert sharded_json == single_json
+    for (name, _), (text, finish) in zip(CONSTRAINED, sharded_json, strict=True):
+        assert finish == "eos_token", (name, text)
+        jsonschema.validate(json.loads(text), SCHEMAS[name])
+
+
+CONSTRAINED = [
+    ("nested", False),
+    ("array_of_objects", True),
+    ("any_of_objects", True),
+    ("string_pattern", False),
+]
+
+
+def constrained(url: str) -> list[tuple[str, str]]:
+    """Each CONSTRAINED schema, greedy or sampled with a seed, all at once: (text, finish reason)."""
+    client = AsyncClient(url, timeout=120)
+
+    async def one(name: str, sample: bool) -> tuple[str, str]:
+        response = await client.generate(
+            "<|im_start|>user\nAnswer in JSON.<|im_end|>\n<|im_start|>assistant\n",
+            max_new_tokens=120,
+            do_sample=sample,
+            seed=3 if sample else None,
+            response_format={"type": "json_object", "schema": SCHEMAS[name]},
+        )
+        return response.generated_text, response.details.finish_reason.value
+
+    async def run() -> list[tuple[str, str]]:
+        return list(await asyncio.gather(*(one(name, sample) for name, sample in CONSTRAINED)))
+
+    return asyncio.run(run())
 
 
 def test_default_model_over_two_shards_ends_at_once_with_a_clear_message(
