@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from loraxpy.proto.sampling import SamplingParams
 from loraxpy.router.grammar import CompiledGrammar, GrammarCompiler, GrammarMatcher, MaskTimer
 from loraxpy.router.kv_blocks import BlockAllocator
-from loraxpy.router.scheduler import FinishReason, Scheduler, SchedulerOutput, SequenceState
+from loraxpy.router.scheduler import FinishReason, Scheduler, SchedulerOutput, SequenceState, Status
 from loraxpy.router.tracing import Tracer
 from loraxpy.router.worker_client import StepResult, WorkerClient, WorkerError
 
@@ -53,6 +53,10 @@ class EngineError(RuntimeError):
 
     Its message reaches the client, so it never carries an exception's text: that goes to the log.
     """
+
+
+class QueueTimeout(EngineError):
+    """The request was still waiting for its first step at its queue deadline (--max-queue-time-s)."""
 
 
 STEP_FAILED = "generation failed; the server log has the details"
@@ -165,9 +169,14 @@ class Engine:
             handle.queue.put_nowait(EngineError("the server is shutting down"))
 
     async def generate(
-        self, inp: GenerateInput, stream: TextStream, trace_span: Any = None
+        self,
+        inp: GenerateInput,
+        stream: TextStream,
+        trace_span: Any = None,
+        queue_deadline: float | None = None,
     ) -> AsyncIterator[TokenEvent | RequestOutput]:
-        """Yields a RequestOutput first (filled in as the request runs), then one TokenEvent per token."""
+        """Yields a RequestOutput first (filled in as the request runs), then one TokenEvent per token.
+        Not in a step by `queue_deadline` (event-loop time), it fails with QueueTimeout."""
         if not self.is_running:
             raise EngineError("the server's engine is not running")
         seq = SequenceState(
@@ -183,6 +192,9 @@ class Engine:
         handle = _Handle(seq, stream, output, trace_span, matcher=matcher)
         self._handles[seq.id] = handle
         self.scheduler.add(seq)
+        expiry = None
+        if queue_deadline is not None:
+            expiry = asyncio.get_running_loop().call_at(queue_deadline, self._expire, handle)
         self._wake.set()
         try:
             yield output
@@ -194,6 +206,8 @@ class Engine:
                 if item.finish_reason is not None:
                     return
         finally:
+            if expiry is not None:
+                expiry.cancel()
             output.num_preemptions = seq.num_preemptions
             self._handles.pop(seq.id, None)
             if seq.finish_reason is None:  # consumer left early: free its blocks, release it
@@ -381,6 +395,12 @@ class Engine:
                 await self.client.step(SchedulerOutput((), out.finished_ids))
             except WorkerError as e:
                 logger.error("releasing %s failed: %s", list(out.finished_ids), e.details)
+
+    def _expire(self, handle: _Handle) -> None:
+        """A request still waiting for its first step at its deadline leaves the queue. (Not one in
+        the step in flight: a request is RUNNING from `schedule()` on, and stamped before the send.)"""
+        if handle.output.scheduled_ns is None and handle.seq.status is Status.WAITING:
+            self._fail(handle.seq, QueueTimeout("the request waited too long for its first step"))
 
     def _fail(self, seq: SequenceState, error: EngineError) -> None:
         handle = self._handles.get(seq.id)

@@ -21,7 +21,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,7 +30,7 @@ from aiohttp import web
 
 from loraxpy.router import responses as R
 from loraxpy.router.adapters import AdapterRegistry
-from loraxpy.router.engine import Engine, EngineError, GenerateInput, RequestOutput, TokenEvent
+from loraxpy.router.engine import Engine, EngineError, GenerateInput, QueueTimeout, RequestOutput, TokenEvent
 from loraxpy.router.errors import (
     BadRequestError,
     BodyTimeoutError,
@@ -243,36 +243,6 @@ class Api:
         except TimeoutError:
             raise self._queue_timeout() from None
 
-    async def _until_scheduled(
-        self, items: AsyncIterator[TokenEvent | RequestOutput], deadline: float | None
-    ) -> AsyncIterator[TokenEvent | RequestOutput]:
-        """The engine's items for one request; one still waiting for its first step at the deadline
-        leaves the scheduler's queue (the engine aborts it) with a 503. Once in a step, no deadline."""
-        first: asyncio.Future[TokenEvent | RequestOutput] | None = None
-        try:
-            output = await anext(items)  # the engine yields the request's RequestOutput at once
-            yield output
-            first = asyncio.ensure_future(anext(items))
-            while deadline is not None and not first.done():
-                if isinstance(output, RequestOutput) and output.scheduled_ns is not None:
-                    break
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    raise self._queue_timeout()
-                await asyncio.wait([first], timeout=remaining)
-            try:
-                yield await first
-            except StopAsyncIteration:
-                return
-            async for item in items:
-                yield item
-        finally:
-            if first is not None and not first.done():
-                first.cancel()  # the engine's generator ends with it and aborts the request
-                await asyncio.gather(first, return_exceptions=True)
-            if isinstance(items, AsyncGenerator):
-                await items.aclose()
-
     async def _engine_events(
         self, inp: GenerateInput, valid: ValidRequest, gen: R.Generation, queued_until: float | None = None
     ) -> AsyncIterator[TokenEvent]:
@@ -287,8 +257,8 @@ class Api:
         output: RequestOutput | None = None
         error: str | None = None
         try:
-            async for item in self._until_scheduled(
-                self.s.engine.generate(inp, stream, trace_span=span), queued_until
+            async for item in self.s.engine.generate(
+                inp, stream, trace_span=span, queue_deadline=queued_until
             ):
                 if isinstance(item, RequestOutput):
                     output = item
@@ -300,6 +270,9 @@ class Api:
                         gen.queue_s = (output.scheduled_ns - output.queued_ns) / 1e9
                 gen.events.append(item)
                 yield item
+        except QueueTimeout:
+            error = "queue timeout"
+            raise self._queue_timeout() from None
         except EngineError as e:
             self.s.metrics.request_failure.labels("generation").inc()
             error = str(e)
