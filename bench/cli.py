@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -23,7 +24,7 @@ from loraxpy.bench.bounds import measure_copy_bandwidth
 from loraxpy.bench.engine import RunResult
 from loraxpy.bench.model_cli import model_main
 from loraxpy.bench.report import BaselineComparison, format_table, machine_info, plot_throughput, write_json
-from loraxpy.bench.serving import ServeConfig, format_report, report_dict, run_serving
+from loraxpy.bench.serving import CONSTRAINED_FORMAT, ServeConfig, format_report, report_dict, run_serving
 from loraxpy.bench.shapes import SHAPES
 from loraxpy.bench.suite import BenchConfig, run_shape
 from loraxpy.bench.workloads import KINDS
@@ -191,6 +192,11 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--api-key", default="")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--constrained",
+        action="store_true",
+        help="run the workload again constrained to a JSON schema and report both throughputs",
+    )
     p.add_argument("--output", type=Path, help="JSON: the report and every request")
     return p
 
@@ -215,10 +221,25 @@ def serve_main(argv: list[str]) -> int:
         return 2
     report, records = asyncio.run(run_serving(config))
     print(format_report(report))
+    body = report_dict(config, report, records)
+    ok = report.num_failed < report.num_requests
+    if args.constrained:
+        constrained_config = dataclasses.replace(config, response_format=CONSTRAINED_FORMAT)
+        constrained, constrained_records = asyncio.run(run_serving(constrained_config))
+        print("constrained (JSON schema):\n" + format_report(constrained))
+        ratio = (
+            constrained.output_tokens_per_s / report.output_tokens_per_s
+            if report.output_tokens_per_s
+            else 0.0
+        )
+        print(f"constrained / unconstrained output throughput: {ratio:.3f}")
+        body["constrained"] = report_dict(constrained_config, constrained, constrained_records)
+        body["constrained_throughput_ratio"] = ratio
+        ok = ok and constrained.num_failed < constrained.num_requests
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report_dict(config, report, records), indent=1))
-    return 0 if report.num_failed < report.num_requests else 1
+        args.output.write_text(json.dumps(body, indent=1))
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

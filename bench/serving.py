@@ -1,5 +1,9 @@
 """`lorax-bench serve`: a running server driven over HTTP by streaming clients with Poisson arrivals.
 
+With `--constrained` the same workload runs twice back to back, unconstrained then constrained to
+a JSON schema (structured output), and the report gives the second's throughput as a share of the
+first's.
+
 Requests arrive at exponentially distributed intervals (rate λ per second), each picks an adapter
 from a pool (uniform or Zipf; "" is the base model) and streams `/generate_stream`. Per request it
 records the time to first token (TTFT) and the mean time per output token after the first (TPOT);
@@ -33,6 +37,8 @@ class ServeConfig:
     api_key: str = ""
     seed: int = 0
     timeout_s: float = 600.0
+    # Structured output: LoRAX's response_format sent with every request (None: unconstrained).
+    response_format: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.num_requests < 1 or self.rate <= 0 or self.max_new_tokens < 1 or not self.adapter_ids:
@@ -88,6 +94,25 @@ def percentiles(values: list[float], points: tuple[int, ...] = (50, 90, 99)) -> 
     return out
 
 
+# The constrained workload: a JSON array of integers too long to end within any run's tokens, so
+# every request still generates exactly max_new_tokens (a mask on every step) and runs compare.
+CONSTRAINED_FORMAT: dict[str, Any] = {
+    "type": "json_object",
+    "schema": {
+        "type": "object",
+        "properties": {
+            "values": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": 999},
+                "minItems": 4096,
+            }
+        },
+        "required": ["values"],
+        "additionalProperties": False,
+    },
+}
+
+
 def plan_requests(config: ServeConfig) -> list[tuple[float, str]]:
     """(arrival second, adapter id) for every request: Poisson arrivals, adapters uniform or Zipf."""
     rng = random.Random(config.seed)
@@ -106,6 +131,8 @@ async def _one(session: aiohttp.ClientSession, config: ServeConfig, record: Requ
     params: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "ignore_eos_token": config.ignore_eos}
     if record.adapter_id:
         params["adapter_id"] = record.adapter_id
+    if config.response_format is not None:
+        params["response_format"] = config.response_format
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     start = time.perf_counter()
     record.sent_s = start - t0

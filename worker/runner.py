@@ -32,7 +32,7 @@ from loraxpy.worker.lora import LoraManager, StagedAdapter, num_adapter_slots
 from loraxpy.worker.merge import MergeRequest
 from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
-from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample, unpack_token_masks
+from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample
 from loraxpy.worker.self_check import SelfCheck, attention_of
 from loraxpy.worker.weights import load_weights
 
@@ -300,7 +300,7 @@ class ModelRunner:
                 for s, _ in (scheduled[i] for i, _ in sampling)
             ]
             masks = [scheduled[i][0].allowed_token_mask for i, _ in sampling]
-            result = sample(logits, sampling_rows, unpack_token_masks(masks, logits.shape[1], logits.device))
+            result = sample(logits, sampling_rows, masks)
             for k, (i, _) in enumerate(sampling):
                 top = tuple((int(t), float(lp)) for t, lp in result.top_logprobs[k])
                 tokens[i] = ((result.token_ids[k], result.logprobs[k]), top)

@@ -127,29 +127,38 @@ def _typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop & (mass < 1), float("-inf"))
 
 
-def unpack_token_masks(masks: list[bytes], vocab_size: int, device: torch.device) -> torch.Tensor | None:
-    """Packed allowed-token masks (bit t % 8 of byte t // 8; b"" = any token) → [num_rows, vocab] bool,
-    or None when no row is constrained. Each mask covers the vocabulary (the step was validated)."""
-    if not any(masks):
-        return None
-    width = max(len(m) for m in masks)
-    packed = bytearray().join(m if m else b"\xff" * width for m in masks)
-    # packed: [num_rows, width] uint8 → bits [num_rows, width * 8], least significant bit first.
-    u8 = torch.frombuffer(packed, dtype=torch.uint8).view(len(masks), width).to(device)
-    shifts = torch.arange(8, dtype=torch.uint8, device=device)
-    bits = (u8[:, :, None] >> shifts) & 1
-    return bits.view(len(masks), width * 8)[:, :vocab_size].bool()
+# Row b of the table: the additive bias of the 8 tokens whose mask bits are the bits of byte b
+# (least significant first): 0 where allowed, -inf where not. One gather unpacks a whole mask.
+_BIT_BIAS: dict[torch.device, torch.Tensor] = {}
 
 
-def process_logits(
-    logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor | None = None
-) -> torch.Tensor:
-    """logits [num_rows, vocab] fp32 → processed logits; warpers apply to sampling rows only.
+def _bit_bias(device: torch.device) -> torch.Tensor:
+    if device not in _BIT_BIAS:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # [256, 8]
+        _BIT_BIAS[device] = torch.where(bits.bool(), 0.0, float("-inf")).to(device)
+    return _BIT_BIAS[device]
 
-    `allowed` [num_rows, vocab] bool (structured output): disallowed tokens become -inf first, so
-    penalties and warpers see only what the grammar allows."""
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
+
+def apply_token_masks(logits: torch.Tensor, masks: list[bytes]) -> torch.Tensor:
+    """logits [num_rows, vocab] → the same with -inf wherever a row's packed allowed-token mask (bit
+    t % 8 of byte t // 8) has a 0 bit; rows with an empty mask are unchanged. Each mask covers the
+    vocabulary (the step was validated)."""
+    rows = [i for i, m in enumerate(masks) if m]
+    if not rows:
+        return logits
+    num_rows, vocab = logits.shape
+    packed = bytearray().join(masks[i] for i in rows)
+    # packed: [len(rows), mask bytes] uint8 → bias [len(rows), vocab] of 0 / -inf.
+    u8 = torch.frombuffer(packed, dtype=torch.uint8).view(len(rows), -1).to(logits.device)
+    bias = _bit_bias(logits.device)[u8.long()].view(len(rows), -1)[:, :vocab]
+    if len(rows) == num_rows:
+        return logits + bias
+    index = torch.tensor(rows, device=logits.device)
+    return logits.index_add(0, index, bias)
+
+
+def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """logits [num_rows, vocab] fp32 → processed logits; warpers apply to sampling rows only."""
     if any(r.params.has_penalties for r in rows):
         logits = _apply_penalties(logits, rows)
     is_sampling = torch.tensor([r.params.do_sample for r in rows], device=logits.device)[:, None]
@@ -158,15 +167,15 @@ def process_logits(
     return logits
 
 
-def sample(
-    logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor | None = None
-) -> SampleOutput:
-    """Chooses one token per row: argmax for greedy rows, an exponential race for sampling rows,
-    among the tokens `allowed` ([num_rows, vocab] bool, or None: all) permits."""
+def sample(logits: torch.Tensor, rows: list[SamplingRow], masks: list[bytes] | None = None) -> SampleOutput:
+    """Chooses one token per row: argmax for greedy rows, an exponential race for sampling rows.
+
+    `masks` (structured output): each row's packed allowed-token mask (b"": any token); the others
+    become -inf first, so penalties and warpers see only what the grammar allows."""
     # logits: [num_rows, vocab] fp32. Log-probs are reported on the raw logits: logit - logsumexp
     # for the few tokens asked for, never a whole [num_rows, vocab] log-softmax.
     log_norm = logits.logsumexp(dim=-1, keepdim=True)  # [num_rows, 1]
-    processed = process_logits(logits, rows, allowed)
+    processed = process_logits(apply_token_masks(logits, masks) if masks else logits, rows)
     chosen = processed.argmax(dim=-1)
     sampling = [i for i, r in enumerate(rows) if r.params.do_sample]
     if sampling:

@@ -12,15 +12,19 @@ import pytest
 from aiohttp import web
 
 from loraxpy.bench.cli import main
-from loraxpy.bench.serving import ServeConfig, percentiles, plan_requests, run_serving
+from loraxpy.bench.serving import CONSTRAINED_FORMAT, ServeConfig, percentiles, plan_requests, run_serving
 
 FIRST_TOKEN_S = 0.05
 PER_TOKEN_S = 0.01
 
 
+FORMATS: list[object] = []  # each request's response_format (None: unconstrained)
+
+
 async def _stream(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     params = body["parameters"]
+    FORMATS.append(params.get("response_format"))
     if params.get("adapter_id") == "broken":
         return web.json_response(
             {"error": "adapter broken not found", "error_type": "validation"}, status=422
@@ -130,3 +134,18 @@ def test_cli_serve_writes_json(server_url: str, tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["report"]["num_requests"] == 3 and doc["report"]["num_failed"] == 0
     assert all(r["num_tokens"] == 2 for r in doc["requests"])
+
+
+def test_cli_serve_constrained_runs_the_workload_again_under_a_json_schema(
+    server_url: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "serve.json"
+    FORMATS.clear()
+    argv = ["serve", f"--url={server_url}", "--num-requests=3", "--rate=100", "--max-new-tokens=2"]
+    assert main([*argv, "--constrained", f"--output={out}"]) == 0
+    assert FORMATS == [None] * 3 + [CONSTRAINED_FORMAT] * 3
+    doc = json.loads(out.read_text())
+    assert doc["constrained"]["config"]["response_format"] == CONSTRAINED_FORMAT
+    assert doc["constrained"]["report"]["num_failed"] == 0
+    ratio = doc["constrained"]["report"]["output_tokens_per_s"] / doc["report"]["output_tokens_per_s"]
+    assert doc["constrained_throughput_ratio"] == pytest.approx(ratio)

@@ -18,10 +18,10 @@ from transformers.generation.logits_process import (
 from loraxpy.worker.sampling import (
     SamplingParams,
     SamplingRow,
+    apply_token_masks,
     make_generator,
     process_logits,
     sample,
-    unpack_token_masks,
 )
 
 VOCAB = 50
@@ -180,27 +180,31 @@ def _pack(allowed: list[bool]) -> bytes:
     return bytes(out)
 
 
-def test_token_masks_unpack_bit_for_bit_and_an_empty_mask_allows_everything() -> None:
+def test_token_masks_apply_bit_for_bit_and_an_empty_mask_changes_nothing() -> None:
     gen = torch.Generator().manual_seed(7)
     wanted = (torch.rand(3, VOCAB, generator=gen) < 0.3).tolist()
-    masks = [_pack(wanted[0]), b"", _pack(wanted[2])]
-    allowed = unpack_token_masks(masks, VOCAB, CPU)
-    assert allowed is not None
-    assert allowed[0].tolist() == wanted[0]
-    assert allowed[1].all()
-    assert allowed[2].tolist() == wanted[2]
-    assert unpack_token_masks([b"", b""], VOCAB, CPU) is None
+    logits = torch.randn(3, VOCAB, generator=gen)
+    for masks in ([_pack(wanted[0]), b"", _pack(wanted[2])], [_pack(w) for w in wanted]):
+        masked = apply_token_masks(logits, masks)
+        for i, mask in enumerate(masks):
+            if not mask:
+                assert torch.equal(masked[i], logits[i])
+                continue
+            for t in range(VOCAB):
+                expected = logits[i, t].item() if wanted[i][t] else float("-inf")
+                assert masked[i, t].item() == expected
+    assert apply_token_masks(logits, [b"", b"", b""]) is logits
 
 
 @pytest.mark.parametrize("params", PARAM_SETS, ids=str)
 def test_masked_rows_choose_only_allowed_tokens_and_unmasked_rows_are_unchanged(params) -> None:
     logits, rows = random_rows([params, params], seed=3)
     only = [3, 17, 41]
-    allowed = unpack_token_masks([_pack([t in only for t in range(VOCAB)]), b""], VOCAB, CPU)
+    masks = [_pack([t in only for t in range(VOCAB)]), b""]
     for row in rows:
         if row.generator is not None:
             row.generator.manual_seed(5)
-    masked = sample(logits, rows, allowed)
+    masked = sample(logits, rows, masks)
     for row in rows:
         if row.generator is not None:
             row.generator.manual_seed(5)
