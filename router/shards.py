@@ -22,6 +22,9 @@ from loraxpy.router.worker_client import WorkerClient, WorkerError
 logger = logging.getLogger("loraxpy.launcher")
 
 STARTUP_TIMEOUT_S = 900.0
+# A shard's exit status when it left a group that lost a member (worker/distributed.py; the router
+# does not import the worker, which needs torch).
+EXIT_GROUP_BROKEN = 3
 
 
 class ShardGroup:
@@ -44,10 +47,10 @@ class ShardGroup:
         self.addresses = [a for _, a in started]
 
     def first_dead(self) -> str | None:
-        for rank, proc in enumerate(self.procs):
-            if proc.poll() is not None:
-                return f"shard {rank} exited with code {proc.returncode}"
-        return None
+        """Names a shard that exited, one that caused the loss before one that left the group after it."""
+        dead = [(rank, p.returncode) for rank, p in enumerate(self.procs) if p.poll() is not None]
+        dead.sort(key=lambda d: d[1] == EXIT_GROUP_BROKEN)
+        return f"shard {dead[0][0]} exited with code {dead[0][1]}" if dead else None
 
     def stop(self, grace_s: float = 15.0) -> None:
         for proc in self.procs:

@@ -139,7 +139,7 @@ def test_a_shard_killed_mid_stream_ends_requests_with_an_error(
         "inputs": "Tell me a long story.",
         "parameters": {"max_new_tokens": 500, "ignore_eos_token": True},
     }
-    with launcher(default_model_path, tmp_path, "--num-shard", "3") as s:
+    with launcher(default_model_path, tmp_path, "--num-shard", "3", "--max-restarts", "0") as s:
         with requests.post(s.url + "/generate_stream", json=body, stream=True, timeout=60) as r:
             lines = r.iter_lines()
             next(lines)
