@@ -179,6 +179,8 @@ class Scheduler:
         budget = self.config.max_step_tokens - sum(s.num_tokens for s in scheduled)
         if self._should_admit() and not preempted:
             scheduled.extend(self._admit(budget, len(scheduled), eligible_adapters))
+        else:
+            self._steps_since_admission += 1  # max_waiting_steps counts these too
         for s in scheduled:
             s.seq.is_on_worker = True
             s.seq.num_computed_tokens += s.num_tokens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from loraxpy.router.kv_blocks import BlockAllocator
 from loraxpy.router.scheduler import FinishReason, Scheduler, SchedulerConfig, SequenceState, Status
 
@@ -120,3 +122,29 @@ def test_only_eligible_adapter_queues_are_admitted() -> None:
     s.add(SequenceState(id=2, prompt_ids=[1], max_new_tokens=1, adapter_index=0))
     out = s.schedule(eligible_adapters=[0])
     assert [r.seq.id for r in out.scheduled] == [2]
+
+
+def test_late_prompts_join_running_decodes_at_the_next_step_by_default() -> None:
+    """The router's default admission (waiting_served_ratio 0): 5 prompts that arrive while 11 requests
+    decode are prefilled in the very next step. LoRAX's 1.2 holds them back --max-waiting-tokens steps
+    (not until the running requests finish: steps that admit nothing count towards that limit)."""
+    from loraxpy.router.config import RouterConfig
+
+    router = RouterConfig()
+    config = SchedulerConfig(
+        max_step_tokens=512,
+        waiting_served_ratio=router.waiting_served_ratio,
+        max_waiting_steps=router.max_waiting_tokens,
+    )
+    for ratio, expected_wait in ((config.waiting_served_ratio, 0), (1.2, router.max_waiting_tokens)):
+        s = Scheduler(dataclasses.replace(config, waiting_served_ratio=ratio), BlockAllocator(256, 16))
+        for i in range(11):
+            s.add(SequenceState(id=i, prompt_ids=[1] * 8, max_new_tokens=100))
+        s.postprocess({r.seq.id: 7 for r in s.schedule().scheduled})
+        for i in range(11, 16):
+            s.add(SequenceState(id=i, prompt_ids=[1] * 8, max_new_tokens=100))
+        waited = 0
+        while not any(r.is_new for r in s.schedule().scheduled):
+            waited += 1
+            s.postprocess({seq.id: 7 for seq in s.running})
+        assert waited == expected_wait, ratio
