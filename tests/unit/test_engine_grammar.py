@@ -1,0 +1,120 @@
+"""The engine with structured output: masks go with the steps that sample, a finished grammar ends
+its request, and a preempted request's matcher carries on where it was (real llguidance grammars,
+a stand-in worker that samples the lowest allowed token)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from loraxpy.router.engine import Engine, GenerateInput, TokenEvent
+from loraxpy.router.grammar import GrammarCompiler, GrammarSpec
+from loraxpy.router.kv_blocks import BlockAllocator
+from loraxpy.router.scheduler import FinishReason, Scheduler, SchedulerConfig, SchedulerOutput
+from loraxpy.router.text import Tokenizer
+from loraxpy.router.worker_client import StepReply, StepResult
+
+EOS = 2
+PLAIN_TOKEN = 5
+SCHEMA = {
+    "type": "object",
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}, "s": {"enum": ["ab", "cd"]}},
+    "required": ["n", "s"],
+    "additionalProperties": False,
+}
+
+
+class LowestAllowedWorker:
+    """Samples the lowest token id a request's mask allows (PLAIN_TOKEN without a mask); records
+    each mask it receives with whether that request sampled in the step."""
+
+    def __init__(self) -> None:
+        self.masks_seen: list[bool] = []
+
+    async def step(
+        self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = (), masks: object = None
+    ) -> StepReply:
+        assert isinstance(masks, dict)
+        results = []
+        for r in out.scheduled:
+            samples = r.seq.num_computed_tokens >= r.seq.num_tokens
+            mask = masks.get(r.seq.id)
+            if mask is not None:
+                self.masks_seen.append(samples)
+            token = None
+            if samples:
+                token_id = PLAIN_TOKEN
+                if mask is not None:
+                    token_id = next(t for t in range(len(mask) * 8) if mask[t // 8] >> (t % 8) & 1)
+                token = (token_id, -0.1)
+            results.append(StepResult(r.seq.id, r.seq.num_computed_tokens, token, (), 0, ()))
+        await asyncio.sleep(0)
+        return StepReply(results, 0.001)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_path: Path) -> Tokenizer:
+    return Tokenizer(default_model_path)
+
+
+@pytest.fixture(scope="module")
+def compiler(default_model_path: Path, tokenizer: Tokenizer) -> GrammarCompiler:
+    return GrammarCompiler.for_model(default_model_path, tokenizer.vocab_size, (EOS,))
+
+
+def run(
+    tokenizer: Tokenizer, grammars: GrammarCompiler, scheduler: Scheduler, inputs: list[GenerateInput]
+) -> tuple[list[tuple[list[int], FinishReason | None]], LowestAllowedWorker]:
+    worker = LowestAllowedWorker()
+
+    async def scenario() -> list[tuple[list[int], FinishReason | None]]:
+        engine = Engine(worker, scheduler, frozenset({EOS}), grammars=grammars)  # type: ignore[arg-type]
+        engine.start()
+
+        async def one(inp: GenerateInput) -> tuple[list[int], FinishReason | None]:
+            tokens, finish = [], None
+            async for event in engine.generate(inp, tokenizer.stream(list(inp.input_ids))):
+                if isinstance(event, TokenEvent):
+                    tokens.append(event.token_id)
+                    finish = event.finish_reason
+            return tokens, finish
+
+        try:
+            return list(await asyncio.gather(*(one(i) for i in inputs)))
+        finally:
+            await engine.stop()
+
+    return asyncio.run(scenario()), worker
+
+
+def test_masks_travel_only_with_sampling_steps_and_a_finished_grammar_ends_the_request(
+    tokenizer: Tokenizer, compiler: GrammarCompiler
+) -> None:
+    grammar = compiler.compile(GrammarSpec("json_schema", SCHEMA))
+    prompt = tuple(range(100, 130))  # longer than a step's 8 tokens: prefilled in chunks
+    scheduler = Scheduler(SchedulerConfig(max_step_tokens=8), BlockAllocator(64, 16))
+    inputs = [GenerateInput(prompt, 40, grammar=grammar), GenerateInput(prompt[:5], 6)]
+    (constrained, plain), worker = run(tokenizer, compiler, scheduler, inputs)
+    assert worker.masks_seen and all(worker.masks_seen)  # never on a prompt chunk that samples nothing
+    assert len(worker.masks_seen) == len(constrained[0])  # one per sampled token, none for the neighbour
+    text = tokenizer.decode(constrained[0])
+    assert json.loads(text)["s"] in ("ab", "cd")
+    assert constrained[1] is FinishReason.EOS_TOKEN and EOS not in constrained[0]
+    assert plain == ([PLAIN_TOKEN] * 6, FinishReason.LENGTH)
+
+
+def test_a_preempted_request_resumes_its_grammar_where_it_was(
+    tokenizer: Tokenizer, compiler: GrammarCompiler
+) -> None:
+    grammar = compiler.compile(GrammarSpec("json_schema", SCHEMA))
+    # 6 blocks of 4 tokens for three requests that each grow to about 20: the newest is preempted.
+    scheduler = Scheduler(SchedulerConfig(max_step_tokens=64), BlockAllocator(6, 4))
+    inputs = [GenerateInput((100 + i, 101, 102), 40, grammar=grammar) for i in range(3)]
+    results, _ = run(tokenizer, compiler, scheduler, inputs)
+    assert scheduler.num_preemptions > 0
+    texts = [tokenizer.decode(tokens) for tokens, _ in results]
+    assert all(finish is FinishReason.EOS_TOKEN for _, finish in results)
+    assert texts == [texts[0]] * 3 and json.loads(texts[0])["n"] in range(10)
