@@ -51,7 +51,13 @@ from loraxpy.proto.adapter_policy import (
     SourceNotAllowedError,
     not_found_message,
 )
-from loraxpy.router.errors import NotFoundError, OverloadedError, RouterError, ValidationError
+from loraxpy.router.errors import (
+    NotFoundError,
+    OverloadedError,
+    RouterError,
+    UnavailableError,
+    ValidationError,
+)
 from loraxpy.router.worker_client import AdapterMerge, WorkerClient, WorkerError
 
 logger = logging.getLogger(__name__)
@@ -347,6 +353,11 @@ def _adapter_error(adapter_id: str, e: WorkerError) -> RouterError:
     if e.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED):
         return OverloadedError(
             f"adapter {adapter_id!r} cannot be loaded now: {e.details}", param="adapter_id"
+        )
+    if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION):  # lost, or restarted
+        logger.error("loading adapter %s failed: %s", adapter_id, e.details)
+        return UnavailableError(
+            f"adapter {adapter_id!r} cannot be loaded now: the workers are being restarted"
         )
     if not e.is_refusal:  # not the worker's message for users but an exception's text: log it only
         logger.error("loading adapter %s failed: %s", adapter_id, e.details)

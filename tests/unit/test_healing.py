@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from test_engine_failures import StrictWorker, make_engine, run
 
+from loraxpy.router.adapters import _adapter_error
 from loraxpy.router.engine import Engine
 from loraxpy.router.healing import Healer
 from loraxpy.router.scheduler import SchedulerOutput
@@ -129,3 +130,10 @@ def test_an_idle_server_notices_a_worker_that_came_back_empty() -> None:
 
     suspended, after, warmups = asyncio.run(scenario())
     assert (warmups, after, suspended) == (1, "ok:5", False)
+
+
+def test_an_adapter_load_cut_off_by_lost_workers_is_a_503_to_retry_not_the_clients_fault() -> None:
+    for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION):
+        err = _adapter_error("qv", WorkerError("worker LoadAdapter failed: Socket closed", code))
+        assert (err.status, err.openai_status) == (503, 503)
+        assert "Socket closed" not in str(err)
