@@ -242,9 +242,9 @@ class Engine:
             for seq in list(self.scheduler.running):
                 self._fail(seq, EngineError(STEP_FAILED))
             self.scheduler.restart(allocator)
+            self.is_healthy = True  # the failed step was the old workers'
 
     def resume(self) -> None:
-        self.is_healthy = True
         self._resumed.set()
         self._wake.set()
 
