@@ -40,6 +40,7 @@ from loraxpy.worker.self_check import active_paths
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
@@ -151,8 +152,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.loads = loads or AdapterLoads(
             settings.max_concurrent_adapter_loads, settings.adapter_load_timeout_s
         )
-        # One forward pass at a time; Health and Info never wait for it.
-        self.lock = threading.Lock()
+        # One forward pass at a time, always on the same thread; Health and Info never wait for it.
+        # torch's OpenMP team belongs to the thread that calls it: steps landing on different gRPC
+        # threads would each bring up (and leave spinning) a team of their own on the same cores.
+        self._model_thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    def _exclusive(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs `fn` on the model thread, after whatever it is running now (a step, a slot write)."""
+        return self._model_thread.submit(fn, *args).result()
 
     @_rpc
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
@@ -183,10 +190,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     @_rpc
     def Warmup(self, request: pb.WarmupRequest, context: grpc.ServicerContext) -> pb.WarmupResponse:
-        with self.lock:
-            num_blocks = self.runner.warmup(
-                request.max_prefill_tokens, request.max_num_seqs or 1, request.num_blocks
-            )
+        num_blocks = self._exclusive(
+            self.runner.warmup, request.max_prefill_tokens, request.max_num_seqs or 1, request.num_blocks
+        )
         return pb.WarmupResponse(num_blocks=num_blocks, block_size=self.runner.options.block_size)
 
     @_rpc
@@ -196,14 +202,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if trace:
             logger.debug("step traceparent=%s", trace)
         started = time.perf_counter()
-        with self.lock:
-            try:
-                outputs = self.runner.step(step)
-            except (WorkerInputError, NotReadyError):  # refused before any collective
-                raise
-            except Exception:
-                self._leave_if_sharded()
-                raise
+        try:
+            outputs = self._exclusive(self.runner.step, step)
+        except (WorkerInputError, NotReadyError):  # refused before any collective
+            raise
+        except Exception:
+            self._leave_if_sharded()
+            raise
         elapsed_us = int((time.perf_counter() - started) * 1e6)
         return pb.StepResponse(outputs=[output_to_proto(o) for o in outputs], step_time_us=elapsed_us)
 
@@ -242,8 +247,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         staged = self.loads.run(
             self._read_and_stage, spec.adapter_id, spec.source or "local", spec.api_token, merge
         )
-        with self.lock:
-            nbytes = self.runner.install_adapter(request.adapter_index, staged)
+        nbytes = self._exclusive(self.runner.install_adapter, request.adapter_index, staged)
         return pb.LoadAdapterResponse(memory_bytes=nbytes)
 
     def _read_and_stage(
@@ -255,8 +259,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def OffloadAdapter(
         self, request: pb.OffloadAdapterRequest, context: grpc.ServicerContext
     ) -> pb.OffloadAdapterResponse:
-        with self.lock:
-            self.runner.offload_adapter(request.adapter_index)
+        self._exclusive(self.runner.offload_adapter, request.adapter_index)
         return pb.OffloadAdapterResponse()
 
 
