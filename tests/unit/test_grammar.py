@@ -76,6 +76,10 @@ def test_compiled_grammars_are_cached_by_their_text(compiler) -> None:
         (GrammarSpec("regex", "a(b"), "unclosed group"),
         (GrammarSpec("json_schema", {"type": "strin"}), "strin"),
         (GrammarSpec("lark", "start: foo"), "foo"),
+        (
+            GrammarSpec("json_schema", {"type": "array", "uniqueItems": True}),
+            "Unimplemented keys.*uniqueItems",
+        ),
     ],
 )
 def test_bad_grammars_are_refused_with_the_engines_message(compiler, spec, message) -> None:
