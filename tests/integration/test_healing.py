@@ -249,6 +249,7 @@ def test_lorax_router_alone_waits_for_its_restarted_worker_pods_and_serves_the_s
         workers = start_workers("third")
         wait_for_health(handle.url, 200)
         assert generate(handle.url) == before
+        assert generate(handle.url, "qv") == before_lora, "an adapter idle at the loss loads again on use"
         assert router.poll() is None, handle.log()
     finally:
         router.terminate()

@@ -137,3 +137,26 @@ def test_an_adapter_load_cut_off_by_lost_workers_is_a_503_to_retry_not_the_clien
         err = _adapter_error("qv", WorkerError("worker LoadAdapter failed: Socket closed", code))
         assert (err.status, err.openai_status) == (503, 503)
         assert "Socket closed" not in str(err)
+
+
+def test_workers_that_only_dropped_their_connections_are_not_warmed_again() -> None:
+    async def scenario() -> dict[str, Any]:
+        worker = RestartingWorker()
+        engine, healer, task = await started(worker)
+        running = asyncio.create_task(run(engine, 200))
+        await asyncio.sleep(0.05)
+        worker.die()
+        lost = await running
+        await asyncio.sleep(0.1)
+        worker.is_up = True  # the same process, still warmed, answers again
+        after = await run(engine, 6)
+        result = {"lost": lost, "after": after, "heals": healer.num_heals, "warmups": worker.num_warmups}
+        result["refusals"] = worker.refusals
+        await engine.stop()
+        task.cancel()
+        return result
+
+    r = asyncio.run(scenario())
+    assert r["lost"].startswith("error:") and r["after"] == "ok:6"
+    assert (r["heals"], r["warmups"]) == (1, 0), "its KV cache and adapters are still there"
+    assert r["refusals"] == [], "the failed requests are released on the worker that still holds them"
