@@ -127,11 +127,19 @@ class GrammarCompiler:
         return 4 * ((self.vocab_size + 31) // 32)
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
-        """Built on first use (about 0.3 s for a 49k vocabulary), under the lock."""
+        """Built on first use (about 0.3 s for a 49k vocabulary), under the lock. A tokenizer the
+        grammar engine cannot read (no byte decoding it knows) makes every grammar a GrammarError,
+        refused with the request's field, not a 500."""
         if self._tokenizer is None:
-            self._tokenizer = llguidance.LLTokenizer(
-                self._tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos or None
-            )
+            try:
+                self._tokenizer = llguidance.LLTokenizer(
+                    self._tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos or None
+                )
+            except ValueError as e:
+                raise GrammarError(
+                    f"structured output is not available for this model: the grammar engine cannot read "
+                    f"its tokenizer ({e})"
+                ) from None
         return self._tokenizer
 
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:

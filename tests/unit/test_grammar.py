@@ -91,3 +91,21 @@ def test_a_token_outside_the_grammar_ends_the_matcher_with_an_error(compiler, to
     matcher = compiler.compile(GrammarSpec("regex", "[0-9]+")).matcher()
     matcher.advance(tokenizer.encode("abc", add_special_tokens=False)[0])
     assert matcher.is_done and matcher.error
+
+
+def test_a_tokenizer_the_grammar_engine_cannot_read_refuses_grammars_with_the_field_not_a_crash() -> None:
+    from tokenizers import Tokenizer as HfTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from loraxpy.router.errors import ValidationError
+    from loraxpy.router.structured import compile_spec
+
+    words = HfTokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # and no decoder: llguidance cannot read it
+    compiler = GrammarCompiler(words.to_str(), 3, ())
+    spec = GrammarSpec("choice", ["a", "b"])
+    with pytest.raises(GrammarError, match="cannot read its tokenizer"):
+        compiler.compile(spec)
+    with pytest.raises(ValidationError, match="guided_choice") as e:
+        compile_spec(spec, "guided_choice", compiler)
+    assert e.value.param == "guided_choice" and e.value.status == 422
