@@ -42,7 +42,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     # LoRAX's admission knobs: admit new prompts once waiting >= ratio * running, or after
     # max_waiting_steps steps without admission.
-    waiting_served_ratio: float = 0.3
+    waiting_served_ratio: float = 0.0
     max_waiting_steps: int = 20
 
     def __post_init__(self) -> None:
