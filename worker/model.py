@@ -1,4 +1,4 @@
-"""One Llama-family decoder (llama, mistral, qwen2) over a paged KV cache; variants are config flags."""
+"""One Llama-family decoder (llama, mistral, qwen2, qwen3) over a paged KV cache; variants are config flags."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from loraxpy.worker.layers import (
     RowParallelLinear,
     Shard,
     VocabParallelEmbedding,
+    rms_norm,
 )
 from loraxpy.worker.model_config import ModelConfig
 from loraxpy.worker.rotary import RotaryEmbedding, apply_rotary
@@ -65,6 +66,11 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(
             config.q_size, config.hidden_size, bias=config.o_bias, shard=shard, dtype=dtype, device=device
         )
+        if config.qk_norm:
+            eps = config.rms_norm_eps
+            self.q_norm = RMSNorm(config.head_dim, eps, dtype=dtype, device=device)
+            self.k_norm = RMSNorm(config.head_dim, eps, dtype=dtype, device=device)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RopeTable) -> torch.Tensor:
         # x: [num_tokens, hidden]
@@ -72,6 +78,14 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # q and k sit side by side in qkv's rows: one rotary pass covers both.
         qk = qkv[:, : q_size + kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.qk_norm:  # one pass over q's and k's heads, each head with its own norm's weight
+            weight = torch.cat(
+                [
+                    self.q_norm.weight.expand(self.num_heads, -1),
+                    self.k_norm.weight.expand(self.num_kv_heads, -1),
+                ]
+            )
+            qk = rms_norm(qk, weight, self.q_norm.eps)
         q, k = apply_rotary(qk, rope).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = batch.kv_caches[self.layer_index]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -43,6 +43,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # qwen3: RMSNorm over each head of q and k, before RoPE
     # One entry per layer: the sliding window in tokens, or None for full attention.
     sliding_windows: tuple[int | None, ...] = field(default_factory=tuple)
     eos_token_ids: tuple[int, ...] = ()
@@ -97,6 +98,7 @@ class ModelConfig:
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
             sliding_windows=_sliding_windows(cfg, model_type, num_layers),
             eos_token_ids=_as_ids(cfg.get("eos_token_id")),
         )
@@ -153,14 +155,14 @@ def _rope_from_dict(cfg: dict[str, Any]) -> RopeConfig:
 
 def _sliding_windows(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
     window = cfg.get("sliding_window")
-    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         window = None
     if not window:
         return (None,) * num_layers
     layer_types = cfg.get("layer_types")
     if layer_types:
         return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         first = int(cfg.get("max_window_layers", num_layers))
         return tuple(int(window) if i >= first else None for i in range(num_layers))
     return (int(window),) * num_layers

@@ -1,4 +1,4 @@
-"""Tiny random Llama / Mistral / Qwen2 checkpoints written by HF transformers itself (the oracle)."""
+"""Tiny random Llama / Mistral / Qwen2 / Qwen3 checkpoints written by HF transformers itself (the oracle)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,19 @@ TINY_CONFIGS: dict[str, dict] = {
         max_window_layers=1,
         tie_word_embeddings=True,
     ),
+    # q/k norms per head, head_dim wider than hidden / heads, tied embeddings.
+    "qwen3": dict(
+        model_type="qwen3",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=272,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -72,6 +85,11 @@ def build_tiny_model(kind: str, path: Path) -> Path:
     )
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if kind == "qwen3":  # norms start at ones: random ones tell q's norm from k's, and both from none
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    param.uniform_(0.5, 1.5)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
     shard = "40KB" if kind == "llama" else "50GB"
