@@ -13,7 +13,7 @@ from typing import Any
 from loraxpy.router.engine import TokenEvent
 from loraxpy.router.scheduler import FinishReason
 from loraxpy.router.text import Tokenizer
-from loraxpy.router.tools import read_calls
+from loraxpy.router.tools import ToolCallStream, read_calls
 from loraxpy.router.validation import ValidRequest
 
 OPENAI_FINISH = {
@@ -177,25 +177,18 @@ def chat_message(g: Generation) -> tuple[dict[str, Any], str]:
     return {"role": "assistant", "content": g.text}, finish
 
 
-def tool_stream_deltas(g: Generation) -> list[dict[str, Any]]:
-    """A chat generation with tools, streamed once it has finished: its content, then each call as
-    OpenAI streams calls (id and name with empty arguments, then the arguments), then the finish."""
-    message, finish = chat_message(g)
-    deltas: list[dict[str, Any]] = []
-    if message.get("content"):
-        deltas.append({"delta": {"content": message["content"]}, "finish_reason": None})
-    for k, call in enumerate(message.get("tool_calls", [])):
-        head = {
-            "index": k,
-            "id": call["id"],
-            "type": "function",
-            "function": {"name": call["function"]["name"], "arguments": ""},
-        }
-        args = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
-        deltas.append({"delta": {"tool_calls": [head]}, "finish_reason": None})
-        deltas.append({"delta": {"tool_calls": [args]}, "finish_reason": None})
-    deltas.append({"delta": {}, "finish_reason": finish})
-    return deltas
+def tool_stream_choices(stream: ToolCallStream, e: TokenEvent) -> list[dict[str, Any]]:
+    """One chat event of a choice with tools as stream choices (without `index`): content and
+    tool-call deltas as the text arrives, and at the end the finish (`tool_calls` after calls)."""
+    deltas = stream.push(e.text)
+    if e.finish_reason is None:
+        return [{"delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+    deltas += stream.finish()
+    finish = OPENAI_FINISH[e.finish_reason]
+    if stream.num_calls and e.finish_reason is not FinishReason.LENGTH:
+        finish = "tool_calls"
+    out = [{"delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+    return [*out, {"delta": {}, "logprobs": None, "finish_reason": finish}]
 
 
 def _chat_choice(tok: Tokenizer, i: int, g: Generation, want_logprobs: bool) -> dict[str, Any]:

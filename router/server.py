@@ -51,6 +51,7 @@ from loraxpy.router.metrics import Metrics
 from loraxpy.router.openapi import openapi_document
 from loraxpy.router.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, TokenizeRequest
 from loraxpy.router.text import Tokenizer
+from loraxpy.router.tools import ToolCallStream
 from loraxpy.router.tracing import Tracer
 from loraxpy.router.validation import (
     Limits,
@@ -467,6 +468,7 @@ class Api:
         }
         queue: asyncio.Queue[tuple[int, TokenEvent | None]] = asyncio.Queue()
         gens = [R.Generation(v) for v in valid]
+        tool_streams = [ToolCallStream() for _ in valid]
 
         async def pump(i: int) -> None:
             async for event in self._events(valid[i], gens[i]):
@@ -484,12 +486,9 @@ class Api:
                     continue
                 if response is None:
                     response = await self._open_openai_stream(request, base, len(valid), chat)
-                if chat and valid[i].parse_tool_calls:  # tools: sent whole once the choice has finished
-                    if event.finish_reason is not None:
-                        for delta in R.tool_stream_deltas(gens[i]):
-                            await _send(
-                                response, {**base, "choices": [{"index": i, "logprobs": None, **delta}]}
-                            )
+                if chat and valid[i].parse_tool_calls:  # tools: content and call deltas as they come
+                    for choice in R.tool_stream_choices(tool_streams[i], event):
+                        await _send(response, {**base, "choices": [{"index": i, **choice}]})
                     continue
                 choice = self._chunk_choice(i, event, chat, want_logprobs)
                 await _send(response, {**base, "choices": [choice]})

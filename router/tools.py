@@ -167,6 +167,16 @@ def _with_system_prompt(messages: list[dict[str, Any]], tools: list[Tool]) -> li
     return [{"role": "system", "content": prompt}, *messages]
 
 
+def _new_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def _raw_arguments(block: str, name: str) -> str:
+    """The arguments as the model wrote them (compact JSON: the grammar allows no blanks)."""
+    head = '{"name":' + json.dumps(name) + ',"arguments":'
+    return block[len(head) : -1] if block.startswith(head) and block.endswith("}") else ""
+
+
 def read_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     """An output's content and its tool calls (OpenAI's shape, with fresh ids). Text that does not
     open with a call is content; a call block that is not complete JSON stays content."""
@@ -178,14 +188,72 @@ def read_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
             call = json.loads(block)
         except json.JSONDecodeError:
             return text, []
+        arguments = _raw_arguments(block, call["name"]) or json.dumps(call["arguments"], ensure_ascii=False)
         calls.append(
-            {
-                "id": "call_" + uuid.uuid4().hex[:24],
-                "type": "function",
-                "function": {
-                    "name": call["name"],
-                    "arguments": json.dumps(call["arguments"], ensure_ascii=False),
-                },
-            }
+            {"id": _new_id(), "type": "function", "function": {"name": call["name"], "arguments": arguments}}
         )
     return (None, calls) if calls else (text, [])
+
+
+_HEAD = re.compile(r'\n?<tool_call>\n\{"name":"([A-Za-z0-9_-]+)","arguments":')
+
+
+class ToolCallStream:
+    """One streamed choice of a chat with tools: its text, as it arrives, as OpenAI's deltas.
+
+    Content goes out as it comes, held back only while it could still open a call. Calls (compact
+    JSON, as the grammar writes them, so no raw newline inside) go out as the id and name once the
+    name is complete, then the arguments as they are written, holding back the one character that
+    may be the call's own closing brace.
+    """
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._pos = 0  # of the text handed out
+        self._in_call = False  # the arguments of call `num_calls - 1` are being written
+        self.num_calls = 0
+
+    def push(self, piece: str) -> list[dict[str, Any]]:
+        self._text += piece
+        if self.num_calls == 0 and not self._in_call:
+            opening = CALL_OPEN.rstrip("\n")
+            if opening.startswith(self._text[: len(opening)]) and len(self._text) < len(opening):
+                return []  # could still open a call
+            if not self._text.startswith(opening):
+                return self._content()
+        return self._calls()
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Deltas held back when the choice ends: text that looked like the start of a call."""
+        return self._content() if self.num_calls == 0 and not self._in_call else []
+
+    def _content(self) -> list[dict[str, Any]]:
+        new, self._pos = self._text[self._pos :], len(self._text)
+        return [{"content": new}] if new else []
+
+    def _calls(self) -> list[dict[str, Any]]:
+        deltas: list[dict[str, Any]] = []
+        while True:
+            rest = self._text[self._pos :]
+            if not self._in_call:
+                head = _HEAD.match(rest)
+                if head is None:
+                    return deltas
+                call = {"index": self.num_calls, "id": _new_id(), "type": "function"}
+                deltas.append(
+                    {"tool_calls": [{**call, "function": {"name": head.group(1), "arguments": ""}}]}
+                )
+                self.num_calls += 1
+                self._in_call = True
+                self._pos += head.end()
+                continue
+            end = rest.find("\n")  # compact JSON holds no raw newline: this ends the call
+            arguments = rest[: end - 1] if end >= 0 else rest[:-1]
+            if arguments:
+                delta = {"index": self.num_calls - 1, "function": {"arguments": arguments}}
+                deltas.append({"tool_calls": [delta]})
+                self._pos += len(arguments)
+            if end < 0:
+                return deltas
+            self._in_call = False
+            self._pos += 1 + len(CALL_CLOSE)  # the closing brace, then "\n</tool_call>"

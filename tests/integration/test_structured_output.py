@@ -407,13 +407,16 @@ def test_streamed_tool_calls_arrive_as_openai_deltas_equal_to_the_whole_response
     whole = oai.chat.completions.create(**kwargs).choices[0]
     chunks = [c for c in oai.chat.completions.create(stream=True, **kwargs) if c.choices]
     calls: dict[int, dict[str, str]] = {}
+    pieces = 0
     for chunk in chunks:
         for delta in chunk.choices[0].delta.tool_calls or []:
+            pieces += bool(delta.function and delta.function.arguments)
             call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
             call["id"] += delta.id or ""
             call["name"] += (delta.function.name or "") if delta.function else ""
             call["arguments"] += (delta.function.arguments or "") if delta.function else ""
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert pieces > 1  # the arguments arrive as they are written, not whole at the end
     assert len(calls) == 1 and calls[0]["id"].startswith("call_")
     assert whole.message.tool_calls is not None
     expected = whole.message.tool_calls[0].function

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from loraxpy.router.errors import ValidationError
 from loraxpy.router.grammar import GrammarCompiler
 from loraxpy.router.schemas import ChatCompletionRequest, Tool
 from loraxpy.router.text import Tokenizer
-from loraxpy.router.tools import calls_grammar, plan_tools, read_calls
+from loraxpy.router.tools import ToolCallStream, calls_grammar, plan_tools, read_calls
 
 WEATHER = {
     "type": "function",
@@ -62,7 +61,7 @@ def test_the_calls_grammar_takes_valid_calls_only_and_text_only_under_auto(
 def test_calls_are_read_back_in_openais_shape_and_text_stays_content() -> None:
     content, calls = read_calls(CALL + "\n" + CALL)
     assert content is None and len(calls) == 2 and calls[0]["id"] != calls[1]["id"]
-    assert calls[0]["function"] == {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
     assert read_calls("It is sunny.") == ("It is sunny.", [])
 
 
@@ -82,3 +81,38 @@ def test_tool_choice_none_renders_no_tools_and_a_name_keeps_only_its_function() 
     with pytest.raises(ValidationError) as e:
         plan_tools(request(tools=[{**TIME, "function": {"name": "bad name"}}]), template_supports_tools=False)
     assert e.value.param == "tools"
+
+
+def replay(text: str, sizes: list[int]) -> tuple[str, list[dict[str, str]]]:
+    """`text` pushed through a ToolCallStream in pieces of the given sizes (cycled): the content and
+    the calls the deltas add up to, as an OpenAI client accumulates them."""
+    stream = ToolCallStream()
+    deltas, pos, k = [], 0, 0
+    while pos < len(text):
+        size = sizes[k % len(sizes)]
+        deltas += stream.push(text[pos : pos + size])
+        pos, k = pos + size, k + 1
+    deltas += stream.finish()
+    content = "".join(d.get("content", "") for d in deltas)
+    calls: dict[int, dict[str, str]] = {}
+    for d in deltas:
+        for c in d.get("tool_calls", []):
+            call = calls.setdefault(c["index"], {"id": "", "name": "", "arguments": ""})
+            call["id"] += c.get("id", "")
+            call["name"] += c.get("function", {}).get("name", "")
+            call["arguments"] += c.get("function", {}).get("arguments", "")
+    return content, [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("sizes", [[1], [3], [7, 1, 2], [1000]])
+def test_streamed_deltas_add_up_to_the_calls_and_content_read_back_whole(sizes) -> None:
+    time_call = '<tool_call>\n{"name":"get_time","arguments":{"tz":"a}\\n"}}\n</tool_call>'
+    for text in [CALL, CALL + "\n" + time_call, "It is sunny.", "<tool", "<b>bold</b>"]:
+        content, calls = replay(text, sizes)
+        expected_content, expected_calls = read_calls(text)
+        assert content == (expected_content or "")
+        assert [(c["name"], c["arguments"]) for c in calls] == [
+            (c["function"]["name"], c["function"]["arguments"]) for c in expected_calls
+        ]
+        assert all(c["id"].startswith("call_") for c in calls)
+    assert read_calls(CALL)[1][0]["function"]["arguments"] == '{"city":"Paris"}'  # as the model wrote it
