@@ -92,11 +92,64 @@ BAD_STEPS = {
         ),
         "adapter",
     ),
+    "mask of the wrong size": (
+        pb.StepRequest(
+            new_requests=[
+                pb.NewRequest(
+                    id=1, token_ids=[1], block_table=[0], num_scheduled_tokens=1, allowed_token_mask=b"\xff"
+                )
+            ]
+        ),
+        "allowed_token_mask",
+    ),
     "more tokens than profiled": (
         pb.StepRequest(new_requests=[_new(1, list(range(100)), list(range(7)))]),
         "profiled",
     ),
 }
+
+
+def _only(token: int, vocab_size: int = 320) -> bytes:
+    """The packed mask allowing one token of the tiny llama's vocabulary (4 bytes per 32 tokens)."""
+    mask = bytearray(4 * ((vocab_size + 31) // 32))
+    mask[token // 8] |= 1 << (token % 8)
+    return bytes(mask)
+
+
+def test_an_allowed_token_mask_decides_greedy_and_sampled_tokens_in_a_mixed_batch(
+    stub: worker_pb2_grpc.WorkerStub,
+) -> None:
+    plain = stub.Step(pb.StepRequest(new_requests=[_new(1, [5, 6, 7], [0])])).outputs[0].token.token_id
+    stub.Step(pb.StepRequest(finished_ids=[1]))
+    forced = [t for t in (17, 300) if t != plain]
+    step = pb.StepRequest(
+        new_requests=[
+            _new(1, [5, 6, 7], [0]),  # unconstrained: the same token as alone
+            pb.NewRequest(
+                id=2,
+                token_ids=[5, 6, 7],
+                block_table=[1],
+                num_scheduled_tokens=3,
+                allowed_token_mask=_only(forced[0]),
+            ),
+            pb.NewRequest(
+                id=3,
+                token_ids=[5, 6, 7],
+                block_table=[2],
+                num_scheduled_tokens=3,
+                params=pb.SamplingParams(do_sample=True, temperature=1.5, seed=9),
+                allowed_token_mask=_only(forced[1]),
+            ),
+        ]
+    )
+    outputs = stub.Step(step).outputs
+    assert [o.token.token_id for o in outputs] == [plain, forced[0], forced[1]]
+    # The next step's mask travels with the cached request.
+    cached = pb.StepRequest(
+        cached_requests=[pb.CachedRequest(id=2, num_scheduled_tokens=1, allowed_token_mask=_only(42))]
+    )
+    assert stub.Step(cached).outputs[0].token.token_id == 42
+    stub.Step(pb.StepRequest(finished_ids=[1, 2, 3]))
 
 
 @pytest.mark.parametrize("case", list(BAD_STEPS))
