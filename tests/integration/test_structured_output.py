@@ -31,12 +31,14 @@ PROMPT = "<|im_start|>user\nAnswer in JSON.<|im_end|>\n<|im_start|>assistant\n"
 CAPITAL = "What is the capital of France? Answer in JSON."
 CAPITAL_PROMPT = f"<|im_start|>user\n{CAPITAL}<|im_end|>\n<|im_start|>assistant\n"
 ADAPTER = "json-r8"
+OTHER_ADAPTER = "json-qv-r8"  # same rank: the two merge
 
 
 @pytest.fixture(scope="module")
 def adapter_root(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("structured-adapters")
     save_adapter(default_model_path, root / ADAPTER, 8, 16, ["q_proj", "v_proj", "down_proj"], 5)
+    save_adapter(default_model_path, root / OTHER_ADAPTER, 8, 16, ["q_proj", "v_proj"], 6)
     return root
 
 
@@ -486,3 +488,42 @@ def test_openai_fields_this_server_does_not_honour_are_refused_by_name(server: L
         with pytest.raises(openai.BadRequestError) as caught:
             oai.completions.create(model=base_model(server), prompt="hi", max_tokens=2, **kwargs)  # type: ignore[arg-type]
         assert caught.value.body["param"] == param  # type: ignore[index]
+
+
+def test_merged_adapters_write_valid_json_too_and_the_openapi_document_shows_the_fields(
+    server: Launcher,
+) -> None:
+    client = AsyncClient(server.url, timeout=300)
+    merged = {
+        "ids": [ADAPTER, OTHER_ADAPTER],
+        "weights": [0.7, 0.5],
+        "merge_strategy": "linear",
+        "density": 1.0,
+    }
+    names = ["nested", "array_of_objects", "any_of_objects", "string_pattern_words"]
+
+    async def run() -> list[Any]:
+        return list(
+            await asyncio.gather(
+                *(
+                    client.generate(
+                        PROMPT,
+                        merged_adapters=merged,
+                        max_new_tokens=120,
+                        response_format={"type": "json_object", "schema": SCHEMAS[name]},
+                    )
+                    for name in names
+                )
+            )
+        )
+
+    for name, response in zip(names, asyncio.run(run()), strict=True):
+        assert response.details.finish_reason.value == "eos_token", (name, response.generated_text)
+        jsonschema.validate(json.loads(response.generated_text), SCHEMAS[name])
+    schemas = requests.get(server.url + "/openapi.json", timeout=10).json()["components"]["schemas"]
+    chat = schemas["ChatCompletionRequest"]
+    assert {"response_format", "tools", "tool_choice", "parallel_tool_calls", "structured_outputs"} <= set(
+        chat["properties"]
+    )
+    assert chat["additionalProperties"] is False
+    assert "response_format" in schemas["GenerateParameters"]["properties"]
