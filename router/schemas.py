@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    # Strict types, as LoRAX's serde and OpenAI's API take them: `true` is no penalty of 1.0, "5" and
+    # 5.5 are no token counts (pydantic's lax mode would coerce them and run the request).
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
 
 
 class MergedAdapters(_Body):

@@ -1,0 +1,185 @@
+"""Schemathesis fuzzes every route of the server's own /openapi.json against one real launcher: no
+answer is a 5xx, every error (a status or an event in a stream) is JSON in its API's documented
+error shape, invalid bodies are refused with a 4xx, and the server still answers a normal request
+with the right tokens afterwards.
+
+The server runs the tiny random Llama with a word-level tokenizer, a chat template and one LoRA
+adapter, with small token limits so that whatever the fuzzer asks for costs milliseconds. The
+number of examples per route is bounded (EXAMPLES) so the module stays within about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import schemathesis
+import torch
+from conftest import build_tiny_model
+from hypothesis import HealthCheck, given, settings
+from launcher_process import Launcher, launcher
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi import checks as openapi_checks
+
+from loraxpy.router.openapi import LORAX_ERROR, ROUTES
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = 25  # per route and generation mode: enough to reach every field, small enough for CI
+PROMPT = "w5 w17 w3"
+CHAT_TEMPLATE = "{% for m in messages %}w1 {{ m['content'] }} {% endfor %}w2"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama, a word-level tokenizer with a chat template, and one LoRA adapter (qv)."""
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_model("llama", tmp_path_factory.mktemp("fuzz-llama"))
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 320)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.ByteLevel()  # one llguidance reads: structured output works
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(path.parent / "adapters" / "qv")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    with launcher(
+        tiny,
+        tmp_path_factory.mktemp("fuzz-launcher"),
+        *("--max-input-length", "48", "--max-total-tokens", "64"),
+        *("--adapter-source", "local", "--adapter-root", str(tiny.parent / "adapters")),
+        *("--max-active-adapters", "2", "--max-concurrent-requests", "64"),
+    ) as s:
+        yield s
+
+
+def _greedy(url: str) -> list[int]:
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "details": True}}
+    r = requests.post(url + "/generate", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return [t["id"] for t in r.json()["details"]["tokens"]]
+
+
+@pytest.fixture(scope="module")
+def greedy_before(server: Launcher) -> list[int]:
+    """The base model's greedy tokens for PROMPT before any fuzzing: the server must still give them after."""
+    return _greedy(server.url)
+
+
+@pytest.fixture(scope="module")
+def api_schema(server: Launcher, greedy_before: list[int]) -> Any:
+    return schemathesis.openapi.from_url(server.url + "/openapi.json")
+
+
+def _is_error_shape(body: Any, openai: bool) -> bool:
+    if openai:
+        error = body.get("error") if isinstance(body, dict) else None
+        return isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"] != ""
+    return (
+        isinstance(body, dict)
+        and isinstance(body.get("error"), str)
+        and isinstance(body.get("error_type"), str)
+        and set(LORAX_ERROR["required"]) <= set(body)  # type: ignore[arg-type]
+    )
+
+
+def _header(headers: dict[str, Any], name: str) -> str:
+    value = next((v for k, v in headers.items() if k.lower() == name), "")
+    return str(value[0] if isinstance(value, list) and value else value)
+
+
+@schemathesis.check
+def errors_are_json_in_the_documented_shape(ctx: Any, response: Any, case: Any) -> bool | None:
+    """A 4xx/5xx body, and every event of a stream that carries `error`, is its API's error JSON."""
+    openai = case.path.startswith("/v1/")
+    shape = "OpenAI's {error: {message, type, param, code}}" if openai else "LoRAX's {error, error_type}"
+    content_type = _header(response.headers, "content-type")
+    if response.status_code >= 400:
+        assert content_type.startswith("application/json"), f"{response.status_code} as {content_type}"
+        body = json.loads(response.content)
+        assert _is_error_shape(body, openai), f"{response.status_code} body is not {shape}: {body}"
+    elif content_type.startswith("text/event-stream"):
+        for line in response.content.splitlines():
+            if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                continue
+            event = json.loads(line[5:])  # every event is JSON
+            if "error" in event:
+                assert _is_error_shape(event, openai), f"stream error event is not {shape}: {event}"
+    return None
+
+
+CHECKS = [
+    not_a_server_error,
+    openapi_checks.status_code_conformance,
+    openapi_checks.content_type_conformance,
+    openapi_checks.response_schema_conformance,
+    errors_are_json_in_the_documented_shape,
+]
+
+
+# Schemathesis' own pytest fixture support (`from_fixture`) reads a pytest-internal attribute that
+# pytest 9 no longer has, so each route's strategy is driven by hypothesis here directly.
+@pytest.mark.parametrize("mode", list(GenerationMode), ids=lambda m: m.value)
+@pytest.mark.parametrize("route", sorted(ROUTES), ids=str)
+def test_fuzzed_requests_get_no_5xx_and_every_error_is_json_in_the_documented_shape(
+    api_schema: Any, route: str, mode: GenerationMode
+) -> None:
+    method, _, body, _, _, _ = ROUTES[route]
+    if body is None and mode is GenerationMode.NEGATIVE:
+        pytest.skip("a route without a body or parameters has no invalid requests to generate")
+    operation = api_schema[route][method.upper()]
+    checks = [*CHECKS, openapi_checks.negative_data_rejection] if mode is GenerationMode.NEGATIVE else CHECKS
+
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,  # the same examples every run: a failure here reproduces
+        database=None,
+    )
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def fuzz(case: Any) -> None:
+        case.call_and_validate(timeout=60, checks=checks)
+
+    fuzz()
+
+
+def test_the_document_describes_every_route_the_server_serves(server: Launcher) -> None:
+    from types import SimpleNamespace
+
+    from loraxpy.router.server import build_app
+
+    app = build_app(SimpleNamespace(api_key=None))  # type: ignore[arg-type]
+    served = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.resource is not None}
+    doc = requests.get(server.url + "/openapi.json", timeout=10).json()
+    documented = {(method, path) for path, ops in doc["paths"].items() for method in ops}
+    assert documented == served - {("head", path) for _, path in served}
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            assert "200" in op["responses"] and op["responses"]["200"]["content"], path
+
+
+def test_the_server_still_serves_the_same_tokens_after_fuzzing(
+    server: Launcher, greedy_before: list[int]
+) -> None:
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    assert _greedy(server.url) == greedy_before
+    body = {"model": "qv", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
+    r = requests.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "length"
