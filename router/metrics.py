@@ -84,6 +84,18 @@ class Metrics:
             "Adapters the router tracks: on the device, loading, or wanted by a request",
             registry=r,
         )
+        # Structured output's cost on the router: computing allowed-token masks before steps.
+        self.grammar_mask_seconds = Gauge(
+            "lorax_grammar_mask_seconds_total", "Seconds spent computing allowed-token masks", registry=r
+        )
+        self.grammar_masks = Gauge(
+            "lorax_grammar_masks_total",
+            "Allowed-token masks computed (one per constrained request per step)",
+            registry=r,
+        )
+        self.grammar_mask_steps = Gauge(
+            "lorax_grammar_mask_steps_total", "Steps that carried allowed-token masks", registry=r
+        )
         self.kernel_path = Gauge(
             "lorax_kernel_path",
             "1 for the implementation each fast path runs on (after the workers' startup self-check)",
@@ -124,6 +136,9 @@ class Metrics:
         self.kv_blocks_total.set(allocator.num_blocks)
         self.kv_blocks_used.set(allocator.num_blocks - allocator.num_free)
         self.preemptions.set(scheduler.num_preemptions)
+        self.grammar_mask_seconds.set(engine.mask_time.seconds)
+        self.grammar_masks.set(engine.mask_time.num_masks)
+        self.grammar_mask_steps.set(engine.mask_time.num_steps)
         running: dict[int, int] = {}
         for seq in scheduler.running:
             running[seq.adapter_index] = running.get(seq.adapter_index, 0) + 1

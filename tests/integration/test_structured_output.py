@@ -490,7 +490,7 @@ def test_openai_fields_this_server_does_not_honour_are_refused_by_name(server: L
         assert caught.value.body["param"] == param  # type: ignore[index]
 
 
-def test_merged_adapters_write_valid_json_too_and_the_openapi_document_shows_the_fields(
+def test_merged_adapters_write_valid_json_and_metrics_and_openapi_show_structured_output(
     server: Launcher,
 ) -> None:
     client = AsyncClient(server.url, timeout=300)
@@ -520,6 +520,13 @@ def test_merged_adapters_write_valid_json_too_and_the_openapi_document_shows_the
     for name, response in zip(names, asyncio.run(run()), strict=True):
         assert response.details.finish_reason.value == "eos_token", (name, response.generated_text)
         jsonschema.validate(json.loads(response.generated_text), SCHEMAS[name])
+    metrics = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in requests.get(server.url + "/metrics", timeout=10).text.splitlines()
+        if line.startswith("lorax_grammar_")
+    }
+    assert metrics["lorax_grammar_masks_total"] >= metrics["lorax_grammar_mask_steps_total"] > 0
+    assert metrics["lorax_grammar_mask_seconds_total"] > 0
     schemas = requests.get(server.url + "/openapi.json", timeout=10).json()["components"]["schemas"]
     chat = schemas["ChatCompletionRequest"]
     assert {"response_format", "tools", "tool_choice", "parallel_tool_calls", "structured_outputs"} <= set(
