@@ -116,3 +116,50 @@ def test_streamed_deltas_add_up_to_the_calls_and_content_read_back_whole(sizes) 
         ]
         assert all(c["id"].startswith("call_") for c in calls)
     assert read_calls(CALL)[1][0]["function"]["arguments"] == '{"city":"Paris"}'  # as the model wrote it
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>{% endif %}"
+    "{% for m in messages %}[{{ m.role }}]{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<call {{ c.function.name }} {{ c.function.arguments.city }}>{% endfor %}"
+    "{% if m.tool_call_id %}<id {{ m.tool_call_id }}>{% endif %}{% endfor %}"
+)
+
+
+def test_a_template_that_renders_tools_gets_them_and_the_history_as_hf_templates_expect(
+    default_model_path: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from loraxpy.router.validation import Limits, validate_chat
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_path / name, tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text(TOOLS_TEMPLATE)
+    tokenizer = Tokenizer(tmp_path)
+    assert tokenizer.template_supports_tools
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "cold"},
+    ]
+    req = ChatCompletionRequest.model_validate(
+        {"messages": history, "tools": [WEATHER, TIME], "max_tokens": 4}
+    )
+    grammars = GrammarCompiler.for_model(tmp_path, tokenizer.vocab_size, (2,))
+    valid = validate_chat(req, Limits(max_input_length=1000, max_total_tokens=2000), tokenizer, grammars)
+    prompt = tokenizer.decode(list(valid.engine.input_ids), skip_special_tokens=False)
+    assert prompt == (
+        "<tools>get_weather;get_time;</tools>[user]Weather?[assistant]<call get_weather Oslo>[tool]cold<id call_1>"
+    )
+    assert valid.parse_tool_calls and valid.engine.grammar is not None
