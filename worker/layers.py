@@ -197,23 +197,32 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 as HF Llama does."""
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 as HF Llama does; Gemma's (1 + w) with offset 1."""
 
-    def __init__(self, hidden_size: int, eps: float, *, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, hidden_size: int, eps: float, *, dtype: torch.dtype, device: torch.device, offset: float = 0.0
+    ) -> None:
         super().__init__()
         self.eps = eps
+        self.offset = offset
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
 
     def load(self, slice_name: str, param: str, tensor: torch.Tensor) -> None:
         self.weight.data.copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.offset)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x / sqrt(mean(x^2) + eps) over the last dim, in fp32 as HF Llama does; weight broadcasts."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dim, in fp32; weight broadcasts.
+
+    Llama rounds the normalised x to its dtype before the weight; Gemma (offset 1: (1 + w)) multiplies
+    in fp32 and rounds after, as HF transformers does for each.
+    """
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (h * (offset + weight.float())).to(dtype)
     return weight * h.to(dtype)

@@ -1,4 +1,5 @@
-"""One Llama-family decoder (llama, mistral, qwen2, qwen3) over a paged KV cache; variants are config flags."""
+"""One Llama-family decoder (llama, mistral, qwen2, qwen3, gemma3) over a paged KV cache; variants are
+config flags (ModelConfig names each one)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads = shard.split(config.num_heads, "num_attention_heads")
         self.num_kv_heads = shard.split(config.num_kv_heads, "num_key_value_heads")
-        self.scale = config.head_dim**-0.5
+        self.scale = config.attn_scale or config.head_dim**-0.5
         self.sliding_window = config.sliding_windows[layer_index]
         self.attention = attention
         self.qkv_proj = ColumnParallelLinear(
@@ -67,9 +68,9 @@ class Attention(nn.Module):
             config.q_size, config.hidden_size, bias=config.o_bias, shard=shard, dtype=dtype, device=device
         )
         if config.qk_norm:
-            eps = config.rms_norm_eps
-            self.q_norm = RMSNorm(config.head_dim, eps, dtype=dtype, device=device)
-            self.k_norm = RMSNorm(config.head_dim, eps, dtype=dtype, device=device)
+            eps, offset = config.rms_norm_eps, config.norm_offset
+            self.q_norm = RMSNorm(config.head_dim, eps, dtype=dtype, device=device, offset=offset)
+            self.k_norm = RMSNorm(config.head_dim, eps, dtype=dtype, device=device, offset=offset)
         self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RopeTable) -> torch.Tensor:
@@ -85,7 +86,7 @@ class Attention(nn.Module):
                     self.k_norm.weight.expand(self.num_kv_heads, -1),
                 ]
             )
-            qk = rms_norm(qk, weight, self.q_norm.eps)
+            qk = rms_norm(qk, weight, self.q_norm.eps, self.q_norm.offset)
         q, k = apply_rotary(qk, rope).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = batch.kv_caches[self.layer_index]
@@ -109,10 +110,12 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(
             size, config.hidden_size, bias=config.mlp_bias, shard=shard, dtype=dtype, device=device
         )
+        self.gelu = config.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * up)
 
 
 class DecoderLayer(nn.Module):
@@ -126,13 +129,27 @@ class DecoderLayer(nn.Module):
         device: torch.device,
     ) -> None:
         super().__init__()
-        eps = config.rms_norm_eps
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype, device=device)
+
+        def norm() -> RMSNorm:
+            return RMSNorm(
+                config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device, offset=config.norm_offset
+            )
+
+        self.input_layernorm = norm()
         self.self_attn = Attention(config, layer_index, shard, attention, dtype, device)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype, device=device)
+        # Llama: the norm before the MLP. Gemma: the norm of attention's output, before the residual.
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(config, shard, dtype, device)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.local_rope = config.rope_local is not None and config.sliding_windows[layer_index] is not None
 
     def forward(self, h: torch.Tensor, batch: ForwardBatch, rope: RopeTable) -> torch.Tensor:
+        if self.sandwich:
+            h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), batch, rope))
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         h = h + self.self_attn(self.input_layernorm(h), batch, rope)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -157,8 +174,15 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, shard, attention, dtype, device) for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+        self.norm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device, offset=config.norm_offset
+        )
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings, device)
+        self.rotary_local = (
+            RotaryEmbedding(config.rope_local, config.head_dim, config.max_position_embeddings, device)
+            if config.rope_local is not None
+            else None
+        )
         # A tied head is built on the meta device (no memory) and then shares the embedding's weight.
         tied = config.tie_word_embeddings
         self.lm_head = ParallelLMHead(
@@ -175,9 +199,12 @@ class CausalLM(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         # returns hidden states [num_tokens, hidden] after the final norm
         h = self.embed_tokens(batch.input_ids)
+        if self.config.embed_scale is not None:  # HF rounds the scale to the weights' dtype first
+            h = h * torch.tensor(self.config.embed_scale, dtype=h.dtype)
         rope = self.rotary.at(batch.positions, h.dtype)
+        local = self.rotary_local.at(batch.positions, h.dtype) if self.rotary_local is not None else rope
         for layer in self.layers:
-            h = layer(h, batch, rope)
+            h = layer(h, batch, local if layer.local_rope else rope)
         return self.norm(h)
 
     @torch.inference_mode()

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -43,7 +44,16 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False  # qwen3: RMSNorm over each head of q and k, before RoPE
+    qk_norm: bool = False  # qwen3, gemma3: RMSNorm over each head of q and k, before RoPE
+    hidden_act: str = "silu"  # of the MLP's gate: silu, or gelu_pytorch_tanh (Gemma's GeGLU)
+    # Gemma: norms scale by (offset + w), a norm before and after both attention and the MLP
+    # ("sandwich"), embeddings scaled by sqrt(hidden), q.k scaled by query_pre_attn_scalar^-0.5 instead
+    # of head_dim^-0.5, and sliding-window layers with a RoPE of their own (`rope_local`).
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
+    embed_scale: float | None = None
+    attn_scale: float | None = None
+    rope_local: RopeConfig | None = None
     # One entry per layer: the sliding window in tokens, or None for full attention.
     sliding_windows: tuple[int | None, ...] = field(default_factory=tuple)
     eos_token_ids: tuple[int, ...] = ()
@@ -76,12 +86,22 @@ class ModelConfig:
             raise ModelConfigError(
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        act = cfg.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise ModelConfigError(f"hidden_act {act!r} is not supported; only silu")
+        default_act = "gelu_pytorch_tanh" if model_type == "gemma3_text" else "silu"  # HF's defaults
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or default_act
+        act = "silu" if act == "swish" else act
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise ModelConfigError(
+                f"hidden_act {act!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+            )
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if cfg.get(cap):
+                raise ModelConfigError(f"{cap} is not supported (Gemma 2's soft-capping)")
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         num_layers = int(cfg["num_hidden_layers"])
+        gemma = model_type == "gemma3_text"
+        rope, rope_local = _ropes_from_dict(cfg)
+        scalar = cfg.get("query_pre_attn_scalar")
         return cls(
             model_type=model_type,
             hidden_size=hidden,
@@ -93,12 +113,18 @@ class ModelConfig:
             vocab_size=int(cfg["vocab_size"]),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope=_rope_from_dict(cfg),
+            rope=rope,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            hidden_act=act,
+            norm_offset=1.0 if gemma else 0.0,
+            sandwich_norms=gemma,
+            embed_scale=hidden**0.5 if gemma else None,
+            attn_scale=float(scalar) ** -0.5 if gemma and scalar else None,
+            rope_local=rope_local if gemma else None,
             sliding_windows=_sliding_windows(cfg, model_type, num_layers),
             eos_token_ids=_as_ids(cfg.get("eos_token_id")),
         )
@@ -130,9 +156,21 @@ def _as_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _rope_from_dict(cfg: dict[str, Any]) -> RopeConfig:
+def _ropes_from_dict(cfg: dict[str, Any]) -> tuple[RopeConfig, RopeConfig | None]:
+    """The RoPE of full-attention layers, and the sliding layers' own where the config has one (Gemma 3:
+    `rope_parameters` per layer type in transformers 5, `rope_local_base_freq` before)."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params:
+        local = params.get("sliding_attention")
+        return _rope_from_dict(cfg, params["full_attention"]), _rope_from_dict(cfg, local) if local else None
+    rope = _rope_from_dict(cfg, params)
+    local_theta = cfg.get("rope_local_base_freq")
+    return rope, RopeConfig(theta=float(local_theta)) if local_theta else None
+
+
+def _rope_from_dict(cfg: dict[str, Any], rope_parameters: dict[str, Any]) -> RopeConfig:
     # transformers 5 writes `rope_parameters` (theta inside); 4.x writes `rope_theta` + `rope_scaling`.
-    params = dict(cfg.get("rope_parameters") or {})
+    params = dict(rope_parameters or {})
     scaling = cfg.get("rope_scaling") or {}
     params = {**scaling, **params}
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
@@ -162,6 +200,9 @@ def _sliding_windows(cfg: dict[str, Any], model_type: str, num_layers: int) -> t
     layer_types = cfg.get("layer_types")
     if layer_types:
         return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    pattern = cfg.get("sliding_window_pattern")
+    if model_type == "gemma3_text" and pattern:  # configs before transformers 5: every pattern-th is full
+        return tuple(None if (i + 1) % int(pattern) == 0 else int(window) for i in range(num_layers))
     if model_type in ("qwen2", "qwen3"):
         first = int(cfg.get("max_window_layers", num_layers))
         return tuple(int(window) if i >= first else None for i in range(num_layers))

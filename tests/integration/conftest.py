@@ -1,4 +1,4 @@
-"""Tiny random Llama / Mistral / Qwen2 / Qwen3 checkpoints written by HF transformers itself (the oracle)."""
+"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 checkpoints written by HF transformers itself (the oracle)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,23 @@ TINY_CONFIGS: dict[str, dict] = {
         max_position_embeddings=256,
         tie_word_embeddings=True,
     ),
+    # Gemma 3: (1 + w) norms around attention and the MLP, GeGLU, scaled embeddings and queries,
+    # q/k norms, sliding layers (window shorter than the prompts) with their own RoPE base, tied head.
+    "gemma3_text": dict(
+        model_type="gemma3_text",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=264,
+        max_position_embeddings=256,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=24,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -85,11 +102,11 @@ def build_tiny_model(kind: str, path: Path) -> Path:
     )
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if kind == "qwen3":  # norms start at ones: random ones tell q's norm from k's, and both from none
+    if kind in ("qwen3", "gemma3_text"):  # norms start constant: random ones tell each norm apart
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if name.endswith(("q_norm.weight", "k_norm.weight")):
-                    param.uniform_(0.5, 1.5)
+                if "norm" in name:
+                    param.uniform_(-0.5, 0.5) if kind == "gemma3_text" else param.uniform_(0.5, 1.5)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
     shard = "40KB" if kind == "llama" else "50GB"

@@ -38,7 +38,7 @@ def _peft_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) ->
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("kind", ["qwen3"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3_text"])
 def test_mixed_adapter_batch_matches_peft(kind: str, tmp_path: Path) -> None:
     base = build_tiny_model(kind, tmp_path / kind)
     root = tmp_path / "adapters"
@@ -50,7 +50,9 @@ def test_mixed_adapter_batch_matches_peft(kind: str, tmp_path: Path) -> None:
         s.Warmup(pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=8, num_blocks=32))
         for name, i in index.items():
             s.LoadAdapter(
-                pb.LoadAdapterRequest(adapter=pb.AdapterSpec(adapter_id=name, source="local"), adapter_index=i)
+                pb.LoadAdapterRequest(
+                    adapter=pb.AdapterSpec(adapter_id=name, source="local"), adapter_index=i
+                )
             )
         rng = random.Random(5)
         requests = [

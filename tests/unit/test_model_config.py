@@ -1,0 +1,59 @@
+"""config.json → ModelConfig: each family's switches, and clear refusals for what the worker cannot run."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraxpy.worker.model_config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelConfigError
+
+BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, vocab_size=100)
+
+
+def test_unknown_families_are_refused_with_the_supported_list() -> None:
+    with pytest.raises(ModelConfigError) as e:
+        ModelConfig.from_dict({**BASE, "model_type": "gpt_neox"})
+    assert "gpt_neox" in str(e.value) and all(t in str(e.value) for t in SUPPORTED_MODEL_TYPES)
+
+
+def test_gemma2_soft_capping_and_unknown_activations_are_refused_by_name() -> None:
+    for cfg, named in (
+        ({"model_type": "gemma3_text", "attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ({"model_type": "gemma3_text", "final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+        ({"model_type": "llama", "hidden_act": "relu"}, "relu"),
+    ):
+        with pytest.raises(ModelConfigError, match=named):
+            ModelConfig.from_dict({**BASE, **cfg})
+
+
+def test_gemma3_before_and_after_transformers_5_read_alike() -> None:
+    """Old configs: rope_theta + rope_local_base_freq + sliding_window_pattern; new: per-type rope_parameters."""
+    common = {
+        **BASE,
+        "model_type": "gemma3_text",
+        "head_dim": 32,
+        "sliding_window": 8,
+        "query_pre_attn_scalar": 24,
+    }
+    old = ModelConfig.from_dict(
+        {**common, "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window_pattern": 2}
+    )
+    new = ModelConfig.from_dict(
+        {
+            **common,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        }
+    )
+    assert old == new
+    assert new.sliding_windows == (8, None, 8, None)
+    assert (new.rope.theta, new.rope_local.theta if new.rope_local else None) == (1e6, 1e4)
+    assert (new.norm_offset, new.sandwich_norms, new.qk_norm, new.hidden_act) == (
+        1.0,
+        True,
+        True,
+        "gelu_pytorch_tanh",
+    )
+    assert new.embed_scale == 64**0.5 and new.attn_scale == 24**-0.5
