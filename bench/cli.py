@@ -1,6 +1,7 @@
 """`lorax-bench [engine]`: flags → BenchConfig, then the engine benchmark, its table, JSON and plot;
 `lorax-bench serve`: flags → ServeConfig, then streaming clients against a running server;
-`lorax-bench model`: a real model on CPU through every path (bench/model_cli.py).
+`lorax-bench model`: a real model on CPU through every path (bench/model_cli.py);
+`lorax-bench soak`: a server at saturation for a set time, counting lost requests (bench/soak_cli.py).
 
 Defaults follow the device: on CUDA the shapes and grid of issue 6 (1b and 8b, bf16, batch 1/32/128,
 context 128/1024, 1/8/32/128 adapters, PEFT at batch 32 × 128 prompt tokens × 64 new tokens with
@@ -26,6 +27,7 @@ from loraxpy.bench.model_cli import model_main
 from loraxpy.bench.report import BaselineComparison, format_table, machine_info, plot_throughput, write_json
 from loraxpy.bench.serving import CONSTRAINED_FORMAT, ServeConfig, format_report, report_dict, run_serving
 from loraxpy.bench.shapes import SHAPES
+from loraxpy.bench.soak_cli import soak_main
 from loraxpy.bench.suite import BenchConfig, run_shape
 from loraxpy.bench.workloads import KINDS
 
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(argv[1:])
     if argv[:1] == ["model"]:
         return model_main(argv[1:])
+    if argv[:1] == ["soak"]:
+        return soak_main(argv[1:])
     args = build_parser().parse_args(argv[1:] if argv[:1] == ["engine"] else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

@@ -19,12 +19,12 @@ import pytest
 import requests
 import schemathesis
 import torch
-from conftest import build_tiny_model
 from hypothesis import HealthCheck, given, settings
 from launcher_process import Launcher, launcher
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi import checks as openapi_checks
+from tiny_served import build_served_tiny_llama
 
 from loraxpy.router.openapi import LORAX_ERROR, ROUTES
 
@@ -32,23 +32,15 @@ pytestmark = pytest.mark.slow
 
 EXAMPLES = 25  # per route and generation mode: enough to reach every field, small enough for CI
 PROMPT = "w5 w17 w3"
-CHAT_TEMPLATE = "{% for m in messages %}w1 {{ m['content'] }} {% endfor %}w2"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random Llama, a word-level tokenizer with a chat template, and one LoRA adapter (qv)."""
     from peft import LoraConfig, get_peft_model
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoModelForCausalLM
 
-    path = build_tiny_model("llama", tmp_path_factory.mktemp("fuzz-llama"))
-    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 320)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.ByteLevel()  # one llguidance reads: structured output works
-    tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    path = build_served_tiny_llama(tmp_path_factory.mktemp("fuzz-llama"))
     torch.manual_seed(7)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
