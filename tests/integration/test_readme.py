@@ -56,6 +56,9 @@ SKIPPED = {
     "lorax-bench model -v                          # the full grid: several minutes to tens of minutes on 2 cores": (
         "a benchmark (minutes to tens of minutes); tests/unit/test_bench_model.py runs it small"
     ),
+    "lorax-bench soak --duration-s 1200 --num-adapters 100 --max-active-adapters 16 --concurrency 32 \\": (
+        "a 20-minute soak; tests/integration/test_soak.py runs it for 6 s on a tiny model"
+    ),
 }
 # Text a block's output must contain (besides running without an error).
 EXPECTED = {
@@ -189,6 +192,7 @@ def parse_own_commands(code: str) -> None:
     """A skipped block's calls of this project's commands must parse with their real parsers."""
     from loraxpy.bench.cli import build_parser, build_serve_parser
     from loraxpy.bench.model_cli import build_model_parser
+    from loraxpy.bench.soak_cli import build_soak_parser
     from loraxpy.router.config import parse_args as router_args
     from loraxpy.worker.config import parse_args as worker_args
 
@@ -202,6 +206,8 @@ def parse_own_commands(code: str) -> None:
             build_serve_parser().parse_args(argv[1:])
         elif argv[:1] == ["model"]:
             build_model_parser().parse_args(argv[1:])
+        elif argv[:1] == ["soak"]:
+            build_soak_parser().parse_args(argv[1:])
         else:
             build_parser().parse_args(argv)
 
