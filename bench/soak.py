@@ -37,7 +37,9 @@ from loraxpy.bench.serving import percentiles
 LOST = "lost"
 OK = "ok"
 DISCONNECTED = "disconnected"
-KINDS = ("generate", "generate_stream", "completions", "completions_stream")
+KINDS = ("generate", "generate_stream", "completions", "completions_stream", "chat", "chat_stream")
+# What the server holds once the clients are gone: all zero but the KV blocks a prefix cache keeps.
+IDLE_GAUGES = ("lorax_queue_length", "lorax_batch_current_size", "lorax_adapter_registry_entries")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,9 @@ class SoakReport:
     lost_examples: list[str] = field(default_factory=list)
     num_adapters: int = 0
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)  # route kind → outcome → count
+    # IDLE_GAUGES from /metrics once the server settled after the run (None: no /metrics): requests
+    # dropped by their clients must not stay queued or running, adapters must not stay registered.
+    after: dict[str, float] | None = None
 
     def memory_growth(self) -> dict[str, float] | None:
         """Router and workers' RSS growth from the first sample (after warm-up) to the last, as shares."""
@@ -135,10 +140,12 @@ def _request(
         if adapter_id:
             params["adapter_id"] = adapter_id
         return "/" + kind, {"inputs": config.prompt, "parameters": params}
-    body = {"model": adapter_id, "prompt": config.prompt, "max_tokens": n, **sampling}
+    body: dict[str, Any] = {"model": adapter_id, "max_tokens": n, **sampling}
     if kind.endswith("stream"):
         body["stream"] = True
-    return "/v1/completions", body
+    if kind.startswith("chat"):
+        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": config.prompt}]}
+    return "/v1/completions", {**body, "prompt": config.prompt}
 
 
 def _error_kind(status: int | None, body: Any, openai: bool) -> str | None:
@@ -286,6 +293,7 @@ async def run_soak(config: SoakConfig) -> SoakReport:
         sampler = asyncio.ensure_future(sample_memory())
         await asyncio.gather(*(client(rng.randrange(2**32)) for _ in range(config.concurrency)))
         sampler.cancel()
+        after = await settled_gauges(session, config)
     duration = time.perf_counter() - t0
     if (last := memory_sample(duration, procs)) is not None:
         memory.append(last)
@@ -300,7 +308,34 @@ async def run_soak(config: SoakConfig) -> SoakReport:
         lost_examples=[f"{o.kind} {o.adapter_id!r}: {o.detail}" for o in outcomes if o.result == LOST][:10],
         num_adapters=len({a for a in config.adapter_ids if a}),
         by_kind={k: dict(Counter(o.result for o in outcomes if o.kind == k)) for k in KINDS},
+        after=after,
     )
+
+
+async def settled_gauges(
+    session: aiohttp.ClientSession, config: SoakConfig, timeout_s: float = 10.0
+) -> dict[str, float] | None:
+    """IDLE_GAUGES once no request is queued or running (or as they are after `timeout_s`)."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    deadline = time.perf_counter() + timeout_s
+    gauges: dict[str, float] | None = None
+    while True:
+        try:
+            async with session.get(config.url.rstrip("/") + "/metrics", headers=headers) as resp:
+                text = await resp.text() if resp.status == 200 else ""
+        except aiohttp.ClientError:
+            return gauges
+        values = dict(
+            line.split(" ", 1) for line in text.splitlines() if line.split(" ", 1)[0] in IDLE_GAUGES
+        )
+        if len(values) != len(IDLE_GAUGES):
+            return gauges
+        gauges = {name: float(v) for name, v in values.items()}
+        if gauges["lorax_queue_length"] == gauges["lorax_batch_current_size"] == 0:
+            return gauges
+        if time.perf_counter() > deadline:
+            return gauges
+        await asyncio.sleep(0.2)
 
 
 def windows(outcomes: list[Outcome], window_s: float) -> list[dict[str, Any]]:
@@ -345,6 +380,8 @@ def format_soak(report: SoakReport) -> str:
             f"{sum(first.worker_mib):.0f} → {sum(last.worker_mib):.0f} MiB "
             f"(from {first.at_s:.0f} s to {last.at_s:.0f} s)"
         )
+    if report.after is not None:
+        lines.append("after the run: " + ", ".join(f"{k} {v:g}" for k, v in report.after.items()))
     lines += [f"lost: {e}" for e in report.lost_examples]
     return "\n".join(lines)
 

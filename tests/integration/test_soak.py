@@ -1,6 +1,7 @@
 """`lorax-bench soak` for a few seconds on the tiny Llama it launches itself, with three times more
 adapters than slots, streaming and not, dropped clients and mixed sampling: nothing is lost, every
-route completes requests, and the report has latency per window and the processes' memory."""
+route completes requests, nothing stays queued or running afterwards, and the report has latency
+per window and the processes' memory."""
 
 from __future__ import annotations
 
@@ -35,5 +36,8 @@ def test_a_short_soak_loses_nothing_and_reports_latency_and_memory(tmp_path: Pat
     assert first["router_mib"] > 0 and len(first["worker_mib"]) == 1 and first["worker_mib"][0] > 100
     assert last["at_s"] > first["at_s"]
     assert body["memory_growth"] is not None
+    after = report["after"]  # dropped clients left nothing queued or running, no adapter past the slots
+    assert after["lorax_queue_length"] == after["lorax_batch_current_size"] == 0, after
+    assert after["lorax_adapter_registry_entries"] <= 2, after
     log = (tmp_path / "work" / "server.log").read_text()
     assert "soak-005" in log or "soak-004" in log, "adapters beyond the two slots were loaded"

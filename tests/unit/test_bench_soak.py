@@ -15,6 +15,7 @@ from aiohttp import web
 from loraxpy.bench.soak import DISCONNECTED, LOST, OK, SoakConfig, run_soak, windows
 
 Handler = Callable[[web.Request], object]
+OPENAI = ("/v1/completions", "/v1/chat/completions")
 
 
 async def _lorax(request: web.Request) -> web.StreamResponse:
@@ -63,7 +64,7 @@ async def _broken(request: web.Request) -> web.StreamResponse:
     await request.read()
     if request.path == "/generate":
         return web.Response(status=500, text="<html>Internal Server Error</html>")
-    if request.path == "/v1/completions":
+    if request.path.startswith("/v1/"):
         assert request.transport is not None
         request.transport.close()
         return web.Response()
@@ -100,12 +101,12 @@ def _serve(routes: dict[str, Handler]) -> Iterator[str]:
 @pytest.fixture
 def good_url() -> Iterator[str]:
     paths = ("/generate", "/generate_stream")
-    yield from _serve({**dict.fromkeys(paths, _lorax), "/v1/completions": _openai})
+    yield from _serve({**dict.fromkeys(paths, _lorax), **dict.fromkeys(OPENAI, _openai)})
 
 
 @pytest.fixture
 def broken_url() -> Iterator[str]:
-    yield from _serve(dict.fromkeys(("/generate", "/generate_stream", "/v1/completions"), _broken))
+    yield from _serve(dict.fromkeys(("/generate", "/generate_stream", *OPENAI), _broken))
 
 
 def test_a_sound_server_loses_nothing_and_errors_are_counted_by_kind(good_url: str) -> None:
@@ -123,7 +124,14 @@ def test_a_sound_server_loses_nothing_and_errors_are_counted_by_kind(good_url: s
     assert report.outcomes[OK] > 0 and report.outcomes[DISCONNECTED] > 0
     assert report.outcomes["429 overloaded"] > 0  # both APIs' error shapes, one kind
     assert sum(report.outcomes.values()) == report.num_requests
-    assert set(report.by_kind) == {"generate", "generate_stream", "completions", "completions_stream"}
+    assert set(report.by_kind) == {
+        "generate",
+        "generate_stream",
+        "completions",
+        "completions_stream",
+        "chat",
+        "chat_stream",
+    }
     assert all(counts.get(OK) for counts in report.by_kind.values())
     assert len(report.windows) >= 3
     for w in report.windows:
