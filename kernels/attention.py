@@ -81,8 +81,12 @@ def paged_attention_reference(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """out[t] = softmax(scale · q_t K_s^T + mask) V_s over sequence s's cached keys; a per-sequence loop."""
+    """out[t] = softmax(scale · q_t K_s^T + mask) V_s over sequence s's cached keys; a per-sequence loop.
+
+    With `softcap` (Gemma 2), the scaled scores become softcap * tanh(scores / softcap) before the mask.
+    """
     # query: [num_tokens, num_heads, head_dim] -> out: same shape
     block_size = k_cache.shape[1]
     group = query.shape[1] // k_cache.shape[2]
@@ -95,6 +99,8 @@ def paged_attention_reference(
         v = v_cache.view(-1, *v_cache.shape[2:])[slots].float().repeat_interleave(group, dim=1)
         q = query[start : start + q_len].float()
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         q_pos = positions[s_len - q_len :, None]
         scores = scores.masked_fill(~_allowed(q_pos, positions[None, :], sliding_window), float("-inf"))
         out[start : start + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(query.dtype)
@@ -148,10 +154,12 @@ def paged_attention_sdpa(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Same result as `paged_attention_reference`: gathers padded K/V per sequence, one SDPA call.
 
     Decode steps and equal-length chunks view the queries in place; only uneven chunks are padded.
+    SDPA has no soft-capping: with `softcap` the same gathered layout goes through explicit matmuls.
     """
     num_seqs = len(meta.seq_lens_host)
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -170,7 +178,8 @@ def paged_attention_sdpa(
     else:  # scatter queries into [num_seqs, max_query_len, heads, head_dim]
         q = query.new_zeros(num_seqs, meta.max_query_len, num_heads, head_dim)
         q[layout.q_valid] = query
-    out = F.scaled_dot_product_attention(
+    attend = F.scaled_dot_product_attention if softcap is None else _softcapped_attention
+    out = attend(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
@@ -178,9 +187,34 @@ def paged_attention_sdpa(
         is_causal=layout.is_causal,
         scale=scale,
         enable_gqa=num_heads != k.shape[2],
+        **({} if softcap is None else {"softcap": softcap}),
     ).transpose(1, 2)
     out = out.reshape(query.shape) if layout.q_valid is None else out[layout.q_valid]
     return out.to(out_dtype)
+
+
+def _softcapped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    enable_gqa: bool,
+    softcap: float,
+) -> torch.Tensor:
+    """SDPA's contract (q [S, H, Lq, d], k/v [S, KV, L, d], boolean mask) with scores soft-capped, in fp32."""
+    group = q.shape[1] // k.shape[1]
+    if enable_gqa:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        attn_mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
 
 
 AttentionFn = Callable[..., torch.Tensor]

@@ -1,4 +1,4 @@
-"""One Llama-family decoder (llama, mistral, qwen2, qwen3, gemma3) over a paged KV cache; variants are
+"""One Llama-family decoder (llama, mistral, qwen2, qwen3, gemma2, gemma3) over a paged KV cache; variants are
 config flags (ModelConfig names each one)."""
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class Attention(nn.Module):
         self.num_kv_heads = shard.split(config.num_kv_heads, "num_key_value_heads")
         self.scale = config.attn_scale or config.head_dim**-0.5
         self.sliding_window = config.sliding_windows[layer_index]
+        # Only soft-capped models pass it: the Triton kernels take no soft-cap (such models run SDPA).
+        self.softcap = {"softcap": config.attn_softcap} if config.attn_softcap else {}
         self.attention = attention
         self.qkv_proj = ColumnParallelLinear(
             config.hidden_size,
@@ -91,7 +93,9 @@ class Attention(nn.Module):
         v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = batch.kv_caches[self.layer_index]
         self.attention.store(k, v, k_cache, v_cache, batch.slot_mapping)
-        out = self.attention.attend(q, k_cache, v_cache, batch.attn, self.scale, self.sliding_window)
+        out = self.attention.attend(
+            q, k_cache, v_cache, batch.attn, self.scale, self.sliding_window, **self.softcap
+        )
         return self.o_proj(out.reshape(-1, q_size))
 
 
@@ -210,4 +214,6 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         # hidden: [n, hidden] -> [n, vocab_size] fp32; rows: their indices in the batch (for LoRA)
-        return self.lm_head.logits(hidden, rows)
+        logits = self.lm_head.logits(hidden, rows)
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -54,6 +55,9 @@ class ModelConfig:
     embed_scale: float | None = None
     attn_scale: float | None = None
     rope_local: RopeConfig | None = None
+    # Gemma 2: attention scores and final logits soft-capped as cap * tanh(x / cap).
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
     # One entry per layer: the sliding window in tokens, or None for full attention.
     sliding_windows: tuple[int | None, ...] = field(default_factory=tuple)
     eos_token_ids: tuple[int, ...] = ()
@@ -86,20 +90,17 @@ class ModelConfig:
             raise ModelConfigError(
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        default_act = "gelu_pytorch_tanh" if model_type == "gemma3_text" else "silu"  # HF's defaults
+        gemma = model_type in GEMMA_TYPES
+        default_act = "gelu_pytorch_tanh" if gemma else "silu"  # HF's defaults
         act = cfg.get("hidden_activation") or cfg.get("hidden_act") or default_act
         act = "silu" if act == "swish" else act
         if act not in SUPPORTED_ACTIVATIONS:
             raise ModelConfigError(
                 f"hidden_act {act!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
             )
-        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if cfg.get(cap):
-                raise ModelConfigError(f"{cap} is not supported (Gemma 2's soft-capping)")
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         num_layers = int(cfg["num_hidden_layers"])
-        gemma = model_type == "gemma3_text"
         rope, rope_local = _ropes_from_dict(cfg)
         scalar = cfg.get("query_pre_attn_scalar")
         return cls(
@@ -125,6 +126,8 @@ class ModelConfig:
             embed_scale=hidden**0.5 if gemma else None,
             attn_scale=float(scalar) ** -0.5 if gemma and scalar else None,
             rope_local=rope_local if gemma else None,
+            attn_softcap=_positive_or_none(cfg.get("attn_logit_softcapping")) if gemma else None,
+            final_softcap=_positive_or_none(cfg.get("final_logit_softcapping")) if gemma else None,
             sliding_windows=_sliding_windows(cfg, model_type, num_layers),
             eos_token_ids=_as_ids(cfg.get("eos_token_id")),
         )
@@ -140,6 +143,10 @@ class ModelConfig:
             if gen_eos:
                 config = _replace_eos(config, gen_eos)
         return config
+
+
+def _positive_or_none(value: Any) -> float | None:
+    return float(value) if value else None
 
 
 def _replace_eos(config: ModelConfig, eos: tuple[int, ...]) -> ModelConfig:
@@ -203,6 +210,8 @@ def _sliding_windows(cfg: dict[str, Any], model_type: str, num_layers: int) -> t
     pattern = cfg.get("sliding_window_pattern")
     if model_type == "gemma3_text" and pattern:  # configs before transformers 5: every pattern-th is full
         return tuple(None if (i + 1) % int(pattern) == 0 else int(window) for i in range(num_layers))
+    if model_type == "gemma2":  # configs before transformers 5: even layers slide, odd ones see all
+        return tuple(None if i % 2 else int(window) for i in range(num_layers))
     if model_type in ("qwen2", "qwen3"):
         first = int(cfg.get("max_window_layers", num_layers))
         return tuple(int(window) if i >= first else None for i in range(num_layers))

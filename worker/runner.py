@@ -76,7 +76,14 @@ class ModelRunner:
         self.options = options
         self.model_path = model_path
         self.config = ModelConfig.from_folder(model_path)
-        attention = select_attention_backend(options.device, options.attention_backend)
+        backend = options.attention_backend
+        if self.config.attn_softcap is not None:  # the Triton kernels have no soft-capping
+            if backend == "triton":
+                raise ValueError(
+                    f"{self.config.model_type} soft-caps attention scores: use --attention-backend sdpa"
+                )
+            backend = "sdpa"
+        attention = select_attention_backend(options.device, backend)
         self.attention_backend = attention.name
         started = time.perf_counter()
         self.model = CausalLM(

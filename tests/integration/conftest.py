@@ -1,4 +1,4 @@
-"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 checkpoints written by HF transformers itself (the oracle)."""
+"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 and 3 checkpoints written by HF transformers itself (the oracle)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,23 @@ TINY_CONFIGS: dict[str, dict] = {
         query_pre_attn_scalar=24,
         tie_word_embeddings=True,
     ),
+    # Gemma 2: soft-capped attention scores and logits, sandwich norms, GeGLU, alternating windows.
+    "gemma2": dict(
+        model_type="gemma2",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=296,
+        max_position_embeddings=256,
+        sliding_window=8,
+        query_pre_attn_scalar=20,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -102,11 +119,11 @@ def build_tiny_model(kind: str, path: Path) -> Path:
     )
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if kind in ("qwen3", "gemma3_text"):  # norms start constant: random ones tell each norm apart
+    if kind in ("qwen3", "gemma2", "gemma3_text"):  # norms start constant: random ones tell each norm apart
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "norm" in name:
-                    param.uniform_(-0.5, 0.5) if kind == "gemma3_text" else param.uniform_(0.5, 1.5)
+                    param.uniform_(-0.5, 0.5) if kind.startswith("gemma") else param.uniform_(0.5, 1.5)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
     shard = "40KB" if kind == "llama" else "50GB"

@@ -38,7 +38,7 @@ def _peft_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) ->
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma3_text"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3_text"])
 def test_mixed_adapter_batch_matches_peft(kind: str, tmp_path: Path) -> None:
     base = build_tiny_model(kind, tmp_path / kind)
     root = tmp_path / "adapters"

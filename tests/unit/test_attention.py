@@ -89,6 +89,21 @@ def test_sdpa_path_equals_reference_in_bfloat16() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("query_lens", "seq_lens", "window"),
+    [((7, 7), (7, 7), None), ((7, 1, 4), (7, 30, 12), None), ((1, 1), (9, 20), 6)],
+    ids=["fresh-causal", "mixed", "decode-window"],
+)
+def test_soft_capped_sdpa_path_equals_the_soft_capped_reference(query_lens, seq_lens, window) -> None:
+    """Gemma 2's cap * tanh(scores / cap): the SDPA path's explicit twin against the per-sequence loop,
+    with a cap small enough (scores reach several times it) that capping changes the result."""
+    query, k_cache, v_cache, meta, _, _ = build_case(query_lens, seq_lens)
+    args = (query * 4, k_cache, v_cache, meta, 0.5, window)
+    capped = paged_attention_sdpa(*args, softcap=1.0)
+    torch.testing.assert_close(capped, paged_attention_reference(*args, softcap=1.0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(capped, paged_attention_reference(*args), atol=1e-3)
+
+
 def test_store_kv_writes_exactly_the_given_slots() -> None:
     k_cache = torch.zeros(3, 4, 1, 2)
     v_cache = torch.zeros_like(k_cache)
