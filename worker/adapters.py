@@ -27,6 +27,9 @@ from loraxpy.proto.adapter_policy import not_found_message
 from loraxpy.worker.model_config import ModelConfig
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+# PEFT adapters of fused checkpoints (Phi-3) target these; each becomes its parts, sharing A and
+# splitting B's rows, which is the same delta: x A^T B^T restricted to each part's output rows.
+FUSED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # Layer numbers are capped in digits: int() of thousands of digits raises (and would be slow).
 _KEY = re.compile(r"layers\.(\d{1,6})\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 _HEAD_KEY = re.compile(r"(?:^|\.)(lm_head)\.lora_([AB])(?:\.default)?\.weight$")
@@ -95,6 +98,8 @@ class AdapterFiles:
 def module_shape(config: ModelConfig, target: str) -> tuple[int, int]:
     """(in_features, out_features) of a target module in the full (unsharded) model."""
     h, i = config.hidden_size, config.intermediate_size
+    if target in FUSED_TARGETS:
+        return h, sum(module_shape(config, part)[1] for part in FUSED_TARGETS[target])
     return {
         "q_proj": (h, config.q_size),
         "k_proj": (h, config.kv_size),
@@ -276,7 +281,7 @@ def _lora_key(name: str, config: ModelConfig) -> tuple[tuple[int, str], str]:
     if match is None:
         raise AdapterError(f"adapter tensor {name!r} targets a module this server cannot adapt")
     layer, target = int(match[1]), match[2]
-    if target not in TARGETS or layer >= config.num_layers:
+    if (target not in TARGETS and target not in FUSED_TARGETS) or layer >= config.num_layers:
         raise AdapterError(f"adapter tensor {name!r} does not fit the model ({config.num_layers} layers)")
     return (layer, target), match[3]
 
@@ -342,7 +347,7 @@ def module_name(layer: int, target: str) -> str:
     """The module's name in the HF model, as PEFT's patterns see it."""
     if target == "lm_head":
         return "lm_head"
-    block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj") else "mlp"
     return f"model.layers.{layer}.{block}.{target}"
 
 
@@ -368,7 +373,8 @@ def read_adapter_files(
     cfg = _read_config(files.config)
     with open_weights(files.weights, files.weights_name) as (headers, read):
         plan = plan_tensors(headers, config, max_rank, max_bytes, cfg.get("base_model_name_or_path"))
-        keys = sorted(plan.pairs, key=lambda k: (k[0], TARGETS.index(k[1])))
+        order = (*TARGETS, *FUSED_TARGETS)
+        keys = sorted(plan.pairs, key=lambda k: (k[0], order.index(k[1])))
         scales = {key: _scale(cfg, key, headers[plan.pairs[key]["A"]].shape[0]) for key in keys}
         # Copies, not views: a .bin is memory-mapped, and its file may change or go once read.
         base_layers = {key: read(name).clone() for key, name in plan.base_layers.items()}
@@ -379,8 +385,28 @@ def read_adapter_files(
             )
             for key in keys
         }
+    _split_fused(weights, scales, config)
     rank = max(a.shape[0] for a, _ in weights.values())
     return LoraAdapter(rank=rank, weights=weights, scales=scales, base_layers=base_layers)
+
+
+def _split_fused(
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+    scales: dict[tuple[int, str], float],
+    config: ModelConfig,
+) -> None:
+    """Replaces each fused target (qkv_proj, gate_up_proj) by its parts, in place."""
+    for key in [k for k in weights if k[1] in FUSED_TARGETS]:
+        layer, fused = key
+        a, b = weights.pop(key)
+        scale = scales.pop(key)
+        parts = FUSED_TARGETS[fused]
+        sizes = [module_shape(config, part)[1] for part in parts]
+        for part, b_part in zip(parts, b.split(sizes), strict=True):
+            if (layer, part) in weights:
+                raise AdapterError(f"layer {layer}: the adapter targets both {fused} and {part}")
+            weights[(layer, part)] = (a, b_part.contiguous())
+            scales[(layer, part)] = scale
 
 
 def _scale(cfg: dict, key: tuple[int, str], r: int) -> float:

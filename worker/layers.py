@@ -77,7 +77,18 @@ class ColumnParallelLinear(nn.Module):
         )
 
     def load(self, slice_name: str, param: str, tensor: torch.Tensor) -> None:
-        """Copies this rank's rows of checkpoint tensor `slice_name`.`param` (weight or bias)."""
+        """Copies this rank's rows of checkpoint tensor `slice_name`.`param` (weight or bias).
+
+        A checkpoint that stores the fused tensor itself (Phi-3's qkv_proj, gate_up_proj) is split
+        into the slices first, in their order, so each rank still takes its part of every slice.
+        """
+        if slice_name not in self.local_sizes:
+            full = [size * self.shard.world_size for size in self.local_sizes.values()]
+            if tensor.shape[0] != sum(full):
+                raise ValueError(f"fused {slice_name}.{param} has {tensor.shape[0]} rows, not {sum(full)}")
+            for name, part in zip(self.local_sizes, tensor.split(full), strict=True):
+                self.load(name, param, part)
+            return
         size = self.local_sizes[slice_name]
         rows = tensor.narrow(0, self.shard.rank * size, size)
         target = self.weight if param == "weight" else self.bias

@@ -1,4 +1,4 @@
-"""One Llama-family decoder (llama, mistral, qwen2, qwen3, gemma2, gemma3) over a paged KV cache; variants are
+"""One Llama-family decoder (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3) over a paged KV cache; variants are
 config flags (ModelConfig names each one)."""
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device, offset=config.norm_offset
         )
-        self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings, device)
+        rotary_dim = config.rotary_dim or config.head_dim
+        self.rotary = RotaryEmbedding(config.rope, rotary_dim, config.max_position_embeddings, device)
         self.rotary_local = (
             RotaryEmbedding(config.rope_local, config.head_dim, config.max_position_embeddings, device)
             if config.rope_local is not None

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -58,6 +58,8 @@ class ModelConfig:
     # Gemma 2: attention scores and final logits soft-capped as cap * tanh(x / cap).
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    # Phi-4-mini: RoPE turns only the first rotary_dim dims of each head (partial_rotary_factor); 0: all.
+    rotary_dim: int = 0
     # One entry per layer: the sliding window in tokens, or None for full attention.
     sliding_windows: tuple[int | None, ...] = field(default_factory=tuple)
     eos_token_ids: tuple[int, ...] = ()
@@ -102,6 +104,8 @@ class ModelConfig:
         hidden = int(cfg["hidden_size"])
         num_layers = int(cfg["num_hidden_layers"])
         rope, rope_local = _ropes_from_dict(cfg)
+        head_dim = int(cfg.get("head_dim") or hidden // num_heads)
+        partial = float((cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
         scalar = cfg.get("query_pre_attn_scalar")
         return cls(
             model_type=model_type,
@@ -110,7 +114,7 @@ class ModelConfig:
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-            head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+            head_dim=head_dim,
             vocab_size=int(cfg["vocab_size"]),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
@@ -128,6 +132,7 @@ class ModelConfig:
             rope_local=rope_local if gemma else None,
             attn_softcap=_positive_or_none(cfg.get("attn_logit_softcapping")) if gemma else None,
             final_softcap=_positive_or_none(cfg.get("final_logit_softcapping")) if gemma else None,
+            rotary_dim=int(head_dim * partial) if partial < 1.0 else 0,
             sliding_windows=_sliding_windows(cfg, model_type, num_layers),
             eos_token_ids=_as_ids(cfg.get("eos_token_id")),
         )

@@ -62,8 +62,15 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin; x: [num_tokens, heads, head_dim] (q and k heads may share a call)."""
+    """x * cos + rotate_half(x) * sin; x: [num_tokens, heads, head_dim] (q and k heads may share a call).
+
+    A table narrower than the heads (partial rotary) turns only their first dims; the rest pass through.
+    """
     cos, sin = cos_sin
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        turned = x[..., :rotary_dim]
+        return torch.cat((turned * cos + _rotate_half(turned) * sin, x[..., rotary_dim:]), dim=-1)
     return x * cos + _rotate_half(x) * sin
 
 

@@ -78,7 +78,11 @@ def load_weights(model: nn.Module, model_path: Path, *, tied_lm_head: bool) -> N
             module.load(slice_name, param, tensor)
         except (ValueError, RuntimeError) as e:
             raise WeightsError(f"checkpoint tensor {name!r}: {e}") from e
-        loaded.add(target)
+        fused = getattr(module, "local_sizes", None)
+        if fused and slice_name not in fused:  # the whole fused tensor: every slice is in
+            loaded |= {(module_name, s, param) for s in fused}
+        else:
+            loaded.add(target)
     missing = _expected(model, tied_lm_head) - loaded
     if missing:
         sample = ", ".join(sorted(".".join(m) for m in missing)[:5])

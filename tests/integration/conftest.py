@@ -1,4 +1,4 @@
-"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 and 3 checkpoints written by HF transformers itself (the oracle)."""
+"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 and 3 / Phi-3 checkpoints written by HF transformers itself (the oracle)."""
 
 from __future__ import annotations
 
@@ -101,6 +101,21 @@ TINY_CONFIGS: dict[str, dict] = {
         attn_logit_softcapping=2.0,
         final_logit_softcapping=3.0,
         tie_word_embeddings=True,
+    ),
+    # Phi-3: fused qkv_proj and gate_up_proj in the checkpoint, RoPE on half of each head (Phi-4-mini's
+    # partial_rotary_factor), a sliding window shorter than the prompts.
+    "phi3": dict(
+        model_type="phi3",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=280,
+        max_position_embeddings=256,
+        partial_rotary_factor=0.5,
+        sliding_window=8,
+        tie_word_embeddings=False,
     ),
 }
 

@@ -14,13 +14,18 @@ from loraxpy.proto import worker_pb2 as pb
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {"qk-r4": (4, ["q_proj", "k_proj"]), "all-r8": (8, ALL_PROJECTIONS)}
+# Fused checkpoints (Phi-3) have fused modules, so PEFT adapters target those names.
+FUSED_ADAPTERS = {
+    "qk-r4": (4, ["qkv_proj"]),
+    "all-r8": (8, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+}
 
 
-def _write_adapters(base: Path, root: Path) -> None:
+def _write_adapters(base: Path, root: Path, adapters: dict[str, tuple[int, list[str]]]) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    for seed, (name, (r, targets)) in enumerate(ADAPTERS.items()):
+    for seed, (name, (r, targets)) in enumerate(adapters.items()):
         torch.manual_seed(500 + seed)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
@@ -38,11 +43,11 @@ def _peft_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) ->
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_mixed_adapter_batch_matches_peft(kind: str, tmp_path: Path) -> None:
     base = build_tiny_model(kind, tmp_path / kind)
     root = tmp_path / "adapters"
-    _write_adapters(base, root)
+    _write_adapters(base, root, FUSED_ADAPTERS if kind == "phi3" else ADAPTERS)
     names: list[str | None] = [None, "qk-r4", "all-r8", "qk-r4", None, "all-r8"]
     index = {name: i + 1 for i, name in enumerate(ADAPTERS)}
     with worker_process(base, tmp_path, extra_args=("--adapter-root", str(root), "--max-loras", "2")) as s:

@@ -62,3 +62,16 @@ def test_gemma3_before_and_after_transformers_5_read_alike() -> None:
         "gelu_pytorch_tanh",
     )
     assert new.embed_scale == 64**0.5 and new.attn_scale == 24**-0.5
+
+
+def test_phi3_partial_rotary_and_longrope_refusal() -> None:
+    cfg = {
+        **BASE,
+        "model_type": "phi3",
+        "rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.75},
+    }
+    assert ModelConfig.from_dict(cfg).rotary_dim == 12  # head_dim 16
+    assert ModelConfig.from_dict({**BASE, "model_type": "phi3"}).rotary_dim == 0  # all of each head
+    longrope = {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    with pytest.raises(ModelConfigError, match="'longrope' is not supported"):
+        ModelConfig.from_dict({**BASE, "model_type": "phi3", "rope_scaling": longrope})
