@@ -150,10 +150,17 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "description": "error",
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}},
             }
+        if path == "/health":  # probes stay unauthenticated
+            op["security"] = [{}]
         paths[path] = {method: op}
     return {
         "openapi": "3.1.0",
         "info": {"title": "loraxpy", "version": version, "description": "LoRAX-compatible and OpenAI API"},
         "paths": paths,
-        "components": {"schemas": schemas},
+        # --api-key, when the server has one: every route but /health asks for it.
+        "security": [{}, {"bearer": []}],
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
     }
