@@ -175,3 +175,9 @@ def test_the_server_still_serves_the_same_tokens_after_fuzzing(
     r = requests.post(server.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["finish_reason"] == "length"
+    gauges = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in requests.get(server.url + "/metrics", timeout=10).text.splitlines()
+        if line.startswith(("lorax_queue_length ", "lorax_batch_current_size "))
+    }
+    assert gauges == {"lorax_queue_length": 0, "lorax_batch_current_size": 0}  # nothing left behind
