@@ -60,6 +60,8 @@ class RequestState:
     generator: torch.Generator | None
     num_computed_tokens: int = 0
     allowed_token_mask: bytes = b""  # this step's (structured output); empty: any token
+    # LongRoPE: this step recomputes the whole sequence with the long table (see ModelRunner.step).
+    recomputing: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,9 @@ class BatchPlan:
     block_tables: list[list[int]] = field(default_factory=list)
     # Row of the flattened token dim whose logits sample each request's next token (or -1).
     sample_rows: list[int] = field(default_factory=list)
+    # Per token, max(prompt length, its sequence's length after this step): the length HF's LongRoPE
+    # chooses its table by when it generates the request alone (the whole prompt in one forward).
+    rope_lengths: list[int] = field(default_factory=list)
 
 
 def plan_batch(scheduled: list[tuple[RequestState, int]], block_size: int) -> BatchPlan:
@@ -207,6 +212,7 @@ def plan_batch(scheduled: list[tuple[RequestState, int]], block_size: int) -> Ba
         row0 = len(plan.input_ids)
         plan.input_ids.extend(state.token_ids[start:end])
         plan.positions.extend(range(start, end))
+        plan.rope_lengths.extend([max(state.num_prompt_tokens, end)] * num_scheduled)
         plan.slot_mapping.extend(
             state.block_table[p // block_size] * block_size + p % block_size for p in range(start, end)
         )

@@ -36,6 +36,8 @@ class ForwardBatch:
     kv_caches: list[
         tuple[torch.Tensor, torch.Tensor]
     ]  # per layer: k, v [num_blocks, block_size, kv_heads, head_dim]
+    # longrope only: per token, the sequence length HF's forward would see (BatchPlan.rope_lengths)
+    rope_lengths: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -206,7 +208,7 @@ class CausalLM(nn.Module):
         h = self.embed_tokens(batch.input_ids)
         if self.config.embed_scale is not None:  # HF rounds the scale to the weights' dtype first
             h = h * torch.tensor(self.config.embed_scale, dtype=h.dtype)
-        rope = self.rotary.at(batch.positions, h.dtype)
+        rope = self.rotary.at(batch.positions, h.dtype, batch.rope_lengths)
         local = self.rotary_local.at(batch.positions, h.dtype) if self.rotary_local is not None else rope
         for layer in self.layers:
             h = layer(h, batch, local if layer.local_rope else rope)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 class ModelConfigError(ValueError):
@@ -26,6 +27,11 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # longrope only (Phi-3): per-frequency divisors for sequences within / beyond the original length,
+    # and the factor cos and sin are scaled by.
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,11 @@ class ModelConfig:
         num_layers = int(cfg["num_hidden_layers"])
         rope, rope_local = _ropes_from_dict(cfg)
         head_dim = int(cfg.get("head_dim") or hidden // num_heads)
-        partial = float((cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+        partial = float(
+            (cfg.get("rope_parameters") or {}).get(
+                "partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)
+            )
+        )
         scalar = cfg.get("query_pre_attn_scalar")
         return cls(
             model_type=model_type,
@@ -191,15 +201,31 @@ def _rope_from_dict(cfg: dict[str, Any], rope_parameters: dict[str, Any]) -> Rop
         raise ModelConfigError(
             f"rope scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
+    original = int(
+        params.get("original_max_position_embeddings")
+        or cfg.get("original_max_position_embeddings")
+        or cfg.get("max_position_embeddings", 8192)
+    )
+    longrope: dict[str, Any] = {}
+    if rope_type == "longrope":
+        # HF: factor defaults to max / original positions; attention_factor to sqrt(1 + ln f / ln original).
+        factor = float(params.get("factor") or cfg.get("max_position_embeddings", original) / original)
+        attention = params.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        longrope = dict(
+            short_factor=tuple(float(f) for f in params["short_factor"]),
+            long_factor=tuple(float(f) for f in params["long_factor"]),
+            attention_factor=float(attention),
+        )
     return RopeConfig(
         theta=theta,
         rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
+        factor=float(params.get("factor") or 1.0),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", cfg.get("max_position_embeddings", 8192))
-        ),
+        original_max_position_embeddings=original,
+        **longrope,
     )
 
 

@@ -175,6 +175,9 @@ class ModelRunner:
         max_batch = min(self.options.cuda_graph_max_batch_size, max_num_seqs)
         if max_batch < 1:
             return None
+        if self.config.rope.rope_type == "longrope":  # its table depends on each sequence's length
+            logger.warning("CUDA graphs do not capture LongRoPE's table choice; decoding eagerly")
+            return None
         if self.attention_backend != "triton":  # SDPA sizes its work from host-side lengths
             logger.warning("CUDA graphs need the Triton attention backend; decoding eagerly")
             return None
@@ -242,6 +245,8 @@ class ModelRunner:
         scheduled = self._admit(step)
         if not scheduled:
             return []
+        if self.config.rope.rope_type == "longrope":
+            scheduled = [self._longrope_crossing(state, n) for state, n in scheduled]
         plan = plan_batch(scheduled, self.options.block_size)
         token_adapters = [s.adapter_index for s, n in scheduled for _ in range(n)]
         if self.graphs is not None and self.graphs.can_run(plan):
@@ -253,6 +258,7 @@ class ModelRunner:
         outputs = self._sample(scheduled, plan, hidden)
         for state, num_scheduled in scheduled:
             state.num_computed_tokens += num_scheduled
+            state.recomputing = False
         return outputs
 
     def _admit(self, step: StepInput) -> list[tuple[RequestState, int]]:
@@ -292,6 +298,7 @@ class ModelRunner:
             slot_mapping=ids(plan.slot_mapping),
             attn=AttentionMetadata.build(plan.query_lens, plan.seq_lens, plan.block_tables, device),
             kv_caches=kv_caches,
+            rope_lengths=ids(plan.rope_lengths) if self.config.rope.rope_type == "longrope" else None,
         )
 
     def _sample(
@@ -331,11 +338,24 @@ class ModelRunner:
             )
         return outputs
 
+    def _longrope_crossing(self, state: RequestState, num_scheduled: int) -> tuple[RequestState, int]:
+        """(state, tokens to compute), recomputing the whole sequence in the step where it first
+        outgrows LongRoPE's original context, as HF transformers' Phi-3 does (it drops its cache then):
+        every earlier K was turned with the short table, and from here on all of them use the long one.
+        The blocks are the request's own; this step computes more tokens than the router scheduled."""
+        original = self.config.rope.original_max_position_embeddings
+        done = state.num_computed_tokens
+        was_short = max(state.num_prompt_tokens, done) <= original
+        if done == 0 or not was_short or max(state.num_prompt_tokens, done + num_scheduled) <= original:
+            return state, num_scheduled
+        state.num_computed_tokens, state.recomputing = 0, True
+        return state, done + num_scheduled
+
     def _prompt_logprobs(
         self, state: RequestState, num_scheduled: int, hidden: torch.Tensor, row0: int
     ) -> tuple[int, tuple[float, ...]]:
         """Log-probs of prompt tokens j in [s+1, min(e+1, P)) from the logits at j-1 (s..e computed now)."""
-        if not state.params.prompt_logprobs:
+        if not state.params.prompt_logprobs or state.recomputing:  # sent when the prompt first ran
             return 0, ()
         s = state.num_computed_tokens
         first, last = s + 1, min(s + num_scheduled + 1, state.num_prompt_tokens)

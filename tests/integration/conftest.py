@@ -116,6 +116,14 @@ TINY_CONFIGS: dict[str, dict] = {
         partial_rotary_factor=0.5,
         sliding_window=8,
         tie_word_embeddings=False,
+        # LongRoPE with an original context of 16: prompts within it and beyond it, and requests
+        # that cross it while decoding, each take the table HF's forward would.
+        original_max_position_embeddings=16,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0, 1.3, 1.7, 2.2],
+            "long_factor": [1.5, 2.5, 4.0, 6.0],
+        },
     ),
 }
 

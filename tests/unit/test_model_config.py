@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from loraxpy.worker.model_config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelConfigError
@@ -64,7 +66,7 @@ def test_gemma3_before_and_after_transformers_5_read_alike() -> None:
     assert new.embed_scale == 64**0.5 and new.attn_scale == 24**-0.5
 
 
-def test_phi3_partial_rotary_and_longrope_refusal() -> None:
+def test_phi3_partial_rotary_and_longrope() -> None:
     cfg = {
         **BASE,
         "model_type": "phi3",
@@ -73,5 +75,18 @@ def test_phi3_partial_rotary_and_longrope_refusal() -> None:
     assert ModelConfig.from_dict(cfg).rotary_dim == 12  # head_dim 16
     assert ModelConfig.from_dict({**BASE, "model_type": "phi3"}).rotary_dim == 0  # all of each head
     longrope = {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
-    with pytest.raises(ModelConfigError, match="'longrope' is not supported"):
-        ModelConfig.from_dict({**BASE, "model_type": "phi3", "rope_scaling": longrope})
+    phi = {
+        **BASE,
+        "model_type": "phi3",
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+    }
+    rope = ModelConfig.from_dict({**phi, "rope_scaling": longrope}).rope
+    assert (rope.rope_type, rope.original_max_position_embeddings, rope.long_factor) == (
+        "longrope",
+        4096,
+        (2.0,) * 8,
+    )
+    assert rope.attention_factor == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)  # HF's default
+    with pytest.raises(ModelConfigError, match="'yarn' is not supported"):
+        ModelConfig.from_dict({**phi, "rope_scaling": {"type": "yarn", "factor": 4.0}})
