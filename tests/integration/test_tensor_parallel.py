@@ -23,7 +23,8 @@ from loraxpy.proto import worker_pb2 as pb
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
+# Gemma 3 and Phi-3 carry the other new families' parts (q/k norms, sandwich norms, fused checkpoints).
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3_text", "phi3"])
 def test_two_shards_match_transformers(kind: str, tmp_path: Path) -> None:
     path = build_tiny_model(kind, tmp_path / kind)
     with sharded_workers(path, tmp_path, 2) as stubs:
