@@ -19,6 +19,13 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
 
 
+class _Closed(_Body):
+    """A nested object of the OpenAI bodies (and the formats LoRAX shares): a key it does not declare
+    is refused by name (400), never ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
+
+
 class MergedAdapters(_Body):
     ids: list[str]
     weights: list[float]
@@ -27,7 +34,7 @@ class MergedAdapters(_Body):
     majority_sign_method: str | None = None  # total (default), frequency
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(_Closed):
     """OpenAI's `response_format.json_schema` (what `client.beta.chat.completions.parse` sends)."""
 
     name: str = ""
@@ -36,7 +43,7 @@ class JsonSchemaFormat(_Body):
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(_Closed):
     """LoRAX: `{"type": "json_object", "schema": {...}}`; OpenAI: `text`, `json_object`, or
     `{"type": "json_schema", "json_schema": {...}}`."""
 
@@ -45,7 +52,7 @@ class ResponseFormat(_Body):
     json_schema: JsonSchemaFormat | None = None
 
 
-class StructuredOutputs(_Body):
+class StructuredOutputs(_Closed):
     """vLLM's `structured_outputs`: at most one of a JSON schema, a regex, a choice list, a grammar."""
 
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
@@ -92,7 +99,7 @@ class TokenizeRequest(_Body):
     add_special_tokens: bool = True
 
 
-class StreamOptions(_Body):
+class StreamOptions(_Closed):
     include_usage: bool = False
 
 
@@ -138,44 +145,44 @@ class CompletionRequest(_OpenAISampling):
     suffix: str | None = None
 
 
-class TextPart(_Body):
+class TextPart(_Closed):
     type: Literal["text"]
     text: str
 
 
-class FunctionDefinition(_Body):
+class FunctionDefinition(_Closed):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
     strict: bool | None = None
 
 
-class Tool(_Body):
+class Tool(_Closed):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(_Body):
+class FunctionName(_Closed):
     name: str
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(_Closed):
     type: Literal["function"]
     function: FunctionName
 
 
-class FunctionCall(_Body):
+class FunctionCall(_Closed):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCall(_Body):
+class ToolCall(_Closed):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Body):
+class ChatMessage(_Closed):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None

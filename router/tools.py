@@ -134,7 +134,14 @@ def _plain_message(m: ChatMessage) -> dict[str, Any]:
     if m.tool_calls:
         calls = "\n".join(_call_text(c.function.name, _arguments(c.function.arguments)) for c in m.tool_calls)
         content = f"{content}\n{calls}" if content else calls
-    return {"role": m.role, "content": content}
+    return _named({"role": m.role, "content": content}, m)
+
+
+def _named(message: dict[str, Any], m: ChatMessage) -> dict[str, Any]:
+    """OpenAI's `name` of a participant goes to the chat template, which renders it if it knows it."""
+    if m.name is not None:
+        message["name"] = m.name
+    return message
 
 
 def _template_message(m: ChatMessage) -> dict[str, Any]:
@@ -151,7 +158,7 @@ def _template_message(m: ChatMessage) -> dict[str, Any]:
         ]
     if m.tool_call_id is not None:
         message["tool_call_id"] = m.tool_call_id
-    return message
+    return _named(message, m)
 
 
 def _with_system_prompt(messages: list[dict[str, Any]], tools: list[Tool]) -> list[dict[str, Any]]:

@@ -163,3 +163,22 @@ def test_a_template_that_renders_tools_gets_them_and_the_history_as_hf_templates
         "<tools>get_weather;get_time;</tools>[user]Weather?[assistant]<call get_weather Oslo>[tool]cold<id call_1>"
     )
     assert valid.parse_tool_calls and valid.engine.grammar is not None
+
+
+def test_message_names_reach_the_template_and_unknown_nested_keys_are_refused_by_name() -> None:
+    import pydantic
+
+    messages = [{"role": "user", "content": "hi", "name": "alice"}, {"role": "user", "content": "yo"}]
+    body = {"model": "m", "messages": messages}
+    for supports in (False, True):
+        plan = plan_tools(ChatCompletionRequest.model_validate(body), template_supports_tools=supports)
+        assert [m.get("name") for m in plan.messages] == ["alice", None]
+    for nested, loc in (
+        ({"messages": [{"role": "user", "content": "hi", "speaker": "x"}]}, ("messages", 0, "speaker")),
+        ({"stream_options": {"include_usage": True, "continuous": True}}, ("stream_options", "continuous")),
+        ({"response_format": {"type": "json_object", "strictness": 1}}, ("response_format", "strictness")),
+        ({"tools": [{**WEATHER, "cache": True}]}, ("tools", 0, "cache")),
+    ):
+        with pytest.raises(pydantic.ValidationError) as e:
+            ChatCompletionRequest.model_validate({**body, **nested})
+        assert e.value.errors()[0]["loc"] == loc and e.value.errors()[0]["type"] == "extra_forbidden"
