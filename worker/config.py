@@ -111,12 +111,14 @@ class WorkerConfig:
         return torch.device(self.device)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
-        """--dtype auto: bf16 (fp16 without it) on CUDA; on CPU bf16 where the cores multiply it natively."""
+        """--dtype auto: bf16 (fp16 without it) on CUDA; fp32 on CPU, even where bf16 is fast (see
+        `cpu_native_bf16`): the default model's greedy answers change in bf16 (the README's capital of
+        France becomes Barcelona), so there it is the operator's choice, logged at startup."""
         if self.dtype != "auto":
             return DTYPES[self.dtype]
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_native_bf16() else torch.float32
+        return torch.float32
 
 
 def cpu_native_bf16() -> str | None:

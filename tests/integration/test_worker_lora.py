@@ -310,7 +310,7 @@ BF16_LOGPROB_TOL = 0.08
 def test_bfloat16_worker_on_cpu_follows_peft_in_a_mixed_batch(
     tiny_llama: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """bf16 (the CPU default where the CPU multiplies bf16 natively): adapters stay fp32 beside the
+    """bf16 on CPU (--dtype bfloat16, fast where the cores have AVX512-BF16): adapters stay fp32 beside the
     bf16 base and attention runs in fp32, so a mixed batch stays close to fp32 HF + PEFT, teacher-forced
     on PEFT's own greedy continuation (bf16 may flip near-ties, so tokens are not compared)."""
     names = [None, "qv-r4", "all-r8-rslora", "head-r4"]
