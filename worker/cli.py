@@ -36,9 +36,7 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
     if device.type == "cpu":
         feature = cpu_native_bf16()
         if dtype == torch.float32 and feature:
-            logger.info(
-                "this CPU has %s: --dtype bfloat16 decodes about 1.7x faster (not bit-exact)", feature
-            )
+            logger.info("this CPU has %s: --dtype bfloat16 runs about 2x faster (not bit-exact)", feature)
         elif dtype == torch.bfloat16 and not feature:
             logger.warning("--dtype bfloat16 on a CPU without AMX or AVX512-BF16: emulated, slower than fp32")
     options = RunnerOptions(
