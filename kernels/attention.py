@@ -8,6 +8,7 @@ when the layer has a sliding window, as HF transformers' sliding-window mask doe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -178,7 +179,11 @@ def paged_attention_sdpa(
     else:  # scatter queries into [num_seqs, max_query_len, heads, head_dim]
         q = query.new_zeros(num_seqs, meta.max_query_len, num_heads, head_dim)
         q[layout.q_valid] = query
-    attend = F.scaled_dot_product_attention if softcap is None else _softcapped_attention
+    attend = (
+        F.scaled_dot_product_attention
+        if softcap is None
+        else functools.partial(_softcapped_attention, softcap=softcap)
+    )
     out = attend(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -187,7 +192,6 @@ def paged_attention_sdpa(
         is_causal=layout.is_causal,
         scale=scale,
         enable_gqa=num_heads != k.shape[2],
-        **({} if softcap is None else {"softcap": softcap}),
     ).transpose(1, 2)
     out = out.reshape(query.shape) if layout.q_valid is None else out[layout.q_valid]
     return out.to(out_dtype)
