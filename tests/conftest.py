@@ -5,11 +5,20 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+# The top-level folders are imported as `loraxpy.*`; `python -m pytest` run from the repository
+# root also puts the root on sys.path, where kernels/ shadows Hugging Face's `kernels` package
+# (transformers 5.25 requires it and imports it with its models). Drop the root here, and
+# PYTHONSAFEPATH keeps it off the path of every `python -m ...` / `python -c` the tests start.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
 
 # Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. Triton reads this when
 # `triton.language` is first imported, so it is set before any test module can import it.
