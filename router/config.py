@@ -61,6 +61,9 @@ class RouterConfig:
     otlp_endpoint: str | None = None
     json_output: bool = False
     api_key: str | None = None
+    # Browser origins allowed to call the API (CORS), as LoRAX's flag: repeated or comma-separated,
+    # `*` for any. Unset: no CORS headers, so browsers keep pages of other origins out.
+    cors_allow_origin: tuple[str, ...] = ()
     # A client must send a request's body within this many seconds (slow bodies hold connections).
     body_read_timeout_s: float = 30.0
     # An idle connection, or one still sending its headers, is closed after this many seconds.
@@ -118,6 +121,9 @@ class RouterConfig:
         if not 0 < self.adapter_memory_fraction <= 1:
             raise ValueError("--adapter-memory-fraction must be in (0, 1]")
         self._check_adapter_policy()
+        for origin in self.cors_allow_origin:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"--cors-allow-origin {origin!r}: an origin is * or scheme://host[:port]")
         if (self.worker_tls_cert_file is None) != (self.worker_tls_key_file is None):
             raise ValueError("--worker-tls-cert-file and --worker-tls-key-file go together")
 
@@ -174,6 +180,13 @@ def parse_args(argv: list[str] | None = None, prog: str = "lorax-launcher") -> R
                 help=f"(env {env_name})",
             )
             continue
+        if f.type == "tuple[str, ...]":  # repeatable, and each value split at commas
+            parser.add_argument(
+                flag,
+                action="append",
+                help=f"(env {env_name}; repeatable, comma-separated)",
+            )
+            continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
         raw = env.get(env_name)
         parser.add_argument(
@@ -183,5 +196,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "lorax-launcher") -> R
             help=f"(env {env_name}; default {default})",
         )
     args = parser.parse_args(argv)
+    for f in fields(RouterConfig):
+        if f.type == "tuple[str, ...]":
+            values = getattr(args, f.name) or [env.get(f.name.upper(), "")]  # flags replace the env's
+            setattr(args, f.name, tuple(v.strip() for raw in values for v in raw.split(",") if v.strip()))
     secret = read_secret(env.get("WORKER_SECRET"), args.worker_secret_file)
     return RouterConfig(**vars(args), worker_secret=secret)

@@ -230,7 +230,7 @@ async def serve(
     healer = Healer(engine, state.adapters, functools.partial(warm_workers, config, client), info, restart)
     healing = asyncio.create_task(healer.run(), name="healer")
     runner = web.AppRunner(
-        build_app(state),
+        build_app(state, cors_allow_origin=config.cors_allow_origin),
         handler_cancellation=True,
         access_log=None,
         keepalive_timeout=config.keep_alive_timeout_s,

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from loraxpy.router import swagger
 from loraxpy.router.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, TokenizeRequest
 
 LORAX_ERROR: dict[str, Any] = {
@@ -77,87 +78,152 @@ _BODY = (401, 408, 413)
 LORAX_GENERATION = (*_BODY, 404, 422, 424, 429, 500, 503)
 OPENAI_GENERATION = (*_BODY, 400, 404, 429, 500, 503)
 
-# path → (method, summary, request model or None, error schema name, error statuses, 200 content)
-ROUTES: dict[str, tuple[str, str, type[BaseModel] | None, str, tuple[int, ...], dict[str, Any]]] = {
-    "/": (
-        "post",
+PROBE = ("LoraxError", (503,), _json(OBJECT))
+INVOKED = {"anyOf": [{"type": "array", "items": GENERATED}, COMPLETION]}
+
+# (method, path) → (summary, request body schema: a model, a list of models any of which, or None,
+# error schema name, error statuses, 200 content)
+Body = type[BaseModel] | tuple[type[BaseModel], ...] | None
+ROUTES: dict[tuple[str, str], tuple[str, Body, str, tuple[int, ...], dict[str, Any]]] = {
+    ("post", "/"): (
         "Generate (list-wrapped response, or SSE when `stream` is true)",
         GenerateRequest,
         "LoraxError",
         LORAX_GENERATION,
         {**_json({"type": "array", "items": GENERATED}), **SSE},
     ),
-    "/generate": ("post", "Generate text", GenerateRequest, "LoraxError", LORAX_GENERATION, _json(GENERATED)),
-    "/generate_stream": (
-        "post",
+    ("post", "/generate"): (
+        "Generate text",
+        GenerateRequest,
+        "LoraxError",
+        LORAX_GENERATION,
+        _json(GENERATED),
+    ),
+    ("post", "/generate_stream"): (
         "Generate text as server-sent events",
         GenerateRequest,
         "LoraxError",
         LORAX_GENERATION,
         SSE,
     ),
-    "/tokenize": ("post", "Tokenize text", TokenizeRequest, "LoraxError", (*_BODY, 422), _json(TOKENS)),
-    "/health": (
-        "get",
+    ("post", "/tokenize"): ("Tokenize text", TokenizeRequest, "LoraxError", (*_BODY, 422), _json(TOKENS)),
+    ("get", "/health"): (
         "200 when the workers are ready, 503 when not",
         None,
         "LoraxError",
         (503,),
         _json(OBJECT),
     ),
-    "/info": ("get", "Model and server limits", None, "LoraxError", (401,), _json(OBJECT)),
-    "/metrics": ("get", "Prometheus metrics", None, "LoraxError", (401,), {"text/plain": {}}),
-    "/openapi.json": ("get", "This document", None, "LoraxError", (401,), _json(OBJECT)),
-    "/v1/models": ("get", "Models served (OpenAI)", None, "OpenAIError", (401,), _json(MODEL_LIST)),
-    "/v1/completions": (
-        "post",
+    ("get", "/info"): ("Model and server limits", None, "LoraxError", (401,), _json(OBJECT)),
+    ("get", "/metrics"): ("Prometheus metrics", None, "LoraxError", (401,), {"text/plain": {}}),
+    ("get", "/openapi.json"): ("This document", None, "LoraxError", (401,), _json(OBJECT)),
+    ("get", "/v1/models"): ("Models served (OpenAI)", None, "OpenAIError", (401,), _json(MODEL_LIST)),
+    ("post", "/v1/completions"): (
         "Completions (OpenAI; SSE when `stream` is true)",
         CompletionRequest,
         "OpenAIError",
         OPENAI_GENERATION,
         {**_json(COMPLETION), **SSE},
     ),
-    "/v1/chat/completions": (
-        "post",
+    ("post", "/v1/chat/completions"): (
         "Chat completions (OpenAI; SSE when `stream` is true)",
         ChatCompletionRequest,
         "OpenAIError",
         OPENAI_GENERATION,
         {**_json(COMPLETION), **SSE},
     ),
+    ("get", "/"): ("Health probe (LoRAX's GET /)", None, *PROBE),
+    ("get", "/ping"): ("Health probe (SageMaker)", None, *PROBE),
+    ("get", "/startup"): ("Startup probe: 200 once the workers are warmed up", None, *PROBE),
+    ("post", "/invocations"): (
+        "SageMaker: a body with `messages` runs /v1/chat/completions, one with `prompt` "
+        "/v1/completions (errors in OpenAI's shape), any other / (LoRAX's)",
+        (GenerateRequest, ChatCompletionRequest, CompletionRequest),
+        "LoraxOrOpenAIError",
+        tuple(sorted({*LORAX_GENERATION, *OPENAI_GENERATION})),
+        {**_json(INVOKED), **SSE},
+    ),
+    ("get", swagger.DOCUMENT_PATH): ("This document (LoRAX's path)", None, "LoraxError", (), _json(OBJECT)),
+    ("get", swagger.PAGE_PATH): ("Swagger UI over this document", None, "LoraxError", (), {"text/html": {}}),
+    ("get", swagger.ASSETS_PATH): (
+        "Swagger UI's files",
+        None,
+        "LoraxError",
+        (404,),
+        {t: {} for t in swagger.ASSET_TYPES},
+    ),
 }
+
+# Routes that need no API key: probes, and the Swagger UI with its document (a browser loading
+# the page cannot send the key).
+PUBLIC_ROUTES = frozenset(
+    {
+        ("get", "/health"),
+        ("get", "/"),
+        ("get", "/ping"),
+        ("get", "/startup"),
+        ("get", swagger.DOCUMENT_PATH),
+        ("get", swagger.PAGE_PATH),
+        ("get", swagger.ASSETS_PATH),
+    }
+)
+
+
+def _models(body: Body) -> tuple[type[BaseModel], ...]:
+    return () if body is None else body if isinstance(body, tuple) else (body,)
+
+
+def _operation(
+    summary: str,
+    refs: dict[Any, Any],
+    body: Body,
+    error: str,
+    statuses: tuple[int, ...],
+    content: dict[str, Any],
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {"200": {"description": "OK", "content": content}}}
+    schemas = [refs[(m, "validation")] for m in _models(body)]
+    if schemas:
+        schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+    for status in statuses:
+        op["responses"][str(status)] = {
+            "description": "error",
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}},
+        }
+    return op
 
 
 def openapi_document(version: str) -> dict[str, Any]:
-    models = [m for _, _, m, _, _, _ in ROUTES.values() if m is not None]
+    models = [m for _, body, _, _, _ in ROUTES.values() for m in _models(body)]
     refs, defs = models_json_schema(
         [(m, "validation") for m in dict.fromkeys(models)], ref_template="#/components/schemas/{model}"
     )
-    schemas = {**defs.get("$defs", {}), "LoraxError": LORAX_ERROR, "OpenAIError": OPENAI_ERROR}
+    schemas = {
+        **defs.get("$defs", {}),
+        "LoraxError": LORAX_ERROR,
+        "OpenAIError": OPENAI_ERROR,
+        "LoraxOrOpenAIError": {
+            "anyOf": [
+                {"$ref": "#/components/schemas/LoraxError"},
+                {"$ref": "#/components/schemas/OpenAIError"},
+            ]
+        },
+    }
     paths: dict[str, Any] = {}
-    for path, (method, summary, model, error, statuses, content) in ROUTES.items():
-        op: dict[str, Any] = {
-            "summary": summary,
-            "responses": {"200": {"description": "OK", "content": content}},
-        }
-        if model is not None:
-            op["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": refs[(model, "validation")]}},
-            }
-        for status in statuses:
-            op["responses"][str(status)] = {
-                "description": "error",
-                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}},
-            }
-        if path == "/health":  # probes stay unauthenticated
+    for (method, path), (summary, body, error, statuses, content) in ROUTES.items():
+        op = _operation(summary, refs, body, error, statuses, content)
+        if (method, path) in PUBLIC_ROUTES:
             op["security"] = [{}]
-        paths[path] = {method: op}
+        if path == swagger.ASSETS_PATH:
+            name = {"type": "string", "enum": list(swagger.ASSETS)}
+            op["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": name}]
+        paths.setdefault(path, {})[method] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "loraxpy", "version": version, "description": "LoRAX-compatible and OpenAI API"},
         "paths": paths,
-        # --api-key, when the server has one: every route but /health asks for it.
+        # --api-key, when the server has one: every route but the public ones asks for it.
         "security": [{}, {"bearer": []}],
         "components": {
             "schemas": schemas,

@@ -29,7 +29,9 @@ import pydantic
 from aiohttp import web
 
 from loraxpy.router import responses as R
+from loraxpy.router import swagger
 from loraxpy.router.adapters import AdapterRegistry
+from loraxpy.router.cors import allow_origins
 from loraxpy.router.engine import Engine, EngineError, GenerateInput, QueueTimeout, RequestOutput, TokenEvent
 from loraxpy.router.errors import (
     BadRequestError,
@@ -48,7 +50,7 @@ from loraxpy.router.errors import (
     openai_error_body,
 )
 from loraxpy.router.metrics import Metrics
-from loraxpy.router.openapi import openapi_document
+from loraxpy.router.openapi import PUBLIC_ROUTES, openapi_document
 from loraxpy.router.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, TokenizeRequest
 from loraxpy.router.text import Tokenizer
 from loraxpy.router.tools import ToolCallStream
@@ -90,8 +92,12 @@ class ServerState:
 STATE = web.AppKey("state", ServerState)
 
 
+# /invocations renders errors as the API its body was routed to: LoRAX's, or OpenAI's here.
+INVOKED_OPENAI = "invoked_openai"
+
+
 def _is_openai(request: web.Request) -> bool:
-    return request.path.startswith("/v1/")
+    return request.path.startswith("/v1/") or bool(request.get(INVOKED_OPENAI))
 
 
 def _error_response(request: web.Request, err: RouterError) -> web.Response:
@@ -136,10 +142,18 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error_response(request, InternalError())
 
 
+def _is_public(request: web.Request) -> bool:
+    """Probes, the API's description and CORS preflights (browsers send them without credentials)."""
+    if request.method == "OPTIONS":
+        return True
+    resource = request.match_info.route.resource
+    return resource is not None and (request.method.lower(), resource.canonical) in PUBLIC_ROUTES
+
+
 def auth_middleware(api_key: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if api_key and request.path != "/health":  # probes stay unauthenticated
+        if api_key and not _is_public(request):
             given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             # Header bytes that are not UTF-8 arrive as surrogates: compare them as the bytes they were.
             if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), api_key.encode()):
@@ -374,6 +388,18 @@ class Api:
             raise UnavailableError("workers are not ready")
         return web.json_response({})
 
+    async def invocations(self, request: web.Request) -> web.StreamResponse:
+        """SageMaker's one route: a body with `messages` is a chat completion, one with `prompt` a
+        completion (both OpenAI's), anything else LoRAX's `/` (generate, list-wrapped)."""
+        try:
+            data = json.loads(await _read_body(request))
+        except (ValueError, RecursionError):  # not JSON: `/` refuses it with its own message
+            data = None
+        if isinstance(data, dict) and ("messages" in data or "prompt" in data):
+            request[INVOKED_OPENAI] = True
+            return await (self.chat_completions if "messages" in data else self.completions)(request)
+        return await self.root(request)
+
     async def info(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.s.info)
 
@@ -568,7 +594,9 @@ async def _send(response: web.StreamResponse, body: dict[str, Any]) -> None:
     await response.write(b"data:" + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
 
 
-def build_app(state: ServerState, max_body_bytes: int = 4 * 2**20) -> web.Application:
+def build_app(
+    state: ServerState, max_body_bytes: int = 4 * 2**20, cors_allow_origin: Sequence[str] = ()
+) -> web.Application:
     """The app; run it with `keepalive_timeout` bounded (aiohttp's default idles an hour)."""
     app = web.Application(
         middlewares=[errors_middleware, auth_middleware(state.api_key)], client_max_size=max_body_bytes
@@ -578,6 +606,10 @@ def build_app(state: ServerState, max_body_bytes: int = 4 * 2**20) -> web.Applic
     app.add_routes(
         [
             web.post("/", api.root),
+            web.get("/", api.health),  # LoRAX's: a probe
+            web.get("/ping", api.health),  # SageMaker's probe
+            web.get("/startup", api.health),  # Kubernetes' startup probe: ready once warmed up
+            web.post("/invocations", api.invocations),
             web.post("/generate", api.generate),
             web.post("/generate_stream", api.generate_stream),
             web.post("/tokenize", api.tokenize),
@@ -585,9 +617,13 @@ def build_app(state: ServerState, max_body_bytes: int = 4 * 2**20) -> web.Applic
             web.get("/info", api.info),
             web.get("/metrics", api.metrics),
             web.get("/openapi.json", api.openapi),
+            web.get(swagger.DOCUMENT_PATH, api.openapi),
+            web.get(swagger.PAGE_PATH, swagger.page),
+            web.get(swagger.ASSETS_PATH, swagger.asset),
             web.get("/v1/models", api.models),
             web.post("/v1/completions", api.completions),
             web.post("/v1/chat/completions", api.chat_completions),
         ]
     )
+    allow_origins(app, cors_allow_origin)
     return app

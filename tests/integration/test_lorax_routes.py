@@ -1,0 +1,161 @@
+"""LoRAX's remaining routes over one real launcher (tiny Llama, --api-key, --cors-allow-origin): the
+probes answer without the key, the Swagger UI at /docs loads its files from this server only and
+reads the same document as /openapi.json, browsers from the allowed origin pass CORS preflights and
+read answers while other origins do not, and SageMaker's /invocations answers as the route its
+body names."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import requests
+from launcher_process import Launcher, launcher
+from tiny_served import build_served_tiny_llama
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "routes-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ALLOWED = "http://allowed.example:8080"
+PROMPT = "w5 w17 w3"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    tiny = build_served_tiny_llama(tmp_path_factory.mktemp("routes-llama"))
+    with launcher(
+        tiny,
+        tmp_path_factory.mktemp("routes-launcher"),
+        *("--max-input-length", "48", "--max-total-tokens", "64", "--api-key", API_KEY),
+        *("--cors-allow-origin", ALLOWED, "--cors-allow-origin", "http://other-allowed.example"),
+    ) as s:
+        yield s
+
+
+@pytest.mark.parametrize("path", ["/", "/ping", "/startup", "/health"])
+def test_probes_answer_200_without_the_api_key(server: Launcher, path: str) -> None:
+    r = requests.get(server.url + path, timeout=10)
+    assert r.status_code == 200, r.text
+    assert requests.get(server.url + "/info", timeout=10).status_code == 401  # the key still guards the rest
+
+
+def test_swagger_ui_loads_every_file_from_this_server_and_reads_the_served_document(server: Launcher) -> None:
+    import swagger_ui
+
+    page = requests.get(server.url + "/docs", timeout=10)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert not re.search(r"(src|href)=\"(https?:)?//", page.text), "the page loads nothing from elsewhere"
+    files = re.findall(r"(?:src|href)=\"(/docs/static/[^\"]+)\"", page.text)
+    assert {"/docs/static/swagger-ui-bundle.js", "/docs/static/swagger-ui.css"} <= set(files)
+    for path in files:
+        r = requests.get(server.url + path, timeout=10)
+        assert r.status_code == 200, path
+        assert r.content == (Path(swagger_ui.__path__[0]) / "static" / Path(path).name).read_bytes()
+    spec_url = re.search(r'url: "([^"]+)"', page.text)
+    assert spec_url is not None and spec_url.group(1) == "/api-doc/openapi.json"
+    doc = requests.get(server.url + spec_url.group(1), timeout=10)  # no key: the browser has none
+    assert doc.status_code == 200
+    assert doc.json() == requests.get(server.url + "/openapi.json", headers=AUTH, timeout=10).json()
+    for path in ("/docs", "/api-doc/openapi.json", "/invocations", "/ping", "/startup", "/"):
+        assert path in doc.json()["paths"]
+    missing = requests.get(server.url + "/docs/static/swagger-editor-bundle.js", timeout=10)
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def _preflight(
+    server: Launcher, origin: str, headers: str = "content-type,authorization"
+) -> requests.Response:
+    preflight = {
+        "Origin": origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": headers,
+    }
+    return requests.options(server.url + "/generate", headers=preflight, timeout=10)
+
+
+def test_the_allowed_origin_passes_the_preflight_and_reads_answers_and_errors(server: Launcher) -> None:
+    r = _preflight(server, ALLOWED)
+    assert r.status_code == 200, r.text
+    assert r.headers["Access-Control-Allow-Origin"] == ALLOWED
+    assert "POST" in r.headers["Access-Control-Allow-Methods"]
+    assert {"content-type", "authorization"} <= {
+        h.strip().lower() for h in r.headers["Access-Control-Allow-Headers"].split(",")
+    }
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+    ok = requests.post(server.url + "/generate", json=body, headers={**AUTH, "Origin": ALLOWED}, timeout=60)
+    assert ok.status_code == 200 and ok.headers["Access-Control-Allow-Origin"] == ALLOWED
+    assert "Retry-After" in ok.headers["Access-Control-Expose-Headers"]
+    refused = requests.post(server.url + "/generate", json=body, headers={"Origin": ALLOWED}, timeout=60)
+    assert refused.status_code == 401 and refused.headers["Access-Control-Allow-Origin"] == ALLOWED
+    second = _preflight(server, "http://other-allowed.example")
+    assert second.headers["Access-Control-Allow-Origin"] == "http://other-allowed.example"
+
+
+def test_other_origins_fail_the_preflight_and_get_no_cors_headers(server: Launcher) -> None:
+    r = _preflight(server, "http://evil.example")
+    assert r.status_code == 403 and "Access-Control-Allow-Origin" not in r.headers
+    assert _preflight(server, ALLOWED, headers="x-custom").status_code == 403  # a header not allowed
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+    r = requests.post(server.url + "/generate", json=body, headers={**AUTH, "Origin": "http://evil.example"})
+    assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_without_the_flag_the_server_sends_no_cors_headers() -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from loraxpy.router.server import build_app
+
+    async def scenario() -> tuple[int, Any, Any]:
+        app = build_app(SimpleNamespace(api_key=None))  # type: ignore[arg-type]
+        async with TestClient(TestServer(app)) as client:
+            preflight = await client.options(
+                "/docs", headers={"Origin": ALLOWED, "Access-Control-Request-Method": "GET"}
+            )
+            page = await client.get("/docs", headers={"Origin": ALLOWED})
+            return preflight.status, preflight.headers.get("Access-Control-Allow-Origin"), page.headers
+
+    status, allow_origin, page_headers = asyncio.run(scenario())
+    assert status == 405 and allow_origin is None
+    assert "Access-Control-Allow-Origin" not in page_headers
+
+
+def test_invocations_answers_as_the_route_its_body_names(server: Launcher) -> None:
+    def both(path: str, body: dict[str, Any]) -> tuple[Any, Any]:
+        direct = requests.post(server.url + path, json=body, headers=AUTH, timeout=60)
+        invoked = requests.post(server.url + "/invocations", json=body, headers=AUTH, timeout=60)
+        assert direct.status_code == invoked.status_code == 200, invoked.text
+        return direct.json(), invoked.json()
+
+    generate = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4}}
+    direct, invoked = both("/", generate)
+    assert isinstance(invoked, list) and invoked == direct
+    chat = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, "temperature": 0}
+    direct, invoked = both("/v1/chat/completions", chat)
+    assert invoked["object"] == "chat.completion"
+    assert invoked["choices"][0]["message"] == direct["choices"][0]["message"]
+    completion = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    direct, invoked = both("/v1/completions", completion)
+    assert (
+        invoked["object"] == "text_completion"
+        and invoked["choices"][0]["text"] == direct["choices"][0]["text"]
+    )
+
+
+def test_invocations_errors_come_in_the_shape_of_the_routed_api(server: Launcher) -> None:
+    def post(body: Any) -> requests.Response:
+        return requests.post(server.url + "/invocations", json=body, headers=AUTH, timeout=60)
+
+    openai = post({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": -1})
+    assert openai.status_code == 400 and isinstance(openai.json()["error"], dict), openai.text
+    assert openai.json()["error"]["param"] == "max_tokens"
+    lorax = post({"inputs": PROMPT, "parameters": {"max_new_tokens": -1}})
+    assert lorax.status_code == 422 and isinstance(lorax.json()["error"], str), lorax.text
+    bad = requests.post(server.url + "/invocations", data=b"{not json", headers=AUTH, timeout=60)
+    assert bad.status_code == 422 and "JSON" in bad.json()["error"]
+    assert requests.post(server.url + "/invocations", json={"inputs": PROMPT}).status_code == 401
