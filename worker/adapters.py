@@ -32,6 +32,8 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 FUSED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # Layer numbers are capped in digits: int() of thousands of digits raises (and would be slow).
 _KEY = re.compile(r"layers\.(\d{1,6})\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+# A module inside an MLP block, for MoE models: layers.<i>.(mlp | block_sparse_moe).<module>.lora_…
+_MLP_MODULE_KEY = re.compile(r"layers\.(\d{1,6})\.(mlp|block_sparse_moe)\.([\w.]{1,200}?)\.lora_[AB]\b")
 _HEAD_KEY = re.compile(r"(?:^|\.)(lm_head)\.lora_([AB])(?:\.default)?\.weight$")
 # PEFT saves the base weights of an adapted LM head / embedding next to the LoRA ("auto"), in case
 # the vocabulary was resized; they must equal the model's own (checked by the runner).
@@ -278,12 +280,28 @@ def _lora_key(name: str, config: ModelConfig) -> tuple[tuple[int, str], str]:
     match, head = _KEY.search(name), _HEAD_KEY.search(name)
     if head is not None:
         return head_key(config), head[2]
+    _refuse_expert_target(name, config)
     if match is None:
         raise AdapterError(f"adapter tensor {name!r} targets a module this server cannot adapt")
     layer, target = int(match[1]), match[2]
     if (target not in TARGETS and target not in FUSED_TARGETS) or layer >= config.num_layers:
         raise AdapterError(f"adapter tensor {name!r} does not fit the model ({config.num_layers} layers)")
     return (layer, target), match[3]
+
+
+def _refuse_expert_target(name: str, config: ModelConfig) -> None:
+    """MoE models: LoRA on an MLP module of a sparse layer (an expert, the router, the shared expert
+    or its gate) is refused by the module's name; attention and dense MLP layers are served."""
+    match = _MLP_MODULE_KEY.search(name) if config.moe is not None else None
+    if match is None:
+        return
+    layer, block, module = int(match[1]), match[2], match[3].removesuffix(".base_layer")
+    if block == "block_sparse_moe" or (layer < config.num_layers and config.is_sparse(layer)):
+        raise AdapterError(
+            f"adapter tensor {name[:200]!r} targets model.layers.{layer}.{block}.{module}, part of a "
+            "mixture-of-experts layer (experts, router, shared expert); this server serves LoRA on "
+            "MoE models' attention projections and dense MLP layers only"
+        )
 
 
 def _check_pair(

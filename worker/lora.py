@@ -256,6 +256,8 @@ class LoraManager:
         slots: dict[tuple[int, str], LoraSlots] = {}
         for i, layer in enumerate(model.layers):  # type: ignore[union-attr, arg-type]
             for path, targets in ADAPTED.items():
+                if targets[0] in ("gate_proj", "down_proj") and config.is_sparse(i):
+                    continue  # experts take no LoRA: adapters that target them are refused when read
                 linear = layer.get_submodule(path)
                 shapes = {t: module_shape(config, t) for t in targets}
                 lora = LoraSlots(linear, shapes, batch, num_slots + 1, max_rank, shard)

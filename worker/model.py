@@ -1,5 +1,6 @@
-"""One Llama-family decoder (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3) over a paged KV cache; variants are
-config flags (ModelConfig names each one)."""
+"""One Llama-family decoder (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3; mixtral, qwen2_moe,
+qwen3_moe with worker/moe.py's experts) over a paged KV cache; variants are config flags (ModelConfig
+names each one)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from loraxpy.worker.layers import (
     rms_norm,
 )
 from loraxpy.worker.model_config import ModelConfig
+from loraxpy.worker.moe import SparseMoeBlock
 from loraxpy.worker.rotary import RotaryEmbedding, apply_rotary
 
 RopeTable = tuple[torch.Tensor, torch.Tensor]  # cos, sin [num_tokens, 1, head_dim] at the step's positions
@@ -145,7 +147,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer_index, shard, attention, dtype, device)
         # Llama: the norm before the MLP. Gemma: the norm of attention's output, before the residual.
         self.post_attention_layernorm = norm()
-        self.mlp = MLP(config, shard, dtype, device)
+        self.mlp: nn.Module = (
+            SparseMoeBlock(config, shard, dtype, device)
+            if config.is_sparse(layer_index)
+            else MLP(config, shard, dtype, device)
+        )
         self.sandwich = config.sandwich_norms
         if self.sandwich:
             self.pre_feedforward_layernorm = norm()

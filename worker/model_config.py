@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+SUPPORTED_MODEL_TYPES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe",
+)  # fmt: skip
+QWEN_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
@@ -32,6 +35,27 @@ class RopeConfig:
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     attention_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """A mixture-of-experts MLP (worker/moe.py): each token runs its top_k experts of num_experts."""
+
+    num_experts: int
+    top_k: int
+    expert_size: int  # each expert's intermediate size
+    # Whether the top-k routing weights are renormalised to sum to 1 (Mixtral always; Qwen: norm_topk_prob).
+    renormalize: bool
+    # Qwen2-MoE: a dense expert every token runs, scaled by sigmoid(shared_expert_gate(x)); 0: none.
+    shared_expert_size: int = 0
+    # One entry per layer: True where the layer's MLP is the experts, False for a dense MLP.
+    sparse_layers: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ModelConfigError(
+                f"num_experts_per_tok ({self.top_k}) must be between 1 and the number of experts ({self.num_experts})"
+            )
 
 
 @dataclass(frozen=True)
@@ -69,6 +93,7 @@ class ModelConfig:
     # One entry per layer: the sliding window in tokens, or None for full attention.
     sliding_windows: tuple[int | None, ...] = field(default_factory=tuple)
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoeConfig | None = None  # Mixtral, Qwen2-MoE, Qwen3-MoE
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -82,6 +107,12 @@ class ModelConfig:
             )
         if len(self.sliding_windows) != self.num_layers:
             raise ModelConfigError("sliding_windows needs one entry per layer")
+        if self.moe is not None and len(self.moe.sparse_layers) != self.num_layers:
+            raise ModelConfigError("moe.sparse_layers needs one entry per layer")
+
+    def is_sparse(self, layer_index: int) -> bool:
+        """Whether this layer's MLP is a mixture of experts."""
+        return self.moe is not None and self.moe.sparse_layers[layer_index]
 
     @property
     def q_size(self) -> int:
@@ -130,10 +161,10 @@ class ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope=rope,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-            o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+            qkv_bias=_qkv_bias(cfg, model_type),
+            o_bias=model_type not in ("qwen2", "qwen2_moe") and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             hidden_act=act,
             norm_offset=1.0 if gemma else 0.0,
             sandwich_norms=gemma,
@@ -145,6 +176,7 @@ class ModelConfig:
             rotary_dim=int(head_dim * partial) if partial < 1.0 else 0,
             sliding_windows=_sliding_windows(cfg, model_type, num_layers),
             eos_token_ids=_as_ids(cfg.get("eos_token_id")),
+            moe=_moe_from_dict(cfg, model_type, num_layers),
         )
 
     @classmethod
@@ -158,6 +190,46 @@ class ModelConfig:
             if gen_eos:
                 config = _replace_eos(config, gen_eos)
         return config
+
+
+def _qkv_bias(cfg: dict[str, Any], model_type: str) -> bool:
+    if model_type == "qwen2":
+        return True
+    if model_type == "qwen2_moe":  # HF's Qwen2-MoE: q/k/v biases unless qkv_bias is false
+        return bool(cfg.get("qkv_bias", True))
+    return bool(cfg.get("attention_bias", False))
+
+
+def _moe_from_dict(cfg: dict[str, Any], model_type: str, num_layers: int) -> MoeConfig | None:
+    """The experts of Mixtral (every layer, always renormalised) and Qwen2/3-MoE (layers chosen by
+    mlp_only_layers and decoder_sparse_step, renormalised when norm_topk_prob; Qwen2's shared expert)."""
+    if model_type == "mixtral":
+        return MoeConfig(
+            num_experts=int(cfg.get("num_local_experts", 8)),
+            top_k=int(cfg.get("num_experts_per_tok", 2)),
+            expert_size=int(cfg["intermediate_size"]),
+            renormalize=True,
+            sparse_layers=(True,) * num_layers,
+        )
+    if model_type not in ("qwen2_moe", "qwen3_moe"):
+        return None
+    # Hub configs write num_experts; transformers 5 saves Qwen3-MoE's as num_local_experts.
+    num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    if num_experts == 0:  # every layer dense
+        return None
+    dense = {int(i) for i in cfg.get("mlp_only_layers") or ()}
+    step = int(cfg.get("decoder_sparse_step", 1))
+    sparse = tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+    return MoeConfig(
+        num_experts=num_experts,
+        top_k=int(cfg.get("num_experts_per_tok", 1)),
+        expert_size=int(cfg["moe_intermediate_size"]),
+        renormalize=bool(cfg.get("norm_topk_prob", False)),
+        shared_expert_size=int(cfg.get("shared_expert_intermediate_size", 0))
+        if model_type == "qwen2_moe"
+        else 0,
+        sparse_layers=sparse,
+    )
 
 
 def _positive_or_none(value: Any) -> float | None:
@@ -231,7 +303,7 @@ def _rope_from_dict(cfg: dict[str, Any], rope_parameters: dict[str, Any]) -> Rop
 
 def _sliding_windows(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
     window = cfg.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    if model_type in QWEN_TYPES and not cfg.get("use_sliding_window", False):
         window = None
     if not window:
         return (None,) * num_layers
@@ -243,6 +315,9 @@ def _sliding_windows(cfg: dict[str, Any], model_type: str, num_layers: int) -> t
         return tuple(None if (i + 1) % int(pattern) == 0 else int(window) for i in range(num_layers))
     if model_type == "gemma2":  # configs before transformers 5: even layers slide, odd ones see all
         return tuple(None if i % 2 else int(window) for i in range(num_layers))
+    if model_type == "qwen2_moe":  # HF's rule when the config lists no layer_types
+        first = int(cfg.get("max_window_layers", num_layers))
+        return tuple(int(window) if (i + 1) % 2 and i < first else None for i in range(num_layers))
     if model_type in ("qwen2", "qwen3"):
         first = int(cfg.get("max_window_layers", num_layers))
         return tuple(int(window) if i >= first else None for i in range(num_layers))

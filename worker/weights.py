@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from loraxpy.worker.moe import MIXTRAL_EXPERT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +28,10 @@ FUSED = {
     "gate_proj": ("gate_up_proj", "gate_proj"),
     "up_proj": ("gate_up_proj", "up_proj"),
 }
+
+
+# layers.<i>.(mlp | block_sparse_moe).experts.<e>.<projection>
+_EXPERT = re.compile(r"layers\.(\d+)\.(mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)")
 
 
 class WeightsError(ValueError):
@@ -56,6 +63,12 @@ def _target(name: str) -> tuple[str, str, str] | None:
     name = name.removeprefix("model.")
     module, _, param = name.rpartition(".")
     parent, _, leaf = module.rpartition(".")
+    expert = _EXPERT.fullmatch(module)
+    if expert is not None:  # one expert's projection: a slice of the layer's stacked experts
+        proj = MIXTRAL_EXPERT_NAMES.get(expert[4], expert[4])
+        return f"layers.{expert[1]}.mlp.experts", f"{expert[3]}.{proj}", param
+    if ".block_sparse_moe." in module:  # Mixtral's router
+        return module.replace(".block_sparse_moe.", ".mlp."), leaf, param
     if leaf in FUSED:
         fused, slice_name = FUSED[leaf]
         return f"{parent}.{fused}", slice_name, param

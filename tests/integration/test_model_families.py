@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import MOE_KINDS, build_tiny_model
 from worker_driver import Driver, Request, worker_process
 
 from loraxpy.proto import worker_pb2 as pb
@@ -18,6 +18,15 @@ ADAPTERS = {"qk-r4": (4, ["q_proj", "k_proj"]), "all-r8": (8, ALL_PROJECTIONS)}
 FUSED_ADAPTERS = {
     "qk-r4": (4, ["qkv_proj"]),
     "all-r8": (8, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+}
+
+# MoE models: attention; Qwen2-MoE also the MLP of its dense layer 1 (named in full: PEFT maps bare
+# MLP names onto the experts). Experts, routers and shared experts take no LoRA (refused by name:
+# tests/unit/test_moe.py).
+MOE_ADAPTERS = {"qk-r4": (4, ["q_proj", "k_proj"]), "all-r8": (8, ["q_proj", "k_proj", "v_proj", "o_proj"])}
+QWEN2_MOE_ADAPTERS = {
+    "qk-r4": MOE_ADAPTERS["qk-r4"],
+    "all-r8": (8, [*MOE_ADAPTERS["all-r8"][1], *(f"layers.1.mlp.{p}" for p in ALL_PROJECTIONS[4:])]),
 }
 
 
@@ -43,11 +52,12 @@ def _peft_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) ->
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3_text", "phi3", *MOE_KINDS])
 def test_mixed_adapter_batch_matches_peft(kind: str, tmp_path: Path) -> None:
     base = build_tiny_model(kind, tmp_path / kind)
     root = tmp_path / "adapters"
-    _write_adapters(base, root, FUSED_ADAPTERS if kind == "phi3" else ADAPTERS)
+    adapters = {"phi3": FUSED_ADAPTERS, "mixtral": MOE_ADAPTERS, "qwen3_moe": MOE_ADAPTERS}
+    _write_adapters(base, root, {**adapters, "qwen2_moe": QWEN2_MOE_ADAPTERS}.get(kind, ADAPTERS))
     names: list[str | None] = [None, "qk-r4", "all-r8", "qk-r4", None, "all-r8"]
     index = {name: i + 1 for i, name in enumerate(ADAPTERS)}
     with worker_process(base, tmp_path, extra_args=("--adapter-root", str(root), "--max-loras", "2")) as s:
