@@ -223,10 +223,12 @@ class DownloadAdapterRequest(_message.Message):
     def __init__(self, adapter: _Optional[_Union[AdapterSpec, _Mapping]] = ...) -> None: ...
 
 class DownloadAdapterResponse(_message.Message):
-    __slots__ = ("size_bytes",)
+    __slots__ = ("size_bytes", "chat_template")
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     size_bytes: int
-    def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...
+    chat_template: str
+    def __init__(self, size_bytes: _Optional[int] = ..., chat_template: _Optional[str] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("adapter", "adapter_index")

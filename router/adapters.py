@@ -64,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 # Remembered (hub adapter, token digest) pairs the workers accepted; a forgotten one is checked again.
 MAX_GRANTS = 4096
+MAX_CHAT_TEMPLATES = 1024  # adapters' own chat templates remembered (LRU); a forgotten one is asked again
 
 
 class AdapterState(enum.Enum):
@@ -106,6 +107,7 @@ class AdapterRegistry:
         self.policy = policy or AdapterPolicy()
         self._grants: OrderedDict[tuple[AdapterRef, str], None] = OrderedDict()
         self._checks: dict[tuple[AdapterRef, str], asyncio.Future[int]] = {}
+        self._chat_templates: OrderedDict[tuple[AdapterRef, str], str] = OrderedDict()
         self.cycle_time_s = cycle_time_s
         # Workers keep a finished request until a step releases it: offloads wait for that.
         self.between_steps = between_steps
@@ -157,6 +159,26 @@ class AdapterRegistry:
             entry.num_pending -= 1
             self._forget_if_unused(entry)  # a failed load leaves no trace (nor its token)
         return entry.index
+
+    async def chat_template(self, adapter_id: str, source: str, api_token: str = "") -> str | None:
+        """The adapter's own chat template (a tokenizer_config.json in its folder), None when it has
+        none. The workers fetch the adapter and check the token's access, as for a load, once per
+        adapter and tenant; the answer is remembered."""
+        ref = self._ref(adapter_id, source)
+        is_tenants = ref.source == "hub" and not self.policy.is_operators(ref)
+        key = (ref, hashlib.sha256(api_token.encode()).hexdigest() if is_tenants and api_token else "")
+        if key in self._chat_templates:
+            self._chat_templates.move_to_end(key)
+        else:
+            try:
+                self._chat_templates[key] = await self.client.adapter_chat_template(
+                    str(ref), ref.source, api_token
+                )
+            except WorkerError as e:
+                raise _adapter_error(str(ref), e) from None
+            while len(self._chat_templates) > MAX_CHAT_TEMPLATES:
+                self._chat_templates.popitem(last=False)
+        return self._chat_templates[key] or None
 
     def _new_index(self) -> int:
         return heapq.heappop(self._free_indices) if self._free_indices else next(self._indices)

@@ -52,12 +52,13 @@ from loraxpy.router.errors import (
 from loraxpy.router.metrics import Metrics
 from loraxpy.router.openapi import PUBLIC_ROUTES, openapi_document
 from loraxpy.router.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, TokenizeRequest
-from loraxpy.router.text import Tokenizer
+from loraxpy.router.text import TemplateError, Tokenizer
 from loraxpy.router.tools import ToolCallStream
 from loraxpy.router.tracing import Tracer
 from loraxpy.router.validation import (
     Limits,
     ValidRequest,
+    chat_adapter,
     choices,
     validate_chat,
     validate_completion,
@@ -444,8 +445,9 @@ class Api:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = await _parse(request, ChatCompletionRequest)
+        tokenizer = await self._chat_tokenizer(req)
         valid = choices(
-            await self._off_loop(validate_chat, req, self.s.limits, self.s.tokenizer, self.s.engine.grammars),
+            await self._off_loop(validate_chat, req, self.s.limits, tokenizer, self.s.engine.grammars),
             req.n,
         )
         if req.stream:
@@ -455,6 +457,22 @@ class Api:
         return web.json_response(
             R.chat_body(self.s.tokenizer, req.model or self.s.model_id, gens, req.logprobs)
         )
+
+    async def _chat_tokenizer(self, req: ChatCompletionRequest) -> Tokenizer:
+        """The tokenizer with the chat template of the adapter `model` names, if it ships one."""
+        adapter_id, source = chat_adapter(req, self.s.limits)
+        if adapter_id is None or self.s.adapters is None:  # no adapters: validation refuses it
+            return self.s.tokenizer
+        fetch = self.s.adapters.chat_template(adapter_id, source, req.api_token or "")
+        template = await self._within_queue_time(fetch, self._queue_deadline())
+        if template is None:
+            return self.s.tokenizer
+        try:
+            return await self._off_loop(self.s.tokenizer.with_chat_template, template)
+        except TemplateError as e:
+            raise ValidationError(
+                f"the adapter's chat template does not compile: {e}", param="model"
+            ) from None
 
     async def _run_many(self, valid: list[ValidRequest]) -> list[R.Generation]:
         tasks = [asyncio.ensure_future(self._run(v)) for v in valid]

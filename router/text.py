@@ -6,6 +6,8 @@ transformers renders them: sandboxed, trimmed blocks, `raise_exception`, `tojson
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,17 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self._tok.id_to_token(token_id) or ""
 
+    def with_chat_template(self, template: str) -> Tokenizer:
+        """This vocabulary with another chat template (an adapter's own): raises TemplateError when
+        the template does not compile."""
+        view = copy.copy(self)
+        view.chat_template = template
+        try:
+            view._compiled = _compile_cached(template)
+        except jinja2.TemplateError as e:
+            raise TemplateError(str(e)) from e
+        return view
+
     @property
     def template_supports_tools(self) -> bool:
         """The chat template renders `tools` itself (else router/tools.py writes them into the system prompt)."""
@@ -118,6 +131,10 @@ def _compile(template: str) -> jinja2.Template:
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template)
+
+
+# Adapters' templates, compiled once each (the base model's is compiled by its Tokenizer).
+_compile_cached = functools.lru_cache(maxsize=64)(_compile)
 
 
 class TextStream:

@@ -76,6 +76,11 @@ def _adapter(adapter_id: str | None, source: str | None, limits: Limits) -> tupl
     return adapter_id, source
 
 
+def chat_adapter(req: ChatCompletionRequest, limits: Limits) -> tuple[str | None, str]:
+    """The adapter a chat request names in `model` (None: the base model), and its source."""
+    return _adapter(req.model, req.adapter_source, limits)
+
+
 def _check_sampling(
     p: GenerateParameters | CompletionRequest | ChatCompletionRequest, limits: Limits, openai: bool
 ) -> None:

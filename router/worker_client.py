@@ -320,3 +320,9 @@ class WorkerClient:
         spec = pb.AdapterSpec(adapter_id=adapter_id, source=source, api_token=api_token)
         replies = await self._all("DownloadAdapter", pb.DownloadAdapterRequest(adapter=spec))
         return max(r.size_bytes for r in replies if isinstance(r, pb.DownloadAdapterResponse))
+
+    async def adapter_chat_template(self, adapter_id: str, source: str, api_token: str = "") -> str:
+        """The adapter's own chat template ("": none), fetched and access-checked as a download is."""
+        spec = pb.AdapterSpec(adapter_id=adapter_id, source=source, api_token=api_token)
+        replies = await self._all("DownloadAdapter", pb.DownloadAdapterRequest(adapter=spec))
+        return next((r.chat_template for r in replies if isinstance(r, pb.DownloadAdapterResponse)), "")

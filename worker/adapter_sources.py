@@ -40,7 +40,13 @@ from loraxpy.worker.adapters import (
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# tokenizer_config.json is optional: it may carry the adapter's own chat template.
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "tokenizer_config.json",
+)
 HUB_TIMEOUT_S = 30.0
 
 

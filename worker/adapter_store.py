@@ -40,13 +40,13 @@ class AdapterStore:
         self._grants: OrderedDict[tuple[AdapterRef, str], str] = OrderedDict()  # → identity
         self._lock = threading.Lock()
 
-    def download(self, adapter_id: str, source: str, api_token: str) -> int:
+    def download(self, adapter_id: str, source: str, api_token: str) -> tuple[int, str]:
         """Checks this request's access at the source (always, never from memory) and fetches the
-        adapter's files; returns their bytes."""
+        adapter's files; returns their bytes and the adapter's own chat template ("": none)."""
         ref = _ref(adapter_id, source)
         with self.sources.fetched(ref, api_token) as fetched:
             self._grant(ref, api_token, fetched.identity)
-            return fetched.files.nbytes
+            return fetched.files.nbytes, fetched.files.chat_template()
 
     def read(
         self, adapter_id: str, source: str, api_token: str, merge: MergeRequest | None = None

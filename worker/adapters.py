@@ -41,6 +41,8 @@ _BASE_LAYER_KEY = re.compile(r"(?:^|\.)(lm_head|embed_tokens)\.base_layer\.weigh
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 MAX_CONFIG_BYTES = 1 << 20
+MAX_TOKENIZER_CONFIG_BYTES = 8 << 20  # added-token tables can be large; the template is capped apart
+MAX_CHAT_TEMPLATE_CHARS = 256 << 10
 MAX_HEADER_BYTES = 16 << 20  # a 100-layer adapter's header is well under 1 MiB
 MAX_TENSOR_NAME_CHARS = 512
 
@@ -91,10 +93,31 @@ class AdapterFiles:
     config: Path
     weights: Path  # resolved: in a hub cache, a blob named by its hash
     weights_name: str = "adapter_model.safetensors"  # or adapter_model.bin: says the format
+    tokenizer_config: Path | None = None  # optional: where an adapter ships its own chat template
 
     @property
     def nbytes(self) -> int:
         return self.config.stat().st_size + self.weights.stat().st_size
+
+    def chat_template(self) -> str:
+        """The adapter's own chat template (its tokenizer_config.json's), or "" when it has none."""
+        if self.tokenizer_config is None:
+            return ""
+        try:
+            config = json.loads(self.tokenizer_config.read_bytes())
+        except (ValueError, RecursionError):
+            raise AdapterError("the adapter's tokenizer_config.json is not valid JSON") from None
+        template = config.get("chat_template") if isinstance(config, dict) else None
+        if isinstance(template, list):  # named templates, as HF saves them: the "default" one
+            named = [t for t in template if isinstance(t, dict) and t.get("name") == "default"]
+            template = named[0].get("template") if named else None
+        if template is None:
+            return ""
+        if not isinstance(template, str) or len(template) > MAX_CHAT_TEMPLATE_CHARS:
+            raise AdapterError(
+                f"the adapter's chat_template must be a string of at most {MAX_CHAT_TEMPLATE_CHARS} characters"
+            )
+        return template
 
 
 def module_shape(config: ModelConfig, target: str) -> tuple[int, int]:
@@ -132,10 +155,11 @@ def find_adapter_files(folder: Path, root: Path, max_bytes: int) -> AdapterFiles
     config = _confined_file(folder / "adapter_config.json", root, MAX_CONFIG_BYTES)
     if config is None:
         raise AdapterError(f"adapter {folder.name!r} has no adapter_config.json")
+    tokenizer_config = _confined_file(folder / "tokenizer_config.json", root, MAX_TOKENIZER_CONFIG_BYTES)
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         weights = _confined_file(folder / name, root, max_bytes)
         if weights is not None:
-            return AdapterFiles(config, weights, name)
+            return AdapterFiles(config, weights, name, tokenizer_config)
     raise AdapterError(f"adapter {folder.name!r} has no adapter_model.safetensors or adapter_model.bin")
 
 

@@ -440,8 +440,9 @@ class ModelRunner:
         """`read_adapter` then `install_adapter`."""
         return self.install_adapter(adapter_index, self.read_adapter(adapter_id, source, api_token, merge))
 
-    def download_adapter(self, adapter_id: str, source: str, api_token: str = "") -> int:
-        """Checks that `api_token` may read the adapter and fetches its files; returns their bytes."""
+    def download_adapter(self, adapter_id: str, source: str, api_token: str = "") -> tuple[int, str]:
+        """Checks that `api_token` may read the adapter and fetches its files; returns their bytes
+        and the adapter's own chat template ("": none)."""
         return self.adapters.download(adapter_id, source, api_token)
 
     def offload_adapter(self, adapter_index: int) -> None:

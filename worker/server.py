@@ -227,12 +227,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> pb.DownloadAdapterResponse:
         spec = request.adapter
         merge = merge_from_proto(spec)
-        size = 0
+        size, chat_template = 0, ""
         for adapter_id in merge.adapter_ids if merge else (spec.adapter_id,):
-            size += self.loads.run(
+            num_bytes, chat_template = self.loads.run(
                 self.runner.download_adapter, adapter_id, spec.source or "local", spec.api_token
             )
-        return pb.DownloadAdapterResponse(size_bytes=size)
+            size += num_bytes
+        # A merge has no template of its own: its requests use the base model's.
+        return pb.DownloadAdapterResponse(size_bytes=size, chat_template="" if merge else chat_template)
 
     @_rpc
     def LoadAdapter(

@@ -2,11 +2,13 @@
 probes answer without the key, the Swagger UI at /docs loads its files from this server only and
 reads the same document as /openapi.json, browsers from the allowed origin pass CORS preflights and
 read answers while other origins do not, and SageMaker's /invocations answers as the route its
-body names."""
+body names. An adapter that ships a chat template in its own tokenizer_config.json has its chat
+requests rendered with it (checked against HF transformers' rendering), others the base model's."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +17,9 @@ from typing import Any
 
 import pytest
 import requests
+import torch
 from launcher_process import Launcher, launcher
-from tiny_served import build_served_tiny_llama
+from tiny_served import CHAT_TEMPLATE, build_served_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -24,16 +27,40 @@ API_KEY = "routes-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ALLOWED = "http://allowed.example:8080"
 PROMPT = "w5 w17 w3"
+# The adapter "templated" ships its own; "plain" ships none; "broken" ships one that does not compile.
+ADAPTER_TEMPLATE = "{% for m in messages %}w9 w8 {{ m['content'] }} w10 {% endfor %}{% if add_generation_prompt %}w7{% endif %}"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    tiny = build_served_tiny_llama(tmp_path_factory.mktemp("routes-llama"))
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama served, with three LoRA adapters (two of them carrying a tokenizer config)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = build_served_tiny_llama(tmp_path_factory.mktemp("routes-llama"))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    adapters = path.parent / "adapters"
+    for seed, name in enumerate(("templated", "plain", "broken")):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        get_peft_model(model, config).save_pretrained(adapters / name)
+    (adapters / "templated" / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": ADAPTER_TEMPLATE})
+    )
+    (adapters / "broken" / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{% for m in %}"})
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
     with launcher(
         tiny,
         tmp_path_factory.mktemp("routes-launcher"),
         *("--max-input-length", "48", "--max-total-tokens", "64", "--api-key", API_KEY),
         *("--cors-allow-origin", ALLOWED, "--cors-allow-origin", "http://other-allowed.example"),
+        *("--adapter-source", "local", "--adapter-root", str(tiny.parent / "adapters")),
     ) as s:
         yield s
 
@@ -159,3 +186,68 @@ def test_invocations_errors_come_in_the_shape_of_the_routed_api(server: Launcher
     bad = requests.post(server.url + "/invocations", data=b"{not json", headers=AUTH, timeout=60)
     assert bad.status_code == 422 and "JSON" in bad.json()["error"]
     assert requests.post(server.url + "/invocations", json={"inputs": PROMPT}).status_code == 401
+
+
+def _rendered(tiny: Path, template: str, messages: list[dict[str, str]]) -> str:
+    """The prompt as HF transformers renders `template` for `messages` (the independent reference)."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tiny / "tokenizer.json"), chat_template=template)
+    return str(hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+@pytest.mark.parametrize(("adapter", "template"), [("templated", ADAPTER_TEMPLATE), ("plain", CHAT_TEMPLATE)])
+def test_an_adapter_chats_with_its_own_template_or_else_the_base_models(
+    server: Launcher, tiny: Path, adapter: str, template: str
+) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = client.chat.completions.create(model=adapter, messages=messages, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    prompt = _rendered(tiny, template, messages)
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 6, "adapter_id": adapter, "details": True}}
+    generated = requests.post(server.url + "/generate", json=body, headers=AUTH, timeout=60).json()
+    assert chat.choices[0].message.content == generated["generated_text"]
+    assert chat.usage is not None and chat.usage.prompt_tokens == len(prompt.split())  # one word, one token
+    assert chat.usage.completion_tokens == generated["details"]["generated_tokens"]
+
+
+def test_the_template_of_one_adapter_reaches_neither_the_base_model_nor_another(server: Launcher) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+    messages = [{"role": "user", "content": PROMPT}]
+    usage = {}
+    for model in ("templated", "plain", "templated", str(server_model_id(server))):
+        chat = client.chat.completions.create(model=model, messages=messages, max_tokens=1)  # type: ignore[arg-type]
+        assert chat.usage is not None
+        usage.setdefault(model, set()).add(chat.usage.prompt_tokens)
+    base = len(f"w1 {PROMPT} w2".split())
+    assert usage == {
+        "templated": {len(f"w9 w8 {PROMPT} w10 w7".split())},
+        "plain": {base},
+        server_model_id(server): {base},
+    }
+
+
+def server_model_id(server: Launcher) -> str:
+    return str(requests.get(server.url + "/v1/models", headers=AUTH, timeout=10).json()["data"][0]["id"])
+
+
+def test_an_adapter_template_that_does_not_compile_is_a_400_naming_model(server: Launcher) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="broken", messages=[{"role": "user", "content": PROMPT}], max_tokens=1
+        )
+    assert "chat template" in str(e.value) and e.value.body["param"] == "model"  # type: ignore[index]
+    missing = requests.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "nowhere", "messages": [{"role": "user", "content": PROMPT}]},
+        headers=AUTH,
+        timeout=30,
+    )
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"

@@ -144,7 +144,7 @@ def test_a_private_hub_adapter_is_read_only_with_a_token_the_hub_accepts(
     fake.tokens_seen.clear()
     assert store.read("./acme/private/.", "hub", "tok-a") is owned  # one identity, remembered access
     assert fake.tokens_seen == [] and len(parsed) == 2  # acme/private and acme/public, once each
-    assert store.download("acme/private", "hub", "tok-a") > 0 and fake.tokens_seen == ["tok-a"]
+    assert store.download("acme/private", "hub", "tok-a")[0] > 0 and fake.tokens_seen == ["tok-a"]
 
 
 def test_the_server_token_and_the_offline_cache_serve_only_allowed_repos(
