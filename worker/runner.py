@@ -178,6 +178,9 @@ class ModelRunner:
         if self.config.rope.rope_type == "longrope":  # its table depends on each sequence's length
             logger.warning("CUDA graphs do not capture LongRoPE's table choice; decoding eagerly")
             return None
+        if self.config.moe is not None and self.options.device.type == "cuda":
+            logger.warning("CUDA graphs do not capture the experts' host-side grouping; decoding eagerly")
+            return None
         if self.attention_backend != "triton":  # SDPA sizes its work from host-side lengths
             logger.warning("CUDA graphs need the Triton attention backend; decoding eagerly")
             return None
