@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 
 from loraxpy.proto.adapter_policy import AdapterPolicy, AdapterSettings
 from loraxpy.proto.auth import RefusedOnCommandLine, read_secret
+from loraxpy.proto.quantization import check_scheme_name
 
 # Fields read from their environment variable only: a flag's value is visible to `ps`.
 ENV_ONLY = frozenset({"worker_secret"})
@@ -45,6 +46,7 @@ class RouterConfig:
     adapter_memory_fraction: float = 0.1  # CUDA: share of device memory for adapter slots
     attention_backend: str = "auto"  # the workers' --attention-backend: auto, sdpa or triton
     cuda_graph_max_batch_size: int = 0  # the workers' decode CUDA graphs (0: off)
+    quantize: str | None = None  # the workers' --quantize (proto/quantization.py)
     # Which adapters requests may use, with whose credentials, and the workers' caps on loading
     # them: declared (with their defaults) in proto/adapter_policy.py, handed to every shard.
     allowed_adapter_sources: str = AdapterSettings.allowed_adapter_sources
@@ -111,6 +113,7 @@ class RouterConfig:
             raise ValueError("--cuda-graph-max-batch-size must be >= 0 (0: off)")
         if self.attention_backend not in ("auto", "sdpa", "triton"):  # the worker's choices (no torch here)
             raise ValueError("--attention-backend must be auto, sdpa or triton")
+        check_scheme_name(self.quantize)  # before any shard starts
         if not 0 <= self.max_queue_time_s <= 3600 or not 0 <= self.shutdown_grace_period_s <= 3600:
             raise ValueError("--max-queue-time-s and --shutdown-grace-period-s must be in [0, 3600] seconds")
         for name in ("body_read_timeout_s", "keep_alive_timeout_s"):

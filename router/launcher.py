@@ -95,6 +95,7 @@ def spawn_shards(
         cmd += ["--adapter-memory-fraction", str(config.adapter_memory_fraction)]
         cmd += ["--attention-backend", config.attention_backend]
         cmd += ["--cuda-graph-max-batch-size", str(config.cuda_graph_max_batch_size)]
+        cmd += ["--quantize", config.quantize] if config.quantize else []
         cmd += config.worker_adapter_args()
         env = {
             "OMP_NUM_THREADS": str(threads_per_shard(config.num_shard)),  # unless the operator set it

@@ -12,6 +12,8 @@ import torch
 from loraxpy.kernels.attention import ATTENTION_BACKENDS
 from loraxpy.proto.adapter_policy import AdapterSettings
 from loraxpy.proto.auth import RefusedOnCommandLine, read_secret
+from loraxpy.proto.quantization import SCHEMES, check_scheme_name
+from loraxpy.worker.prepacked import LAYOUTS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -39,7 +41,9 @@ class WorkerConfig:
     adapter_host_cache_mib: int = 4096
     adapter_memory_fraction: float = 0.1
     attention_backend: str = "auto"
+    cpu_weight_layout: str = "auto"  # CPU: linears packed once for oneDNN (worker/prepacked.py), or plain
     cuda_graph_max_batch_size: int = 0
+    quantize: str | None = None  # LoRAX's --quantize names (proto/quantization.py)
     adapter_settings: AdapterSettings = field(default_factory=AdapterSettings)  # proto/adapter_policy.py
     # Who may call this worker (proto/auth.py): the shared secret every RPC must carry, and TLS.
     worker_secret: str | None = None
@@ -57,6 +61,7 @@ class WorkerConfig:
             raise ValueError(
                 f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
+        check_scheme_name(self.quantize)
         if self.cuda_graph_max_batch_size < 0:
             raise ValueError("--cuda-graph-max-batch-size must be >= 0 (0: off)")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -162,11 +167,24 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         help="auto (Triton on CUDA, SDPA on CPU), sdpa or triton (env ATTENTION_BACKEND)",
     )
     p.add_argument(
+        "--cpu-weight-layout",
+        choices=LAYOUTS,
+        default=env.get("CPU_WEIGHT_LAYOUT", "auto"),
+        help="CPU workers: linears packed once into oneDNN's layout (packed; auto: where it works) "
+        "or multiplied as stored (plain) (env CPU_WEIGHT_LAYOUT)",
+    )
+    p.add_argument(
         "--cuda-graph-max-batch-size",
         type=int,
         default=int(env.get("CUDA_GRAPH_MAX_BATCH_SIZE", 0)),
         help="decode steps of up to this many requests replay CUDA graphs captured at warmup; 0: off "
         "(env CUDA_GRAPH_MAX_BATCH_SIZE)",
+    )
+    p.add_argument(
+        "--quantize",
+        default=env.get("QUANTIZE") or None,
+        help=f"quantize the base model's linears at load: {', '.join(n for n, why in SCHEMES.items() if why is None)}; "
+        "adapters stay in full precision (env QUANTIZE)",
     )
     p.add_argument(
         "--block-size", type=int, default=int(env.get("BLOCK_SIZE", 16)), help="tokens per KV block"
@@ -238,7 +256,9 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         adapter_host_cache_mib=args.adapter_host_cache_mib,
         adapter_memory_fraction=args.adapter_memory_fraction,
         attention_backend=args.attention_backend,
+        cpu_weight_layout=args.cpu_weight_layout,
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
+        quantize=args.quantize,
         adapter_settings=AdapterSettings.from_args(args),
         worker_secret=read_secret(env.get("WORKER_SECRET"), args.worker_secret_file),
         tls_cert_file=_path(args.tls_cert_file),

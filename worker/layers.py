@@ -67,6 +67,7 @@ class ColumnParallelLinear(nn.Module):
             offset += size
         self.out_features = offset
         self.lora: Any = None  # LoraSlots, attached when the worker serves adapters
+        self.quant: Any = None  # --quantize: computes x W^T (+ b) in weight's place (worker/quantization.py)
         self.weight = nn.Parameter(
             torch.empty(offset, in_features, dtype=dtype, device=device), requires_grad=False
         )
@@ -103,7 +104,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features] -> [num_tokens, local out_features]
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.quant is None else self.quant(x, self.bias)
         return y if self.lora is None else self.lora.add_delta(x, y)
 
 
@@ -124,6 +125,7 @@ class RowParallelLinear(nn.Module):
         self.shard = shard
         self.in_local = shard.split(in_features, "input features of a row-parallel layer")
         self.lora: Any = None  # LoraSlots, attached when the worker serves adapters
+        self.quant: Any = None  # --quantize: computes x W^T (+ b) in weight's place (worker/quantization.py)
         self.weight = nn.Parameter(
             torch.empty(out_features, self.in_local, dtype=dtype, device=device), requires_grad=False
         )
@@ -148,7 +150,7 @@ class RowParallelLinear(nn.Module):
 
     def forward_partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum, before the all-reduce (LoRA adds its own partial delta here)."""
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight) if self.quant is None else self.quant(x, None)
         return y if self.lora is None else self.lora.add_delta(x, y)
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:

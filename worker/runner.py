@@ -32,6 +32,7 @@ from loraxpy.worker.lora import LoraManager, StagedAdapter, num_adapter_slots
 from loraxpy.worker.merge import MergeRequest
 from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
+from loraxpy.worker.quantization import check_quantization, quantize_model, weight_bytes
 from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample
 from loraxpy.worker.self_check import SelfCheck, attention_of
 from loraxpy.worker.weights import load_weights
@@ -69,6 +70,7 @@ class RunnerOptions:
     # Decode steps of up to this many requests replay CUDA graphs (0: off). On CPU nothing is
     # captured and such steps run the graphs' padded eager twin, which is how it is tested.
     cuda_graph_max_batch_size: int = 0
+    quantize: str | None = None  # --quantize: the base linears' scheme (worker/quantization.py)
 
 
 class ModelRunner:
@@ -76,6 +78,7 @@ class ModelRunner:
         self.options = options
         self.model_path = model_path
         self.config = ModelConfig.from_folder(model_path)
+        check_quantization(model_path, options.quantize, options.device)
         backend = options.attention_backend
         if self.config.attn_softcap is not None:  # the Triton kernels have no soft-capping
             if backend == "triton":
@@ -94,15 +97,19 @@ class ModelRunner:
             device=options.device,
         )
         load_weights(self.model, model_path, tied_lm_head=self.config.tie_word_embeddings)
+        quantize_model(self.model, options.quantize)
+        self.weight_bytes = weight_bytes(self.model)
         logger.info(
-            "model %s (%s, %s on %s, attention %s, %d CPU threads) loaded in %.1f s",
+            "model %s (%s, %s%s on %s, attention %s, %d CPU threads) loaded in %.1f s, %.1f MiB of weights",
             model_path,
             self.config.model_type,
             options.dtype,
+            f" quantized {options.quantize}" if options.quantize else "",
             options.device,
             self.attention_backend,
             torch.get_num_threads(),
             time.perf_counter() - started,
+            self.weight_bytes / 2**20,
         )
         self.kv_spec = KVCacheSpec(
             num_layers=self.config.num_layers,

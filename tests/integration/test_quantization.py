@@ -1,0 +1,215 @@
+"""--quantize: the quantized worker's greedy tokens equal an independent reference running the same
+quantized weights (HF transformers + PEFT), with mixed adapters, over one and two shards; misuse is
+refused at startup."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from test_worker_lora import INDEX, load, make_adapters
+from worker_driver import Driver, Request, sharded_workers, worker_process
+
+from loraxpy.proto import worker_pb2 as pb
+from loraxpy.proto import worker_pb2_grpc
+from loraxpy.proto.quantization import check_scheme_name
+from loraxpy.router.config import RouterConfig
+from loraxpy.worker.config import parse_args
+from loraxpy.worker.quantization import check_quantization
+
+pytestmark = pytest.mark.slow
+
+ROW_PARALLEL = ("o_proj", "down_proj")  # input columns split over ranks: each rank's slice has its own scales
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NAMES = [None, *INDEX]
+
+
+def fp8_roundtrip(w: torch.Tensor) -> torch.Tensor:
+    """e4m3 with one scale per output row, the row's max mapped to e4m3's largest value (448)."""
+    scale = w.abs().amax(dim=1, keepdim=True) / 448.0
+    scale[scale == 0] = 1.0
+    return (w / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+def per_shard(roundtrip: Callable[[torch.Tensor], torch.Tensor], world_size: int) -> Callable:
+    """The weights each of `world_size` shards holds after quantizing its own slice, put back together."""
+
+    def apply(name: str, w: torch.Tensor) -> torch.Tensor:
+        if name.split(".")[-1] in ROW_PARALLEL:
+            return torch.cat([roundtrip(part) for part in w.chunk(world_size, dim=1)], dim=1)
+        return roundtrip(w)
+
+    return apply
+
+
+def reference_greedy(
+    base: Path,
+    root: Path,
+    requests: list[Request],
+    quantized: Callable[[str, torch.Tensor], torch.Tensor],
+    n: int,
+) -> list[tuple[list[int], list[float]]]:
+    """HF transformers (+ PEFT) whose base linears hold `quantized` weights: greedy tokens and their
+    log-probabilities per request (request i runs adapter NAMES[i])."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = []
+    for r, name in zip(requests, NAMES, strict=False):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        with torch.no_grad():
+            for module_name, module in model.named_modules():
+                if module_name.split(".")[-1] in LINEARS:
+                    module.weight.copy_(quantized(module_name, module.weight.float()))
+        if name is not None:
+            model = PeftModel.from_pretrained(model, root / name)
+        result = model.generate(
+            torch.tensor([r.prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        tokens = result.sequences[0, len(r.prompt) :].tolist()
+        logprobs = [
+            torch.log_softmax(step[0].float(), -1)[t].item()
+            for step, t in zip(result.logits, tokens, strict=True)
+        ]
+        out.append((tokens, logprobs))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_with_adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = build_tiny_model("llama", tmp_path_factory.mktemp("quant-llama"))
+    root = tmp_path_factory.mktemp("quant-adapters")
+    make_adapters(base, root)
+    return base, root
+
+
+def run_mixed_batch(stubs: list[worker_pb2_grpc.WorkerStub], n: int) -> list[Request]:
+    for f in [
+        s.Warmup.future(pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=8, num_blocks=64)) for s in stubs
+    ]:
+        f.result()
+    for name, index in INDEX.items():
+        for s in stubs:
+            load(s, index, name)
+    batch = [
+        Request(
+            id=i + 1,
+            prompt=[3 + i, 14, 15, 92, 65, 35, 7 * i],
+            max_new_tokens=n,
+            adapter_index=INDEX[m] if m else 0,
+        )
+        for i, m in enumerate(NAMES)
+    ]
+    Driver(stubs, num_blocks=64, block_size=16, step_token_budget=64, chunk_size=5).run(batch)
+    return batch
+
+
+@pytest.mark.parametrize("num_shard", [1, 2])
+def test_fp8_worker_matches_transformers_on_the_same_fp8_weights(
+    num_shard: int, llama_with_adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    base, root = llama_with_adapters
+    args = ("--quantize", "fp8", "--adapter-root", str(root))
+    with sharded_workers(base, tmp_path, num_shard, extra_args=args) as stubs:
+        batch = run_mixed_batch(stubs, 8)
+    expected = reference_greedy(base, root, batch, per_shard(fp8_roundtrip, num_shard), 8)
+    for r, (tokens, logprobs) in zip(batch, expected, strict=True):
+        assert r.generated == tokens, f"request {r.id}"
+        assert r.logprobs == pytest.approx(logprobs, abs=1e-4), f"request {r.id}"
+    unquantized = reference_greedy(base, root, batch[:1], lambda _, w: w, 8)[0][1]
+    assert max(abs(a - b) for a, b in zip(unquantized, expected[0][1], strict=False)) > 1e-3, (
+        "fp8 changes the model"
+    )
+    log = (tmp_path / "shard-0.log").read_text()
+    assert "quantized fp8" in log
+
+
+BNB_CONFIGS = {
+    "bitsandbytes": {"load_in_8bit": True},
+    # Block scales quantized again (double quantization), as LoRAX's bitsandbytes layers keep them.
+    "bitsandbytes-nf4": {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+    },
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(BNB_CONFIGS))
+def test_bitsandbytes_worker_matches_transformers_bitsandbytes_integration(
+    scheme: str, llama_with_adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The reference is transformers loading the same checkpoint with its BitsAndBytesConfig, and PEFT on top."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base, root = llama_with_adapters
+    args = ("--quantize", scheme, "--adapter-root", str(root))
+    with sharded_workers(base, tmp_path, 1, extra_args=args) as stubs:
+        batch = run_mixed_batch(stubs, 8)
+    config = BitsAndBytesConfig(**BNB_CONFIGS[scheme], bnb_4bit_compute_dtype=torch.float32)
+    for r, name in zip(batch, NAMES, strict=True):
+        model = AutoModelForCausalLM.from_pretrained(
+            base, quantization_config=config, device_map="cpu", dtype=torch.float32
+        )
+        if name is not None:
+            model = PeftModel.from_pretrained(model, root / name)
+        out = model.generate(torch.tensor([r.prompt]), max_new_tokens=8, do_sample=False)
+        assert r.generated == out[0, len(r.prompt) :].tolist(), f"request {r.id} ({name})"
+
+
+def test_worker_refuses_schemes_it_does_not_run_and_disagreeing_checkpoints(tmp_path: Path) -> None:
+    for scheme, message in [("gptq", "not read yet"), ("eetq", "CUDA kernels"), ("int3", "must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            parse_args(["--listen", "unix:///tmp/x.sock", "--quantize", scheme])
+        with pytest.raises(ValueError, match=message):
+            RouterConfig(quantize=scheme)
+    check_scheme_name(None)
+    config = {"model_type": "llama"}
+    folder = tmp_path / "model"
+    folder.mkdir()
+    cpu = torch.device("cpu")
+    for stored, flag, message in [
+        ({"quant_method": "gptq", "bits": 4}, None, r"quantized \(gptq.*--quantize is not set"),
+        (
+            {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+            "fp8",
+            r"--quantize fp8 disagrees with the checkpoint's quantization_config \(bitsandbytes-nf4\)",
+        ),
+        ({"quant_method": "compressed-tensors"}, "bitsandbytes", r"disagrees.*\(fp8\)"),
+        ({"quant_method": "fp8"}, "fp8", "stored quantized"),
+    ]:
+        (folder / "config.json").write_text(json.dumps({**config, "quantization_config": stored}))
+        with pytest.raises(ValueError, match=message):
+            check_quantization(folder, flag, cpu)
+    (folder / "config.json").write_text(json.dumps(config))
+    check_quantization(folder, "fp8", cpu)
+
+
+def test_a_refused_quantization_stops_the_worker_with_the_message(
+    llama_with_adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    base, _ = llama_with_adapters
+    bnb_folder = tmp_path / "bnb-checkpoint"
+    bnb_folder.mkdir()
+    for f in base.iterdir():
+        (bnb_folder / f.name).symlink_to(f)
+    (bnb_folder / "config.json").unlink()
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (bnb_folder / "config.json").write_text(json.dumps(config))
+    with (
+        pytest.raises(RuntimeError) as e,
+        worker_process(bnb_folder, tmp_path, extra_args=("--quantize", "fp8")),
+    ):
+        pass
+    assert "disagrees with the checkpoint's quantization_config (bitsandbytes)" in str(e.value)

@@ -1,0 +1,141 @@
+"""Quantized base linears (`--quantize`): what a parallel linear computes x W^T with instead of W.
+
+Each linear loads its checkpoint slice in full precision as before; `quantize_model` then quantizes
+that slice (so under tensor parallelism every shard quantizes only its own part, and per-channel
+scales or blocks never reach across a rank boundary) and frees the full-precision weight. LoRA
+deltas stay in full precision beside it (worker/lora.py). The LM head and embeddings stay as loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraxpy.proto.quantization import check_checkpoint, check_scheme_name
+from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear
+
+logger = logging.getLogger(__name__)
+
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def check_quantization(model_path: Path, scheme: str | None, device: torch.device) -> None:
+    """Refuses at startup a scheme this server does not run, or cannot run on `device`, and a
+    checkpoint whose own quantization_config disagrees with `--quantize`."""
+    check_scheme_name(scheme)
+    check_checkpoint(json.loads((model_path / "config.json").read_text()), scheme)
+    if not scheme or scheme == "fp8":  # fp8 dequantizes before the matmul: runs on any device
+        return
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--quantize {scheme} runs on CPU and CUDA, not {device.type}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            f"--quantize {scheme} needs the bitsandbytes package: pip install 'loraxpy[quantize]'"
+        )
+
+
+class Fp8Linear(nn.Module):
+    """x W^T (+ b) with W = q * scale: q e4m3 [out, in], scale fp32 [out, 1], dequantized at each call.
+
+    scale = max|W_row| / 448, so each output channel uses e4m3's whole range; all-zero rows get scale 1.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        w = weight.float()
+        scale = w.abs().amax(dim=1, keepdim=True) / FP8_MAX
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        self.qweight: torch.Tensor
+        self.scale: torch.Tensor
+        self.register_buffer("qweight", (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+        self.register_buffer("scale", scale)
+        self.dtype = weight.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.qweight.float() * self.scale).to(self.dtype)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # x: [num_tokens, in] -> [num_tokens, out]
+        return F.linear(x, self.dequantize(), bias)
+
+
+class BitsAndBytesLinear(nn.Module):
+    """x W^T (+ b) through bitsandbytes' own layers: int8 per output channel, or NF4 / FP4 in blocks
+    of 64 consecutive weights whose scales are quantized again (double quantization), as LoRAX keeps them."""
+
+    def __init__(self, weight: torch.Tensor, scheme: str) -> None:
+        super().__init__()
+        import bitsandbytes as bnb
+
+        out_features, in_features = weight.shape
+        module: nn.Module
+        if scheme == "bitsandbytes":
+            module = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False)
+            module.weight = bnb.nn.Int8Params(
+                weight.detach().clone(), requires_grad=False, has_fp16_weights=False
+            )
+        else:
+            quant_type = scheme.removeprefix("bitsandbytes-")
+            module = bnb.nn.Linear4bit(
+                in_features, out_features, bias=False, compute_dtype=weight.dtype, quant_type=quant_type
+            )
+            module.weight = bnb.nn.Params4bit(
+                weight.detach().clone(), requires_grad=False, quant_type=quant_type
+            )
+        self.bnb = module.to(weight.device)  # bitsandbytes quantizes as the weight moves to its device
+
+    def state_bytes(self) -> int:
+        """Bytes bitsandbytes keeps beside the weight's parameter: 4-bit block scales, int8 row scales."""
+        weight = self.bnb.weight
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is not None:
+            return sum(t.nbytes for t in vars(quant_state).values() if isinstance(t, torch.Tensor))
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(self.bnb, "state", None), "SCB", None)
+        return scb.nbytes if isinstance(scb, torch.Tensor) else 0
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = self.bnb(x)
+        return y if bias is None else y + bias
+
+
+def quantize_linear(layer: ColumnParallelLinear | RowParallelLinear, scheme: str) -> None:
+    """Replaces the layer's loaded weight slice with its quantized form; the weight that stays is an
+    expanded zero (no memory) keeping the shape, dtype and device that adapter slots are sized from."""
+    weight = layer.weight.data
+    layer.quant = Fp8Linear(weight) if scheme == "fp8" else BitsAndBytesLinear(weight, scheme)
+    placeholder = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+    layer.weight = nn.Parameter(placeholder, requires_grad=False)
+
+
+def quantize_model(model: nn.Module, scheme: str | None) -> None:
+    """Quantizes every base linear of the decoder layers (attention and MLP), after loading."""
+    if not scheme:
+        return
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear | RowParallelLinear):
+            quantize_linear(module, scheme)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights hold on this shard: parameters and buffers, each storage counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        if tensor.device.type != "meta" and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    for module in model.modules():
+        if isinstance(module, BitsAndBytesLinear):
+            total += module.state_bytes()
+        elif isinstance(nbytes := getattr(module, "nbytes", None), int):  # worker/prepacked.py's copies
+            total += nbytes
+    return total
