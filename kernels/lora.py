@@ -4,12 +4,18 @@ Adapters live in stacked, rank-padded slot tensors: `a` [num_slots, max_rank, in
 `b` [num_slots, out_features, max_rank], with lora_alpha / r already folded into `b` and slot 0
 (the base model) all zeros. Ranks below max_rank are zero-padded, which leaves the result exact.
 
-`lora_add` is the torch path the worker serves with (CPU, and CUDA without Triton): a `LoraPlan`
-built once per step groups the rows by adapter, and each group of adapters whose slots are
-consecutive runs as two batched matmuls over *views* of the slot tensors, cut to the group's own
-largest rank. No adapter weight is copied, base rows cost nothing, and an adapter's bytes are
-read once per layer whatever its number of rows. `lora_shrink` / `lora_expand` gather each row's
-weights (simple, slow): they are the per-row twins the Triton kernels are tested against.
+The torch path the worker serves with (CPU, and CUDA without Triton): a `LoraPlan` built once per
+step groups the rows by adapter, and each group of adapters whose slots are consecutive runs as
+batched matmuls over *views* of the slot tensors, cut to the group's own largest rank. No adapter
+weight is copied, base rows cost nothing, and an adapter's bytes are read once per layer whatever
+its number of rows. `lora_add_fused` is the serving form: A of every slice of a fused layer sits
+transposed and rank-interleaved in one stack (`a_t` [num_slots, in, max_rank * num_slices], column
+k * num_slices + i holding rank k of slice i), so one matmul shrinks all slices at once and the
+columns of ranks below a group's own rank are a contiguous prefix: at decode sizes each torch op
+costs more in dispatch than in arithmetic, and this halves their number (lorax-bench, one adapter
+on the default model). `lora_add` does the same per slice on the plain layout: the twin the Triton
+kernels are compared with. `lora_shrink` / `lora_expand` gather each row's weights (simple, slow):
+the per-row twins.
 """
 
 from __future__ import annotations
@@ -133,6 +139,54 @@ def lora_add(
                 y[g.start : g.start + g.num_rows, offset : offset + bt.shape[2]].addmm_(v[0], bt[0])
                 continue
             delta = torch.bmm(v, bt).flatten(0, 1).to(y.dtype)  # [n, out_i]
+            if g.keep is not None:
+                delta = delta[g.keep]
+            out = y[:, offset : offset + delta.shape[1]]
+            if g.dest is None:
+                out[g.start : g.start + delta.shape[0]] += delta
+            else:
+                out.index_add_(0, g.dest, delta)
+    return y
+
+
+def interleave_a(a_slices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`a_t` [num_slots, in, max_rank * n] from n plain stacks A_i [num_slots, max_rank, in]."""
+    return torch.stack([a.transpose(1, 2) for a in a_slices], dim=-1).flatten(2)
+
+
+def lora_add_fused(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a_t: torch.Tensor,
+    b_slices: Sequence[tuple[torch.Tensor, int]],
+    plan: LoraPlan,
+) -> torch.Tensor:
+    """`lora_add` with A in the interleaved, transposed stack `a_t` (see the module's docstring).
+
+    x: [rows, in], y: [rows, out_total]; a_t: [num_slots, in, max_rank * n]; b_slices: (B_i
+    [num_slots, out_i, max_rank], o_i) per slice, in a_t's slice order.
+    """
+    n = len(b_slices)
+    for g in plan.groups:
+        if g.rows is None:
+            xs = x[g.start : g.start + g.num_slots * g.num_rows].view(g.num_slots, g.num_rows, -1)
+        else:
+            xs = x[g.rows]  # [num_slots, num_rows, in]: activations, not weights, are gathered
+        slots = slice(g.first_slot, g.first_slot + g.num_slots)
+        xs = xs.to(a_t.dtype)  # fp32 slots beside a bf16 model on CPU: the delta is rounded once, into y
+        a = a_t[slots, :, : g.rank * n]
+        # [num_slots, num_rows, rank * n]; one adapter: a plain matmul, cheaper to dispatch than bmm
+        v = (xs[0] @ a[0]).unsqueeze(0) if g.num_slots == 1 else torch.bmm(xs, a)
+        if n > 1:  # [.., rank, n] -> [.., n, rank]: each slice's ranks contiguous for its expand
+            v = v.view(g.num_slots, g.num_rows, g.rank, n).transpose(2, 3).contiguous()
+        v = v.view(g.num_slots, g.num_rows, n, g.rank)
+        in_place = g.rows is None and g.num_slots == 1 and y.dtype == v.dtype
+        for i, (b, offset) in enumerate(b_slices):
+            bt = b[slots, :, : g.rank].transpose(1, 2)  # [num_slots, rank, out_i]
+            if in_place:  # one adapter's contiguous rows: straight into y
+                y[g.start : g.start + g.num_rows, offset : offset + bt.shape[2]].addmm_(v[0, :, i], bt[0])
+                continue
+            delta = torch.bmm(v[:, :, i], bt).flatten(0, 1).to(y.dtype)  # [n_rows, out_i]
             if g.keep is not None:
                 delta = delta[g.keep]
             out = y[:, offset : offset + delta.shape[1]]

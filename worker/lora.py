@@ -3,7 +3,9 @@
 Each adapted linear holds, per checkpoint slice (q/k/v, o, gate/up, down), stacked slot tensors
 a [num_slots, max_rank, in] and b [num_slots, out, max_rank]; slot 0 is the base model (zeros).
 A fused layer's slices are views into one allocation (A stacked along the rank, B along the
-output), so the Triton path covers all slices in one shrink and one expand launch.
+output), so the Triton path covers all slices in one shrink and one expand launch. The torch path
+keeps A transposed and rank-interleaved instead (kernels/lora.py's `a_t`), so it shrinks all slices
+in one matmul; each slice's A is then a strided view [num_slots, in, max_rank] of that stack.
 Per step the runner sets one slot index per token row; every adapted layer then adds
 expand(shrink(x, a), b) for all rows at once, whatever the mix of adapters and ranks.
 Tensor parallel: a column-parallel layer keeps A whole (the shrink output is complete) and its
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from loraxpy.kernels import lora_triton
-from loraxpy.kernels.lora import LoraPlan, lora_add
+from loraxpy.kernels.lora import LoraPlan, lora_add, lora_add_fused
 from loraxpy.kernels.lora_triton import Segments, SliceLayout, StaticSegments, sgmv_expand_add, sgmv_shrink
 from loraxpy.worker.adapters import LoraAdapter, head_key, module_shape
 from loraxpy.worker.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Shard
@@ -72,7 +74,9 @@ class LoraBatch:
 
 @dataclass
 class _Slice:
-    a: torch.Tensor  # [num_slots, max_rank, in_local]: a view into LoraSlots.a
+    # A view into LoraSlots.a: [num_slots, max_rank, in_local], or on the torch path its transpose
+    # [num_slots, in_local, max_rank] (`a_t` holds the slices' columns interleaved)
+    a: torch.Tensor
     b: torch.Tensor  # [num_slots, out_local, max_rank]: a view into LoraSlots.b
     out_offset: int
 
@@ -102,9 +106,12 @@ class LoraSlots:
         num_slots: int,
         max_rank: int,
         shard: Shard,
+        *,
+        transposed: bool = False,
     ) -> None:
         self.batch = batch
         self.shard = shard
+        self.transposed = transposed  # the torch path's layout of A (lora_add_fused)
         self.is_column = not isinstance(layer, RowParallelLinear)
         local = {name: _local_shape(layer, shard, *shape) for name, shape in full_shapes.items()}
         in_sizes = {in_local for in_local, _ in local.values()}
@@ -113,21 +120,25 @@ class LoraSlots:
         out_sizes = [out_local for _, out_local in local.values()]
         dtype, device = slot_dtype(layer.weight.dtype, layer.weight.device), layer.weight.device
         # One allocation per layer; the slices are views, so writes keep the stacks the kernels read current.
-        self.a = torch.zeros(num_slots, len(local) * max_rank, in_sizes.pop(), dtype=dtype, device=device)
+        n, in_local = len(local), in_sizes.pop()
+        a_shape = (num_slots, in_local, max_rank * n) if transposed else (num_slots, n * max_rank, in_local)
+        self.a = torch.zeros(a_shape, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots, sum(out_sizes), max_rank, dtype=dtype, device=device)
         self.slices: dict[str, _Slice] = {}
         b_start = 0
         for i, (name, (_, out_local)) in enumerate(local.items()):
             offset = layer.offsets[name] if isinstance(layer, ColumnParallelLinear) else 0
             self.slices[name] = _Slice(
-                a=self.a[:, i * max_rank : (i + 1) * max_rank],
+                a=self.a.view(num_slots, in_local, max_rank, n)[..., i]
+                if transposed
+                else self.a[:, i * max_rank : (i + 1) * max_rank],
                 b=self.b[:, b_start : b_start + out_local],
                 out_offset=offset,
             )
             b_start += out_local
         offsets = [s.out_offset for s in self.slices.values()]
         self.layout = SliceLayout.build(out_sizes, offsets, device)  # for the Triton expand
-        self.weights = [(s.a, s.b, s.out_offset) for s in self.slices.values()]  # for the torch path
+        self.b_slices = [(s.b, s.out_offset) for s in self.slices.values()]  # for the torch path
 
     def write(self, slot: int, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Copies this rank's part of (A [r, in], B [out, r]) into `slot`, zero-padding the rank."""
@@ -137,11 +148,14 @@ class LoraSlots:
             rows = s.b.shape[1]
             b = b[rank * rows : (rank + 1) * rows]  # shorter on a padded last rank
         else:
-            cols = s.a.shape[2]
+            cols = s.a.shape[1 if self.transposed else 2]
             a = a.narrow(1, rank * cols, cols)
         s.a[slot].zero_()
         s.b[slot].zero_()
-        s.a[slot, :r].copy_(a)
+        if self.transposed:
+            s.a[slot, :, :r].copy_(a.T)
+        else:
+            s.a[slot, :r].copy_(a)
         s.b[slot, : b.shape[0], :r].copy_(b)
 
     def clear(self, slot: int) -> None:
@@ -157,7 +171,13 @@ class LoraSlots:
             v = sgmv_shrink(x, self.a, self.batch.segments, len(self.slices))  # [rows, slices * max_rank]
             return sgmv_expand_add(v, self.b, self.batch.segments, y, self.layout)
         plan = self.batch.plan if rows is None else self.batch.plan_for(rows)
-        return y if plan is None else lora_add(x, y, self.weights, plan)
+        if plan is None:
+            return y
+        if self.transposed:
+            return lora_add_fused(x, y, self.a, self.b_slices, plan)
+        # Triton's layout, whose LM head computes its logit rows here
+        weights = [(s.a, s.b, s.out_offset) for s in self.slices.values()]
+        return lora_add(x, y, weights, plan)
 
 
 def slot_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -253,6 +273,8 @@ class LoraManager:
         cls, model: nn.Module, config: ModelConfig, shard: Shard, num_slots: int, max_rank: int
     ) -> LoraManager:
         batch = LoraBatch(max_rank, device=next(model.parameters()).device)
+        device = next(model.parameters()).device
+        backend = "triton" if device.type == "cuda" and lora_triton.available() else "torch"
         slots: dict[tuple[int, str], LoraSlots] = {}
         for i, layer in enumerate(model.layers):  # type: ignore[union-attr, arg-type]
             for path, targets in ADAPTED.items():
@@ -260,13 +282,13 @@ class LoraManager:
                     continue  # experts take no LoRA: adapters that target them are refused when read
                 linear = layer.get_submodule(path)
                 shapes = {t: module_shape(config, t) for t in targets}
-                lora = LoraSlots(linear, shapes, batch, num_slots + 1, max_rank, shard)
+                lora = LoraSlots(
+                    linear, shapes, batch, num_slots + 1, max_rank, shard, transposed=backend == "torch"
+                )
                 linear.lora = lora
                 for t in targets:
                     slots[(i, t)] = lora
         head = model.lm_head if isinstance(model.lm_head, ParallelLMHead) else None
-        device = next(model.parameters()).device
-        backend = "triton" if device.type == "cuda" and lora_triton.available() else "torch"
         dtype = slot_dtype(next(model.parameters()).dtype, device)
         return cls(
             slots, batch, num_slots, max_rank, head=head, config=config, shard=shard, backend=backend,
@@ -284,7 +306,10 @@ class LoraManager:
         key = head_key(self.config)
         if key not in self.slots:
             shapes = {"lm_head": module_shape(self.config, "lm_head")}
-            lora = LoraSlots(self.head, shapes, self.batch, self.num_slots + 1, self.max_rank, self.shard)
+            lora = LoraSlots(
+                self.head, shapes, self.batch, self.num_slots + 1, self.max_rank, self.shard,
+                transposed=self.backend == "torch",
+            )  # fmt: skip
             self.head.lora = lora
             self.slots[key] = lora
         return self.slots[key]

@@ -137,6 +137,35 @@ def test_grouped_lora_equals_the_per_row_twin(kind: str, num_rows: int) -> None:
     assert delta[index == 0].abs().sum() == 0  # rows with no adapter add nothing
 
 
+@pytest.mark.parametrize("kind", GROUPED_KINDS)
+@pytest.mark.parametrize("outs", [(OUT,), (24, 8, 8), (20, 20)])
+def test_the_fused_layout_equals_the_per_segment_loop(kind: str, outs: tuple[int, ...]) -> None:
+    """The serving path: one interleaved, transposed A stack for every slice of a fused layer."""
+    rng = random.Random(kind)
+    stacks = [slot_tensors(RANKS, seed=i) for i in range(len(outs))]  # slice i: its own A and B
+    a_t = lora.interleave_a([a for a, _ in stacks])
+    b_slices, offset = [], 0
+    for (_, b), out in zip(stacks, outs, strict=True):
+        b_slices.append((b[:, :out].contiguous(), offset))
+        offset += out
+    slots = row_pattern(kind, rng)
+    x = torch.randn(len(slots), IN, generator=torch.Generator().manual_seed(3))
+    y0 = torch.randn(len(slots), offset, generator=torch.Generator().manual_seed(4))
+    plan = lora.LoraPlan.build(slots, dict(enumerate(RANKS)), MAX_RANK, x.device)
+    assert plan is not None
+    got = lora.lora_add_fused(x, y0.clone(), a_t, b_slices, plan) - y0
+    segments = lora.segments_from_slots(slots)
+    expected = torch.cat(
+        [
+            lora.lora_delta_reference(x, a, b, segments)
+            for (a, _), (b, _) in zip(stacks, b_slices, strict=True)
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert got[torch.tensor(slots) == 0].abs().sum() == 0  # base rows: y left as it was
+
+
 def test_a_plan_batches_decode_rows_and_keeps_a_long_prefill_apart() -> None:
     cpu = torch.device("cpu")
     ranks = dict.fromkeys(range(1, 17), 16)
