@@ -56,6 +56,7 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
         adapter_host_cache_bytes=config.adapter_host_cache_mib * 2**20,
         adapter_memory_fraction=config.adapter_memory_fraction,
         attention_backend=config.attention_backend,
+        cpu_weight_layout=config.cpu_weight_layout,
         cuda_graph_max_batch_size=config.cuda_graph_max_batch_size,
         quantize=config.quantize,
         adapter_settings=config.adapter_settings,

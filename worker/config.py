@@ -13,6 +13,7 @@ from loraxpy.kernels.attention import ATTENTION_BACKENDS
 from loraxpy.proto.adapter_policy import AdapterSettings
 from loraxpy.proto.auth import RefusedOnCommandLine, read_secret
 from loraxpy.proto.quantization import SCHEMES, check_scheme_name
+from loraxpy.worker.prepacked import LAYOUTS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,6 +41,7 @@ class WorkerConfig:
     adapter_host_cache_mib: int = 4096
     adapter_memory_fraction: float = 0.1
     attention_backend: str = "auto"
+    cpu_weight_layout: str = "auto"  # CPU: linears packed once for oneDNN (worker/prepacked.py), or plain
     cuda_graph_max_batch_size: int = 0
     quantize: str | None = None  # LoRAX's --quantize names (proto/quantization.py)
     adapter_settings: AdapterSettings = field(default_factory=AdapterSettings)  # proto/adapter_policy.py
@@ -165,6 +167,13 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         help="auto (Triton on CUDA, SDPA on CPU), sdpa or triton (env ATTENTION_BACKEND)",
     )
     p.add_argument(
+        "--cpu-weight-layout",
+        choices=LAYOUTS,
+        default=env.get("CPU_WEIGHT_LAYOUT", "auto"),
+        help="CPU workers: linears packed once into oneDNN's layout (packed; auto: where it works) "
+        "or multiplied as stored (plain) (env CPU_WEIGHT_LAYOUT)",
+    )
+    p.add_argument(
         "--cuda-graph-max-batch-size",
         type=int,
         default=int(env.get("CUDA_GRAPH_MAX_BATCH_SIZE", 0)),
@@ -247,6 +256,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         adapter_host_cache_mib=args.adapter_host_cache_mib,
         adapter_memory_fraction=args.adapter_memory_fraction,
         attention_backend=args.attention_backend,
+        cpu_weight_layout=args.cpu_weight_layout,
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
         quantize=args.quantize,
         adapter_settings=AdapterSettings.from_args(args),

@@ -196,9 +196,15 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     lora: Any = None  # LoraSlots once an adapter adapts the LM head
 
+    def __init__(
+        self, vocab_size: int, hidden_size: int, *, shard: Shard, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__(vocab_size, hidden_size, shard=shard, dtype=dtype, device=device)
+        self.quant: Any = None  # computes h E^T in the weight's place: a packed copy (worker/prepacked.py)
+
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         # hidden: [n, hidden] -> logits [n, vocab_size] (fp32); rows: their indices in the batch
-        local = F.linear(hidden, self.weight)
+        local = F.linear(hidden, self.weight) if self.quant is None else self.quant(hidden, None)
         if self.lora is not None and rows is not None and self.lora.batch.slots is not None:
             local = self.lora.add_delta(hidden, local, rows.tolist())
         local = local.float()

@@ -32,6 +32,7 @@ from loraxpy.worker.lora import LoraManager, StagedAdapter, num_adapter_slots
 from loraxpy.worker.merge import MergeRequest
 from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
+from loraxpy.worker.prepacked import prepack_model
 from loraxpy.worker.quantization import check_quantization, quantize_model, weight_bytes
 from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample
 from loraxpy.worker.self_check import SelfCheck, attention_of
@@ -71,6 +72,7 @@ class RunnerOptions:
     # captured and such steps run the graphs' padded eager twin, which is how it is tested.
     cuda_graph_max_batch_size: int = 0
     quantize: str | None = None  # --quantize: the base linears' scheme (worker/quantization.py)
+    cpu_weight_layout: str = "auto"  # CPU: weights packed once for oneDNN (worker/prepacked.py), or plain
 
 
 class ModelRunner:
@@ -98,6 +100,7 @@ class ModelRunner:
         )
         load_weights(self.model, model_path, tied_lm_head=self.config.tie_word_embeddings)
         quantize_model(self.model, options.quantize)
+        packed = prepack_model(self.model, options.cpu_weight_layout, options.device, options.dtype)
         self.weight_bytes = weight_bytes(self.model)
         logger.info(
             "model %s (%s, %s%s on %s, attention %s, %d CPU threads) loaded in %.1f s, %.1f MiB of weights",
@@ -111,6 +114,11 @@ class ModelRunner:
             time.perf_counter() - started,
             self.weight_bytes / 2**20,
         )
+        if packed:
+            logger.info(
+                "CPU linears packed once for oneDNN: %.1f MiB of weights (--cpu-weight-layout plain: off)",
+                packed / 2**20,
+            )
         self.kv_spec = KVCacheSpec(
             num_layers=self.config.num_layers,
             block_size=options.block_size,

@@ -1,0 +1,105 @@
+"""CPU linears packed once for oneDNN against their twin, F.linear, and the whole model either way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraxpy.kernels.attention import select_attention_backend
+from loraxpy.worker.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Shard
+from loraxpy.worker.model import CausalLM
+from loraxpy.worker.model_config import ModelConfig
+from loraxpy.worker.prepacked import PrepackedLinear, prepack_model, prepack_supported
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(
+    prepack_supported(CPU, torch.float32) is not None, reason="this PyTorch build cannot pack for oneDNN"
+)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 33, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_packed_linear_equals_f_linear_at_any_row_count(rows: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(72, 56, generator=gen) / 56**0.5
+    b = torch.randn(72, generator=gen) if bias else None
+    x = torch.randn(rows, 2 * 56, generator=gen)[:, ::2]  # a strided input, as a sliced activation is
+    got = PrepackedLinear(weight)(x, b)
+    torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bf16_packed_linear_stays_within_bf16_rounding() -> None:
+    if prepack_supported(CPU, torch.bfloat16) is not None:
+        pytest.skip("no bf16 packing on this CPU")
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(64, 48, generator=gen), torch.randn(9, 48, generator=gen)
+    got = PrepackedLinear(weight.bfloat16())(x.bfloat16(), None).float()
+    torch.testing.assert_close(got, F.linear(x, weight), rtol=3e-2, atol=6e-2)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> ModelConfig:
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    ).save_pretrained(folder)  # fmt: skip
+    return ModelConfig.from_folder(Path(folder))
+
+
+def _model(config: ModelConfig) -> CausalLM:
+    model = CausalLM(
+        config, shard=Shard(), attention=select_attention_backend(CPU), dtype=torch.float32, device=CPU
+    )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def test_packing_a_model_replaces_every_linear_and_keeps_the_heads_rows(config: ModelConfig) -> None:
+    model = _model(config)
+    plain = {name: m.weight.detach().clone() for name, m in model.named_modules() if hasattr(m, "quant")}
+    table = model.embed_tokens.weight.detach().clone()
+    packed_bytes = prepack_model(model, "auto", CPU, torch.float32)
+    linears = [m for m in model.modules() if isinstance(m, ColumnParallelLinear | RowParallelLinear)]
+    assert len(linears) == 4 * config.num_layers and all(
+        isinstance(m.quant, PrepackedLinear) for m in linears
+    )
+    # the plain copies are gone (an expanded zero keeps shape and dtype for the adapter slots)...
+    assert all(m.weight.untyped_storage().nbytes() <= 4 for m in linears)
+    assert all(m.weight.shape == plain[name].shape for name, m in model.named_modules() if m in linears)
+    # ...but the tied head's table still embeds, and its packed copy computes the same logits
+    head = model.lm_head
+    assert isinstance(head, ParallelLMHead) and isinstance(head.quant, PrepackedLinear)
+    assert torch.equal(model.embed_tokens.weight, table)
+    h = torch.randn(5, config.hidden_size)
+    torch.testing.assert_close(head.logits(h), F.linear(h, table), rtol=1e-5, atol=1e-5)
+    assert packed_bytes == sum(w.numel() * 4 for w in plain.values())
+
+
+def test_a_packed_model_computes_the_plain_models_outputs(config: ModelConfig) -> None:
+    plain, packed = _model(config), _model(config)
+    prepack_model(packed, "packed", CPU, torch.float32)
+    x = torch.randn(11, config.hidden_size)
+    for a, b in zip(plain.layers, packed.layers, strict=True):
+        torch.testing.assert_close(b.mlp(x), a.mlp(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.self_attn.o_proj(x), a.self_attn.o_proj(x), rtol=1e-5, atol=1e-5)
+
+
+def test_layouts_plain_and_unsupported(config: ModelConfig) -> None:
+    model = _model(config)
+    assert prepack_model(model, "plain", CPU, torch.float32) == 0
+    assert all(getattr(m, "quant", None) is None for m in model.modules())
+    assert prepack_supported(CPU, torch.float16) is not None
+    assert prepack_model(model, "auto", CPU, torch.float16) == 0  # auto: falls back, says why in the log
+    with pytest.raises(ValueError, match="--cpu-weight-layout packed: oneDNN packs float32 and bfloat16"):
+        prepack_model(model, "packed", CPU, torch.float16)
+    with pytest.raises(ValueError, match="--cpu-weight-layout must be one of"):
+        prepack_model(model, "tiles", CPU, torch.float32)
