@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x0florax.worker.v1\"\r\n\x0bInfoRequest\"\xda\x04\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\x12\n\nworld_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x12\n\nnum_blocks\x18\x0b \x01(\r\x12\x19\n\x11\x61ttention_backend\x18\x0c \x01(\t\x12\x19\n\x11supports_adapters\x18\r \x01(\x08\x12\x15\n\reos_token_ids\x18\x0e \x03(\r\x12\x19\n\x11num_adapter_slots\x18\x0f \x01(\r\x12\x44\n\x0ckernel_paths\x18\x10 \x03(\x0b\x32..lorax.worker.v1.InfoResponse.KernelPathsEntry\x12Q\n\x13self_check_failures\x18\x11 \x03(\x0b\x32\x34.lorax.worker.v1.InfoResponse.SelfCheckFailuresEntry\x1a\x32\n\x10KernelPathsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x38\n\x16SelfCheckFailuresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0f\n\rHealthRequest\"\x1f\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"U\n\rWarmupRequest\x12\x1a\n\x12max_prefill_tokens\x18\x01 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\"8\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\"\x85\x02\n\x0eSamplingParams\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\ttypical_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x0b \x01(\x08\x42\x07\n\x05_seed\"\xdd\x01\n\nNewRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12/\n\x06params\x18\x04 \x01(\x0b\x32\x1f.lorax.worker.v1.SamplingParams\x12\x15\n\radapter_index\x18\x05 \x01(\r\x12\x13\n\x0b\x62lock_table\x18\x06 \x03(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x07 \x01(\r\x12\x1a\n\x12\x61llowed_token_mask\x18\x08 \x01(\x0c\"l\n\rCachedRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x15\n\rnew_block_ids\x18\x02 \x03(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x03 \x01(\r\x12\x1a\n\x12\x61llowed_token_mask\x18\x04 \x01(\x0c\"\x8f\x01\n\x0bStepRequest\x12\x14\n\x0c\x66inished_ids\x18\x01 \x03(\x04\x12\x31\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x1b.lorax.worker.v1.NewRequest\x12\x37\n\x0f\x63\x61\x63hed_requests\x18\x03 \x03(\x0b\x32\x1e.lorax.worker.v1.CachedRequest\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xe2\x01\n\rRequestOutput\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\r\x12\x31\n\x05token\x18\x03 \x01(\x0b\x32\x1d.lorax.worker.v1.TokenLogprobH\x00\x88\x01\x01\x12\x33\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1d.lorax.worker.v1.TokenLogprob\x12\x1d\n\x15prompt_logprobs_start\x18\x05 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x06 \x03(\x02\x42\x08\n\x06_token\"U\n\x0cStepResponse\x12/\n\x07outputs\x18\x01 \x03(\x0b\x32\x1e.lorax.worker.v1.RequestOutput\x12\x14\n\x0cstep_time_us\x18\x02 \x01(\x04\"o\n\x0b\x41\x64\x61pterSpec\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tapi_token\x18\x03 \x01(\t\x12)\n\x05merge\x18\x04 \x01(\x0b\x32\x1a.lorax.worker.v1.MergeSpec\"r\n\tMergeSpec\x12\x13\n\x0b\x61\x64\x61pter_ids\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x01\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x04 \x01(\x01\x12\x1c\n\x14majority_sign_method\x18\x05 \x01(\t\"G\n\x16\x44ownloadAdapterRequest\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.lorax.worker.v1.AdapterSpec\"D\n\x17\x44ownloadAdapterResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\x12\x15\n\rchat_template\x18\x02 \x01(\t\"Z\n\x12LoadAdapterRequest\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.lorax.worker.v1.AdapterSpec\x12\x15\n\radapter_index\x18\x02 \x01(\r\"+\n\x13LoadAdapterResponse\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\".\n\x15OffloadAdapterRequest\x12\x15\n\radapter_index\x18\x01 \x01(\r\"\x18\n\x16OffloadAdapterResponse2\xcb\x04\n\x06Worker\x12\x43\n\x04Info\x12\x1c.lorax.worker.v1.InfoRequest\x1a\x1d.lorax.worker.v1.InfoResponse\x12I\n\x06Health\x12\x1e.lorax.worker.v1.HealthRequest\x1a\x1f.lorax.worker.v1.HealthResponse\x12I\n\x06Warmup\x12\x1e.lorax.worker.v1.WarmupRequest\x1a\x1f.lorax.worker.v1.WarmupResponse\x12\x43\n\x04Step\x12\x1c.lorax.worker.v1.StepRequest\x1a\x1d.lorax.worker.v1.StepResponse\x12\x64\n\x0f\x44ownloadAdapter\x12\'.lorax.worker.v1.DownloadAdapterRequest\x1a(.lorax.worker.v1.DownloadAdapterResponse\x12X\n\x0bLoadAdapter\x12#.lorax.worker.v1.LoadAdapterRequest\x1a$.lorax.worker.v1.LoadAdapterResponse\x12\x61\n\x0eOffloadAdapter\x12&.lorax.worker.v1.OffloadAdapterRequest\x1a\'.lorax.worker.v1.OffloadAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x0florax.worker.v1\"\r\n\x0bInfoRequest\"\xda\x04\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\x12\n\nworld_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x12\n\nnum_blocks\x18\x0b \x01(\r\x12\x19\n\x11\x61ttention_backend\x18\x0c \x01(\t\x12\x19\n\x11supports_adapters\x18\r \x01(\x08\x12\x15\n\reos_token_ids\x18\x0e \x03(\r\x12\x19\n\x11num_adapter_slots\x18\x0f \x01(\r\x12\x44\n\x0ckernel_paths\x18\x10 \x03(\x0b\x32..lorax.worker.v1.InfoResponse.KernelPathsEntry\x12Q\n\x13self_check_failures\x18\x11 \x03(\x0b\x32\x34.lorax.worker.v1.InfoResponse.SelfCheckFailuresEntry\x1a\x32\n\x10KernelPathsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x38\n\x16SelfCheckFailuresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0f\n\rHealthRequest\"\x1f\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"U\n\rWarmupRequest\x12\x1a\n\x12max_prefill_tokens\x18\x01 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\"8\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\"\x85\x02\n\x0eSamplingParams\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\ttypical_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x0b \x01(\x08\x42\x07\n\x05_seed\"\xf3\x01\n\nNewRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12/\n\x06params\x18\x04 \x01(\x0b\x32\x1f.lorax.worker.v1.SamplingParams\x12\x15\n\radapter_index\x18\x05 \x01(\r\x12\x13\n\x0b\x62lock_table\x18\x06 \x03(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x07 \x01(\r\x12\x1a\n\x12\x61llowed_token_mask\x18\x08 \x01(\x0c\x12\x14\n\x0cis_embedding\x18\n \x01(\x08\"l\n\rCachedRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x15\n\rnew_block_ids\x18\x02 \x03(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x03 \x01(\r\x12\x1a\n\x12\x61llowed_token_mask\x18\x04 \x01(\x0c\"\x8f\x01\n\x0bStepRequest\x12\x14\n\x0c\x66inished_ids\x18\x01 \x03(\x04\x12\x31\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x1b.lorax.worker.v1.NewRequest\x12\x37\n\x0f\x63\x61\x63hed_requests\x18\x03 \x03(\x0b\x32\x1e.lorax.worker.v1.CachedRequest\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xf5\x01\n\rRequestOutput\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\r\x12\x31\n\x05token\x18\x03 \x01(\x0b\x32\x1d.lorax.worker.v1.TokenLogprobH\x00\x88\x01\x01\x12\x33\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1d.lorax.worker.v1.TokenLogprob\x12\x1d\n\x15prompt_logprobs_start\x18\x05 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x06 \x03(\x02\x12\x11\n\tembedding\x18\x07 \x03(\x02\x42\x08\n\x06_token\"U\n\x0cStepResponse\x12/\n\x07outputs\x18\x01 \x03(\x0b\x32\x1e.lorax.worker.v1.RequestOutput\x12\x14\n\x0cstep_time_us\x18\x02 \x01(\x04\"o\n\x0b\x41\x64\x61pterSpec\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tapi_token\x18\x03 \x01(\t\x12)\n\x05merge\x18\x04 \x01(\x0b\x32\x1a.lorax.worker.v1.MergeSpec\"r\n\tMergeSpec\x12\x13\n\x0b\x61\x64\x61pter_ids\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x01\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x04 \x01(\x01\x12\x1c\n\x14majority_sign_method\x18\x05 \x01(\t\"G\n\x16\x44ownloadAdapterRequest\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.lorax.worker.v1.AdapterSpec\"D\n\x17\x44ownloadAdapterResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\x12\x15\n\rchat_template\x18\x02 \x01(\t\"Z\n\x12LoadAdapterRequest\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.lorax.worker.v1.AdapterSpec\x12\x15\n\radapter_index\x18\x02 \x01(\r\"+\n\x13LoadAdapterResponse\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\".\n\x15OffloadAdapterRequest\x12\x15\n\radapter_index\x18\x01 \x01(\r\"\x18\n\x16OffloadAdapterResponse2\xcb\x04\n\x06Worker\x12\x43\n\x04Info\x12\x1c.lorax.worker.v1.InfoRequest\x1a\x1d.lorax.worker.v1.InfoResponse\x12I\n\x06Health\x12\x1e.lorax.worker.v1.HealthRequest\x1a\x1f.lorax.worker.v1.HealthResponse\x12I\n\x06Warmup\x12\x1e.lorax.worker.v1.WarmupRequest\x1a\x1f.lorax.worker.v1.WarmupResponse\x12\x43\n\x04Step\x12\x1c.lorax.worker.v1.StepRequest\x1a\x1d.lorax.worker.v1.StepResponse\x12\x64\n\x0f\x44ownloadAdapter\x12\'.lorax.worker.v1.DownloadAdapterRequest\x1a(.lorax.worker.v1.DownloadAdapterResponse\x12X\n\x0bLoadAdapter\x12#.lorax.worker.v1.LoadAdapterRequest\x1a$.lorax.worker.v1.LoadAdapterResponse\x12\x61\n\x0eOffloadAdapter\x12&.lorax.worker.v1.OffloadAdapterRequest\x1a\'.lorax.worker.v1.OffloadAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,33 +54,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=849
   _globals['_SAMPLINGPARAMS']._serialized_end=1110
   _globals['_NEWREQUEST']._serialized_start=1113
-  _globals['_NEWREQUEST']._serialized_end=1334
-  _globals['_CACHEDREQUEST']._serialized_start=1336
-  _globals['_CACHEDREQUEST']._serialized_end=1444
-  _globals['_STEPREQUEST']._serialized_start=1447
-  _globals['_STEPREQUEST']._serialized_end=1590
-  _globals['_TOKENLOGPROB']._serialized_start=1592
-  _globals['_TOKENLOGPROB']._serialized_end=1641
-  _globals['_REQUESTOUTPUT']._serialized_start=1644
-  _globals['_REQUESTOUTPUT']._serialized_end=1870
-  _globals['_STEPRESPONSE']._serialized_start=1872
-  _globals['_STEPRESPONSE']._serialized_end=1957
-  _globals['_ADAPTERSPEC']._serialized_start=1959
-  _globals['_ADAPTERSPEC']._serialized_end=2070
-  _globals['_MERGESPEC']._serialized_start=2072
-  _globals['_MERGESPEC']._serialized_end=2186
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=2188
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=2259
-  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_start=2261
-  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_end=2329
-  _globals['_LOADADAPTERREQUEST']._serialized_start=2331
-  _globals['_LOADADAPTERREQUEST']._serialized_end=2421
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=2423
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=2466
-  _globals['_OFFLOADADAPTERREQUEST']._serialized_start=2468
-  _globals['_OFFLOADADAPTERREQUEST']._serialized_end=2514
-  _globals['_OFFLOADADAPTERRESPONSE']._serialized_start=2516
-  _globals['_OFFLOADADAPTERRESPONSE']._serialized_end=2540
-  _globals['_WORKER']._serialized_start=2543
-  _globals['_WORKER']._serialized_end=3130
+  _globals['_NEWREQUEST']._serialized_end=1356
+  _globals['_CACHEDREQUEST']._serialized_start=1358
+  _globals['_CACHEDREQUEST']._serialized_end=1466
+  _globals['_STEPREQUEST']._serialized_start=1469
+  _globals['_STEPREQUEST']._serialized_end=1612
+  _globals['_TOKENLOGPROB']._serialized_start=1614
+  _globals['_TOKENLOGPROB']._serialized_end=1663
+  _globals['_REQUESTOUTPUT']._serialized_start=1666
+  _globals['_REQUESTOUTPUT']._serialized_end=1911
+  _globals['_STEPRESPONSE']._serialized_start=1913
+  _globals['_STEPRESPONSE']._serialized_end=1998
+  _globals['_ADAPTERSPEC']._serialized_start=2000
+  _globals['_ADAPTERSPEC']._serialized_end=2111
+  _globals['_MERGESPEC']._serialized_start=2113
+  _globals['_MERGESPEC']._serialized_end=2227
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=2229
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=2300
+  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_start=2302
+  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_end=2370
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2372
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2462
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=2464
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=2507
+  _globals['_OFFLOADADAPTERREQUEST']._serialized_start=2509
+  _globals['_OFFLOADADAPTERREQUEST']._serialized_end=2555
+  _globals['_OFFLOADADAPTERRESPONSE']._serialized_start=2557
+  _globals['_OFFLOADADAPTERRESPONSE']._serialized_end=2581
+  _globals['_WORKER']._serialized_start=2584
+  _globals['_WORKER']._serialized_end=3171
 # @@protoc_insertion_point(module_scope)

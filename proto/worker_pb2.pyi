@@ -117,7 +117,7 @@ class SamplingParams(_message.Message):
     def __init__(self, do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., top_logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[bool] = ...) -> None: ...
 
 class NewRequest(_message.Message):
-    __slots__ = ("id", "token_ids", "num_prompt_tokens", "params", "adapter_index", "block_table", "num_scheduled_tokens", "allowed_token_mask")
+    __slots__ = ("id", "token_ids", "num_prompt_tokens", "params", "adapter_index", "block_table", "num_scheduled_tokens", "allowed_token_mask", "is_embedding")
     ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class NewRequest(_message.Message):
     BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
     NUM_SCHEDULED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_TOKEN_MASK_FIELD_NUMBER: _ClassVar[int]
+    IS_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_prompt_tokens: int
@@ -134,7 +135,8 @@ class NewRequest(_message.Message):
     block_table: _containers.RepeatedScalarFieldContainer[int]
     num_scheduled_tokens: int
     allowed_token_mask: bytes
-    def __init__(self, id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., adapter_index: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., num_scheduled_tokens: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ...) -> None: ...
+    is_embedding: bool
+    def __init__(self, id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., adapter_index: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., num_scheduled_tokens: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ..., is_embedding: _Optional[bool] = ...) -> None: ...
 
 class CachedRequest(_message.Message):
     __slots__ = ("id", "new_block_ids", "num_scheduled_tokens", "allowed_token_mask")
@@ -167,20 +169,22 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class RequestOutput(_message.Message):
-    __slots__ = ("id", "num_computed_tokens", "token", "top_logprobs", "prompt_logprobs_start", "prompt_logprobs")
+    __slots__ = ("id", "num_computed_tokens", "token", "top_logprobs", "prompt_logprobs_start", "prompt_logprobs", "embedding")
     ID_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_START_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     id: int
     num_computed_tokens: int
     token: TokenLogprob
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     prompt_logprobs_start: int
     prompt_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, id: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., token: _Optional[_Union[TokenLogprob, _Mapping]] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs_start: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, id: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., token: _Optional[_Union[TokenLogprob, _Mapping]] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs_start: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("outputs", "step_time_us")

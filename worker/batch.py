@@ -24,6 +24,7 @@ class NewRequestData:
     block_table: tuple[int, ...]
     num_scheduled_tokens: int
     allowed_token_mask: bytes = b""  # packed bits of the tokens this step may sample; empty: any
+    is_embedding: bool = False  # pool the prompt's hidden states instead of sampling (one step)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class RequestState:
     allowed_token_mask: bytes = b""  # this step's (structured output); empty: any token
     # LongRoPE: this step recomputes the whole sequence with the long table (see ModelRunner.step).
     recomputing: bool = False
+    is_embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class RequestOutputData:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     prompt_logprobs_start: int = 0
     prompt_logprobs: tuple[float, ...] = ()
+    embedding: tuple[float, ...] = ()  # an embedding request's pooled vector
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,8 @@ def _validate_new(new: NewRequestData, limits: Limits) -> None:
         )
     if new.num_prompt_tokens > len(new.token_ids):
         raise WorkerInputError(f"request {rid}: num_prompt_tokens exceeds the number of token_ids")
+    if new.is_embedding and new.num_scheduled_tokens != len(new.token_ids):
+        raise WorkerInputError(f"request {rid}: an embedding computes its whole prompt in one step")
     _validate_schedule(rid, 0, len(new.token_ids), new.num_scheduled_tokens, new.block_table, limits)
 
 

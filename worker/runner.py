@@ -32,6 +32,7 @@ from loraxpy.worker.lora import LoraManager, StagedAdapter, num_adapter_slots
 from loraxpy.worker.merge import MergeRequest
 from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
+from loraxpy.worker.pooling import Pooling
 from loraxpy.worker.prepacked import prepack_model
 from loraxpy.worker.quantization import check_quantization, quantize_model, weight_bytes
 from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample
@@ -80,6 +81,7 @@ class ModelRunner:
         self.options = options
         self.model_path = model_path
         self.config = ModelConfig.from_folder(model_path)
+        self.pooling = Pooling.from_folder(model_path)
         check_quantization(model_path, options.quantize, options.device)
         backend = options.attention_backend
         if self.config.attn_softcap is not None:  # the Triton kernels have no soft-capping
@@ -292,6 +294,7 @@ class ModelRunner:
                 # Shards must draw alike: without a seed, every shard falls back to the request id.
                 generator=make_generator(new.params, self.options.device, fallback_seed=new.id),
                 allowed_token_mask=new.allowed_token_mask,
+                is_embedding=new.is_embedding,
             )
             self.requests[new.id] = state
             scheduled.append((state, new.num_scheduled_tokens))
@@ -322,7 +325,11 @@ class ModelRunner:
     def _sample(
         self, scheduled: list[tuple[RequestState, int]], plan: BatchPlan, hidden: torch.Tensor
     ) -> list[RequestOutputData]:
-        sampling = [(i, row) for i, row in enumerate(plan.sample_rows) if row >= 0]
+        sampling = [
+            (i, row)
+            for i, row in enumerate(plan.sample_rows)
+            if row >= 0 and not scheduled[i][0].is_embedding
+        ]
         tokens: dict[int, tuple[tuple[int, float], tuple[tuple[int, float], ...]]] = {}
         if sampling:
             rows = torch.tensor([row for _, row in sampling], device=hidden.device)
@@ -340,6 +347,7 @@ class ModelRunner:
         row0 = 0
         for i, (state, num_scheduled) in enumerate(scheduled):
             start, values = self._prompt_logprobs(state, num_scheduled, hidden, row0)
+            embedding = self._pooled(state, num_scheduled, hidden, row0)
             row0 += num_scheduled
             token, top = tokens.get(i, (None, ()))
             if token is not None:
@@ -352,9 +360,18 @@ class ModelRunner:
                     top_logprobs=top,
                     prompt_logprobs_start=start,
                     prompt_logprobs=values,
+                    embedding=embedding,
                 )
             )
         return outputs
+
+    def _pooled(
+        self, state: RequestState, num_scheduled: int, hidden: torch.Tensor, row0: int
+    ) -> tuple[float, ...]:
+        """An embedding request's vector: its whole prompt's hidden states (all in this step), pooled."""
+        if not state.is_embedding:
+            return ()
+        return tuple(self.pooling.pool(hidden[row0 : row0 + num_scheduled]).tolist())
 
     def _longrope_crossing(self, state: RequestState, num_scheduled: int) -> tuple[RequestState, int]:
         """(state, tokens to compute), recomputing the whole sequence in the step where it first

@@ -108,6 +108,7 @@ def step_from_proto(req: pb.StepRequest) -> StepInput:
                 block_table=tuple(r.block_table),
                 num_scheduled_tokens=r.num_scheduled_tokens,
                 allowed_token_mask=r.allowed_token_mask,
+                is_embedding=r.is_embedding,
             )
         )
     return StepInput(
@@ -127,6 +128,7 @@ def output_to_proto(out: RequestOutputData) -> pb.RequestOutput:
         top_logprobs=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in out.top_logprobs],
         prompt_logprobs_start=out.prompt_logprobs_start,
         prompt_logprobs=out.prompt_logprobs,
+        embedding=out.embedding,
     )
     if out.token is not None:
         msg.token.CopyFrom(pb.TokenLogprob(token_id=out.token[0], logprob=out.token[1]))
