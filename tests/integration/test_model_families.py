@@ -1,16 +1,20 @@
-"""Each model family beyond Llama serves PEFT adapters in a mixed batch with PEFT's greedy tokens."""
+"""Each model family beyond Llama serves PEFT adapters in a mixed batch with PEFT's greedy tokens (and
+the base rows with HF transformers')."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import MOE_KINDS, build_tiny_model
-from worker_driver import Driver, Request, worker_process
+from conftest import build_tiny_model
+from worker_driver import Driver, Request, sharded_workers, worker_process
 
 from loraxpy.proto import worker_pb2 as pb
+from loraxpy.proto import worker_pb2_grpc
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {"qk-r4": (4, ["q_proj", "k_proj"]), "all-r8": (8, ALL_PROJECTIONS)}
@@ -52,23 +56,48 @@ def _peft_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) ->
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3_text", "phi3", *MOE_KINDS])
-def test_mixed_adapter_batch_matches_peft(kind: str, tmp_path: Path) -> None:
+@contextmanager
+def _workers(
+    base: Path, tmp_path: Path, num_shard: int, args: tuple[str, ...]
+) -> Iterator[list[worker_pb2_grpc.WorkerStub]]:
+    if num_shard == 1:
+        with worker_process(base, tmp_path, extra_args=args) as stub:
+            yield [stub]
+    else:
+        with sharded_workers(base, tmp_path, num_shard, extra_args=args) as stubs:
+            yield stubs
+
+
+# Qwen2-MoE runs over two shards (every expert and the shared expert split, LoRA on its dense layer's
+# row-parallel MLP): test_tensor_parallel's two-shard check of it, folded in here to save CI time.
+@pytest.mark.parametrize(
+    ("kind", "num_shard"),
+    [
+        ("qwen3", 1),
+        ("gemma2", 1),
+        ("gemma3_text", 1),
+        ("phi3", 1),
+        ("mixtral", 1),
+        ("qwen2_moe", 2),
+        ("qwen3_moe", 1),
+    ],
+)
+def test_mixed_adapter_batch_matches_peft(kind: str, num_shard: int, tmp_path: Path) -> None:
     base = build_tiny_model(kind, tmp_path / kind)
     root = tmp_path / "adapters"
     adapters = {"phi3": FUSED_ADAPTERS, "mixtral": MOE_ADAPTERS, "qwen3_moe": MOE_ADAPTERS}
     _write_adapters(base, root, {**adapters, "qwen2_moe": QWEN2_MOE_ADAPTERS}.get(kind, ADAPTERS))
     names: list[str | None] = [None, "qk-r4", "all-r8", "qk-r4", None, "all-r8"]
     index = {name: i + 1 for i, name in enumerate(ADAPTERS)}
-    with worker_process(base, tmp_path, extra_args=("--adapter-root", str(root), "--max-loras", "2")) as s:
-        assert s.Info(pb.InfoRequest()).model_type == kind
-        s.Warmup(pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=8, num_blocks=32))
+    with _workers(base, tmp_path, num_shard, ("--adapter-root", str(root), "--max-loras", "2")) as stubs:
+        assert [s.Info(pb.InfoRequest()).model_type for s in stubs] == [kind] * num_shard
+        warmup = pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=8, num_blocks=32)
+        for f in [s.Warmup.future(warmup) for s in stubs]:
+            f.result()
         for name, i in index.items():
-            s.LoadAdapter(
-                pb.LoadAdapterRequest(
-                    adapter=pb.AdapterSpec(adapter_id=name, source="local"), adapter_index=i
-                )
-            )
+            for s in stubs:
+                spec = pb.AdapterSpec(adapter_id=name, source="local")
+                s.LoadAdapter(pb.LoadAdapterRequest(adapter=spec, adapter_index=i))
         rng = random.Random(5)
         requests = [
             Request(
@@ -80,7 +109,7 @@ def test_mixed_adapter_batch_matches_peft(kind: str, tmp_path: Path) -> None:
             )
             for j, name in enumerate(names)
         ]
-        Driver(s, num_blocks=32, block_size=16, step_token_budget=64, chunk_size=8).run(requests)
+        Driver(stubs, num_blocks=32, block_size=16, step_token_budget=64, chunk_size=8).run(requests)
     for name, r in zip(names, requests, strict=True):
         assert r.generated == _peft_greedy(base, root / name if name else None, r.prompt, 8), (kind, name)
     same_prompt = _peft_greedy(base, root / "all-r8", requests[0].prompt, 8)
