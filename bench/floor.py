@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from loraxpy.bench.shapes import ModelShape
+from loraxpy.worker.prepacked import PrepackedLinear
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,22 @@ def linear_shapes(shape: ModelShape) -> list[tuple[int, int]]:
 
 
 class MatmulFloor:
-    """The model's linear weights, allocated once, timed at any batch size."""
+    """The model's linear weights, allocated once, timed at any batch size.
 
-    def __init__(self, shape: ModelShape, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+    `packed`: the weights in oneDNN's layout, multiplied as a CPU worker multiplies them by default
+    (worker/prepacked.py); the plain floor is issue 10's definition (F.linear on the stored weights).
+    """
+
+    def __init__(
+        self, shape: ModelShape, dtype: torch.dtype = torch.float32, seed: int = 0, *, packed: bool = False
+    ) -> None:
         gen = torch.Generator().manual_seed(seed)
         # Separate tensors, so each matmul streams its own weight from memory as the model's would.
         self.weights = [
             torch.randn(out_f, in_f, generator=gen, dtype=dtype) * 0.02
             for out_f, in_f in linear_shapes(shape)
         ]
+        self.packed = [PrepackedLinear(w) for w in self.weights] if packed else None
         self.dtype = dtype
 
     @property
@@ -53,6 +61,10 @@ class MatmulFloor:
         return sum(w.numel() * w.element_size() for w in self.weights)
 
     def _step(self, inputs: dict[int, torch.Tensor]) -> None:
+        if self.packed is not None:
+            for w, linear in zip(self.weights, self.packed, strict=True):
+                linear(inputs[w.shape[1]], None)
+            return
         for w in self.weights:
             F.linear(inputs[w.shape[1]], w)
 

@@ -71,6 +71,8 @@ def _row(result: ModelBenchResult, b: int, w: Workload) -> dict[str, Any]:
     engine, server, hf = runs["engine"], runs["server"], runs["hf"]
     floor = result.floors.get(b)
     floor_tps = floor.tokens_per_s if floor else None
+    packed = result.packed_floors.get(b)
+    packed_tps = packed.tokens_per_s if packed else None
     decode = engine.decode_tokens_per_s if engine else None
     return {
         "batch_size": b,
@@ -84,6 +86,8 @@ def _row(result: ModelBenchResult, b: int, w: Workload) -> dict[str, Any]:
         "server_tokens_per_s": tps["server"],
         "hf_tokens_per_s": tps["hf"],
         "engine_decode_vs_floor": _ratio(decode, floor_tps),
+        "packed_floor_tokens_per_s": packed_tps,
+        "engine_decode_vs_packed_floor": _ratio(decode, packed_tps),
         "engine_vs_hf": _ratio(tps["engine"], tps["hf"]),
         "server_vs_hf": _ratio(tps["server"], tps["hf"]),
         "server_vs_engine": _ratio(tps["server"], tps["engine"]),
@@ -145,12 +149,13 @@ def _cell(value: float | int | None, fmt: str) -> str:
 def format_report(rows: list[dict[str, Any]], targets: list[dict[str, Any]], config: ModelBenchConfig) -> str:
     head = (
         f"{'B':>3} {'workload':>11} | {'floor':>7} {'engine':>7} {'decode':>7} {'server':>7} {'HF':>7} | "
-        f"{'dec/flr':>7} {'eng/HF':>6} {'srv/HF':>6} {'srv/eng':>7} | {'eng/base':>8} {'srv/base':>8} "
+        f"{'dec/flr':>7} {'dec/pk':>6} {'eng/HF':>6} {'srv/HF':>6} {'srv/eng':>7} | {'eng/base':>8} {'srv/base':>8} "
         f"{'HF/base':>7} | equal rows eng=HF srv=eng"
     )
     lines = [
         f"tokens/s; {config.prompt_len} prompt tokens, {config.new_tokens} new tokens per row, "
-        f"rank-{config.rank} adapters (HF: + PEFT adapter_names); decode = engine decode steps only",
+        f"rank-{config.rank} adapters (HF: + PEFT adapter_names); decode = engine decode steps only; "
+        "dec/flr: decode vs the matmul floor (F.linear), dec/pk: vs the same matmuls on packed weights",
         head,
         "-" * len(head),
     ]
@@ -159,7 +164,8 @@ def format_report(rows: list[dict[str, Any]], targets: list[dict[str, Any]], con
             f"{r['batch_size']:>3} {r['workload']:>11} | {_cell(r['floor_tokens_per_s'], '7.1f')} "
             f"{_cell(r['engine_tokens_per_s'], '7.1f')} {_cell(r['engine_decode_tokens_per_s'], '7.1f')} "
             f"{_cell(r['server_tokens_per_s'], '7.1f')} {_cell(r['hf_tokens_per_s'], '7.1f')} | "
-            f"{_cell(r['engine_decode_vs_floor'], '7.2f')} {_cell(r['engine_vs_hf'], '6.2f')} "
+            f"{_cell(r['engine_decode_vs_floor'], '7.2f')} {_cell(r.get('engine_decode_vs_packed_floor'), '6.2f')} "
+            f"{_cell(r['engine_vs_hf'], '6.2f')} "
             f"{_cell(r['server_vs_hf'], '6.2f')} {_cell(r['server_vs_engine'], '7.2f')} | "
             f"{_cell(r['engine_vs_base'], '8.2f')} {_cell(r['server_vs_base'], '8.2f')} "
             f"{_cell(r['hf_vs_base'], '7.2f')} | {_cell(r['engine_rows_equal_hf'], 'd'):>3}/{r['rows']} "
@@ -184,6 +190,7 @@ def document(result: ModelBenchResult, rows: list[dict[str, Any]], targets: list
         "config": config,
         "model": {"path": str(result.model_dir), "shape": asdict(result.shape)},
         "floor": [asdict(f) for f in result.floors.values()],
+        "packed_floor": [asdict(f) for f in result.packed_floors.values()],
         "rows": rows,
         "targets": targets,
     }

@@ -31,6 +31,7 @@ from loraxpy.bench.shapes import ModelShape
 from loraxpy.bench.workloads import Workload
 from loraxpy.router.text import Tokenizer
 from loraxpy.worker.model_source import resolve_model
+from loraxpy.worker.prepacked import prepack_supported
 from loraxpy.worker.runner import RunnerOptions
 
 logger = logging.getLogger(__name__)
@@ -104,12 +105,14 @@ class ModelBenchResult:
     model_dir: Path
     shape: ModelShape
     prompts: list[TextPrompt]
-    floors: dict[int, FloorResult]
+    floors: dict[int, FloorResult]  # F.linear on the stored weights: issue 10's matmul floor
     runs: dict[tuple[str, int, str], PathRun]  # (path, batch size, workload)
     threads: dict[str, Any]
     copy_bandwidth: float
     # 1-minute load average before and after: other processes on the cores make every number noisy
     load_average: dict[str, float] = field(default_factory=dict)
+    # the same matmuls on weights packed as the engine packs them (worker/prepacked.py), where it does
+    packed_floors: dict[int, FloorResult] = field(default_factory=dict)
 
 
 def row_adapters(workload: Workload, batch_size: int) -> list[int]:
@@ -144,6 +147,10 @@ def _run_paths(config: ModelBenchConfig, workdir: Path) -> ModelBenchResult:
         floor = MatmulFloor(shape, dtype=config.torch_dtype, seed=config.seed)
         result.floors = {b: floor.measure(b, config.floor_repeats) for b in config.batch_sizes}
         del floor
+        if prepack_supported(CPU, config.torch_dtype) is None:
+            packed = MatmulFloor(shape, dtype=config.torch_dtype, seed=config.seed, packed=True)
+            result.packed_floors = {b: packed.measure(b, config.floor_repeats) for b in config.batch_sizes}
+            del packed
     steps = (("engine", _engine_runs), ("hf", _hf_runs), ("server", _server_runs))
     for path, run in steps:
         if path in config.paths:

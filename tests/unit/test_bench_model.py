@@ -85,6 +85,9 @@ def test_every_path_is_measured_for_every_batch_and_workload(bench: tuple[dict, 
     assert by[(3, "uniform-2")]["distinct_adapters"] == 2 and by[(1, "uniform-2")]["distinct_adapters"] == 1
     assert by[(3, "base")]["engine_vs_base"] == 1.0
     assert [f["batch_size"] for f in doc["floor"]] == list(BATCH_SIZES)
+    # the same matmuls on packed weights, as the engine runs them (this CPU build packs fp32)
+    assert [f["batch_size"] for f in doc["packed_floor"]] == list(BATCH_SIZES)
+    assert all(_positive(r["packed_floor_tokens_per_s"]) for r in rows)
     assert "uniform-2" in stdout and "targets" in stdout
     png = (tmp / "out.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
