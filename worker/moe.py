@@ -78,6 +78,8 @@ class Experts(nn.Module):
         are added back with one index_add: no expert sees a token it was not routed.
         """
         # x: [num_tokens, hidden]; weights, ids: [num_tokens, top_k] -> [num_tokens, hidden]
+        if x.shape[0] == 0:
+            return torch.zeros_like(x)
         top_k = ids.shape[1]
         flat = ids.flatten()
         order = flat.argsort(stable=True)

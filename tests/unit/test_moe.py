@@ -81,10 +81,11 @@ def _routings(num_tokens: int) -> dict[str, torch.Tensor]:
         "identical": torch.tensor([[2, 5]]).expand(num_tokens, -1).contiguous(),
         "skewed": skewed,
         "one-token": random_pairs[:1],
+        "no-token": random_pairs[:0],
     }
 
 
-@pytest.mark.parametrize("routing", ["distinct", "identical", "skewed", "one-token"])
+@pytest.mark.parametrize("routing", ["distinct", "identical", "skewed", "one-token", "no-token"])
 def test_grouped_experts_equal_hf_experts_and_the_dense_twin(routing: str) -> None:
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
@@ -161,3 +162,31 @@ def test_peft_adapters_on_experts_or_their_gates_are_refused_by_module(tmp_path:
         with pytest.raises(AdapterError, match="mixture-of-experts layer") as e:
             load_peft_adapter(tmp_path / name, model_config, max_rank=8)
         assert f"targets {refused}," in str(e.value), name
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"decoder_sparse_step": 2, "mlp_only_layers": []},
+        {"decoder_sparse_step": 1, "mlp_only_layers": [0, 2]},
+        {"decoder_sparse_step": 3, "mlp_only_layers": [1]},
+    ],
+)
+def test_sparse_layers_are_the_ones_hf_builds_experts_for(extra: dict, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    config = _hf_config(
+        "qwen2_moe", num_experts=4, shared_expert_intermediate_size=16, num_hidden_layers=4, **extra
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    hf_sparse = tuple(isinstance(layer.mlp, Qwen2MoeSparseMoeBlock) for layer in model.model.layers)
+    model.save_pretrained(tmp_path)
+    moe = ModelConfig.from_folder(tmp_path).moe
+    assert moe is not None and moe.sparse_layers == hf_sparse and any(hf_sparse) and not all(hf_sparse)
+    assert (moe.num_experts, moe.top_k, moe.expert_size, moe.shared_expert_size) == (
+        4,
+        TOP_K,
+        EXPERT_SIZE,
+        16,
+    )
