@@ -23,6 +23,8 @@ from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear
 logger = logging.getLogger(__name__)
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+# LLM.int8(): activation columns holding a value past this run in 16 bits (LoRAX's and transformers' 6.0).
+INT8_OUTLIER_THRESHOLD = 6.0
 
 
 def check_quantization(model_path: Path, scheme: str | None, device: torch.device) -> None:
@@ -66,7 +68,7 @@ class Fp8Linear(nn.Module):
 
 
 class BitsAndBytesLinear(nn.Module):
-    """x W^T (+ b) through bitsandbytes' own layers: int8 per output channel, or NF4 / FP4 in blocks
+    """x W^T (+ b) through bitsandbytes' own layers: int8 per output channel (LLM.int8()), or NF4 / FP4 in blocks
     of 64 consecutive weights whose scales are quantized again (double quantization), as LoRAX keeps them."""
 
     def __init__(self, weight: torch.Tensor, scheme: str) -> None:
@@ -76,7 +78,13 @@ class BitsAndBytesLinear(nn.Module):
         out_features, in_features = weight.shape
         module: nn.Module
         if scheme == "bitsandbytes":
-            module = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False)
+            module = bnb.nn.Linear8bitLt(
+                in_features,
+                out_features,
+                bias=False,
+                has_fp16_weights=False,
+                threshold=INT8_OUTLIER_THRESHOLD,
+            )
             module.weight = bnb.nn.Int8Params(
                 weight.detach().clone(), requires_grad=False, has_fp16_weights=False
             )
@@ -88,7 +96,9 @@ class BitsAndBytesLinear(nn.Module):
             module.weight = bnb.nn.Params4bit(
                 weight.detach().clone(), requires_grad=False, quant_type=quant_type
             )
-        self.bnb = module.to(weight.device)  # bitsandbytes quantizes as the weight moves to its device
+        # bitsandbytes quantizes as the weight moves to its device; eval: its inference path (on CPU
+        # the 4-bit weight is repacked for its CPU kernel at the first call), as transformers runs it.
+        self.bnb = module.to(weight.device).eval()
 
     def state_bytes(self) -> int:
         """Bytes bitsandbytes keeps beside the weight's parameter: 4-bit block scales, int8 row scales."""

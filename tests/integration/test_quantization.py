@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import build_tiny_model
 from test_worker_lora import INDEX, load, make_adapters
-from worker_driver import Driver, Request, sharded_workers, worker_process
+from worker_driver import Driver, Request, sharded_workers
 
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
@@ -20,6 +20,7 @@ from loraxpy.proto.quantization import check_scheme_name
 from loraxpy.router.config import RouterConfig
 from loraxpy.worker.config import parse_args
 from loraxpy.worker.quantization import check_quantization
+from loraxpy.worker.runner import ModelRunner, RunnerOptions
 
 pytestmark = pytest.mark.slow
 
@@ -132,39 +133,73 @@ def test_fp8_worker_matches_transformers_on_the_same_fp8_weights(
     assert "quantized fp8" in log
 
 
+# Block scales quantized again (double quantization), as LoRAX's bitsandbytes layers keep them.
 BNB_CONFIGS = {
     "bitsandbytes": {"load_in_8bit": True},
-    # Block scales quantized again (double quantization), as LoRAX's bitsandbytes layers keep them.
     "bitsandbytes-nf4": {
         "load_in_4bit": True,
         "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": True,
     },
+    "bitsandbytes-fp4": {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "fp4",
+        "bnb_4bit_use_double_quant": True,
+    },
 }
 
 
-@pytest.mark.parametrize("scheme", sorted(BNB_CONFIGS))
+def bnb_transformers(base: Path, scheme: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(**BNB_CONFIGS[scheme], bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=config, device_map="cpu", dtype=torch.float32
+    )
+
+
 def test_bitsandbytes_worker_matches_transformers_bitsandbytes_integration(
-    scheme: str, llama_with_adapters: tuple[Path, Path], tmp_path: Path
+    llama_with_adapters: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """The reference is transformers loading the same checkpoint with its BitsAndBytesConfig, and PEFT on top."""
     pytest.importorskip("bitsandbytes")
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     base, root = llama_with_adapters
-    args = ("--quantize", scheme, "--adapter-root", str(root))
+    args = ("--quantize", "bitsandbytes-nf4", "--adapter-root", str(root))
     with sharded_workers(base, tmp_path, 1, extra_args=args) as stubs:
         batch = run_mixed_batch(stubs, 8)
-    config = BitsAndBytesConfig(**BNB_CONFIGS[scheme], bnb_4bit_compute_dtype=torch.float32)
     for r, name in zip(batch, NAMES, strict=True):
-        model = AutoModelForCausalLM.from_pretrained(
-            base, quantization_config=config, device_map="cpu", dtype=torch.float32
-        )
+        model = bnb_transformers(base, "bitsandbytes-nf4")
         if name is not None:
             model = PeftModel.from_pretrained(model, root / name)
         out = model.generate(torch.tensor([r.prompt]), max_new_tokens=8, do_sample=False)
         assert r.generated == out[0, len(r.prompt) :].tolist(), f"request {r.id} ({name})"
+
+
+@pytest.mark.parametrize("scheme", sorted(BNB_CONFIGS))
+def test_each_bitsandbytes_scheme_computes_what_transformers_layers_compute(
+    scheme: str, llama_with_adapters: tuple[Path, Path]
+) -> None:
+    """Every linear of the worker's layer, quantized from the checkpoint's weight, gives the same
+    outputs bit for bit as the layer transformers builds for the same scheme."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from loraxpy.worker.quantization import BitsAndBytesLinear
+
+    base, _ = llama_with_adapters
+    reference = bnb_transformers(base, scheme).model.layers[1]
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).model.layers[1]
+    gen = torch.Generator().manual_seed(0)
+    for name, theirs in reference.named_modules():
+        if name.split(".")[-1] not in LINEARS:
+            continue
+        weight = plain.get_submodule(name).weight.data
+        x = torch.randn(5, weight.shape[1], generator=gen)
+        ours = BitsAndBytesLinear(weight, scheme)(x, None)
+        assert torch.equal(ours, theirs(x)), name
+        assert not torch.equal(ours, x @ weight.T), "quantized, so the comparison means something"
 
 
 def test_worker_refuses_schemes_it_does_not_run_and_disagreeing_checkpoints(tmp_path: Path) -> None:
@@ -195,21 +230,20 @@ def test_worker_refuses_schemes_it_does_not_run_and_disagreeing_checkpoints(tmp_
     check_quantization(folder, "fp8", cpu)
 
 
-def test_a_refused_quantization_stops_the_worker_with_the_message(
+def test_the_runner_refuses_a_disagreeing_checkpoint_before_loading_it(
     llama_with_adapters: tuple[Path, Path], tmp_path: Path
 ) -> None:
     base, _ = llama_with_adapters
-    bnb_folder = tmp_path / "bnb-checkpoint"
-    bnb_folder.mkdir()
+    folder = tmp_path / "int8-checkpoint"
+    folder.mkdir()
     for f in base.iterdir():
-        (bnb_folder / f.name).symlink_to(f)
-    (bnb_folder / "config.json").unlink()
+        (folder / f.name).symlink_to(f)
+    (folder / "config.json").unlink()
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
-    (bnb_folder / "config.json").write_text(json.dumps(config))
-    with (
-        pytest.raises(RuntimeError) as e,
-        worker_process(bnb_folder, tmp_path, extra_args=("--quantize", "fp8")),
+    (folder / "config.json").write_text(json.dumps(config))
+    options = RunnerOptions(dtype=torch.float32, device=torch.device("cpu"), quantize="fp8")
+    with pytest.raises(
+        ValueError, match=r"disagrees with the checkpoint's quantization_config \(bitsandbytes\)"
     ):
-        pass
-    assert "disagrees with the checkpoint's quantization_config (bitsandbytes)" in str(e.value)
+        ModelRunner(folder, options)
