@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_path", "model_type", "dtype", "device_type", "rank", "world_size", "vocab_size", "max_position_embeddings", "block_size", "num_blocks", "attention_backend", "supports_adapters", "eos_token_ids", "num_adapter_slots", "kernel_paths", "self_check_failures")
+    __slots__ = ("model_id", "model_path", "model_type", "dtype", "device_type", "rank", "world_size", "vocab_size", "max_position_embeddings", "block_size", "num_blocks", "attention_backend", "supports_adapters", "eos_token_ids", "num_adapter_slots", "kernel_paths", "self_check_failures", "can_reuse_prefixes")
     class KernelPathsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class InfoResponse(_message.Message):
     NUM_ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
     KERNEL_PATHS_FIELD_NUMBER: _ClassVar[int]
     SELF_CHECK_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CAN_REUSE_PREFIXES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_path: str
     model_type: str
@@ -60,7 +61,8 @@ class InfoResponse(_message.Message):
     num_adapter_slots: int
     kernel_paths: _containers.ScalarMap[str, str]
     self_check_failures: _containers.ScalarMap[str, str]
-    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., attention_backend: _Optional[str] = ..., supports_adapters: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., num_adapter_slots: _Optional[int] = ..., kernel_paths: _Optional[_Mapping[str, str]] = ..., self_check_failures: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    can_reuse_prefixes: bool
+    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., attention_backend: _Optional[str] = ..., supports_adapters: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., num_adapter_slots: _Optional[int] = ..., kernel_paths: _Optional[_Mapping[str, str]] = ..., self_check_failures: _Optional[_Mapping[str, str]] = ..., can_reuse_prefixes: _Optional[bool] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
@@ -117,7 +119,7 @@ class SamplingParams(_message.Message):
     def __init__(self, do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., top_logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[bool] = ...) -> None: ...
 
 class NewRequest(_message.Message):
-    __slots__ = ("id", "token_ids", "num_prompt_tokens", "params", "adapter_index", "block_table", "num_scheduled_tokens", "allowed_token_mask", "is_embedding")
+    __slots__ = ("id", "token_ids", "num_prompt_tokens", "params", "adapter_index", "block_table", "num_scheduled_tokens", "allowed_token_mask", "is_embedding", "num_computed_tokens")
     ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +129,7 @@ class NewRequest(_message.Message):
     NUM_SCHEDULED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_TOKEN_MASK_FIELD_NUMBER: _ClassVar[int]
     IS_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_prompt_tokens: int
@@ -136,7 +139,8 @@ class NewRequest(_message.Message):
     num_scheduled_tokens: int
     allowed_token_mask: bytes
     is_embedding: bool
-    def __init__(self, id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., adapter_index: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., num_scheduled_tokens: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ..., is_embedding: _Optional[bool] = ...) -> None: ...
+    num_computed_tokens: int
+    def __init__(self, id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., adapter_index: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., num_scheduled_tokens: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ..., is_embedding: _Optional[bool] = ..., num_computed_tokens: _Optional[int] = ...) -> None: ...
 
 class CachedRequest(_message.Message):
     __slots__ = ("id", "new_block_ids", "num_scheduled_tokens", "allowed_token_mask")

@@ -160,6 +160,21 @@ class AdapterRegistry:
             self._forget_if_unused(entry)  # a failed load leaves no trace (nor its token)
         return entry.index
 
+    def prefix_identity(
+        self, adapter_id: str, source: str, api_token: str = "", merge: AdapterMerge | None = None
+    ) -> str:
+        """Whose requests may share K/V cached under this adapter (router/kv_blocks.py): its
+        canonical name and source, or a merge's parts, weights and options — never its index — and
+        for a hub adapter the server does not serve on its own token, the tenant (token digest)."""
+        refs = [self._ref(part, source) for part in (merge.adapter_ids if merge else (adapter_id,))]
+        if merge is not None:
+            key = dataclasses.replace(merge, adapter_ids=tuple(str(r) for r in refs)).key
+        else:
+            key = str(refs[0])
+        is_private = any(r.source == "hub" and not self.policy.is_operators(r) for r in refs)
+        tenant = hashlib.sha256(api_token.encode()).hexdigest() if is_private and api_token else ""
+        return f"adapter|{source}|{key}|{tenant}"
+
     async def chat_template(self, adapter_id: str, source: str, api_token: str = "") -> str | None:
         """The adapter's own chat template (a tokenizer_config.json in its folder), None when it has
         none. The workers fetch the adapter and check the token's access, as for a load, once per

@@ -71,6 +71,9 @@ class RouterConfig:
     # An idle connection, or one still sending its headers, is closed after this many seconds.
     keep_alive_timeout_s: float = 75.0
     kv_cache_memory_mib: int = 1024
+    # Keep full KV blocks after their requests end and reuse them for prompts that start with the
+    # same tokens under the same adapter and tenant (LoRAX's flag; `--prefix-caching false` turns it off).
+    prefix_caching: bool = True
     # lorax-launcher: restarts of the whole shard group after a shard dies, at most this many
     # within --restart-window-s; one more and the launcher exits non-zero (0: never restart).
     max_restarts: int = 3
@@ -161,7 +164,11 @@ class RouterConfig:
 
 
 def _bool(value: str) -> bool:
-    return value.lower() in ("1", "true", "yes", "on")
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "lorax-launcher") -> RouterConfig:
@@ -175,12 +182,14 @@ def parse_args(argv: list[str] | None = None, prog: str = "lorax-launcher") -> R
         flag = "--" + f.name.replace("_", "-")
         env_name = f.name.upper()
         default = f.default
-        if f.type in ("bool",):
+        if f.type in ("bool",):  # `--flag` alone is true; `--flag false` as LoRAX's Option<bool> flags
             parser.add_argument(
                 flag,
-                action="store_true",
+                nargs="?",
+                const=True,
+                type=_bool,
                 default=_bool(env.get(env_name, str(default))),
-                help=f"(env {env_name})",
+                help=f"(env {env_name}; default {default})",
             )
             continue
         if f.type == "tuple[str, ...]":  # repeatable, and each value split at commas

@@ -60,6 +60,7 @@ class QueueTimeout(EngineError):
 
 
 STEP_FAILED = "generation failed; the server log has the details"
+BASE_PREFIX = "base"  # the prefix-cache identity of the base model (adapters' carry their source)
 # Event-loop turns given to the HTTP handlers after a step: enough to hand out tokens and write them.
 _HANDLER_TURNS = 3
 
@@ -72,6 +73,9 @@ class GenerateInput:
     adapter_index: int = 0
     ignore_eos: bool = False
     grammar: CompiledGrammar | None = None  # structured output: tokens are constrained to it
+    # Prefix caching: who may share this request's cached K/V (AdapterRegistry.prefix_identity);
+    # None with an adapter: never cached. Base-model requests share BASE_PREFIX.
+    prefix_identity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,7 @@ class Engine:
             adapter_index=inp.adapter_index,
             sampling=inp.sampling,
             eos_token_ids=frozenset() if inp.ignore_eos else self.eos_token_ids,
+            prefix_identity=BASE_PREFIX if inp.adapter_index == 0 else inp.prefix_identity,
         )
         output = RequestOutput(seq.id)
         matcher = inp.grammar.matcher() if inp.grammar is not None else None

@@ -146,6 +146,7 @@ class Healer:
                 f"the workers came back as another model ({info.model_path}, {info.world_size} shards; "
                 f"was {before.model_path}, {before.world_size}): restart the router"
             )
-        await self.engine.restart(BlockAllocator(num_blocks, info.block_size))
+        caching = self.engine.scheduler.allocator.enable_caching  # the new cache starts empty
+        await self.engine.restart(BlockAllocator(num_blocks, info.block_size, enable_caching=caching))
         if self.registry is not None:
             await self.registry.workers_restarted()

@@ -143,6 +143,13 @@ async def warm_workers(config: RouterConfig, client: WorkerClient) -> tuple[int,
     return num_blocks, info
 
 
+def prefix_caching(config: RouterConfig, info: WorkerInfo) -> bool:
+    """--prefix-caching, unless the model's K/V of a prefix depend on more than its tokens."""
+    if config.prefix_caching and not info.can_reuse_prefixes:
+        logger.warning("prefix caching is off: %s's K/V depend on the prompt's length", info.model_type)
+    return config.prefix_caching and info.can_reuse_prefixes
+
+
 async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[ServerState, Engine, WorkerInfo]:
     await client.wait_ready(timeout=STARTUP_TIMEOUT_S)
     num_blocks, info = await warm_workers(config, client)
@@ -157,7 +164,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
             waiting_served_ratio=config.waiting_served_ratio,
             max_waiting_steps=config.max_waiting_tokens,
         ),
-        BlockAllocator(num_blocks, info.block_size),
+        BlockAllocator(num_blocks, info.block_size, enable_caching=prefix_caching(config, info)),
     )
     metrics = Metrics()
     metrics.set_kernel_paths(info.kernel_paths)

@@ -96,6 +96,21 @@ class Metrics:
         self.grammar_mask_steps = Gauge(
             "lorax_grammar_mask_steps_total", "Steps that carried allowed-token masks", registry=r
         )
+        # Prefix caching (router/kv_blocks.py), counted in KV blocks of admitted requests' prompts.
+        self.prefix_cache_hits = Gauge(
+            "lorax_prefix_cache_hits_total", "Prompt blocks taken from the prefix cache", registry=r
+        )
+        self.prefix_cache_misses = Gauge(
+            "lorax_prefix_cache_misses_total",
+            "Full prompt blocks looked up in the prefix cache and not found (computed)",
+            registry=r,
+        )
+        self.prefix_cache_blocks = Gauge(
+            "lorax_prefix_cache_blocks", "KV blocks holding a cached prefix (in use or evictable)", registry=r
+        )
+        self.prefix_cache_evictions = Gauge(
+            "lorax_prefix_cache_evictions_total", "Cached blocks evicted to make room", registry=r
+        )
         self.kernel_path = Gauge(
             "lorax_kernel_path",
             "1 for the implementation each fast path runs on (after the workers' startup self-check)",
@@ -136,6 +151,10 @@ class Metrics:
         self.kv_blocks_total.set(allocator.num_blocks)
         self.kv_blocks_used.set(allocator.num_blocks - allocator.num_free)
         self.preemptions.set(scheduler.num_preemptions)
+        self.prefix_cache_hits.set(allocator.num_hits)
+        self.prefix_cache_misses.set(allocator.num_misses)
+        self.prefix_cache_blocks.set(allocator.num_cached)
+        self.prefix_cache_evictions.set(allocator.num_evictions)
         self.grammar_mask_seconds.set(engine.mask_time.seconds)
         self.grammar_masks.set(engine.mask_time.num_masks)
         self.grammar_mask_steps.set(engine.mask_time.num_steps)

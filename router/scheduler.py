@@ -9,6 +9,10 @@ model. Each step the scheduler
    free blocks allow; a prompt longer than the remaining budget is prefilled in chunks.
 Waiting requests are queued per adapter (index 0 is the base model) so the adapter exchange can
 choose which queues are eligible; until then every queue is.
+With prefix caching (router/kv_blocks.py), an admitted request takes the cached blocks of its
+longest cached prefix of full blocks (never all its tokens: the last one is computed so it has
+logits) and computes from there; after each step the full blocks it has computed are keyed for
+later requests. A request that asks for its prompt's log-probabilities computes every token.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from loraxpy.proto.sampling import SamplingParams
-from loraxpy.router.kv_blocks import BlockAllocator
+from loraxpy.router.kv_blocks import BlockAllocator, chain_hashes
 
 
 class Status(enum.Enum):
@@ -71,6 +75,10 @@ class SequenceState:
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # Prefix caching: the adapter's identity (router/adapters.py); None: never cached nor reused.
+    prefix_identity: str | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, as far as hashed
+    num_cached_blocks: int = 0  # of `blocks`, how many from the first are keyed in the cache
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +95,7 @@ class ScheduledRequest:
     num_tokens: int  # tokens to compute this step
     new_blocks: tuple[int, ...]
     is_new: bool  # send in full (first time, or after preemption)
+    num_computed_tokens: int = 0  # tokens already in the cache before this step (a cached prefix)
 
 
 @dataclass(frozen=True)
@@ -173,7 +182,8 @@ class Scheduler:
             new_blocks = self._allocate_or_preempt(seq, n, preempted)
             if new_blocks is None:
                 continue
-            scheduled.append(ScheduledRequest(seq, n, tuple(new_blocks), is_new=not seq.is_on_worker))
+            is_new = not seq.is_on_worker
+            scheduled.append(ScheduledRequest(seq, n, tuple(new_blocks), is_new, seq.num_computed_tokens))
             budget -= n
         scheduled = [s for s in scheduled if s.seq.status is Status.RUNNING]
         budget = self.config.max_step_tokens - sum(s.num_tokens for s in scheduled)
@@ -212,6 +222,7 @@ class Scheduler:
     def _free(self, seq: SequenceState) -> None:
         self.allocator.free(seq.blocks)
         seq.blocks = []
+        seq.num_cached_blocks = 0
         if seq.is_on_worker:
             self._to_release.append(seq.id)
             seq.is_on_worker = False
@@ -234,22 +245,58 @@ class Scheduler:
                 break
             queue = min(heads, key=lambda q: q[0].arrival)
             seq = queue[0]
-            n = seq.num_tokens
+            cached, num_looked_up = self._cached_prefix(seq)
+            num_cached_tokens = len(cached) * self.allocator.block_size
+            n = seq.num_tokens - num_cached_tokens
             if n > budget:
                 if not self.config.enable_chunked_prefill:
                     break
                 n = budget
-            needed = self.allocator.blocks_needed(n, 0)
-            if not self.allocator.can_allocate(needed):
+            needed = self.allocator.blocks_needed(num_cached_tokens + n, len(cached))
+            if not self.allocator.can_allocate(needed, reusing=cached):
                 break
             self._unqueue(seq)
-            seq.blocks = self.allocator.allocate(needed)
+            self.allocator.take_cached(cached, num_looked_up)
+            seq.blocks = cached + self.allocator.allocate(needed)
+            seq.num_cached_blocks = len(cached)
+            seq.num_computed_tokens = num_cached_tokens
             seq.status = Status.RUNNING
             self.running.append(seq)
-            admitted.append(ScheduledRequest(seq, n, tuple(seq.blocks), is_new=True))
+            admitted.append(ScheduledRequest(seq, n, tuple(seq.blocks), True, num_cached_tokens))
             budget -= n
         self._steps_since_admission = 0 if admitted else self._steps_since_admission + 1
         return admitted
+
+    def _cached_prefix(self, seq: SequenceState) -> tuple[list[int], int]:
+        """The cached blocks `seq` may start from, and how many full blocks were looked up."""
+        if seq.prefix_identity is None or not self.allocator.enable_caching or seq.sampling.prompt_logprobs:
+            return [], 0
+        block_size = self.allocator.block_size
+        num_full = (seq.num_tokens - 1) // block_size  # its last token is always computed
+        return self.allocator.lookup(self._block_hashes(seq, num_full)), num_full
+
+    def _block_hashes(self, seq: SequenceState, num_full: int) -> list[bytes]:
+        """The hashes of `seq`'s first `num_full` blocks (hashed once, extended as it grows)."""
+        assert seq.prefix_identity is not None
+        if len(seq.block_hashes) < num_full:
+            block_size = self.allocator.block_size
+            tokens = seq.all_token_ids[: num_full * block_size]
+            seq.block_hashes = chain_hashes(seq.prefix_identity, tokens, block_size, seq.block_hashes)
+        return seq.block_hashes[:num_full]
+
+    def _cache_computed(self) -> None:
+        """After a step: keys the full blocks whose K/V the running requests now hold."""
+        if not self.allocator.enable_caching:
+            return
+        block_size = self.allocator.block_size
+        for seq in self.running:
+            num_full = seq.num_computed_tokens // block_size
+            if seq.prefix_identity is None or num_full <= seq.num_cached_blocks:
+                continue
+            hashes = self._block_hashes(seq, num_full)
+            for i in range(seq.num_cached_blocks, num_full):
+                self.allocator.cache(seq.blocks[i], hashes[i])
+            seq.num_cached_blocks = num_full
 
     # ---- after the step -------------------------------------------------------------------------
 
@@ -267,7 +314,9 @@ class Scheduler:
                 self.allocator.free(list(r.new_blocks))
 
     def postprocess(self, sampled: dict[int, int]) -> list[SequenceState]:
-        """Appends each request's sampled token; returns the requests that finished by length or EOS."""
+        """Keys the blocks the step computed, then appends each request's sampled token; returns
+        the requests that finished by length or EOS."""
+        self._cache_computed()
         done = []
         for seq in list(self.running):
             token = sampled.get(seq.id)

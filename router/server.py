@@ -222,19 +222,17 @@ class Api:
 
     async def _events(self, valid: ValidRequest, gen: R.Generation) -> AsyncIterator[TokenEvent]:
         """The request's tokens; holds its adapter's device slot for as long as it runs."""
-        index = 0
+        index, identity = 0, None
         queued_until = self._queue_deadline()
         if valid.adapter_id is not None:
             if self.s.adapters is None:
                 raise ValidationError("this server was started without adapters", param="adapter_id")
-            acquire = self.s.adapters.acquire(
-                valid.adapter_id, valid.adapter_source, valid.api_token, valid.merge
-            )
-            index = await self._within_queue_time(acquire, queued_until)
+            args = (valid.adapter_id, valid.adapter_source, valid.api_token, valid.merge)
+            identity = self.s.adapters.prefix_identity(*args)  # refuses what `acquire` would, first
+            index = await self._within_queue_time(self.s.adapters.acquire(*args), queued_until)
         try:
-            async for event in self._engine_events(
-                dataclasses.replace(valid.engine, adapter_index=index), valid, gen, queued_until
-            ):
+            inp = dataclasses.replace(valid.engine, adapter_index=index, prefix_identity=identity)
+            async for event in self._engine_events(inp, valid, gen, queued_until):
                 yield event
         finally:
             if index:

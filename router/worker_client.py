@@ -52,6 +52,7 @@ class WorkerInfo:
     num_adapter_slots: int = 0  # the fewest any shard has
     kernel_paths: dict[str, str] = field(default_factory=dict)  # fast path → what runs it on the shards
     self_check_failures: dict[str, str] = field(default_factory=dict)  # path → why it fell back
+    can_reuse_prefixes: bool = False  # every shard's K/V of a prefix depend only on it (prefix caching)
 
 
 def merge_kernel_paths(per_shard: list[dict[str, str]]) -> dict[str, str]:
@@ -144,6 +145,7 @@ def step_to_proto(out: SchedulerOutput, masks: Mapping[int, bytes] | None = None
                     block_table=seq.blocks,
                     num_scheduled_tokens=r.num_tokens,
                     allowed_token_mask=mask,
+                    num_computed_tokens=r.num_computed_tokens,
                 )
             )
         else:
@@ -251,6 +253,7 @@ class WorkerClient:
             num_adapter_slots=slots,
             kernel_paths=merge_kernel_paths([dict(r.kernel_paths) for r in infos]),
             self_check_failures={k: v for r in reversed(infos) for k, v in r.self_check_failures.items()},
+            can_reuse_prefixes=all(r.can_reuse_prefixes for r in infos),
         )
 
     async def health(self, timeout: float = 5.0) -> bool:

@@ -25,6 +25,7 @@ class NewRequestData:
     num_scheduled_tokens: int
     allowed_token_mask: bytes = b""  # packed bits of the tokens this step may sample; empty: any
     is_embedding: bool = False  # pool the prompt's hidden states instead of sampling (one step)
+    num_computed_tokens: int = 0  # a cached prefix: its K/V are in the first blocks already
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Limits:
     block_size: int
     max_model_len: int
     max_step_tokens: int
+    can_reuse_prefixes: bool = True  # False under LongRoPE: K/V depend on the prompt's length
 
 
 def validate_step(
@@ -148,7 +150,18 @@ def _validate_new(new: NewRequestData, limits: Limits) -> None:
         raise WorkerInputError(f"request {rid}: num_prompt_tokens exceeds the number of token_ids")
     if new.is_embedding and new.num_scheduled_tokens != len(new.token_ids):
         raise WorkerInputError(f"request {rid}: an embedding computes its whole prompt in one step")
-    _validate_schedule(rid, 0, len(new.token_ids), new.num_scheduled_tokens, new.block_table, limits)
+    if new.num_computed_tokens and not limits.can_reuse_prefixes:
+        raise WorkerInputError(
+            f"request {rid}: this model's K/V depend on the prompt's length (LongRoPE); "
+            "a cached prefix (num_computed_tokens) cannot be reused"
+        )
+    if new.num_computed_tokens and new.params.prompt_logprobs:
+        raise WorkerInputError(
+            f"request {rid}: prompt_logprobs needs every prompt token computed, not a cached prefix"
+        )
+    _validate_schedule(
+        rid, new.num_computed_tokens, len(new.token_ids), new.num_scheduled_tokens, new.block_table, limits
+    )
 
 
 def _validate_cached(cached: CachedRequestData, state: RequestState, limits: Limits) -> None:

@@ -150,6 +150,12 @@ class ModelRunner:
     def is_ready(self) -> bool:
         return self.limits is not None
 
+    @property
+    def can_reuse_prefixes(self) -> bool:
+        """A prefix's K/V depend on its tokens and adapter only (not under LongRoPE, whose table
+        is chosen by the prompt's length, and whose crossing step rewrites the whole sequence)."""
+        return self.config.rope.rope_type != "longrope"
+
     # ---- warmup -------------------------------------------------------------------------------
 
     def warmup(self, max_prefill_tokens: int, max_num_seqs: int, num_blocks: int = 0) -> int:
@@ -175,6 +181,7 @@ class ModelRunner:
             block_size=self.options.block_size,
             max_model_len=self.config.max_position_embeddings,
             max_step_tokens=max_prefill_tokens,
+            can_reuse_prefixes=self.can_reuse_prefixes,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
@@ -295,6 +302,7 @@ class ModelRunner:
                 generator=make_generator(new.params, self.options.device, fallback_seed=new.id),
                 allowed_token_mask=new.allowed_token_mask,
                 is_embedding=new.is_embedding,
+                num_computed_tokens=new.num_computed_tokens,
             )
             self.requests[new.id] = state
             scheduled.append((state, new.num_scheduled_tokens))

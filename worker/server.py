@@ -109,6 +109,7 @@ def step_from_proto(req: pb.StepRequest) -> StepInput:
                 num_scheduled_tokens=r.num_scheduled_tokens,
                 allowed_token_mask=r.allowed_token_mask,
                 is_embedding=r.is_embedding,
+                num_computed_tokens=r.num_computed_tokens,
             )
         )
     return StepInput(
@@ -184,6 +185,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             num_adapter_slots=r.num_adapter_slots,
             kernel_paths=active_paths(r.attention_backend, r.lora, r.graphs),
             self_check_failures=r.self_check.failures,
+            can_reuse_prefixes=r.can_reuse_prefixes,
         )
 
     @_rpc

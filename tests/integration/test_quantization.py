@@ -4,6 +4,7 @@ refused at startup."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -54,27 +55,43 @@ def reference_greedy(
     quantized: Callable[[str, torch.Tensor], torch.Tensor],
     n: int,
 ) -> list[tuple[list[int], list[float]]]:
-    """HF transformers (+ PEFT) whose base linears hold `quantized` weights: greedy tokens and their
-    log-probabilities per request (request i runs adapter NAMES[i])."""
-    from peft import PeftModel
+    """HF transformers whose base linears hold `quantized` weights, with PEFT's adapters on top: greedy
+    tokens and their log-probabilities per request (request i runs adapter NAMES[i])."""
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if module_name.split(".")[-1] in LINEARS:
+                module.weight.copy_(quantized(module_name, module.weight.float()))
+    return peft_greedy(model, root, requests, n)
+
+
+def peft_greedy(
+    model: torch.nn.Module, root: Path, requests: list[Request], n: int
+) -> list[tuple[list[int], list[float]]]:
+    """Every adapter loaded once into one PeftModel; request i runs NAMES[i] (None: adapters disabled)."""
+    from peft import PeftModel
+
+    adapters = [name for name in NAMES if name is not None]
+    peft = PeftModel.from_pretrained(model, root / adapters[0], adapter_name=adapters[0])
+    for name in adapters[1:]:
+        peft.load_adapter(root / name, adapter_name=name)
     out = []
     for r, name in zip(requests, NAMES, strict=False):
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        with torch.no_grad():
-            for module_name, module in model.named_modules():
-                if module_name.split(".")[-1] in LINEARS:
-                    module.weight.copy_(quantized(module_name, module.weight.float()))
-        if name is not None:
-            model = PeftModel.from_pretrained(model, root / name)
-        result = model.generate(
-            torch.tensor([r.prompt]),
-            max_new_tokens=n,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        if name is None:
+            context: contextlib.AbstractContextManager = peft.disable_adapter()
+        else:
+            peft.set_adapter(name)
+            context = contextlib.nullcontext()
+        with context:
+            result = peft.generate(
+                input_ids=torch.tensor([r.prompt]),
+                max_new_tokens=n,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
         tokens = result.sequences[0, len(r.prompt) :].tolist()
         logprobs = [
             torch.log_softmax(step[0].float(), -1)[t].item()
@@ -163,18 +180,12 @@ def test_bitsandbytes_worker_matches_transformers_bitsandbytes_integration(
 ) -> None:
     """The reference is transformers loading the same checkpoint with its BitsAndBytesConfig, and PEFT on top."""
     pytest.importorskip("bitsandbytes")
-    from peft import PeftModel
-
     base, root = llama_with_adapters
     args = ("--quantize", "bitsandbytes-nf4", "--adapter-root", str(root))
     with sharded_workers(base, tmp_path, 1, extra_args=args) as stubs:
         batch = run_mixed_batch(stubs, 8)
-    for r, name in zip(batch, NAMES, strict=True):
-        model = bnb_transformers(base, "bitsandbytes-nf4")
-        if name is not None:
-            model = PeftModel.from_pretrained(model, root / name)
-        out = model.generate(torch.tensor([r.prompt]), max_new_tokens=8, do_sample=False)
-        assert r.generated == out[0, len(r.prompt) :].tolist(), f"request {r.id} ({name})"
+    expected = peft_greedy(bnb_transformers(base, "bitsandbytes-nf4"), root, batch, 8)
+    assert [r.generated for r in batch] == [tokens for tokens, _ in expected]
 
 
 @pytest.mark.parametrize("scheme", sorted(BNB_CONFIGS))
