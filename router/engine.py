@@ -48,6 +48,19 @@ class TextStream(Protocol):
         ...
 
 
+class _NoText:
+    """The text stream of an embedding request, which generates no tokens."""
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        raise AssertionError("an embedding request samples no token")
+
+    def flush(self) -> str:
+        return ""
+
+
+_NO_TEXT = _NoText()
+
+
 class EngineError(RuntimeError):
     """Generation failed for a request (a worker error, or a request the cache can never hold).
 
@@ -87,11 +100,16 @@ class TokenEvent:
     finish_reason: FinishReason | None = None  # set on the last event
 
 
+# An embedding request's one event: its vector is then in RequestOutput.embedding.
+EMBEDDED = TokenEvent(-1, 0.0, "", finish_reason=FinishReason.LENGTH)
+
+
 @dataclass
 class RequestOutput:
     """What a consumer may read while or after iterating a request's events."""
 
     id: int
+    embedding: tuple[float, ...] = ()
     prompt_logprobs: dict[int, float] = field(default_factory=dict)
     num_preemptions: int = 0
     queued_ns: int = field(default_factory=time.time_ns)
@@ -216,6 +234,36 @@ class Engine:
             output.num_preemptions = seq.num_preemptions
             self._handles.pop(seq.id, None)
             if seq.finish_reason is None:  # consumer left early: free its blocks, release it
+                self.scheduler.finish(seq, FinishReason.ABORTED)
+                self._wake.set()
+
+    async def embed(
+        self, input_ids: tuple[int, ...], adapter_index: int = 0, queue_deadline: float | None = None
+    ) -> tuple[float, ...]:
+        """The prompt's embedding: prefilled whole in one step, pooled by the workers, released
+        right after (nothing generated, no K/V kept). The prompt must fit one step's token budget."""
+        seq = SequenceState(
+            id=next(self._ids), prompt_ids=list(input_ids), max_new_tokens=0, adapter_index=adapter_index
+        )
+        seq.is_embedding = True
+        output = RequestOutput(seq.id)
+        handle = _Handle(seq, _NO_TEXT, output)
+        self._handles[seq.id] = handle
+        self.scheduler.add(seq)
+        expiry = None
+        if queue_deadline is not None:
+            expiry = asyncio.get_running_loop().call_at(queue_deadline, self._expire, handle)
+        self._wake.set()
+        try:
+            item = await handle.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            return output.embedding
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            self._handles.pop(seq.id, None)
+            if seq.finish_reason is None:
                 self.scheduler.finish(seq, FinishReason.ABORTED)
                 self._wake.set()
 
@@ -344,6 +392,7 @@ class Engine:
                     handle.matcher.advance(res.token[0])
         self.scheduler.postprocess(sampled)
         self._end_grammars(results)
+        self._end_embeddings(results)
         for res in results:
             handle = self._handles.get(res.id)
             if handle is None or res.token is None:
@@ -353,6 +402,16 @@ class Engine:
             except Exception:  # e.g. a token its detokenizer cannot handle: only this request fails
                 logger.exception("request %d: handing out a token failed", res.id)
                 self._fail(handle.seq, EngineError(STEP_FAILED))
+
+    def _end_embeddings(self, results: list[StepResult]) -> None:
+        """An embedding is done in its one step: its blocks are freed and it is released next step."""
+        for res in results:
+            handle = self._handles.get(res.id)
+            if handle is None or not handle.seq.is_embedding or handle.seq.finish_reason is not None:
+                continue
+            handle.output.embedding = res.embedding
+            self.scheduler.finish(handle.seq, FinishReason.LENGTH)
+            handle.queue.put_nowait(EMBEDDED)
 
     def _end_grammars(self, results: list[StepResult]) -> None:
         """A request whose grammar has ended stops here, as if it had sampled EOS."""

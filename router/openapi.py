@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from loraxpy.router import swagger
+from loraxpy.router.embeddings import EmbeddingRequest, EmbedRequest
 from loraxpy.router.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, TokenizeRequest
 
 LORAX_ERROR: dict[str, Any] = {
@@ -78,6 +79,23 @@ _BODY = (401, 408, 413)
 LORAX_GENERATION = (*_BODY, 404, 422, 424, 429, 500, 503)
 OPENAI_GENERATION = (*_BODY, 400, 404, 429, 500, 503)
 
+VECTOR: dict[str, Any] = {"type": "array", "items": {"type": "number"}}
+EMBED: dict[str, Any] = {"type": "object", "required": ["embeddings"], "properties": {"embeddings": VECTOR}}
+EMBEDDINGS: dict[str, Any] = {
+    "type": "object",
+    "required": ["object", "data", "model", "usage"],
+    "properties": {
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["object", "index", "embedding"],
+                "properties": {"embedding": {"anyOf": [VECTOR, {"type": "string"}]}},
+            },
+        },
+        "usage": {"type": "object"},
+    },
+}
 PROBE = ("LoraxError", (503,), _json(OBJECT))
 INVOKED = {"anyOf": [{"type": "array", "items": GENERATED}, COMPLETION]}
 
@@ -131,6 +149,20 @@ ROUTES: dict[tuple[str, str], tuple[str, Body, str, tuple[int, ...], dict[str, A
         "OpenAIError",
         OPENAI_GENERATION,
         {**_json(COMPLETION), **SSE},
+    ),
+    ("post", "/embed"): (
+        "Embed one input (LoRAX): the prompt's final hidden states pooled as the model's config says",
+        EmbedRequest,
+        "LoraxError",
+        LORAX_GENERATION,
+        _json(EMBED),
+    ),
+    ("post", "/v1/embeddings"): (
+        "Embeddings (OpenAI): strings or token ids; `model` names the adapter",
+        EmbeddingRequest,
+        "OpenAIError",
+        OPENAI_GENERATION,
+        _json(EMBEDDINGS),
     ),
     ("get", "/"): ("Health probe (LoRAX's GET /)", None, *PROBE),
     ("get", "/ping"): ("Health probe (SageMaker)", None, *PROBE),

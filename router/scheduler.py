@@ -75,6 +75,7 @@ class SequenceState:
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    is_embedding: bool = False  # prefilled whole in one step and pooled; nothing generated
     # Prefix caching: the adapter's identity (router/adapters.py); None: never cached nor reused.
     prefix_identity: str | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, as far as hashed
@@ -249,7 +250,7 @@ class Scheduler:
             num_cached_tokens = len(cached) * self.allocator.block_size
             n = seq.num_tokens - num_cached_tokens
             if n > budget:
-                if not self.config.enable_chunked_prefill:
+                if not self.config.enable_chunked_prefill or seq.is_embedding:  # pooled in one step
                     break
                 n = budget
             needed = self.allocator.blocks_needed(num_cached_tokens + n, len(cached))

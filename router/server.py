@@ -32,6 +32,14 @@ from loraxpy.router import responses as R
 from loraxpy.router import swagger
 from loraxpy.router.adapters import AdapterRegistry
 from loraxpy.router.cors import allow_origins
+from loraxpy.router.embeddings import (
+    EmbeddingRequest,
+    EmbedRequest,
+    ValidEmbeddings,
+    openai_body,
+    validate_embed,
+    validate_embeddings,
+)
 from loraxpy.router.engine import Engine, EngineError, GenerateInput, QueueTimeout, RequestOutput, TokenEvent
 from loraxpy.router.errors import (
     BadRequestError,
@@ -387,6 +395,55 @@ class Api:
             raise UnavailableError("workers are not ready")
         return web.json_response({})
 
+    async def embed(self, request: web.Request) -> web.StreamResponse:
+        req = await _parse(request, EmbedRequest)
+        valid = await self._off_loop(
+            validate_embed, req, self.s.limits, self.s.tokenizer, self._max_embedding_tokens()
+        )
+        return web.json_response({"embeddings": list((await self._embed(valid))[0])})
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        req = await _parse(request, EmbeddingRequest)
+        valid = await self._off_loop(
+            validate_embeddings, req, self.s.limits, self.s.tokenizer, self._max_embedding_tokens()
+        )
+        vectors = await self._embed(valid)
+        if req.dimensions is not None and req.dimensions != len(vectors[0]):
+            raise ValidationError(
+                f"`dimensions` must be this model's {len(vectors[0])}: it is not trained to be truncated",
+                param="dimensions",
+            )
+        body = openai_body(vectors, valid, req.model or self.s.model_id, req.encoding_format)
+        return web.json_response(body)
+
+    def _max_embedding_tokens(self) -> int:
+        """An embedding's whole input is computed in one step."""
+        return min(self.s.limits.max_input_length, self.s.engine.scheduler.config.max_step_tokens)
+
+    async def _embed(self, valid: ValidEmbeddings) -> list[tuple[float, ...]]:
+        """Every input's vector, all under the request's adapter, which they hold until the last ends."""
+        with self._admitted(len(valid.inputs)):
+            deadline = self._queue_deadline()
+            index = 0
+            if valid.adapter_id is not None:
+                if self.s.adapters is None:
+                    raise ValidationError("this server was started without adapters", param="adapter_id")
+                acquire = self.s.adapters.acquire(valid.adapter_id, valid.adapter_source, valid.api_token)
+                index = await self._within_queue_time(acquire, deadline)
+            tasks = [asyncio.ensure_future(self.s.engine.embed(ids, index, deadline)) for ids in valid.inputs]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except QueueTimeout:
+                raise self._queue_timeout() from None
+            except EngineError as e:
+                self.s.metrics.request_failure.labels("generation").inc()
+                raise GenerationError(str(e)) from e
+            finally:
+                for t in tasks:
+                    t.cancel()
+                if index:
+                    await self.s.adapters.release(index)  # type: ignore[union-attr]
+
     async def invocations(self, request: web.Request) -> web.StreamResponse:
         """SageMaker's one route: a body with `messages` is a chat completion, one with `prompt` a
         completion (both OpenAI's), anything else LoRAX's `/` (generate, list-wrapped)."""
@@ -629,6 +686,8 @@ def build_app(
             web.post("/generate", api.generate),
             web.post("/generate_stream", api.generate_stream),
             web.post("/tokenize", api.tokenize),
+            web.post("/embed", api.embed),
+            web.post("/v1/embeddings", api.embeddings),
             web.get("/health", api.health),
             web.get("/info", api.info),
             web.get("/metrics", api.metrics),

@@ -81,6 +81,11 @@ def chat_adapter(req: ChatCompletionRequest, limits: Limits) -> tuple[str | None
     return _adapter(req.model, req.adapter_source, limits)
 
 
+def adapter_for(adapter_id: str | None, source: str | None, limits: Limits) -> tuple[str | None, str]:
+    """The adapter a request names (None: the base model) and its source."""
+    return _adapter(adapter_id, source, limits)
+
+
 def _check_sampling(
     p: GenerateParameters | CompletionRequest | ChatCompletionRequest, limits: Limits, openai: bool
 ) -> None:

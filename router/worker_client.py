@@ -107,6 +107,7 @@ class StepResult:
     top_logprobs: tuple[tuple[int, float], ...]
     prompt_logprobs_start: int
     prompt_logprobs: tuple[float, ...]
+    embedding: tuple[float, ...] = ()  # an embedding request's pooled vector
 
 
 def sampling_to_proto(s: SamplingParams) -> pb.SamplingParams:
@@ -143,6 +144,7 @@ def step_to_proto(out: SchedulerOutput, masks: Mapping[int, bytes] | None = None
                     params=sampling_to_proto(seq.sampling),
                     adapter_index=seq.adapter_index,
                     block_table=seq.blocks,
+                    is_embedding=seq.is_embedding,
                     num_scheduled_tokens=r.num_tokens,
                     allowed_token_mask=mask,
                     num_computed_tokens=r.num_computed_tokens,
@@ -168,6 +170,7 @@ def result_from_proto(o: pb.RequestOutput) -> StepResult:
         top_logprobs=tuple((t.token_id, t.logprob) for t in o.top_logprobs),
         prompt_logprobs_start=o.prompt_logprobs_start,
         prompt_logprobs=tuple(o.prompt_logprobs),
+        embedding=tuple(o.embedding),
     )
 
 

@@ -251,3 +251,75 @@ def test_an_adapter_template_that_does_not_compile_is_a_400_naming_model(server:
         timeout=30,
     )
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+
+
+TEXTS = ["w5 w17 w3", "w9 w2", "w130 w7 w7 w7 w21 w64 w3 w11 w250 w6 w1 w42 w17 w99 w4 w8 w31 w12"]
+
+
+def embedding_reference(tiny: Path, ids: list[int], adapter: str | None) -> torch.Tensor:
+    """HF transformers' final hidden states (PEFT's model for an adapter): last token, normalised
+    (the pooling of a model folder without a sentence-transformers config)."""
+    from peft import PeftModel
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    if adapter is None:
+        model = AutoModel.from_pretrained(tiny, dtype=torch.float32)
+    else:
+        causal = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+        model = PeftModel.from_pretrained(causal, tiny.parent / "adapters" / adapter).base_model.model.model
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+    return torch.nn.functional.normalize(hidden[-1], dim=0)
+
+
+def _ids(server: Launcher, text: str) -> list[int]:
+    r = requests.post(server.url + "/tokenize", json={"inputs": text}, headers=AUTH, timeout=30)
+    return [t["id"] for t in r.json()]
+
+
+@pytest.mark.parametrize("adapter", [None, "plain"])
+def test_embeddings_equal_hf_and_peft_batched_or_alone_over_the_openai_sdk_and_embed(
+    server: Launcher, tiny: Path, adapter: str | None
+) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+    batched = client.embeddings.create(
+        model=adapter or server_model_id(server), input=TEXTS
+    )  # base64 by default
+    assert batched.usage.prompt_tokens == sum(len(t.split()) for t in TEXTS)
+    for i, text in enumerate(TEXTS):
+        expected = embedding_reference(tiny, _ids(server, text), adapter)
+        body = {"inputs": text, "parameters": {"adapter_id": adapter}}
+        alone = requests.post(server.url + "/embed", json=body, headers=AUTH, timeout=60).json()["embeddings"]
+        torch.testing.assert_close(torch.tensor(alone), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(batched.data[i].embedding), expected, rtol=0, atol=1e-5)
+
+
+def test_embeddings_take_token_ids_and_floats_and_refuse_what_they_cannot_honour(server: Launcher) -> None:
+    def post(body: dict[str, Any]) -> requests.Response:
+        return requests.post(server.url + "/v1/embeddings", json=body, headers=AUTH, timeout=60)
+
+    ids = _ids(server, TEXTS[0])
+    by_text = post({"input": TEXTS[0], "encoding_format": "float"}).json()
+    by_ids = post({"input": ids, "encoding_format": "float", "dimensions": 64}).json()
+    assert (
+        by_ids["data"][0]["embedding"] == by_text["data"][0]["embedding"]
+        and by_ids["usage"]["total_tokens"] == 3
+    )
+    plain = post({"input": [ids, ids], "model": "plain"}).json()["data"]
+    assert [d["index"] for d in plain] == [0, 1] and plain[0]["embedding"] != by_text["data"][0]["embedding"]
+    for body, param in [
+        ({"input": TEXTS[0], "dimensions": 32}, "dimensions"),
+        ({"input": []}, "input"),
+        ({"input": [[]]}, "input"),
+        ({"input": [10**9]}, "input"),
+        ({"input": " ".join(["w5"] * 60)}, "input"),  # past --max-input-length
+        ({"input": TEXTS[0], "encoding_format": "int8"}, "encoding_format"),
+        ({"input": TEXTS[0], "unknown": 1}, "unknown"),
+    ]:
+        r = post(body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    for body in ({"inputs": ""}, {"inputs": TEXTS[0], "parameters": {"merged_adapters": {"ids": ["plain"]}}}):
+        lorax = requests.post(server.url + "/embed", json=body, headers=AUTH, timeout=30)
+        assert lorax.status_code == 422 and isinstance(lorax.json()["error"], str), lorax.text
