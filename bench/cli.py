@@ -18,6 +18,7 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,7 +26,14 @@ from loraxpy.bench.bounds import measure_copy_bandwidth
 from loraxpy.bench.engine import RunResult
 from loraxpy.bench.model_cli import model_main
 from loraxpy.bench.report import BaselineComparison, format_table, machine_info, plot_throughput, write_json
-from loraxpy.bench.serving import CONSTRAINED_FORMAT, ServeConfig, format_report, report_dict, run_serving
+from loraxpy.bench.serving import (
+    CONSTRAINED_FORMAT,
+    ServeConfig,
+    format_report,
+    report_dict,
+    run_serving,
+    shared_system_prompt,
+)
 from loraxpy.bench.shapes import SHAPES
 from loraxpy.bench.soak_cli import soak_main
 from loraxpy.bench.suite import BenchConfig, run_shape
@@ -199,8 +207,42 @@ def build_serve_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the workload again constrained to a JSON schema and report both throughputs",
     )
+    p.add_argument(
+        "--shared-system-prompt",
+        type=int,
+        default=0,
+        metavar="WORDS",
+        help="start every prompt with the same system prompt of about WORDS words; run it first with "
+        "a different first word per request (no shared prefix: the prefix cache cannot help), then "
+        "shared, and report the TTFT and throughput ratios",
+    )
     p.add_argument("--output", type=Path, help="JSON: the report and every request")
     return p
+
+
+def _shared_prefix_runs(config: ServeConfig, words: int) -> tuple[dict[str, Any], bool]:
+    """The shared-system-prompt workload: unshared first, then shared; the JSON and whether both ran."""
+    unshared_config = dataclasses.replace(
+        config, system_prompt=shared_system_prompt(words), unique_prefix=True
+    )
+    shared_config = dataclasses.replace(unshared_config, unique_prefix=False)
+    unshared, unshared_records = asyncio.run(run_serving(unshared_config))
+    print("system prompt, no prefix shared:\n" + format_report(unshared))
+    shared, shared_records = asyncio.run(run_serving(shared_config))
+    print("system prompt shared:\n" + format_report(shared))
+    ttft = shared.ttft_s.get("p50", 0.0) / unshared.ttft_s["p50"] if unshared.ttft_s.get("p50") else 0.0
+    throughput = (
+        shared.output_tokens_per_s / unshared.output_tokens_per_s if unshared.output_tokens_per_s else 0.0
+    )
+    print(f"shared / unshared: TTFT p50 {ttft:.3f}, output throughput {throughput:.3f}")
+    body = {
+        "unshared": report_dict(unshared_config, unshared, unshared_records),
+        "shared": report_dict(shared_config, shared, shared_records),
+        "ttft_p50_ratio": ttft,
+        "throughput_ratio": throughput,
+    }
+    ok = unshared.num_failed < unshared.num_requests and shared.num_failed < shared.num_requests
+    return body, ok
 
 
 def serve_main(argv: list[str]) -> int:
@@ -221,6 +263,9 @@ def serve_main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"lorax-bench serve: {e}", file=sys.stderr)
         return 2
+    if args.shared_system_prompt < 0:
+        print("lorax-bench serve: --shared-system-prompt must be >= 0 words", file=sys.stderr)
+        return 2
     report, records = asyncio.run(run_serving(config))
     print(format_report(report))
     body = report_dict(config, report, records)
@@ -238,6 +283,9 @@ def serve_main(argv: list[str]) -> int:
         body["constrained"] = report_dict(constrained_config, constrained, constrained_records)
         body["constrained_throughput_ratio"] = ratio
         ok = ok and constrained.num_failed < constrained.num_requests
+    if args.shared_system_prompt:
+        body["shared_system_prompt"], shared_ok = _shared_prefix_runs(config, args.shared_system_prompt)
+        ok = ok and shared_ok
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(body, indent=1))

@@ -2,7 +2,11 @@
 
 With `--constrained` the same workload runs twice back to back, unconstrained then constrained to
 a JSON schema (structured output), and the report gives the second's throughput as a share of the
-first's.
+first's. With `--shared-system-prompt N` every request starts with the same long system prompt
+(about N words): run once with a different first word per request, so no two requests share a
+prefix and the prefix cache cannot help (what `--prefix-caching false` computes), then as is;
+the report gives the second's TTFT and throughput as ratios of the first's, and the cache hits
+the server counted.
 
 Requests arrive at exponentially distributed intervals (rate λ per second), each picks an adapter
 from a pool (uniform or Zipf; "" is the base model) and streams `/generate_stream`. Per request it
@@ -39,6 +43,8 @@ class ServeConfig:
     timeout_s: float = 600.0
     # Structured output: LoRAX's response_format sent with every request (None: unconstrained).
     response_format: dict[str, Any] | None = None
+    system_prompt: str = ""  # before every request's prompt (the shared-system-prompt workload)
+    unique_prefix: bool = False  # a different first word per request: no two share a prefix
 
     def __post_init__(self) -> None:
         if self.num_requests < 1 or self.rate <= 0 or self.max_new_tokens < 1 or not self.adapter_ids:
@@ -77,6 +83,7 @@ class ServeReport:
     # (scheduling, gRPC, handing out tokens); None when the server exports no such metrics.
     step_s: float | None = None
     router_overhead_s: float | None = None
+    prefix_cache_hits: float | None = None  # KV blocks the server took from its prefix cache
 
 
 def percentiles(values: list[float], points: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
@@ -127,7 +134,23 @@ def plan_requests(config: ServeConfig) -> list[tuple[float, str]]:
     return plan
 
 
-async def _one(session: aiohttp.ClientSession, config: ServeConfig, record: RequestRecord, t0: float) -> None:
+def shared_system_prompt(num_words: int) -> str:
+    """A system prompt of about `num_words` words, the same on every call."""
+    rule = "Rule {i}: answer the user politely, cite the page you read, and keep each answer short."
+    rules: list[str] = []
+    while sum(len(r.split()) for r in rules) < num_words:
+        rules.append(rule.format(i=len(rules) + 1))
+    return "You are a support assistant. " + " ".join(rules) + "\n"
+
+
+def request_prompt(config: ServeConfig, index: int) -> str:
+    first = f"Request {index}. " if config.unique_prefix else ""
+    return first + config.system_prompt + config.prompt
+
+
+async def _one(
+    session: aiohttp.ClientSession, config: ServeConfig, record: RequestRecord, t0: float, index: int
+) -> None:
     params: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "ignore_eos_token": config.ignore_eos}
     if record.adapter_id:
         params["adapter_id"] = record.adapter_id
@@ -139,7 +162,7 @@ async def _one(session: aiohttp.ClientSession, config: ServeConfig, record: Requ
     try:
         async with session.post(
             f"{config.url.rstrip('/')}/generate_stream",
-            json={"inputs": config.prompt, "parameters": params},
+            json={"inputs": request_prompt(config, index), "parameters": params},
             headers=headers,
         ) as resp:
             if resp.status != 200:
@@ -168,16 +191,18 @@ async def run_serving(config: ServeConfig) -> tuple[ServeReport, list[RequestRec
     timeout = aiohttp.ClientTimeout(total=config.timeout_s)
     connector = aiohttp.TCPConnector(limit=0)  # arrivals, not a pool size, decide concurrency
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        before = await step_metrics(session, config.url)
+        before = await server_metrics(session, config.url)
         t0 = time.perf_counter()
 
-        async def arrive(arrival: float, record: RequestRecord) -> None:
+        async def arrive(arrival: float, record: RequestRecord, index: int) -> None:
             await asyncio.sleep(max(0.0, arrival - (time.perf_counter() - t0)))
-            await _one(session, config, record, t0)
+            await _one(session, config, record, t0, index)
 
-        await asyncio.gather(*(arrive(a, r) for (a, _), r in zip(plan, records, strict=True)))
+        await asyncio.gather(
+            *(arrive(a, r, i) for i, ((a, _), r) in enumerate(zip(plan, records, strict=True)))
+        )
         duration = time.perf_counter() - t0
-        after = await step_metrics(session, config.url)
+        after = await server_metrics(session, config.url)
     ok = [r for r in records if r.error is None]
     tokens = sum(r.num_tokens for r in ok)
     report = ServeReport(
@@ -190,10 +215,13 @@ async def run_serving(config: ServeConfig) -> tuple[ServeReport, list[RequestRec
         tpot_s=percentiles([t for r in ok if (t := r.tpot_s) is not None]),
         errors=sorted({r.error for r in records if r.error})[:10],
     )
-    if before is not None and after is not None and after[0] > before[0]:
-        steps = after[0] - before[0]
-        report.step_s = (after[1] - before[1]) / steps
-        report.router_overhead_s = (after[2] - before[2]) / steps
+    steps_before, steps_after = _steps(before), _steps(after)
+    if steps_before is not None and steps_after is not None and steps_after[0] > steps_before[0]:
+        steps = steps_after[0] - steps_before[0]
+        report.step_s = (steps_after[1] - steps_before[1]) / steps
+        report.router_overhead_s = (steps_after[2] - steps_before[2]) / steps
+    if PREFIX_CACHE_HITS in before and PREFIX_CACHE_HITS in after:
+        report.prefix_cache_hits = after[PREFIX_CACHE_HITS] - before[PREFIX_CACHE_HITS]
     return report, records
 
 
@@ -204,21 +232,33 @@ STEP_METRICS = (
 )
 
 
-async def step_metrics(session: aiohttp.ClientSession, url: str) -> tuple[float, float, float] | None:
-    """(steps, step seconds, router overhead seconds) so far, from the server's /metrics."""
+PREFIX_CACHE_HITS = "lorax_prefix_cache_hits_total"
+
+
+async def server_metrics(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """The server's step and prefix-cache counters from one /metrics scrape; {} when it has none."""
     try:
         async with session.get(url.rstrip("/") + "/metrics") as response:
             if response.status != 200:
-                return None
+                return {}
             text = await response.text()
     except aiohttp.ClientError:
-        return None
+        return {}
     values: dict[str, float] = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in STEP_METRICS:
+        if name in STEP_METRICS or name == PREFIX_CACHE_HITS:
             values[name] = float(value)
-    if len(values) != len(STEP_METRICS):
+    return values
+
+
+async def step_metrics(session: aiohttp.ClientSession, url: str) -> tuple[float, float, float] | None:
+    """(steps, step seconds, router overhead seconds) so far, from the server's /metrics."""
+    return _steps(await server_metrics(session, url))
+
+
+def _steps(values: dict[str, float]) -> tuple[float, float, float] | None:
+    if any(n not in values for n in STEP_METRICS):
         return None
     steps, step_s, overhead_s = (values[n] for n in STEP_METRICS)
     return steps, step_s, overhead_s
@@ -240,6 +280,8 @@ def format_report(report: ServeReport) -> str:
             f"steps: {report.step_s * 1e3:.2f} ms each, of which the router's own "
             f"{report.router_overhead_s * 1e3:.2f} ms ({report.router_overhead_s / report.step_s:.0%})"
         )
+    if report.prefix_cache_hits is not None:
+        lines.append(f"prefix cache: {report.prefix_cache_hits:.0f} KV blocks reused")
     lines += [f"error: {e}" for e in report.errors]
     return "\n".join(lines)
 

@@ -19,12 +19,14 @@ PER_TOKEN_S = 0.01
 
 
 FORMATS: list[object] = []  # each request's response_format (None: unconstrained)
+INPUTS: list[str] = []  # each request's prompt
 
 
 async def _stream(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     params = body["parameters"]
     FORMATS.append(params.get("response_format"))
+    INPUTS.append(body["inputs"])
     if params.get("adapter_id") == "broken":
         return web.json_response(
             {"error": "adapter broken not found", "error_type": "validation"}, status=422
@@ -53,6 +55,7 @@ async def _metrics(request: web.Request) -> web.Response:
         f"lorax_batch_inference_duration_count {n}.0",
         f"lorax_batch_inference_duration_sum {n * 0.02}",
         f"lorax_router_step_overhead_seconds_sum {n * 0.005}",
+        f"lorax_prefix_cache_hits_total {n * 3}.0",
     ]
     return web.Response(text="\n".join(lines) + "\n")
 
@@ -149,3 +152,24 @@ def test_cli_serve_constrained_runs_the_workload_again_under_a_json_schema(
     assert doc["constrained"]["report"]["num_failed"] == 0
     ratio = doc["constrained"]["report"]["output_tokens_per_s"] / doc["report"]["output_tokens_per_s"]
     assert doc["constrained_throughput_ratio"] == pytest.approx(ratio)
+
+
+def test_cli_serve_shared_system_prompt_runs_it_unshared_then_shared(server_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    INPUTS.clear()
+    argv = ["serve", f"--url={server_url}", "--num-requests=3", "--rate=100", "--max-new-tokens=2"]
+    assert main([*argv, "--shared-system-prompt=60", "--prompt=Hi", f"--output={out}"]) == 0
+    plain, unshared, shared = INPUTS[:3], INPUTS[3:6], INPUTS[6:]
+    assert plain == ["Hi"] * 3
+    system = shared[0].removesuffix("Hi")
+    assert shared == [system + "Hi"] * 3 and 60 <= len(system.split()) < 80
+    assert sorted(unshared) == [f"Request {i}. {system}Hi" for i in range(3)]  # no prefix in common
+    doc = json.loads(out.read_text())["shared_system_prompt"]
+    runs = {k: doc[k]["report"] for k in ("unshared", "shared")}
+    assert doc["ttft_p50_ratio"] == pytest.approx(
+        runs["shared"]["ttft_s"]["p50"] / runs["unshared"]["ttft_s"]["p50"]
+    )
+    assert doc["throughput_ratio"] == pytest.approx(
+        runs["shared"]["output_tokens_per_s"] / runs["unshared"]["output_tokens_per_s"]
+    )
+    assert runs["shared"]["prefix_cache_hits"] == 30  # the stand-in's counter: 3 per step, 10 steps a scrape
