@@ -12,6 +12,7 @@ import pytest
 from loraxpy.proto.adapter_policy import AdapterPolicy
 from loraxpy.proto.sampling import SamplingParams
 from loraxpy.router.adapters import AdapterRegistry
+from loraxpy.router.config import parse_args
 from loraxpy.router.kv_blocks import BlockAllocator, chain_hashes
 from loraxpy.router.scheduler import FinishReason, Scheduler, SchedulerConfig, SequenceState
 from loraxpy.router.worker_client import AdapterMerge
@@ -249,3 +250,14 @@ def test_the_worker_accepts_a_cached_prefix_only_where_it_can_be_exact() -> None
     for step_input, lim, message in refusals:
         with pytest.raises(WorkerInputError, match=message):
             validate_step(step_input, {}, lim)
+
+
+def test_the_flag_is_on_by_default_and_takes_lorax_true_false(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PREFIX_CACHING", raising=False)
+    assert parse_args([]).prefix_caching and parse_args(["--prefix-caching"]).prefix_caching
+    assert not parse_args(["--prefix-caching", "false"]).prefix_caching
+    assert parse_args(["--prefix-caching=true", "--json-output"]).json_output  # bare bool flags still work
+    monkeypatch.setenv("PREFIX_CACHING", "off")
+    assert not parse_args([]).prefix_caching
+    with pytest.raises(SystemExit):
+        parse_args(["--prefix-caching", "maybe"])
