@@ -9,7 +9,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from loraxpy.router.errors import ValidationError
 from loraxpy.router.text import Tokenizer
@@ -31,7 +31,7 @@ class EmbedRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     inputs: str
-    parameters: EmbedParameters = Field(default_factory=EmbedParameters)
+    parameters: EmbedParameters | None = None  # null too, as lorax-client sends it
 
 
 class EmbeddingRequest(BaseModel):
@@ -59,7 +59,7 @@ class ValidEmbeddings:
 def validate_embed(
     req: EmbedRequest, limits: Limits, tokenizer: Tokenizer, max_tokens: int
 ) -> ValidEmbeddings:
-    p = req.parameters
+    p = req.parameters or EmbedParameters()
     if p.merged_adapters is not None:
         raise ValidationError("`merged_adapters` is not served for embeddings", param="merged_adapters")
     adapter_id, source = adapter_for(p.adapter_id, p.adapter_source, limits)

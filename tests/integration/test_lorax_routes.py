@@ -294,6 +294,13 @@ def test_embeddings_equal_hf_and_peft_batched_or_alone_over_the_openai_sdk_and_e
         alone = requests.post(server.url + "/embed", json=body, headers=AUTH, timeout=60).json()["embeddings"]
         torch.testing.assert_close(torch.tensor(alone), expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(torch.tensor(batched.data[i].embedding), expected, rtol=0, atol=1e-5)
+    if adapter is None:  # lorax-client's embed, unchanged
+        from lorax import Client
+
+        vector = Client(server.url, headers=AUTH).embed(TEXTS[0]).embeddings
+        torch.testing.assert_close(
+            torch.tensor(vector), torch.tensor(batched.data[0].embedding), rtol=0, atol=1e-6
+        )
 
 
 def test_embeddings_take_token_ids_and_floats_and_refuse_what_they_cannot_honour(server: Launcher) -> None:
