@@ -15,6 +15,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 from loraxpy.worker.adapters import AdapterBusyError, AdapterTimeoutError
+from loraxpy.worker.threads import serial_torch
 
 T = TypeVar("T")
 
@@ -22,7 +23,10 @@ T = TypeVar("T")
 class AdapterLoads:
     def __init__(self, max_concurrent: int = 2, timeout_s: float = 300.0) -> None:
         self.timeout_s = timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="adapter-load")
+        # Parses run torch serially: a team of their own would slow every step (worker/threads.py).
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_concurrent, thread_name_prefix="adapter-load", initializer=serial_torch
+        )
         self._admitted = threading.BoundedSemaphore(2 * max_concurrent)  # running + waiting
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:

@@ -11,6 +11,7 @@ import grpc
 import torch
 
 from loraxpy.proto.auth import server_credentials
+from loraxpy.worker import threads
 from loraxpy.worker.config import WorkerConfig, cpu_native_bf16, parse_args
 from loraxpy.worker.distributed import init_distributed
 from loraxpy.worker.layers import Shard
@@ -93,12 +94,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = parse_args(argv)
-        runner = build_runner(config)
+        model_thread = threads.model_thread()  # loads the model, then runs every step (worker/threads.py)
+        runner = model_thread.submit(build_runner, config).result()
     except (ValueError, ModelSourceError) as e:
         logger.error("%s", e)
         sys.exit(2)
     warn_about_access(config)
-    server = serve(WorkerServicer(runner, config.model_id), config.listen, config.worker_secret, tls(config))
+    servicer = WorkerServicer(runner, config.model_id, model_thread=model_thread)
+    server = serve(servicer, config.listen, config.worker_secret, tls(config))
     logger.info("worker rank %d/%d listening on %s", config.rank, config.world_size, config.listen)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

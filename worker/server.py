@@ -21,6 +21,7 @@ import grpc
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
 from loraxpy.proto.auth import SecretInterceptor
+from loraxpy.worker import threads
 from loraxpy.worker.adapter_loads import AdapterLoads
 from loraxpy.worker.adapters import AdapterBusyError, AdapterError, AdapterNotFoundError, AdapterTimeoutError
 from loraxpy.worker.batch import (
@@ -147,7 +148,13 @@ def merge_from_proto(spec: pb.AdapterSpec) -> MergeRequest | None:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, runner: ModelRunner, model_id: str | None, loads: AdapterLoads | None = None) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        model_id: str | None,
+        loads: AdapterLoads | None = None,
+        model_thread: futures.ThreadPoolExecutor | None = None,
+    ) -> None:
         self.runner = runner
         self.model_id = model_id or ""
         # Adapter fetches and parses: their own threads, capped and timed (never Step's threads).
@@ -155,10 +162,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.loads = loads or AdapterLoads(
             settings.max_concurrent_adapter_loads, settings.adapter_load_timeout_s
         )
-        # One forward pass at a time, always on the same thread; Health and Info never wait for it.
-        # torch's OpenMP team belongs to the thread that calls it: steps landing on different gRPC
-        # threads would each bring up (and leave spinning) a team of their own on the same cores.
-        self._model_thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # One forward pass at a time, always on the thread that loaded the model (worker/threads.py);
+        # Health and Info never wait for it.
+        self._model_thread = model_thread or threads.model_thread()
 
     def _exclusive(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs `fn` on the model thread, after whatever it is running now (a step, a slot write)."""
