@@ -79,16 +79,35 @@ def test_heads_that_do_not_split_are_refused_at_startup(tmp_path: Path) -> None:
         pass
 
 
+SYSTEM = (
+    "<|im_start|>system\nYou are a careful geography teacher. Answer every question in one short "
+    "sentence, name the country, and never add anything the student did not ask for.<|im_end|>\n"
+)
+
+
 def test_default_model_over_three_shards_matches_one(default_model_path: Path, tmp_path: Path) -> None:
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    # Prefix caching over shards: the second prompt starts after the first one's cached blocks on
+    # every shard; one shard without the cache gives the same tokens.
+    shared = [SYSTEM + q for q in (prompt, prompt.replace("France", "Italy"))]
     with launcher(default_model_path, tmp_path, "--num-shard", "3") as s:
         info = requests.get(s.url + "/info", timeout=10).json()
         assert info["num_shards"] == 3
         sharded = Client(s.url).generate(prompt, max_new_tokens=20, details=True)
         sharded_json = constrained(s.url)
-    with launcher(default_model_path, tmp_path) as s:
+        before = cache_hits(s.url)
+        sharded_shared = [
+            Client(s.url, timeout=120).generate(p, max_new_tokens=8).generated_text for p in shared
+        ]
+        assert cache_hits(s.url) - before == 2  # the 43 tokens both share: two full blocks of 16
+    with launcher(default_model_path, tmp_path, "--prefix-caching", "false") as s:
         single = Client(s.url).generate(prompt, max_new_tokens=20, details=True)
         single_json = constrained(s.url)
+        single_shared = [
+            Client(s.url, timeout=120).generate(p, max_new_tokens=8).generated_text for p in shared
+        ]
+        assert cache_hits(s.url) == 0
+    assert sharded_shared == single_shared
     assert [t.id for t in sharded.details.tokens] == [t.id for t in single.details.tokens]
     assert sharded.generated_text == "The capital of France is Paris."
     # Structured output: every shard applies the same mask, so three shards write what one does.
@@ -96,6 +115,15 @@ def test_default_model_over_three_shards_matches_one(default_model_path: Path, t
     for (name, _), (text, finish) in zip(CONSTRAINED, sharded_json, strict=True):
         assert finish == "eos_token", (name, text)
         jsonschema.validate(json.loads(text), SCHEMAS[name])
+
+
+def cache_hits(url: str) -> float:
+    text = requests.get(url + "/metrics", timeout=10).text
+    return next(
+        float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("lorax_prefix_cache_hits_total ")
+    )
 
 
 CONSTRAINED = [
