@@ -2,7 +2,8 @@
 probes answer without the key, the Swagger UI at /docs loads its files from this server only and
 reads the same document as /openapi.json, browsers from the allowed origin pass CORS preflights and
 read answers while other origins do not, and SageMaker's /invocations answers as the route its
-body names. An adapter that ships a chat template in its own tokenizer_config.json has its chat
+body names. Embeddings (/embed, /v1/embeddings) equal HF transformers and PEFT with the model's
+sentence-transformers pooling, batched or alone, over the openai SDK and lorax-client. An adapter that ships a chat template in its own tokenizer_config.json has its chat
 requests rendered with it (checked against HF transformers' rendering), others the base model's."""
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (adapters / "broken" / "tokenizer_config.json").write_text(
         json.dumps({"chat_template": "{% for m in %}"})
     )
+    # Embeddings: a sentence-transformers folder that pools the mean of the tokens, then normalises.
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir()
+    pooling = {
+        "word_embedding_dimension": 64,
+        "pooling_mode_mean_tokens": True,
+        "pooling_mode_lasttoken": False,
+    }
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
     return path
 
 
@@ -257,8 +272,8 @@ TEXTS = ["w5 w17 w3", "w9 w2", "w130 w7 w7 w7 w21 w64 w3 w11 w250 w6 w1 w42 w17 
 
 
 def embedding_reference(tiny: Path, ids: list[int], adapter: str | None) -> torch.Tensor:
-    """HF transformers' final hidden states (PEFT's model for an adapter): last token, normalised
-    (the pooling of a model folder without a sentence-transformers config)."""
+    """HF transformers' final hidden states (PEFT's model for an adapter): their mean, normalised, as
+    the folder's sentence-transformers config says."""
     from peft import PeftModel
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -269,7 +284,7 @@ def embedding_reference(tiny: Path, ids: list[int], adapter: str | None) -> torc
         model = PeftModel.from_pretrained(causal, tiny.parent / "adapters" / adapter).base_model.model.model
     with torch.no_grad():
         hidden = model(input_ids=torch.tensor([ids])).last_hidden_state[0]
-    return torch.nn.functional.normalize(hidden[-1], dim=0)
+    return torch.nn.functional.normalize(hidden.mean(dim=0), dim=0)
 
 
 def _ids(server: Launcher, text: str) -> list[int]:

@@ -65,3 +65,30 @@ def test_mean_pooling_averages_every_token(tmp_path: Path) -> None:
 def test_a_pooling_this_server_does_not_serve_is_refused(tmp_path: Path, flags: dict[str, bool]) -> None:
     with pytest.raises(ValueError, match="not served"):
         Pooling.from_folder(folder(tmp_path, flags, normalize=True))
+
+
+@pytest.mark.parametrize(("num_computed", "num_scheduled"), [(0, 4), (4, 6)])
+def test_the_worker_refuses_an_embedding_that_would_not_compute_its_whole_prompt_in_one_step(
+    num_computed: int, num_scheduled: int
+) -> None:
+    from loraxpy.worker.batch import Limits, NewRequestData, StepInput, WorkerInputError, validate_step
+    from loraxpy.worker.sampling import SamplingParams
+
+    def step(num_computed: int, num_scheduled: int) -> StepInput:
+        request = NewRequestData(
+            id=1,
+            token_ids=tuple(range(1, 11)),
+            num_prompt_tokens=10,
+            params=SamplingParams(),
+            adapter_index=0,
+            block_table=(0, 1, 2),
+            num_scheduled_tokens=num_scheduled,
+            num_computed_tokens=num_computed,
+            is_embedding=True,
+        )
+        return StepInput(new_requests=(request,))
+
+    limits = Limits(vocab_size=32, num_blocks=8, block_size=4, max_model_len=64, max_step_tokens=64)
+    validate_step(step(0, 10), {}, limits)
+    with pytest.raises(WorkerInputError, match="whole prompt in one step"):
+        validate_step(step(num_computed, num_scheduled), {}, limits)
