@@ -19,8 +19,17 @@ MAX_NEW_TOKENS = 12
 def hf_reference(
     model_path: Path, prompt: list[int], max_new_tokens: int
 ) -> tuple[list[int], list[float], list[float]]:
-    """Greedy tokens, their log-probs, and prompt log-probs (token 1..n-1) from HF transformers."""
-    model = _hf_model(model_path)
+    """Greedy tokens, their log-probs, and prompt log-probs (token 1..n-1) from HF transformers
+    (each computed once: parametrised tests ask again for the same prompts)."""
+    key = (model_path, tuple(prompt), max_new_tokens)
+    if key not in _HF_REFERENCES:
+        _HF_REFERENCES[key] = _hf_reference(_hf_model(model_path), prompt, max_new_tokens)
+    return _HF_REFERENCES[key]
+
+
+def _hf_reference(
+    model: torch.nn.Module, prompt: list[int], max_new_tokens: int
+) -> tuple[list[int], list[float], list[float]]:
     ids = torch.tensor([prompt])
     out = model.generate(
         ids, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
@@ -36,6 +45,7 @@ def hf_reference(
 
 
 _HF_MODELS: dict[Path, torch.nn.Module] = {}
+_HF_REFERENCES: dict[tuple[Path, tuple[int, ...], int], tuple[list[int], list[float], list[float]]] = {}
 
 
 def _hf_model(path: Path) -> torch.nn.Module:
