@@ -274,31 +274,15 @@ def test_info_health_and_tokenize(server: Launcher, hf) -> None:
     assert [t["id"] for t in tokens] == hf.tokenizer(QUESTION).input_ids
 
 
-def test_sigterm_exits_cleanly(default_model_path: Path, tmp_path: Path) -> None:
-    with launcher(default_model_path, tmp_path) as s:
-        s.proc.send_signal(signal.SIGTERM)
-        assert s.proc.wait(timeout=60) == 0, s.log()
-
-
-def test_a_dead_shard_stops_the_launcher_with_a_non_zero_exit(
+def test_memory_pressure_preempts_every_request_still_completes_and_a_dead_shard_stops_the_launcher(
     default_model_path: Path, tmp_path: Path
 ) -> None:
-    with launcher(default_model_path, tmp_path, "--max-restarts", "0") as s:
-        children = subprocess.run(
-            ["pgrep", "-P", str(s.proc.pid)], capture_output=True, text=True
-        ).stdout.split()
-        assert children, "the launcher runs its shard as a child process"
-        subprocess.run(["kill", "-9", children[0]], check=True)
-        assert s.proc.wait(timeout=60) != 0
-        assert "shard 0 exited" in s.log()
-
-
-def test_memory_pressure_preempts_and_every_request_still_completes(
-    default_model_path: Path, tmp_path: Path
-) -> None:
+    """One launch for two behaviours: preemption under memory pressure, then (with --max-restarts 0)
+    the launcher exits non-zero once its shard is killed."""
     prompts = [f"Write the number {i} in words, then count upwards:" for i in range(8)]
     # Room for 160 cached tokens: eight requests of ~60 tokens cannot all stay resident.
-    with launcher(default_model_path, tmp_path, "--max-batch-total-tokens", "160") as s:
+    args = ("--max-batch-total-tokens", "160", "--max-restarts", "0")
+    with launcher(default_model_path, tmp_path, *args) as s:
         client = Client(s.url)
         alone = {
             p: client.generate(p, max_new_tokens=48, ignore_eos_token=True).generated_text for p in prompts
@@ -314,49 +298,47 @@ def test_memory_pressure_preempts_and_every_request_still_completes(
 
         results = asyncio.run(crowd())
         m = metrics(s)
-    assert all(text == alone[p] for p, text in results)
-    assert m["lorax_preemptions"] > 0
-    assert m["lorax_kv_blocks_used"] == 0
+        assert all(text == alone[p] for p, text in results)
+        assert m["lorax_preemptions"] > 0
+        assert m["lorax_kv_blocks_used"] == 0
+
+        children = subprocess.run(
+            ["pgrep", "-P", str(s.proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert children, "the launcher runs its shard as a child process"
+        subprocess.run(["kill", "-9", children[0]], check=True)
+        assert s.proc.wait(timeout=60) != 0
+        assert "shard 0 exited" in s.log()
 
 
-def test_sigterm_with_requests_in_flight_ends_them_and_exits_cleanly(
+def test_overload_answers_429_at_once_and_sigterm_ends_the_request_in_flight_and_exits_cleanly(
     default_model_path: Path, tmp_path: Path
 ) -> None:
+    """One launch (--max-concurrent-requests 1) for two behaviours: a request past the limit gets 429
+    at once; SIGTERM ends the one in flight (unfinished after a 1 s grace) with an error event, exit 0."""
     body = {
         "inputs": "Tell me a long story.",
         "parameters": {"max_new_tokens": 2000, "ignore_eos_token": True},
     }
-    with launcher(default_model_path, tmp_path) as s:
+    args = ("--max-concurrent-requests", "1", "--shutdown-grace-period-s", "1")
+    with launcher(default_model_path, tmp_path, *args) as s:
         with requests.post(s.url + "/generate_stream", json=body, stream=True, timeout=120) as r:
-            lines = r.iter_lines()
+            lines = r.iter_lines()  # keep a reference: a collected iterator closes the connection
             next(lines)
+            second = requests.post(s.url + "/generate", json=body, timeout=10)
+            chat = requests.post(
+                s.url + "/v1/chat/completions",
+                timeout=10,
+                json={"messages": [{"role": "user", "content": "hi"}]},
+            )
             s.proc.send_signal(signal.SIGTERM)
             events = [json.loads(line[5:]) for line in lines if line.startswith(b"data:")]
         assert s.proc.wait(timeout=60) == 0, s.log()
+    assert second.status_code == 429 and second.json()["error_type"] == "overloaded"
+    assert chat.status_code == 429 and chat.headers["Retry-After"] and chat.json()["error"]["type"]
     assert events and "error" in events[-1], (
         "an unfinished request ends with an error event, not a silent close"
     )
-
-
-def test_overload_answers_429_at_once(default_model_path: Path, tmp_path: Path) -> None:
-    body = {
-        "inputs": "Tell me a long story.",
-        "parameters": {"max_new_tokens": 300, "ignore_eos_token": True},
-    }
-    with (
-        launcher(default_model_path, tmp_path, "--max-concurrent-requests", "1") as s,
-        requests.post(s.url + "/generate_stream", json=body, stream=True, timeout=120) as r,
-    ):
-        lines = r.iter_lines()  # keep a reference: a collected iterator closes the connection
-        next(lines)
-        second = requests.post(s.url + "/generate", json=body, timeout=10)
-        chat = requests.post(
-            s.url + "/v1/chat/completions",
-            timeout=10,
-            json={"messages": [{"role": "user", "content": "hi"}]},
-        )
-    assert second.status_code == 429 and second.json()["error_type"] == "overloaded"
-    assert chat.status_code == 429 and chat.headers["Retry-After"] and chat.json()["error"]["type"]
 
 
 def test_openai_n_returns_independent_choices(server: Launcher) -> None:
@@ -509,3 +491,9 @@ def test_openai_n_choices_are_independent_samples_and_a_seed_reproduces_them(ser
     first = texts()
     assert len(set(first)) > 1, f"three samples came out identical: {first}"
     assert texts() == first, "the same seed gives the same choices"
+
+
+def test_sigterm_exits_cleanly(server: Launcher) -> None:
+    """Runs last: it stops the module's server (idle by now) instead of launching one more."""
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=60) == 0, server.log()
