@@ -300,11 +300,16 @@ class Api:
             error = str(e)
             raise GenerationError(str(e)) from e
         finally:
-            self._end_trace(span, output, gen, error)
+            self._end_trace(span, output, gen, error, valid.end_user)
         self.s.metrics.observe_success(gen)
 
     def _end_trace(
-        self, span: Any, output: RequestOutput | None, gen: R.Generation, error: str | None
+        self,
+        span: Any,
+        output: RequestOutput | None,
+        gen: R.Generation,
+        error: str | None,
+        end_user: str | None = None,
     ) -> None:
         tracer = self.s.tracer
         if span is None:
@@ -320,6 +325,7 @@ class Api:
             generated_tokens=len(gen.events),
             finish_reason=gen.finish_reason.value if gen.events else None,
             error=error,
+            **{"enduser.id": end_user},  # OpenAI's `user`, as OpenTelemetry names it
         )
 
     async def _run(self, valid: ValidRequest) -> R.Generation:

@@ -59,9 +59,11 @@ class ValidRequest:
     api_token: str = field(default="", repr=False)  # secret: never logged
     merge: AdapterMerge | None = None  # adapter_id is then the merge's key
     parse_tool_calls: bool = False  # chat with tools: read tool calls back from the output
+    end_user: str | None = None  # OpenAI's `user`: the request's trace span carries it (enduser.id)
 
 
 ADAPTER_SOURCES = ("hub", "local", "s3")
+MAX_END_USER_CHARS = 256  # OpenAI's `user`, an id for abuse monitoring: kept on the trace span
 
 
 def _adapter(adapter_id: str | None, source: str | None, limits: Limits) -> tuple[str | None, str]:
@@ -336,6 +338,8 @@ def _openai_common(req: CompletionRequest | ChatCompletionRequest, limits: Limit
         raise ValidationError(f"`n` must be between 1 and {max_n}", param="n")
     if req.logit_bias:
         raise ValidationError("`logit_bias` is not supported by this server", param="logit_bias")
+    if req.user is not None and len(req.user) > MAX_END_USER_CHARS:
+        raise ValidationError(f"`user` must be at most {MAX_END_USER_CHARS} characters", param="user")
 
 
 def validate_openai(
@@ -380,6 +384,7 @@ def validate_openai(
         adapter_id=adapter_id,
         adapter_source=adapter_source,
         api_token=req.api_token or "",
+        end_user=req.user,
     )
 
 

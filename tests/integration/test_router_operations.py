@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 import requests
 from launcher_process import Launcher, _wait_healthy, free_port, launcher
@@ -115,6 +116,20 @@ def test_request_spans_reach_the_otlp_receiver(secured, otlp: OtlpReceiver) -> N
     attributes = {kv.key: kv.value for s in roots for kv in s.attributes}
     assert "generated_tokens" in attributes
     assert API_KEY not in str(otlp.spans)
+    # OpenAI's `user` is honoured: the request's span carries it as OpenTelemetry's enduser.id
+    client = openai.OpenAI(base_url=f"{secured.url}/v1", api_key=API_KEY)
+    model = client.models.list().data[0].id
+    client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, user="tenant-42"
+    )
+    deadline = time.monotonic() + 20
+    users: list[str] = []
+    while time.monotonic() < deadline and not users:
+        users = [kv.value.string_value for s in otlp.spans for kv in s.attributes if kv.key == "enduser.id"]
+        time.sleep(0.2)
+    assert users == ["tenant-42"]
+    with pytest.raises(openai.BadRequestError, match="`user` must be at most 256 characters"):
+        client.completions.create(model=model, prompt="Hi", max_tokens=1, user="u" * 257)
 
 
 def test_logs_are_json_lines_without_secrets(secured) -> None:
