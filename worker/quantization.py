@@ -19,6 +19,7 @@ from torch import nn
 
 from loraxpy.proto.quantization import check_checkpoint, check_scheme_name
 from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear
+from loraxpy.worker.model_source import GGUF_POINTER
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ def check_quantization(model_path: Path, scheme: str | None, device: torch.devic
     checkpoint whose own quantization_config disagrees with `--quantize`."""
     check_scheme_name(scheme)
     check_checkpoint(json.loads((model_path / "config.json").read_text()), scheme)
+    if scheme and (model_path / GGUF_POINTER).exists():
+        raise ValueError(
+            f"--quantize {scheme}: a GGUF file is served in its own blocks; leave --quantize unset"
+        )
     if not scheme or scheme == "fp8":  # fp8 dequantizes before the matmul: runs on any device
         return
     if device.type not in ("cpu", "cuda"):

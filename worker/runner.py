@@ -26,6 +26,7 @@ from loraxpy.worker.batch import (
     validate_step,
 )
 from loraxpy.worker.cuda_graphs import DecodeGraphs
+from loraxpy.worker.gguf_weights import gguf_file_of, load_gguf
 from loraxpy.worker.kv_cache import KVCacheSpec
 from loraxpy.worker.layers import Shard
 from loraxpy.worker.lora import LoraManager, StagedAdapter, num_adapter_slots
@@ -100,7 +101,10 @@ class ModelRunner:
             dtype=options.dtype,
             device=options.device,
         )
-        load_weights(self.model, model_path, tied_lm_head=self.config.tie_word_embeddings)
+        if (gguf_file := gguf_file_of(model_path)) is not None:  # its linears stay in their blocks
+            load_gguf(self.model, gguf_file, self.config)
+        else:
+            load_weights(self.model, model_path, tied_lm_head=self.config.tie_word_embeddings)
         quantize_model(self.model, options.quantize)
         packed = prepack_model(self.model, options.cpu_weight_layout, options.device, options.dtype)
         self.weight_bytes = weight_bytes(self.model)
