@@ -294,6 +294,7 @@ def test_hub_adapters_are_isolated_per_token_where_weights_are_read(
         args = ("--adapter-load-timeout-s", "3", "--max-concurrent-adapter-loads", "1")
         with launcher(default_model_path, tmp_path, *args) as s:
             _check_hub_tenants(s, fake, owner, peft_greedy)
+            _check_tenants_share_no_cached_prefix(s, owner)
             _check_slow_loads_leave_others_served(s)
             log = s.log()
     assert owner not in log and server_token not in log
@@ -334,6 +335,34 @@ def _check_hub_tenants(s: Launcher, fake: Any, owner: str, peft_greedy) -> None:
     assert _generate(s.url, adapter_id="acme/public-lora").status_code == 200
     models = [m["id"] for m in requests.get(s.url + "/v1/models", timeout=10).json()["data"]]
     assert "acme/public-lora" in models and private not in models
+
+
+def _check_tenants_share_no_cached_prefix(s: Launcher, owner: str) -> None:
+    """A hub adapter read with the requester's token is per tenant in the prefix cache too: the
+    anonymous tenant never takes the blocks the owner's requests left (and the reverse)."""
+
+    def cache_hits() -> float:
+        text = requests.get(s.url + "/metrics", timeout=10).text
+        return next(
+            float(v)
+            for n, _, v in (line.partition(" ") for line in text.splitlines())
+            if n == "lorax_prefix_cache_hits_total"
+        )
+
+    def tokens_and_hits(token: str | None) -> tuple[list[int], float]:
+        before = cache_hits()
+        parameters = {"max_new_tokens": 4, "adapter_id": "acme/public-lora", "details": True}
+        if token is not None:
+            parameters["api_token"] = token
+        prompt = "Read this twice. " * 12 + PROMPT  # several full blocks of its own
+        r = requests.post(s.url + "/generate", json={"inputs": prompt, "parameters": parameters}, timeout=120)
+        assert r.status_code == 200, r.text
+        return [t["id"] for t in r.json()["details"]["tokens"]], cache_hits() - before
+
+    first, second, anonymous, anonymous_again = (tokens_and_hits(t) for t in (owner, owner, None, None))
+    assert first[1] == 0 and second[1] >= 3  # the owner's own prefix
+    assert anonymous[1] == 0 and anonymous_again[1] == second[1]  # not the owner's: its own, later
+    assert first[0] == second[0] == anonymous[0] == anonymous_again[0]
 
 
 def _check_slow_loads_leave_others_served(s: Launcher) -> None:
