@@ -193,6 +193,8 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         "max_active_adapters": config.max_active_adapters,
         "adapter_cycle_time_s": config.adapter_cycle_time_s,
         "num_shards": info.world_size,
+        "quantize": info.quantize or None,
+        "weight_bytes_per_shard": list(info.weight_bytes_per_shard),
         "kernel_paths": info.kernel_paths,
         "self_check_failures": info.self_check_failures,
         "version": "0.1.0",

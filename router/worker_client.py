@@ -53,6 +53,8 @@ class WorkerInfo:
     kernel_paths: dict[str, str] = field(default_factory=dict)  # fast path → what runs it on the shards
     self_check_failures: dict[str, str] = field(default_factory=dict)  # path → why it fell back
     can_reuse_prefixes: bool = False  # every shard's K/V of a prefix depend only on it (prefix caching)
+    quantize: str = ""  # the base linears' quantization (a --quantize scheme, "gguf"), "" if none
+    weight_bytes_per_shard: tuple[int, ...] = ()
 
 
 def merge_kernel_paths(per_shard: list[dict[str, str]]) -> dict[str, str]:
@@ -257,6 +259,8 @@ class WorkerClient:
             kernel_paths=merge_kernel_paths([dict(r.kernel_paths) for r in infos]),
             self_check_failures={k: v for r in reversed(infos) for k, v in r.self_check_failures.items()},
             can_reuse_prefixes=all(r.can_reuse_prefixes for r in infos),
+            quantize=i.quantize,
+            weight_bytes_per_shard=tuple(r.weight_bytes for r in infos),
         )
 
     async def health(self, timeout: float = 5.0) -> bool:

@@ -108,12 +108,13 @@ class ModelRunner:
         quantize_model(self.model, options.quantize)
         packed = prepack_model(self.model, options.cpu_weight_layout, options.device, options.dtype)
         self.weight_bytes = weight_bytes(self.model)
+        self.quantization = "gguf" if gguf_file is not None else (options.quantize or "")
         logger.info(
             "model %s (%s, %s%s on %s, attention %s, %d CPU threads) loaded in %.1f s, %.1f MiB of weights",
             model_path,
             self.config.model_type,
             options.dtype,
-            f" quantized {options.quantize}" if options.quantize else "",
+            f" quantized {self.quantization}" if self.quantization else "",
             options.device,
             self.attention_backend,
             torch.get_num_threads(),

@@ -192,6 +192,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             kernel_paths=active_paths(r.attention_backend, r.lora, r.graphs),
             self_check_failures=r.self_check.failures,
             can_reuse_prefixes=r.can_reuse_prefixes,
+            quantize=r.quantization,
+            weight_bytes=r.weight_bytes,
         )
 
     @_rpc

@@ -50,6 +50,11 @@ def test_default_gguf_served_in_its_blocks_matches_transformers_gguf_loading_wit
         )
         batch = [Request(id=i + 1, prompt=prompt, max_new_tokens=8, adapter_index=i) for i in range(2)]
         Driver(stub, num_blocks=16, block_size=16, step_token_budget=64).run(batch)
+        info = stub.Info(pb.InfoRequest())
+    assert info.quantize == "gguf"
+    assert (
+        info.weight_bytes < (default_model_path / "model.safetensors").stat().st_size
+    )  # the fp32 checkpoint
     log = (tmp_path / "worker.log").read_text()
     assert "linear tensors kept in their GGUF blocks: {'Q4_1': 210}" in log
     base = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)

@@ -138,6 +138,10 @@ def test_fp8_worker_matches_transformers_on_the_same_fp8_weights(
     args = ("--quantize", "fp8", "--adapter-root", str(root))
     with sharded_workers(base, tmp_path, num_shard, extra_args=args) as stubs:
         batch = run_mixed_batch(stubs, 8)
+        infos = [s.Info(pb.InfoRequest()) for s in stubs]
+    checkpoint_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    assert [i.quantize for i in infos] == ["fp8"] * num_shard
+    assert all(0 < i.weight_bytes < checkpoint_bytes for i in infos)
     expected = reference_greedy(base, root, batch, per_shard(fp8_roundtrip, num_shard), 8)
     for r, (tokens, logprobs) in zip(batch, expected, strict=True):
         assert r.generated == tokens, f"request {r.id}"
