@@ -19,6 +19,7 @@ from fake_hub import fake_hub, hub_cache_from_folder
 from launcher_process import Launcher, launcher
 from lorax import AsyncClient, Client
 from lorax.errors import NotFoundError, ValidationError
+from safetensors.torch import save_file
 
 from loraxpy.proto.adapter_policy import not_found_message
 
@@ -35,24 +36,56 @@ NUM_CYCLED = 40
 
 
 def save_adapter(base: Path, out: Path, r: int, alpha: int, targets: list[str], seed: int) -> None:
+    save_adapters(base, out.parent, {out.name: (r, alpha, targets, seed)})
+
+
+def save_adapters(base: Path, root: Path, specs: dict[str, tuple[int, int, list[str], int]]) -> None:
+    """PEFT's own adapters, name → (rank, alpha, target modules, seed), with random A and B (answers
+    change); the base model is loaded once and given back by `unload` after each save."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(out)  # random A and B: answers change
+    for name, (r, alpha, targets, seed) in specs.items():
+        torch.manual_seed(seed)
+        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+        peft_model = get_peft_model(model, config)
+        peft_model.save_pretrained(root / name)
+        model = peft_model.unload()
+
+
+def write_qv_adapter(base: Path, out: Path, r: int, alpha: int, seed: int) -> None:
+    """PEFT's file layout written directly (PEFT's save takes seconds per adapter here): a random
+    LoRA on q_proj and v_proj drawn like PEFT's `init_lora_weights=False` (A and B as nn.Linear's
+    default init); PEFT itself reads these files for the reference answers."""
+    config = json.loads((base / "config.json").read_text())
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * config.get("head_dim", hidden // heads)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(config["num_hidden_layers"]):
+        for target, out_features in (("q_proj", hidden), ("v_proj", kv)):
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{target}"
+            a = (torch.rand(r, hidden, generator=g) * 2 - 1) / hidden**0.5
+            tensors[f"{prefix}.lora_A.weight"] = a
+            tensors[f"{prefix}.lora_B.weight"] = (torch.rand(out_features, r, generator=g) * 2 - 1) / r**0.5
+    out.mkdir(parents=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    peft = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha}
+    (out / "adapter_config.json").write_text(json.dumps({**peft, "target_modules": ["q_proj", "v_proj"]}))
 
 
 @pytest.fixture(scope="module")
 def adapter_root(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("adapters")
-    for seed, (name, (r, alpha, targets)) in enumerate(ADAPTERS.items()):
-        save_adapter(default_model_path, root / name, r, alpha, targets, seed)
-    for i in range(NUM_CYCLED):
-        save_adapter(default_model_path, root / f"cycled-{i}", 1 + i % 3, 8, ["q_proj", "v_proj"], 1000 + i)
+    specs = {
+        name: (r, alpha, targets, seed) for seed, (name, (r, alpha, targets)) in enumerate(ADAPTERS.items())
+    }
     # Same rank as all-r8, fewer modules: the two merge.
-    save_adapter(default_model_path, root / "qvd-r8", 8, 8, ["q_proj", "v_proj", "down_proj"], 77)
+    specs["qvd-r8"] = (8, 8, ["q_proj", "v_proj", "down_proj"], 77)
+    save_adapters(default_model_path, root, specs)
+    for i in range(NUM_CYCLED):
+        write_qv_adapter(default_model_path, root / f"cycled-{i}", 1 + i % 3, 8, 1000 + i)
     return root
 
 
@@ -69,6 +102,10 @@ def server(
         "local",
         "--max-active-adapters",
         "4",
+        # Forty adapters through four slots: on a busy CI machine the last ones wait past the 60 s
+        # default (the bounded wait itself is test_router_overload.py's).
+        "--max-queue-time-s",
+        "600",
     ) as s:
         yield s
 
