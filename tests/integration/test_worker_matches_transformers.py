@@ -88,14 +88,15 @@ def assert_matches_hf(model_path: Path, requests: list[Request]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("chunk_size", "backend"),
-    [(None, "sdpa"), (7, "sdpa"), (7, "triton")],
-    ids=["whole-prompts", "chunked-prefill", "chunked-prefill-triton-attention"],
+    ("chunk_sizes", "backend"),
+    [((None, 7), "sdpa"), ((7,), "triton")],
+    ids=["whole-prompts-and-chunked-prefill", "chunked-prefill-triton-attention"],
 )
 def test_tiny_models_match_transformers_in_a_continuous_batch(
-    tiny_model: tuple[str, Path], chunk_size: int | None, backend: str, tmp_path: Path
+    tiny_model: tuple[str, Path], chunk_sizes: tuple[int | None, ...], backend: str, tmp_path: Path
 ) -> None:
-    """`triton` runs the Triton store and paged attention (in Triton's interpreter without CUDA)."""
+    """`triton` runs the Triton store and paged attention (in Triton's interpreter without CUDA).
+    One worker per backend serves each chunk size in turn, each on a new (warmed-up) KV cache."""
     if backend == "triton":
         pytest.importorskip("triton", reason="triton is a dev dependency (make install)")
     kind, path = tiny_model
@@ -109,14 +110,17 @@ def test_tiny_models_match_transformers_in_a_continuous_batch(
     with worker_process(path, tmp_path, extra_args=("--attention-backend", backend)) as stub:
         info = stub.Info(pb.InfoRequest())
         assert info.model_type == kind and info.attention_backend == backend
-        warm = stub.Warmup(pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=8, num_blocks=64))
-        driver = Driver(
-            stub,
-            num_blocks=warm.num_blocks,
-            block_size=warm.block_size,
-            step_token_budget=64,
-            chunk_size=chunk_size,
-        )
-        requests = driver.run(make_requests(info.vocab_size, prompt_logprobs=True))
-        assert driver.allocator.num_free == warm.num_blocks
-    assert_matches_hf(path, requests)
+        runs = []
+        for chunk_size in chunk_sizes:
+            warm = stub.Warmup(pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=8, num_blocks=64))
+            driver = Driver(
+                stub,
+                num_blocks=warm.num_blocks,
+                block_size=warm.block_size,
+                step_token_budget=64,
+                chunk_size=chunk_size,
+            )
+            runs.append(driver.run(make_requests(info.vocab_size, prompt_logprobs=True)))
+            assert driver.allocator.num_free == warm.num_blocks
+    for requests in runs:
+        assert_matches_hf(path, requests)
