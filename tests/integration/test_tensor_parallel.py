@@ -93,6 +93,7 @@ def test_default_model_over_three_shards_matches_one(default_model_path: Path, t
     with launcher(default_model_path, tmp_path, "--num-shard", "3") as s:
         info = requests.get(s.url + "/info", timeout=10).json()
         assert info["num_shards"] == 3
+        assert info["quantize"] is None and len(info["weight_bytes_per_shard"]) == 3
         sharded = Client(s.url).generate(prompt, max_new_tokens=20, details=True)
         sharded_json = constrained(s.url)
         before = cache_hits(s.url)
