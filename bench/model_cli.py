@@ -79,6 +79,11 @@ def build_model_parser() -> argparse.ArgumentParser:
         default="float32",
         help="every path's dtype (the targets are for float32; bfloat16 needs AMX or AVX512-BF16 to pay)",
     )
+    p.add_argument(
+        "--quantize",
+        help="the engine's base linears quantized at load, as the worker's --quantize (with --paths engine); "
+        "a GGUF --model-id is served in its blocks without it",
+    )
     p.add_argument("--output", type=Path, default=Path("bench-model.json"), help="JSON results")
     p.add_argument("--plot", type=Path, help="PNG of tokens/s vs adapters (default: --output with .png)")
     p.add_argument("--workdir", type=Path, help="keep the adapters and the server's log here (default: temp)")
@@ -109,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
         port=args.port,
         seed=args.seed,
         dtype=args.dtype,
+        quantize=args.quantize,
     )
 
 

@@ -59,6 +59,7 @@ class ModelBenchConfig:
     port: int = 0
     seed: int = 0
     dtype: str = "float32"  # every path's: floor, engine, server (--dtype) and HF
+    quantize: str | None = None  # the engine's base linears (--quantize); the other paths refuse it
 
     def __post_init__(self) -> None:
         if min(self.batch_sizes, default=0) < 1 or self.prompt_len < 1 or self.rank < 1:
@@ -69,6 +70,8 @@ class ModelBenchConfig:
             raise ValueError("adapter counts start at 2 (one adapter for the whole batch is `single`)")
         if unknown := set(self.paths) - set(PATHS):
             raise ValueError(f"unknown paths {sorted(unknown)}; choose from {', '.join(PATHS)}")
+        if self.quantize and set(self.paths) != {"engine"}:
+            raise ValueError("--quantize times the engine only: pass --paths engine")
         if min(self.threads, self.server_threads or 1, self.floor_repeats, self.prefill_tokens) < 1:
             raise ValueError("threads, floor repeats and prefill tokens must be positive")
 
@@ -191,6 +194,7 @@ def _engine_runs(
         max_loras=config.max_adapters,
         max_lora_rank=config.rank,
         adapter_root=pool.root,
+        quantize=config.quantize,
     )
     bench = EngineBench(
         model_dir,

@@ -15,6 +15,7 @@ from conftest import build_tiny_model
 from test_worker_lora import INDEX, load, make_adapters
 from worker_driver import Driver, Request, sharded_workers
 
+from loraxpy.bench.model_suite import ModelBenchConfig
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
 from loraxpy.proto.quantization import check_scheme_name
@@ -262,3 +263,14 @@ def test_the_runner_refuses_a_disagreeing_checkpoint_before_loading_it(
         ValueError, match=r"disagrees with the checkpoint's quantization_config \(bitsandbytes\)"
     ):
         ModelRunner(folder, options)
+
+
+def test_lorax_bench_model_times_a_quantized_engine_only() -> None:
+    from loraxpy.bench import model_cli
+
+    def config(*argv: str) -> ModelBenchConfig:
+        return model_cli.config_from_args(model_cli.build_model_parser().parse_args(list(argv)))
+
+    assert config("--quantize", "fp8", "--paths", "engine").quantize == "fp8"
+    with pytest.raises(ValueError, match="--quantize times the engine only"):
+        config("--quantize", "fp8")
