@@ -238,6 +238,7 @@ async def serve(
     await _preload_adapters(config, state)
     restart = None if shards is None else functools.partial(shards.restart, client=client)
     healer = Healer(engine, state.adapters, functools.partial(warm_workers, config, client), info, restart)
+    state.metrics.watch_healing(healer, shards)
     healing = asyncio.create_task(healer.run(), name="healer")
     runner = web.AppRunner(
         build_app(state, cors_allow_origin=config.cors_allow_origin),

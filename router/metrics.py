@@ -11,7 +11,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 if TYPE_CHECKING:
     from loraxpy.router.adapters import AdapterRegistry
     from loraxpy.router.engine import Engine
+    from loraxpy.router.healing import Healer
     from loraxpy.router.responses import Generation
+    from loraxpy.router.shards import ShardGroup
 
 SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
@@ -111,6 +113,16 @@ class Metrics:
         self.prefix_cache_evictions = Gauge(
             "lorax_prefix_cache_evictions_total", "Cached blocks evicted to make room", registry=r
         )
+        # Healing (router/healing.py, router/shards.py): read from their owners at each scrape.
+        self.heals = Gauge(
+            "lorax_heals_total", "Times the workers were lost and the router served again", registry=r
+        )
+        self.healing = Gauge("lorax_healing", "1 while the workers are being healed, else 0", registry=r)
+        self.shard_restarts = Gauge(
+            "lorax_shard_restarts_total",
+            "Times lorax-launcher restarted its shard group (0 for lorax-router, which waits instead)",
+            registry=r,
+        )
         self.kernel_path = Gauge(
             "lorax_kernel_path",
             "1 for the implementation each fast path runs on (after the workers' startup self-check)",
@@ -122,6 +134,13 @@ class Metrics:
         """lorax_kernel_path{path, implementation} = 1 for what runs each fast path on the workers."""
         for path, implementation in paths.items():
             self.kernel_path.labels(path=path, implementation=implementation).set(1)
+
+    def watch_healing(self, healer: Healer, shards: ShardGroup | None) -> None:
+        """Heals, healing and shard restarts as the healer and the launcher's shard group count them."""
+        self.heals.set_function(lambda: healer.num_heals)
+        self.healing.set_function(lambda: float(healer.is_healing))
+        if shards is not None:
+            self.shard_restarts.set_function(lambda: shards.num_restarts)
 
     def observe_step(self, seconds: float, worker_seconds: float, num_scheduled: int) -> None:
         self.step_duration.observe(seconds)

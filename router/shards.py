@@ -40,6 +40,7 @@ class ShardGroup:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.addresses: list[str] = []
         self._restarts: deque[float] = deque()  # when each restart within the window happened
+        self.num_restarts = 0  # every restart of the group since the launch (lorax_shard_restarts_total)
 
     def start(self) -> None:
         started = self._spawn()
@@ -90,6 +91,7 @@ class ShardGroup:
                 f"(--max-restarts {self.max_restarts}): giving up"
             )
         self._restarts.append(now)
+        self.num_restarts += 1
         logger.warning(
             "%s: restarting all %d shard(s) (restart %d of at most %d within %g s)",
             reason,

@@ -20,6 +20,7 @@ import requests
 import torch
 from conftest import build_tiny_model
 from launcher_process import Launcher, _wait_healthy, free_port, launcher
+from prometheus_client.parser import text_string_to_metric_families
 from worker_driver import _spawn
 
 from loraxpy.worker.distributed import EXIT_GROUP_BROKEN
@@ -74,6 +75,13 @@ def kill_mid_stream(url: str, kill: Any) -> str:
     assert events and "error" in events[-1], events[-3:]
     assert len(events) < LONG - 1, "the stream ended early, with an error"
     return str(events[-1]["error"])
+
+
+def healing_metrics(url: str) -> tuple[float, float, float]:
+    """(lorax_heals_total, lorax_healing, lorax_shard_restarts_total) from /metrics."""
+    text = requests.get(url + "/metrics", timeout=10).text
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return samples["lorax_heals_total"], samples["lorax_healing"], samples["lorax_shard_restarts_total"]
 
 
 def health_during_healing(url: str) -> int:
@@ -143,6 +151,7 @@ def test_a_killed_shard_fails_its_stream_then_the_launcher_restarts_the_group_an
     assert before != before_lora, "the adapter changes the answer"
     old = shard_pids(sharded.proc.pid)
     assert len(old) == 2
+    assert healing_metrics(url) == (0, 0, 0)
 
     error = kill_mid_stream(url, lambda: os.kill(max(old), signal.SIGKILL))  # one of the two
     assert "generation failed" in error
@@ -160,6 +169,7 @@ def test_a_killed_shard_fails_its_stream_then_the_launcher_restarts_the_group_an
     assert len(new) == 2 and not new & old, "every shard of the group was restarted"
     assert sharded.proc.poll() is None
     assert "restarting all 2 shard(s)" in sharded.log()
+    assert healing_metrics(url) == (1, 0, 1), "one heal, by one restart of the group"
 
 
 def test_a_crash_loop_exits_non_zero_after_max_restarts(tiny: Path, tmp_path: Path) -> None:
@@ -225,6 +235,7 @@ def test_lorax_router_alone_waits_for_its_restarted_worker_pods_and_serves_the_s
         queued, queued_lora = Queued(handle.url), Queued(handle.url, "qv")
         time.sleep(2.0)  # the workers stay away a while: the router backs off and keeps trying
         assert health_during_healing(handle.url) == 503
+        assert healing_metrics(handle.url) == (0, 1, 0), "healing, and lorax-router restarts nothing"
         assert queued.is_alive() and queued_lora.is_alive(), "queued requests wait for the workers"
 
         workers = start_workers("again")  # the pods' containers restart
@@ -250,6 +261,7 @@ def test_lorax_router_alone_waits_for_its_restarted_worker_pods_and_serves_the_s
         wait_for_health(handle.url, 200)
         assert generate(handle.url) == before
         assert generate(handle.url, "qv") == before_lora, "an adapter idle at the loss loads again on use"
+        assert healing_metrics(handle.url) == (2, 0, 0)
         assert router.poll() is None, handle.log()
     finally:
         router.terminate()
