@@ -1,7 +1,8 @@
 """Schemathesis fuzzes every route of the server's own /openapi.json against one real launcher: no
 answer is a 5xx, every error (a status or an event in a stream) is JSON in its API's documented
 error shape, invalid bodies are refused with a 4xx, and the server still answers a normal request
-with the right tokens afterwards.
+with the right tokens afterwards. The same server started with --api-key is fuzzed briefly with
+the key (served as above) and without it (401 in its path's error shape, but for the public routes).
 
 The server runs the tiny random Llama with a word-level tokenizer, a chat template and one LoRA
 adapter, with small token limits so that whatever the fuzzer asks for costs milliseconds. The
@@ -26,11 +27,14 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi import checks as openapi_checks
 from tiny_served import build_served_tiny_llama
 
-from loraxpy.router.openapi import LORAX_ERROR, ROUTES
+from loraxpy.router.openapi import LORAX_ERROR, PUBLIC_ROUTES, ROUTES
 
 pytestmark = pytest.mark.slow
 
 EXAMPLES = 25  # per route and generation mode: enough to reach every field, small enough for CI
+SECURED_EXAMPLES = 5  # per route, with and without the key: the handlers behind it are fuzzed above
+API_KEY = "fuzz-api-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPT = "w5 w17 w3"
 
 
@@ -56,6 +60,19 @@ def server(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lau
         *("--max-input-length", "48", "--max-total-tokens", "64"),
         *("--adapter-source", "local", "--adapter-root", str(tiny.parent / "adapters")),
         *("--max-active-adapters", "2", "--max-concurrent-requests", "64"),
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def secured(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    """The same server started with --api-key."""
+    with launcher(
+        tiny,
+        tmp_path_factory.mktemp("fuzz-secured"),
+        *("--max-input-length", "48", "--max-total-tokens", "64"),
+        *("--adapter-source", "local", "--adapter-root", str(tiny.parent / "adapters")),
+        *("--max-active-adapters", "2", "--api-key", API_KEY),
     ) as s:
         yield s
 
@@ -154,6 +171,76 @@ def test_fuzzed_requests_get_no_5xx_and_every_error_is_json_in_the_documented_sh
         case.call_and_validate(timeout=60, checks=checks)
 
     fuzz()
+
+
+def _fuzz_every_route(schema: Any, check: Any) -> None:
+    """`check(route, case)` on SECURED_EXAMPLES positive examples of every route."""
+    for route in sorted(ROUTES):
+        _fuzz_route(schema, route, check)
+
+
+def _fuzz_route(schema: Any, route: tuple[str, str], check: Any) -> None:
+    method, path = route
+
+    @settings(
+        max_examples=SECURED_EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
+    @given(case=schema[path][method.upper()].as_strategy(generation_mode=GenerationMode.POSITIVE))
+    def fuzz(case: Any) -> None:
+        check(route, case)
+
+    fuzz()
+
+
+def test_with_an_api_key_fuzzed_requests_that_carry_it_get_no_5xx_and_errors_in_the_documented_shape(
+    secured: Launcher,
+) -> None:
+    schema = schemathesis.openapi.from_url(secured.url + "/openapi.json", headers=AUTH, timeout=10)
+
+    def check(route: tuple[str, str], case: Any) -> None:
+        response = case.call_and_validate(headers=AUTH, timeout=60, checks=CHECKS)
+        assert response.status_code != 401, (route, response.text)
+
+    _fuzz_every_route(schema, check)
+    assert _greedy_with(secured.url, AUTH)  # the key reaches the handlers: both APIs answer
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
+    r = requests.post(secured.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_with_an_api_key_fuzzed_requests_without_it_get_401_in_the_documented_shape_but_public_routes(
+    secured: Launcher,
+) -> None:
+    schema = schemathesis.openapi.from_url(secured.url + "/openapi.json", headers=AUTH, timeout=10)
+    assert requests.get(secured.url + "/openapi.json", timeout=10).status_code == 401
+
+    def check(route: tuple[str, str], case: Any) -> None:
+        response = case.call(timeout=60)
+        if route in PUBLIC_ROUTES:
+            case.validate_response(response, checks=CHECKS)
+            assert response.status_code != 401, (route, response.text)
+            return
+        # The key is checked before a body is read, so a 401 has its path's error shape: OpenAI's
+        # under /v1/, LoRAX's elsewhere (SageMaker's /invocations included, whatever body it carries).
+        case.validate_response(
+            response, checks=[c for c in CHECKS if c is not errors_are_json_in_the_documented_shape]
+        )
+        assert response.status_code == 401, (route, response.status_code, response.text)
+        assert _is_error_shape(response.json(), route[1].startswith("/v1/")), (route, response.text)
+
+    _fuzz_every_route(schema, check)
+    assert _greedy_with(secured.url, AUTH)  # and the server still serves with the key
+
+
+def _greedy_with(url: str, headers: dict[str, str]) -> list[int]:
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "details": True}}
+    r = requests.post(url + "/generate", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    return [t["id"] for t in r.json()["details"]["tokens"]]
 
 
 def test_the_document_describes_every_route_the_server_serves(server: Launcher) -> None:
