@@ -20,6 +20,7 @@ from torch import nn
 from loraxpy.proto.quantization import check_checkpoint, check_scheme_name
 from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear
 from loraxpy.worker.model_source import GGUF_POINTER
+from loraxpy.worker.moe import Experts
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,18 @@ class Fp8Linear(nn.Module):
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         self.qweight: torch.Tensor
         self.scale: torch.Tensor
+        self.values: torch.Tensor
         self.register_buffer("qweight", (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
         self.register_buffer("scale", scale)
+        codes = torch.arange(256, dtype=torch.uint8, device=weight.device)
+        self.register_buffer("values", codes.view(torch.float8_e4m3fn).float())
         self.dtype = weight.dtype
 
     def dequantize(self) -> torch.Tensor:
-        return (self.qweight.float() * self.scale).to(self.dtype)
+        # A table of e4m3's 256 values, indexed by the bytes: the same fp32 values as
+        # `qweight.float()`, which on CPU converts element by element (5x slower on this project's Xeon).
+        codes = self.qweight.view(torch.uint8).view(-1).int()
+        return self.values.index_select(0, codes).view(self.qweight.shape).mul_(self.scale).to(self.dtype)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [num_tokens, in] -> [num_tokens, out]
@@ -134,9 +141,16 @@ def quantize_model(model: nn.Module, scheme: str | None) -> None:
     """Quantizes every base linear of the decoder layers (attention and MLP), after loading."""
     if not scheme:
         return
-    for module in model.modules():
-        if isinstance(module, ColumnParallelLinear | RowParallelLinear):
-            quantize_linear(module, scheme)
+    linears = [m for m in model.modules() if isinstance(m, ColumnParallelLinear | RowParallelLinear)]
+    for module in linears:
+        quantize_linear(module, scheme)
+    num_experts = sum(isinstance(m, Experts) for m in model.modules())
+    logger.info(
+        "--quantize %s: %d linears quantized%s",
+        scheme,
+        len(linears),
+        f"; the experts of {num_experts} MoE layers stay in full precision (not yet)" if num_experts else "",
+    )
 
 
 def weight_bytes(model: nn.Module) -> int:

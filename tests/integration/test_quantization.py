@@ -274,3 +274,13 @@ def test_lorax_bench_model_times_a_quantized_engine_only() -> None:
     assert config("--quantize", "fp8", "--paths", "engine").quantize == "fp8"
     with pytest.raises(ValueError, match="--quantize times the engine only"):
         config("--quantize", "fp8")
+
+
+def test_fp8_table_lookup_dequantizes_as_torchs_own_conversion() -> None:
+    from loraxpy.worker.quantization import Fp8Linear
+
+    w = torch.randn(300, 77, generator=torch.Generator().manual_seed(0))
+    w[5] = 0  # an all-zero row keeps scale 1
+    layer = Fp8Linear(w)
+    assert torch.equal(layer.dequantize(), layer.qweight.float() * layer.scale)
+    assert torch.equal(layer.dequantize(), fp8_roundtrip(w))
