@@ -64,3 +64,31 @@ def test_default_gguf_served_in_its_blocks_matches_transformers_gguf_loading_wit
     expected = adapted.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt) :]
     assert batch[1].generated == expected.tolist()
     assert batch[0].generated != batch[1].generated
+
+
+def test_each_shard_takes_its_rows_or_whole_block_columns_of_a_gguf_linear() -> None:
+    from loraxpy.worker.gguf_weights import GgufLinear, _my_blocks
+    from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear, Shard
+
+    kind = GGMLQuantizationType.Q4_1
+    w = np.random.default_rng(1).standard_normal((96, 192)).astype(np.float32)
+    raw = torch.from_numpy(quants.quantize(w, kind))
+    full = torch.from_numpy(quants.dequantize(raw.numpy(), kind))
+    cpu, f32 = torch.device("cpu"), torch.float32
+    for rank in range(3):
+        shard = Shard(rank, 3)
+        column = ColumnParallelLinear(192, {"up_proj": 96}, bias=False, shard=shard, dtype=f32, device=cpu)
+        rows = GgufLinear([(int(kind), _my_blocks(column, "up_proj", raw, int(kind)))], 192).dequantize()
+        assert torch.equal(rows, full[rank * 32 : (rank + 1) * 32])
+        row = RowParallelLinear(192, 96, bias=False, shard=shard, dtype=f32, device=cpu)
+        cols = GgufLinear([(int(kind), _my_blocks(row, "down_proj", raw, int(kind)))], 64).dequantize()
+        assert torch.equal(cols, full[:, rank * 64 : (rank + 1) * 64])
+    row = RowParallelLinear(
+        192, 96, bias=False, shard=Shard(0, 2), dtype=f32, device=cpu
+    )  # 96 columns: 3 blocks
+    assert _my_blocks(row, "down_proj", raw, int(kind)).shape == (96, 3 * 20)
+    row = RowParallelLinear(
+        192, 96, bias=False, shard=Shard(0, 4), dtype=f32, device=cpu
+    )  # 48: not whole blocks
+    with pytest.raises(ValueError, match="do not hold whole GGUF blocks of 32"):
+        _my_blocks(row, "down_proj", raw, int(kind))
