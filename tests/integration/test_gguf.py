@@ -48,7 +48,7 @@ def test_default_gguf_served_in_its_blocks_matches_transformers_gguf_loading_wit
         stub.LoadAdapter(
             pb.LoadAdapterRequest(adapter=pb.AdapterSpec(adapter_id="lora", source="local"), adapter_index=1)
         )
-        batch = [Request(id=i + 1, prompt=prompt, max_new_tokens=8, adapter_index=i) for i in range(2)]
+        batch = [Request(id=i + 1, prompt=prompt, max_new_tokens=4, adapter_index=i) for i in range(2)]
         Driver(stub, num_blocks=16, block_size=16, step_token_budget=64).run(batch)
         info = stub.Info(pb.InfoRequest())
     assert info.quantize == "gguf"
@@ -58,10 +58,10 @@ def test_default_gguf_served_in_its_blocks_matches_transformers_gguf_loading_wit
     log = (tmp_path / "worker.log").read_text()
     assert "linear tensors kept in their GGUF blocks: {'Q4_1': 210}" in log
     base = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
-    expected = base.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt) :]
+    expected = base.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False)[0, len(prompt) :]
     assert batch[0].generated == expected.tolist()
     adapted = PeftModel.from_pretrained(base, tmp_path / "adapters" / "lora")
-    expected = adapted.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt) :]
+    expected = adapted.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False)[0, len(prompt) :]
     assert batch[1].generated == expected.tolist()
     assert batch[0].generated != batch[1].generated
 
