@@ -9,7 +9,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from loraxpy.router.errors import ValidationError
 from loraxpy.router.text import Tokenizer
@@ -43,7 +43,7 @@ class EmbeddingRequest(BaseModel):
     model: str = ""
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=256)  # on the request's trace span (enduser.id)
     adapter_source: str | None = None
     api_token: str | None = None
 

@@ -413,7 +413,7 @@ class Api:
         valid = await self._off_loop(
             validate_embeddings, req, self.s.limits, self.s.tokenizer, self._max_embedding_tokens()
         )
-        vectors = await self._embed(valid)
+        vectors = await self._embed(valid, end_user=req.user)
         if req.dimensions is not None and req.dimensions != len(vectors[0]):
             raise ValidationError(
                 f"`dimensions` must be this model's {len(vectors[0])}: it is not trained to be truncated",
@@ -426,8 +426,27 @@ class Api:
         """An embedding's whole input is computed in one step."""
         return min(self.s.limits.max_input_length, self.s.engine.scheduler.config.max_step_tokens)
 
-    async def _embed(self, valid: ValidEmbeddings) -> list[tuple[float, ...]]:
-        """Every input's vector, all under the request's adapter, which they hold until the last ends."""
+    async def _embed(self, valid: ValidEmbeddings, end_user: str | None = None) -> list[tuple[float, ...]]:
+        """Every input's vector, all under the request's adapter, which they hold until the last ends.
+
+        The request's trace span carries its prompt tokens, its outcome and OpenAI's `user`."""
+        tracer = self.s.tracer
+        span = tracer.start_request(f"{ROUTE.get('')} request", RECEIVED_NS.get(None) or time.time_ns())
+        error: str | None = None
+        try:
+            return await self._embed_all(valid)
+        except Exception as e:
+            error = type(e).__name__
+            raise
+        finally:
+            tracer.end(
+                span,
+                prompt_tokens=sum(len(ids) for ids in valid.inputs),
+                error=error,
+                **{"enduser.id": end_user},  # OpenAI's `user`, as OpenTelemetry names it
+            )
+
+    async def _embed_all(self, valid: ValidEmbeddings) -> list[tuple[float, ...]]:
         with self._admitted(len(valid.inputs)):
             deadline = self._queue_deadline()
             index = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ import pytest
 import requests
 import torch
 from launcher_process import Launcher, launcher
+from otlp_receiver import OtlpReceiver, attribute_values
 from tiny_served import CHAT_TEMPLATE, build_served_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -69,11 +71,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tiny: Path, tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[Launcher]:
     with launcher(
         tiny,
         tmp_path_factory.mktemp("routes-launcher"),
         *("--max-input-length", "48", "--max-total-tokens", "64", "--api-key", API_KEY),
+        *("--otlp-endpoint", otlp.url),
         *("--cors-allow-origin", ALLOWED, "--cors-allow-origin", "http://other-allowed.example"),
         *("--adapter-source", "local", "--adapter-root", str(tiny.parent / "adapters")),
     ) as s:
@@ -339,9 +349,24 @@ def test_embeddings_take_token_ids_and_floats_and_refuse_what_they_cannot_honour
         ({"input": " ".join(["w5"] * 60)}, "input"),  # past --max-input-length
         ({"input": TEXTS[0], "encoding_format": "int8"}, "encoding_format"),
         ({"input": TEXTS[0], "unknown": 1}, "unknown"),
+        ({"input": TEXTS[0], "user": "u" * 257}, "user"),
     ]:
         r = post(body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
     for body in ({"inputs": ""}, {"inputs": TEXTS[0], "parameters": {"merged_adapters": {"ids": ["plain"]}}}):
         lorax = requests.post(server.url + "/embed", json=body, headers=AUTH, timeout=30)
         assert lorax.status_code == 422 and isinstance(lorax.json()["error"], str), lorax.text
+
+
+def test_an_embedding_requests_user_reaches_its_trace_span(server: Launcher, otlp: OtlpReceiver) -> None:
+    """OpenAI's `user` is honoured on /v1/embeddings as on chat: the span carries it as enduser.id."""
+    body = {"input": TEXTS[0], "user": "tenant-embed-7"}
+    assert (
+        requests.post(server.url + "/v1/embeddings", json=body, headers=AUTH, timeout=60).status_code == 200
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "tenant-embed-7" not in attribute_values(otlp, "enduser.id"):
+        time.sleep(0.2)
+    assert "tenant-embed-7" in attribute_values(otlp, "enduser.id")
+    spans = [s for s in otlp.spans if s.name == "POST /v1/embeddings request"]
+    assert spans and any(kv.key == "prompt_tokens" for kv in spans[-1].attributes)

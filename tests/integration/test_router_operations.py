@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import grpc
@@ -17,7 +15,7 @@ import pytest
 import requests
 from launcher_process import Launcher, _wait_healthy, free_port, launcher
 from lorax import Client
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from otlp_receiver import OtlpReceiver, attribute_values
 from worker_driver import worker_process
 
 from loraxpy.proto import worker_pb2 as pb
@@ -27,32 +25,6 @@ from loraxpy.proto.auth import call_metadata, channel_credentials, new_secret
 pytestmark = pytest.mark.slow
 
 API_KEY = "sk-test-very-secret-key"
-
-
-class OtlpReceiver:
-    """A real OTLP/HTTP endpoint: decodes ExportTraceServiceRequest protobufs and keeps the spans."""
-
-    def __init__(self) -> None:
-        self.spans: list = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                request = ExportTraceServiceRequest.FromString(body)
-                for resource in request.resource_spans:
-                    for scope in resource.scope_spans:
-                        receiver.spans.extend(scope.spans)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +97,7 @@ def test_request_spans_reach_the_otlp_receiver(secured, otlp: OtlpReceiver) -> N
     deadline = time.monotonic() + 20
     users: list[str] = []
     while time.monotonic() < deadline and not users:
-        users = [kv.value.string_value for s in otlp.spans for kv in s.attributes if kv.key == "enduser.id"]
+        users = attribute_values(otlp, "enduser.id")
         time.sleep(0.2)
     assert users == ["tenant-42"]
     with pytest.raises(openai.BadRequestError, match="`user` must be at most 256 characters"):
