@@ -9,9 +9,14 @@ interleaved). oneDNN's `_reorder_linear_weight` does the packing once and its
 inductor uses when it freezes a CPU model. Results differ from `F.linear` only by fp32 rounding
 order (|Δ| ~ 1e-6 on unit-scale outputs); `F.linear` stays the twin, used wherever this is off.
 
-On by default for CPU workers in float32 and bfloat16 (`--cpu-weight-layout plain` turns it off); a
-startup self-test packs a small weight and compares it with `F.linear`, and any failure (a build
-without oneDNN, an unsupported CPU) leaves the plain layout with a warning.
+Below 4 rows the packed path is slower than `F.linear` (the matrix-vector case: the default model's
+linears at 1 row took 28-32 ms plain and 45-47 ms packed, at 4 rows 59-63 plain and 45-48 packed,
+the same 2-core Xeon). So `--cpu-weight-layout auto` (the default on CPU, float32 and bfloat16)
+keeps each plain weight beside its packed copy and multiplies steps of 1-3 rows with it, at the cost
+of a second copy of the linears' weights; `packed` frees the plain weights (half the memory, slower
+single-request decode); `plain` packs nothing. A startup self-test packs a small weight and compares
+it with `F.linear`; any failure (a build without oneDNN, an unsupported CPU) leaves the plain layout
+with a warning under `auto`, and stops the worker under `packed`.
 """
 
 from __future__ import annotations
@@ -30,18 +35,23 @@ LAYOUTS = ("auto", "packed", "plain")
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # oneDNN picks its blocking for this many rows; any other row count still runs on the same layout.
 BATCH_HINT = 16
+PACKED_MIN_ROWS = 4  # fewer rows multiply faster by the plain weight, where it is kept
 
 
 class PrepackedLinear(nn.Module):
-    """x W^T (+ b) with W held only in oneDNN's packed layout (the plain copy is freed by the caller)."""
+    """x W^T (+ b) with W in oneDNN's packed layout; with `plain` (the weight itself, not a copy),
+    steps of fewer than PACKED_MIN_ROWS rows use it instead."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, plain: bool = False) -> None:
         super().__init__()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), BATCH_HINT)
-        self.nbytes = weight.numel() * weight.element_size()
+        self.plain = weight if plain else None
+        self.nbytes = weight.numel() * weight.element_size()  # the packed copy's
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [num_tokens, in] -> [num_tokens, out]
+        if self.plain is not None and x.shape[0] < PACKED_MIN_ROWS:
+            return F.linear(x, self.plain, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
 
@@ -70,7 +80,8 @@ def prepack_supported(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def prepack_model(model: nn.Module, layout: str, device: torch.device, dtype: torch.dtype) -> int:
     """Packs every decoder linear not already replaced (by --quantize) and the LM head; returns the
-    bytes of plain weights the packed copies stand in for (0 when nothing was packed)."""
+    bytes of the packed copies (0 when nothing was packed). `auto` keeps the plain weights beside
+    them for steps of few rows; `packed` frees them (the LM head's rows stay: see below)."""
     if layout not in LAYOUTS:
         raise ValueError(f"--cpu-weight-layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if layout == "plain":
@@ -84,14 +95,14 @@ def prepack_model(model: nn.Module, layout: str, device: torch.device, dtype: to
     packed = 0
     for module in model.modules():
         if isinstance(module, ColumnParallelLinear | RowParallelLinear) and module.quant is None:
-            module.quant = PrepackedLinear(module.weight.data)
+            module.quant = PrepackedLinear(module.weight.data, plain=layout == "auto")
             packed += module.quant.nbytes
-            # An expanded zero keeps the shape, dtype and device adapter slots are sized from.
-            placeholder = torch.zeros((), dtype=dtype, device=device).expand(module.weight.shape)
-            module.weight = nn.Parameter(placeholder, requires_grad=False)
+            if layout == "packed":  # an expanded zero keeps the shape, dtype and device slots are sized from
+                placeholder = torch.zeros((), dtype=dtype, device=device).expand(module.weight.shape)
+                module.weight = nn.Parameter(placeholder, requires_grad=False)
         elif isinstance(module, ParallelLMHead):
-            # The head keeps its plain rows too: a tied head is the embedding table, and adapters
-            # that ship the head are compared with them (ModelRunner._check_base_layers).
-            module.quant = PrepackedLinear(module.weight.data)
+            # The head keeps its plain rows in any layout: a tied head is the embedding table, and
+            # adapters that ship the head are compared with them (ModelRunner._check_base_layers).
+            module.quant = PrepackedLinear(module.weight.data, plain=True)
             packed += module.quant.nbytes
     return packed

@@ -12,7 +12,7 @@ from loraxpy.kernels.attention import select_attention_backend
 from loraxpy.worker.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Shard
 from loraxpy.worker.model import CausalLM
 from loraxpy.worker.model_config import ModelConfig
-from loraxpy.worker.prepacked import PrepackedLinear, prepack_model, prepack_supported
+from loraxpy.worker.prepacked import PACKED_MIN_ROWS, PrepackedLinear, prepack_model, prepack_supported
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("rows", [1, 7, 16, 33, 300])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 33, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_a_packed_linear_equals_f_linear_at_any_row_count(rows: int, bias: bool) -> None:
     gen = torch.Generator().manual_seed(rows)
@@ -29,6 +29,9 @@ def test_a_packed_linear_equals_f_linear_at_any_row_count(rows: int, bias: bool)
     x = torch.randn(rows, 2 * 56, generator=gen)[:, ::2]  # a strided input, as a sliced activation is
     got = PrepackedLinear(weight)(x, b)
     torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    # with the plain weight kept, steps of 1-3 rows take it: exactly F.linear's result
+    beside = PrepackedLinear(weight, plain=True)(x, b)
+    assert torch.equal(beside, F.linear(x, weight, b) if rows < PACKED_MIN_ROWS else got)
 
 
 def test_a_bf16_packed_linear_stays_within_bf16_rounding() -> None:
@@ -63,17 +66,23 @@ def _model(config: ModelConfig) -> CausalLM:
     return model
 
 
-def test_packing_a_model_replaces_every_linear_and_keeps_the_heads_rows(config: ModelConfig) -> None:
+@pytest.mark.parametrize("layout", ["auto", "packed"])
+def test_packing_a_model_replaces_every_linear_and_keeps_the_heads_rows(
+    config: ModelConfig, layout: str
+) -> None:
     model = _model(config)
     plain = {name: m.weight.detach().clone() for name, m in model.named_modules() if hasattr(m, "quant")}
     table = model.embed_tokens.weight.detach().clone()
-    packed_bytes = prepack_model(model, "auto", CPU, torch.float32)
+    packed_bytes = prepack_model(model, layout, CPU, torch.float32)
     linears = [m for m in model.modules() if isinstance(m, ColumnParallelLinear | RowParallelLinear)]
     assert len(linears) == 4 * config.num_layers and all(
         isinstance(m.quant, PrepackedLinear) for m in linears
     )
-    # the plain copies are gone (an expanded zero keeps shape and dtype for the adapter slots)...
-    assert all(m.weight.untyped_storage().nbytes() <= 4 for m in linears)
+    if layout == "auto":  # the plain weights stay, for steps of few rows
+        assert all(torch.equal(m.weight, plain[name]) for name, m in model.named_modules() if m in linears)
+        assert all(m.quant.plain.data_ptr() == m.weight.data_ptr() for m in linears)  # the same, no copy
+    else:  # the plain copies are gone (an expanded zero keeps shape and dtype for the adapter slots)...
+        assert all(m.weight.untyped_storage().nbytes() <= 4 for m in linears)
     assert all(m.weight.shape == plain[name].shape for name, m in model.named_modules() if m in linears)
     # ...but the tied head's table still embeds, and its packed copy computes the same logits
     head = model.lm_head
