@@ -239,6 +239,14 @@ def num_adapter_slots(
     return slots
 
 
+def choose_backend(device: torch.device) -> str:
+    """Triton SGMV on CUDA where Triton is installed, else the torch path; the slots' layout follows
+    (the torch path's A is transposed), so it is chosen once, before any slot is allocated. A Triton
+    path that fails the warmup self-check falls back to the torch path on the same slots (`lora_add`
+    reads Triton's layout)."""
+    return "triton" if device.type == "cuda" and lora_triton.available() else "torch"
+
+
 # model attribute path → the target modules it fuses
 ADAPTED = {
     "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -270,11 +278,18 @@ class LoraManager:
 
     @classmethod
     def attach(
-        cls, model: nn.Module, config: ModelConfig, shard: Shard, num_slots: int, max_rank: int
+        cls,
+        model: nn.Module,
+        config: ModelConfig,
+        shard: Shard,
+        num_slots: int,
+        max_rank: int,
+        backend: str | None = None,
     ) -> LoraManager:
+        """Slots on every adapted layer, laid out for `backend` (default: `choose_backend`'s)."""
         batch = LoraBatch(max_rank, device=next(model.parameters()).device)
         device = next(model.parameters()).device
-        backend = "triton" if device.type == "cuda" and lora_triton.available() else "torch"
+        backend = backend or choose_backend(device)
         slots: dict[tuple[int, str], LoraSlots] = {}
         for i, layer in enumerate(model.layers):  # type: ignore[union-attr, arg-type]
             for path, targets in ADAPTED.items():

@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_worker_lora import ADAPTERS, INDEX, make_adapters, peft_greedy
 
+from loraxpy.worker import lora as worker_lora
 from loraxpy.worker.batch import CachedRequestData, NewRequestData, StepInput
 from loraxpy.worker.runner import ModelRunner, RunnerOptions
 from loraxpy.worker.sampling import SamplingParams
@@ -80,11 +81,12 @@ def options(adapter_root: Path, **kwargs: object) -> RunnerOptions:
 def test_decode_through_the_graph_path_matches_peft(
     tiny_llama: Path, adapter_root: Path, lora_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # the Triton SGMV path is otherwise chosen on CUDA only; the slots are laid out for it
+    monkeypatch.setattr(worker_lora, "choose_backend", lambda device: lora_backend)
     runner = ModelRunner(
         tiny_llama, options(adapter_root, attention_backend="triton", cuda_graph_max_batch_size=6)
     )
-    assert runner.lora is not None
-    runner.lora.backend = lora_backend  # the Triton SGMV path is otherwise chosen on CUDA only
+    assert runner.lora is not None and runner.lora.backend == lora_backend
     buckets: list[int] = []
     tokens = _generate_counting_buckets(runner, buckets, monkeypatch)
     # Five rows pad to the bucket of 6, then three rows to the bucket of 4; prefill ran eagerly.

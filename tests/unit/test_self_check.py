@@ -123,8 +123,8 @@ def test_a_failing_sgmv_kernel_falls_back_to_the_torch_lora_path(
 ) -> None:
     pytest.importorskip("triton", reason="triton is a dev dependency (make install)")
     model = model_with(config, GOOD)
-    lora = LoraManager.attach(model, config, Shard(), num_slots=2, max_rank=16)
-    lora.backend = "triton"  # chosen on CUDA; here in Triton's interpreter, with a broken shrink
+    # chosen on CUDA; here in Triton's interpreter, with a broken shrink
+    lora = LoraManager.attach(model, config, Shard(), num_slots=2, max_rank=16, backend="triton")
     monkeypatch.setattr(self_check_cases, "sgmv_shrink", shrink)
     check = SelfCheck(is_enabled=True)
     with caplog.at_level(logging.WARNING):
@@ -140,8 +140,7 @@ def test_the_real_triton_kernels_pass_the_check_in_the_interpreter(config: Model
     from loraxpy.kernels.attention import select_attention_backend
 
     model = model_with(config, select_attention_backend(CPU, "triton"))
-    lora = LoraManager.attach(model, config, Shard(), num_slots=2, max_rank=16)
-    lora.backend = "triton"
+    lora = LoraManager.attach(model, config, Shard(), num_slots=2, max_rank=16, backend="triton")
     check = SelfCheck(is_enabled=True)
     check.check_kernels(model, lora, block_size=16)
     assert check.failures == {}
