@@ -3,10 +3,12 @@ checkpoints written by HF transformers itself (the oracle)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from otlp_receiver import OtlpReceiver
 
 TINY_CONFIGS: dict[str, dict] = {
     # llama3 RoPE scaling, untied head, and a sharded checkpoint (index json) exercise the loader.
@@ -221,3 +223,11 @@ def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama-behaviour"))
+
+
+@pytest.fixture(scope="module")
+def otlp() -> Iterator[OtlpReceiver]:
+    """A real OTLP/HTTP endpoint for a module's server (--otlp-endpoint otlp.url)."""
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.server.shutdown()

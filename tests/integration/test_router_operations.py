@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,13 +24,6 @@ from loraxpy.proto.auth import call_metadata, channel_credentials, new_secret
 pytestmark = pytest.mark.slow
 
 API_KEY = "sk-test-very-secret-key"
-
-
-@pytest.fixture(scope="module")
-def otlp() -> Iterator[OtlpReceiver]:
-    receiver = OtlpReceiver()
-    yield receiver
-    receiver.server.shutdown()
 
 
 @pytest.fixture(scope="module")
