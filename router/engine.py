@@ -22,7 +22,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -213,29 +213,18 @@ class Engine:
         output = RequestOutput(seq.id)
         matcher = inp.grammar.matcher() if inp.grammar is not None else None
         handle = _Handle(seq, stream, output, trace_span, matcher=matcher)
-        self._handles[seq.id] = handle
-        self.scheduler.add(seq)
-        expiry = None
-        if queue_deadline is not None:
-            expiry = asyncio.get_running_loop().call_at(queue_deadline, self._expire, handle)
-        self._wake.set()
-        try:
-            yield output
-            while True:
-                item = await handle.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            if expiry is not None:
-                expiry.cancel()
-            output.num_preemptions = seq.num_preemptions
-            self._handles.pop(seq.id, None)
-            if seq.finish_reason is None:  # consumer left early: free its blocks, release it
-                self.scheduler.finish(seq, FinishReason.ABORTED)
-                self._wake.set()
+        with self._queued(handle, queue_deadline):
+            try:
+                yield output
+                while True:
+                    item = await handle.queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                    if item.finish_reason is not None:
+                        return
+            finally:
+                output.num_preemptions = seq.num_preemptions
 
     async def embed(
         self, input_ids: tuple[int, ...], adapter_index: int = 0, queue_deadline: float | None = None
@@ -248,6 +237,18 @@ class Engine:
         seq.is_embedding = True
         output = RequestOutput(seq.id)
         handle = _Handle(seq, _NO_TEXT, output)
+        with self._queued(handle, queue_deadline):
+            item = await handle.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            return output.embedding
+
+    @contextlib.contextmanager
+    def _queued(self, handle: _Handle, queue_deadline: float | None) -> Iterator[None]:
+        """Queues the handle's sequence, expired at `queue_deadline` if it has not started by then;
+        on leaving, for any reason, forgets it, and a sequence that has not finished (its consumer
+        left early) is aborted: its blocks are freed and the workers release it."""
+        seq = handle.seq
         self._handles[seq.id] = handle
         self.scheduler.add(seq)
         expiry = None
@@ -255,10 +256,7 @@ class Engine:
             expiry = asyncio.get_running_loop().call_at(queue_deadline, self._expire, handle)
         self._wake.set()
         try:
-            item = await handle.queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            return output.embedding
+            yield
         finally:
             if expiry is not None:
                 expiry.cancel()
