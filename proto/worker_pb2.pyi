@@ -147,16 +147,18 @@ class NewRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., adapter_index: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., num_scheduled_tokens: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ..., is_embedding: _Optional[bool] = ..., num_computed_tokens: _Optional[int] = ...) -> None: ...
 
 class CachedRequest(_message.Message):
-    __slots__ = ("id", "new_block_ids", "num_scheduled_tokens", "allowed_token_mask")
+    __slots__ = ("id", "new_block_ids", "num_scheduled_tokens", "allowed_token_mask", "draft_token_ids")
     ID_FIELD_NUMBER: _ClassVar[int]
     NEW_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_SCHEDULED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_TOKEN_MASK_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     id: int
     new_block_ids: _containers.RepeatedScalarFieldContainer[int]
     num_scheduled_tokens: int
     allowed_token_mask: bytes
-    def __init__(self, id: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., num_scheduled_tokens: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ...) -> None: ...
+    draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., num_scheduled_tokens: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ..., draft_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("finished_ids", "new_requests", "cached_requests")
@@ -177,7 +179,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class RequestOutput(_message.Message):
-    __slots__ = ("id", "num_computed_tokens", "token", "top_logprobs", "prompt_logprobs_start", "prompt_logprobs", "embedding")
+    __slots__ = ("id", "num_computed_tokens", "token", "top_logprobs", "prompt_logprobs_start", "prompt_logprobs", "embedding", "accepted_draft_tokens")
     ID_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +187,7 @@ class RequestOutput(_message.Message):
     PROMPT_LOGPROBS_START_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: int
     num_computed_tokens: int
     token: TokenLogprob
@@ -192,7 +195,8 @@ class RequestOutput(_message.Message):
     prompt_logprobs_start: int
     prompt_logprobs: _containers.RepeatedScalarFieldContainer[float]
     embedding: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, id: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., token: _Optional[_Union[TokenLogprob, _Mapping]] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs_start: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
+    accepted_draft_tokens: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, id: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., token: _Optional[_Union[TokenLogprob, _Mapping]] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs_start: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., embedding: _Optional[_Iterable[float]] = ..., accepted_draft_tokens: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("outputs", "step_time_us")
