@@ -29,4 +29,14 @@ def allow_origins(app: web.Application, origins: Sequence[str]) -> None:
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
     for route in list(app.router.routes()):
         cors.add(route)
+    if "*" not in origins:  # the answer's Access-Control-Allow-Origin depends on the request's Origin
+        app.on_response_prepare.append(_vary_on_origin)
     logger.info("CORS: origins %s may call the API from browsers", ", ".join(origins))
+
+
+async def _vary_on_origin(request: web.Request, response: web.StreamResponse) -> None:
+    """`Vary: Origin` on every answer, so a shared cache never hands one origin's CORS headers (or
+    their absence) to another."""
+    vary = [v.strip() for v in response.headers.get("Vary", "").split(",") if v.strip()]
+    if not any(v.lower() in ("origin", "*") for v in vary):
+        response.headers["Vary"] = ", ".join([*vary, "Origin"])

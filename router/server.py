@@ -471,14 +471,21 @@ class Api:
 
     async def invocations(self, request: web.Request) -> web.StreamResponse:
         """SageMaker's one route: a body with `messages` is a chat completion, one with `prompt` a
-        completion (both OpenAI's), anything else LoRAX's `/` (generate, list-wrapped)."""
+        completion, one with `input` an embedding (all OpenAI's), anything else LoRAX's `/`
+        (generate, list-wrapped)."""
         try:
             data = json.loads(await _read_body(request))
         except (ValueError, RecursionError):  # not JSON: `/` refuses it with its own message
             data = None
-        if isinstance(data, dict) and ("messages" in data or "prompt" in data):
-            request[INVOKED_OPENAI] = True
-            return await (self.chat_completions if "messages" in data else self.completions)(request)
+        openai_routes = {
+            "messages": self.chat_completions,
+            "prompt": self.completions,
+            "input": self.embeddings,
+        }
+        for key, route in openai_routes.items():
+            if isinstance(data, dict) and key in data:
+                request[INVOKED_OPENAI] = True
+                return await route(request)
         return await self.root(request)
 
     async def info(self, request: web.Request) -> web.StreamResponse:

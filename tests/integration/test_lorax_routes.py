@@ -135,6 +135,7 @@ def test_the_allowed_origin_passes_the_preflight_and_reads_answers_and_errors(se
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
     ok = requests.post(server.url + "/generate", json=body, headers={**AUTH, "Origin": ALLOWED}, timeout=60)
     assert ok.status_code == 200 and ok.headers["Access-Control-Allow-Origin"] == ALLOWED
+    assert "Origin" in ok.headers["Vary"].split(", ")  # the answer depends on the Origin: caches must know
     assert "Retry-After" in ok.headers["Access-Control-Expose-Headers"]
     refused = requests.post(server.url + "/generate", json=body, headers={"Origin": ALLOWED}, timeout=60)
     assert refused.status_code == 401 and refused.headers["Access-Control-Allow-Origin"] == ALLOWED
@@ -149,6 +150,7 @@ def test_other_origins_fail_the_preflight_and_get_no_cors_headers(server: Launch
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
     r = requests.post(server.url + "/generate", json=body, headers={**AUTH, "Origin": "http://evil.example"})
     assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers
+    assert "Origin" in r.headers["Vary"].split(", ")
 
 
 def test_without_the_flag_the_server_sends_no_cors_headers() -> None:
@@ -167,7 +169,7 @@ def test_without_the_flag_the_server_sends_no_cors_headers() -> None:
 
     status, allow_origin, page_headers = asyncio.run(scenario())
     assert status == 405 and allow_origin is None
-    assert "Access-Control-Allow-Origin" not in page_headers
+    assert "Access-Control-Allow-Origin" not in page_headers and "Vary" not in page_headers
 
 
 def test_invocations_answers_as_the_route_its_body_names(server: Launcher) -> None:
@@ -190,6 +192,9 @@ def test_invocations_answers_as_the_route_its_body_names(server: Launcher) -> No
         invoked["object"] == "text_completion"
         and invoked["choices"][0]["text"] == direct["choices"][0]["text"]
     )
+    embedding = {"input": [PROMPT, "w9 w2"], "encoding_format": "float"}
+    direct, invoked = both("/v1/embeddings", embedding)
+    assert invoked["object"] == "list" and invoked["data"] == direct["data"] and len(invoked["data"]) == 2
 
 
 def test_invocations_errors_come_in_the_shape_of_the_routed_api(server: Launcher) -> None:
@@ -199,6 +204,8 @@ def test_invocations_errors_come_in_the_shape_of_the_routed_api(server: Launcher
     openai = post({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": -1})
     assert openai.status_code == 400 and isinstance(openai.json()["error"], dict), openai.text
     assert openai.json()["error"]["param"] == "max_tokens"
+    embedding = post({"input": [], "model": "plain"})
+    assert embedding.status_code == 400 and embedding.json()["error"]["param"] == "input", embedding.text
     lorax = post({"inputs": PROMPT, "parameters": {"max_new_tokens": -1}})
     assert lorax.status_code == 422 and isinstance(lorax.json()["error"], str), lorax.text
     bad = requests.post(server.url + "/invocations", data=b"{not json", headers=AUTH, timeout=60)
