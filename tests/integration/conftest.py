@@ -213,7 +213,7 @@ def build_tiny_model(kind: str, path: Path) -> Path:
 
 
 # MoE families stay out of this fixture's backend grid (CI time): their experts do not touch
-# attention, and test_model_families checks them against HF and PEFT (Qwen2-MoE over two shards).
+# attention, and test_model_families checks them against HF and PEFT (one and two shards).
 @pytest.fixture(scope="session", params=sorted(set(TINY_CONFIGS) - set(MOE_KINDS)))
 def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     kind = request.param

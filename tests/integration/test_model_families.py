@@ -68,8 +68,10 @@ def _workers(
             yield stubs
 
 
-# Qwen2-MoE runs over two shards (every expert and the shared expert split, LoRA on its dense layer's
-# row-parallel MLP): test_tensor_parallel's two-shard check of it, folded in here to save CI time.
+# MoE families run over two shards (every expert's intermediate dim and Qwen2-MoE's shared expert
+# split, LoRA on attention and on Qwen2-MoE's dense layer's row-parallel MLP): test_tensor_parallel's
+# two-shard check of them, folded in here to save CI time. Mixtral also runs on one shard, so two
+# shards and one both equal HF transformers (and PEFT) through a real worker.
 @pytest.mark.parametrize(
     ("kind", "num_shard"),
     [
@@ -78,8 +80,9 @@ def _workers(
         ("gemma3_text", 1),
         ("phi3", 1),
         ("mixtral", 1),
+        ("mixtral", 2),
         ("qwen2_moe", 2),
-        ("qwen3_moe", 1),
+        ("qwen3_moe", 2),
     ],
 )
 def test_mixed_adapter_batch_matches_peft(kind: str, num_shard: int, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 # Gemma 3 and Phi-3 carry the other new families' parts (q/k norms, sandwich norms, fused checkpoints).
-# MoE experts over two shards: Qwen2-MoE in test_model_families (with adapters).
+# MoE experts over two shards: every MoE family in test_model_families (with adapters).
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3_text", "phi3"])
 def test_two_shards_match_transformers(kind: str, tmp_path: Path) -> None:
     path = build_tiny_model(kind, tmp_path / kind)

@@ -190,3 +190,56 @@ def test_sparse_layers_are_the_ones_hf_builds_experts_for(extra: dict, tmp_path:
         EXPERT_SIZE,
         16,
     )
+
+
+def test_two_shards_hold_a_slice_of_every_expert_and_all_reduce_once_per_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each shard's MoE block (experts and shared expert) holds its half of every expert, and its forward
+    calls all-reduce once; the two partial sums it would reduce add up to HF's block."""
+    from transformers import AutoModelForCausalLM
+
+    import loraxpy.worker.layers as layers
+    from loraxpy.kernels.attention import select_attention_backend
+    from loraxpy.worker.model import CausalLM
+    from loraxpy.worker.weights import load_weights
+
+    config = _hf_config(
+        "qwen2_moe", num_experts=NUM_EXPERTS, shared_expert_intermediate_size=16, norm_topk_prob=False
+    )
+    torch.manual_seed(4)
+    hf = AutoModelForCausalLM.from_config(config)
+    for name, p in hf.named_parameters():
+        if "mlp" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    hf.save_pretrained(tmp_path)
+    model_config = ModelConfig.from_folder(tmp_path)
+    x = torch.randn(9, HIDDEN)
+    with torch.no_grad():
+        expected = hf.model.layers[0].mlp(x[None])[0]
+
+    reduced: list[torch.Tensor] = []
+    monkeypatch.setattr(layers.dist, "all_reduce", lambda t: reduced.append(t.clone()))
+    partials = []
+    for rank in range(2):
+        shard = Shard(rank, 2)
+        cpu = torch.device("cpu")
+        attention = select_attention_backend(cpu)
+        model = CausalLM(model_config, shard=shard, attention=attention, dtype=torch.float32, device=cpu)
+        load_weights(model, tmp_path, tied_lm_head=model_config.tie_word_embeddings)
+        block = model.layers[0].mlp
+        half = EXPERT_SIZE // 2
+        assert block.experts.gate_up.shape == (NUM_EXPERTS, 2 * half, HIDDEN)
+        assert block.experts.down.shape == (NUM_EXPERTS, HIDDEN, half)
+        for e in range(NUM_EXPERTS):  # this rank's rows of gate and up, columns of down, of every expert
+            rows = slice(rank * half, (rank + 1) * half)
+            gate, up = hf.model.layers[0].mlp.experts.gate_up_proj[e].chunk(2)
+            assert torch.equal(block.experts.gate_up[e], torch.cat([gate[rows], up[rows]]))
+            assert torch.equal(block.experts.down[e], hf.model.layers[0].mlp.experts.down_proj[e][:, rows])
+        assert block.shared_expert.down_proj.weight.shape == (HIDDEN, 8)
+        before = len(reduced)
+        block(x)
+        assert len(reduced) == before + 1, "one all-reduce per MoE layer"
+        partials.append(reduced[-1])
+    assert not torch.allclose(partials[0], expected)
+    torch.testing.assert_close(partials[0] + partials[1], expected, rtol=1e-5, atol=1e-6)
