@@ -14,8 +14,8 @@ stream or before the answer. Every request ends in exactly one of:
   a body that is not the API's JSON. A sound server loses nothing.
 
 The report gives requests by outcome, and per time window the completed requests with their
-p50/p99 latency, plus the resident memory of the router and its worker processes at the start
-(after the first window: warm-up) and the end.
+p50/p99 latency, plus the resident memory of the router and its worker processes before the
+first request, at the end of each window (the first one is the warm-up) and at the end.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class SoakReport:
     outcomes: dict[str, int]  # ok, disconnected, lost and each error kind
     num_lost: int
     windows: list[dict[str, Any]]  # start_s, completed, errors, p50_s, p99_s
-    memory: list[MemorySample] = field(default_factory=list)
+    memory: list[MemorySample] = field(default_factory=list)  # after each window, and at the end
+    memory_at_start: MemorySample | None = None  # before the first request
     lost_examples: list[str] = field(default_factory=list)
     num_adapters: int = 0
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)  # route kind → outcome → count
@@ -271,6 +272,7 @@ async def run_soak(config: SoakConfig) -> SoakReport:
     outcomes: list[Outcome] = []
     memory: list[MemorySample] = []
     procs = server_processes(config.url)
+    at_start = memory_sample(0.0, procs)
     timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
     connector = aiohttp.TCPConnector(limit=0)
     t0 = time.perf_counter()
@@ -305,6 +307,7 @@ async def run_soak(config: SoakConfig) -> SoakReport:
         num_lost=counts[LOST],
         windows=windows(outcomes, config.window_s),
         memory=memory,
+        memory_at_start=at_start,
         lost_examples=[f"{o.kind} {o.adapter_id!r}: {o.detail}" for o in outcomes if o.result == LOST][:10],
         num_adapters=len({a for a in config.adapter_ids if a}),
         by_kind={k: dict(Counter(o.result for o in outcomes if o.kind == k)) for k in KINDS},
@@ -375,9 +378,14 @@ def format_soak(report: SoakReport) -> str:
         lines.append(f"{w['start_s']:>7.0f}s {w['completed']:>9} {w['errors']:>6} {w['lost']:>4} {p50} {p99}")
     if report.memory:
         first, last = report.memory[0], report.memory[-1]
+        start = report.memory_at_start
+        before = (
+            f"{start.router_mib:.0f} at start, " if start else "",
+            f"{sum(start.worker_mib):.0f} at start, " if start else "",
+        )
         lines.append(
-            f"RSS router {first.router_mib:.0f} → {last.router_mib:.0f} MiB, workers "
-            f"{sum(first.worker_mib):.0f} → {sum(last.worker_mib):.0f} MiB "
+            f"RSS router {before[0]}{first.router_mib:.0f} → {last.router_mib:.0f} MiB, workers "
+            f"{before[1]}{sum(first.worker_mib):.0f} → {sum(last.worker_mib):.0f} MiB "
             f"(from {first.at_s:.0f} s to {last.at_s:.0f} s)"
         )
     if report.after is not None:

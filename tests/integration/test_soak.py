@@ -33,6 +33,8 @@ def test_a_short_soak_loses_nothing_and_reports_latency_and_memory(tmp_path: Pat
     assert len(report["windows"]) >= 3
     assert all(w["p50_s"] <= w["p99_s"] for w in report["windows"] if w["completed"])
     first, last = report["memory"][0], report["memory"][-1]
+    start = report["memory_at_start"]  # before the first request: the warmed-up, idle server
+    assert start["at_s"] == 0 and start["worker_mib"][0] > 100
     assert first["router_mib"] > 0 and len(first["worker_mib"]) == 1 and first["worker_mib"][0] > 100
     assert last["at_s"] > first["at_s"]
     assert body["memory_growth"] is not None
