@@ -63,8 +63,10 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     rep = torch.tensor([r.params.repetition_penalty for r in rows], device=device)[:, None]
     if (rep != 1.0).any():
         tokens = _token_matrix(rows, generated_only=False, device=device)
-        seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
-        seen.scatter_(1, tokens.clamp(min=0), tokens >= 0)
+        # Padding (-1) goes to an extra column: scattered onto a real token it could unmark it.
+        seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, torch.where(tokens >= 0, tokens, vocab), True)
+        seen = seen[:, :vocab]
         penalized = torch.where(logits < 0, logits * rep, logits / rep)
         logits = torch.where(seen, penalized, logits)
     freq = torch.tensor([r.params.frequency_penalty for r in rows], device=device)[:, None]

@@ -80,6 +80,17 @@ def test_process_logits_equals_hf_processors_in_one_mixed_batch() -> None:
         torch.testing.assert_close(ours[i], expected, msg=f"params {row.params}")
 
 
+def test_repetition_penalty_sees_token_0_in_a_row_shorter_than_the_batch() -> None:
+    # Rows are padded to the longest; the padding must not unmark a token the shorter row has seen.
+    p = SamplingParams(repetition_penalty=2.0)
+    logits = torch.full((2, VOCAB), 1.0)
+    rows = [SamplingRow(p, [5, 0], 1, None), SamplingRow(p, [1, 2, 3, 4, 6, 7], 1, None)]
+    out = process_logits(logits, rows)
+    for i, row in enumerate(rows):
+        expected = hf_processors(p)(torch.tensor([row.token_ids]), logits[i : i + 1].clone())[0]
+        torch.testing.assert_close(out[i], expected)
+
+
 def test_frequency_and_presence_penalties_count_generated_tokens_only() -> None:
     p = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
     logits = torch.zeros(1, VOCAB)
