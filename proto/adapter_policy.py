@@ -12,12 +12,11 @@ identity (a real path, a hub repo at a commit, a bucket and key) and authorizes 
 from __future__ import annotations
 
 import argparse
-import os
 import posixpath
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+
+from loraxpy.proto.settings import add_flags, flag_values, to_argv
 
 SOURCES = ("hub", "local", "s3")
 _HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -168,25 +167,13 @@ class AdapterSettings:
         )
 
     def to_argv(self) -> list[str]:
-        argv: list[str] = []
-        for f in fields(self):
-            argv += ["--" + f.name.replace("_", "-"), str(getattr(self, f.name))]
-        return argv
+        return to_argv(self)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         """Adds each field as `--field-name`, defaulting to the environment variable FIELD_NAME."""
-        for f in fields(AdapterSettings):
-            default: Any = f.default
-            kind: Callable[[str], Any] = type(default)
-            raw = os.environ.get(f.name.upper())
-            parser.add_argument(
-                "--" + f.name.replace("_", "-"),
-                type=kind,
-                default=kind(raw) if raw is not None else default,
-                help=f"(env {f.name.upper()}; default {default!r})",
-            )
+        add_flags(parser, AdapterSettings)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AdapterSettings:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        return cls(**flag_values(cls, args))

@@ -9,19 +9,17 @@ from dataclasses import dataclass, fields
 
 from loraxpy.proto.adapter_policy import AdapterPolicy, AdapterSettings
 from loraxpy.proto.auth import RefusedOnCommandLine, read_secret
-from loraxpy.proto.quantization import check_scheme_name
-
-# Fields read from their environment variable only: a flag's value is visible to `ps`.
-ENV_ONLY = frozenset({"worker_secret"})
+from loraxpy.proto.settings import add_flags, flag_values, not_a_flag
+from loraxpy.proto.worker_settings import WorkerSettings
 
 
 @dataclass(frozen=True)
-class RouterConfig:
-    model_id: str | None = None
+class RouterConfig(WorkerSettings):
+    """Also every flag of the workers (WorkerSettings), which lorax-launcher hands its shards."""
+
     port: int = 3000
     hostname: str = "0.0.0.0"
     num_shard: int = 1
-    dtype: str = "auto"
     max_concurrent_requests: int = 128
     max_input_length: int | None = None  # default: derived from the model (positions - 1)
     max_total_tokens: int | None = None  # default: derived from the model (positions)
@@ -40,13 +38,6 @@ class RouterConfig:
     adapter_source: str = "hub"
     adapter_id: str | None = None  # default adapter for requests that name none
     preloaded_adapter_ids: str | None = None  # comma-separated, loaded at startup
-    adapter_root: str | None = None  # local adapters must lie inside it (unset: local adapters refused)
-    max_lora_rank: int = 64
-    adapter_host_cache_mib: int = 4096  # parsed adapters kept in worker host memory (LRU by bytes)
-    adapter_memory_fraction: float = 0.1  # CUDA: share of device memory for adapter slots
-    attention_backend: str = "auto"  # the workers' --attention-backend: auto, sdpa or triton
-    cuda_graph_max_batch_size: int = 0  # the workers' decode CUDA graphs (0: off)
-    quantize: str | None = None  # the workers' --quantize (proto/quantization.py)
     # Which adapters requests may use, with whose credentials, and the workers' caps on loading
     # them: declared (with their defaults) in proto/adapter_policy.py, handed to every shard.
     allowed_adapter_sources: str = AdapterSettings.allowed_adapter_sources
@@ -70,7 +61,6 @@ class RouterConfig:
     body_read_timeout_s: float = 30.0
     # An idle connection, or one still sending its headers, is closed after this many seconds.
     keep_alive_timeout_s: float = 75.0
-    kv_cache_memory_mib: int = 1024
     # Keep full KV blocks after their requests end and reuse them for prompts that start with the
     # same tokens under the same adapter and tenant (LoRAX's flag; `--prefix-caching false` turns it off).
     prefix_caching: bool = True
@@ -81,7 +71,7 @@ class RouterConfig:
     worker_addresses: str | None = None  # lorax-router only: comma-separated worker addresses
     # lorax-router only (the launcher makes a secret of its own for its shards): the secret every
     # worker RPC carries, from env WORKER_SECRET (no flag: `ps` shows command lines) or this file.
-    worker_secret: str | None = None
+    worker_secret: str | None = not_a_flag(None)
     worker_secret_file: str | None = None
     # lorax-router only: TLS to the workers; the CA that signed their certificates, the router's
     # own certificate and key for mutual TLS, and the name the certificates carry if not the host's.
@@ -91,6 +81,7 @@ class RouterConfig:
     worker_tls_server_name: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         positive = (
             "port",
             "num_shard",
@@ -99,7 +90,6 @@ class RouterConfig:
             "max_stop_sequences",
             "max_best_of",
             "max_active_adapters",
-            "kv_cache_memory_mib",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -112,11 +102,6 @@ class RouterConfig:
             raise ValueError("--max-input-length must be smaller than --max-total-tokens")
         if self.adapter_source not in ("hub", "local", "s3"):
             raise ValueError("--adapter-source must be hub, local or s3")
-        if self.cuda_graph_max_batch_size < 0:
-            raise ValueError("--cuda-graph-max-batch-size must be >= 0 (0: off)")
-        if self.attention_backend not in ("auto", "sdpa", "triton"):  # the worker's choices (no torch here)
-            raise ValueError("--attention-backend must be auto, sdpa or triton")
-        check_scheme_name(self.quantize)  # before any shard starts
         if not 0 <= self.max_queue_time_s <= 3600 or not 0 <= self.shutdown_grace_period_s <= 3600:
             raise ValueError("--max-queue-time-s and --shutdown-grace-period-s must be in [0, 3600] seconds")
         for name in ("body_read_timeout_s", "keep_alive_timeout_s"):
@@ -124,8 +109,6 @@ class RouterConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be in (0, 3600] seconds")
         if self.max_restarts < 0 or self.restart_window_s <= 0:
             raise ValueError("--max-restarts must be >= 0 and --restart-window-s positive")
-        if not 0 < self.adapter_memory_fraction <= 1:
-            raise ValueError("--adapter-memory-fraction must be in (0, 1]")
         self._check_adapter_policy()
         for origin in self.cors_allow_origin:
             if origin != "*" and not origin.startswith(("http://", "https://")):
@@ -163,54 +146,12 @@ class RouterConfig:
         return f"RouterConfig({shown}, {masked})"
 
 
-def _bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{value!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
-
-
 def parse_args(argv: list[str] | None = None, prog: str = "lorax-launcher") -> RouterConfig:
-    """Every field is a flag `--field-name`, defaulting to the environment variable FIELD_NAME."""
-    env = os.environ
+    """Every field is a flag `--field-name`, defaulting to the environment variable FIELD_NAME
+    (proto/settings.py); the worker secret is read from WORKER_SECRET or its file only."""
     parser = argparse.ArgumentParser(prog=prog)
-    for f in fields(RouterConfig):
-        if f.name in ENV_ONLY:
-            parser.add_argument("--" + f.name.replace("_", "-"), action=RefusedOnCommandLine)
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        env_name = f.name.upper()
-        default = f.default
-        if f.type in ("bool",):  # `--flag` alone is true; `--flag false` as LoRAX's Option<bool> flags
-            parser.add_argument(
-                flag,
-                nargs="?",
-                const=True,
-                type=_bool,
-                default=_bool(env.get(env_name, str(default))),
-                help=f"(env {env_name}; default {default})",
-            )
-            continue
-        if f.type == "tuple[str, ...]":  # repeatable, and each value split at commas
-            parser.add_argument(
-                flag,
-                action="append",
-                help=f"(env {env_name}; repeatable, comma-separated)",
-            )
-            continue
-        kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-        raw = env.get(env_name)
-        parser.add_argument(
-            flag,
-            type=kind,
-            default=kind(raw) if raw is not None else default,
-            help=f"(env {env_name}; default {default})",
-        )
+    add_flags(parser, RouterConfig)
+    parser.add_argument("--worker-secret", action=RefusedOnCommandLine)  # `ps` shows command lines
     args = parser.parse_args(argv)
-    for f in fields(RouterConfig):
-        if f.type == "tuple[str, ...]":
-            values = getattr(args, f.name) or [env.get(f.name.upper(), "")]  # flags replace the env's
-            setattr(args, f.name, tuple(v.strip() for raw in values for v in raw.split(",") if v.strip()))
-    secret = read_secret(env.get("WORKER_SECRET"), args.worker_secret_file)
-    return RouterConfig(**vars(args), worker_secret=secret)
+    secret = read_secret(os.environ.get("WORKER_SECRET"), args.worker_secret_file)
+    return RouterConfig(**flag_values(RouterConfig, args), worker_secret=secret)

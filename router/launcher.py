@@ -26,6 +26,8 @@ from typing import Any
 from aiohttp import web
 
 from loraxpy.proto.auth import channel_credentials, new_secret
+from loraxpy.proto.settings import to_argv
+from loraxpy.proto.worker_settings import WorkerSettings
 from loraxpy.router.adapters import AdapterRegistry
 from loraxpy.router.config import RouterConfig, parse_args
 from loraxpy.router.engine import Engine
@@ -75,27 +77,9 @@ def spawn_shards(
     shards = []
     for rank in range(config.num_shard):
         address = f"unix://{sock_dir}/shard-{rank}.sock"
-        cmd = [
-            sys.executable,
-            "-m",
-            "loraxpy.worker.cli",
-            "--listen",
-            address,
-            "--dtype",
-            config.dtype,
-            "--kv-cache-memory-mib",
-            str(config.kv_cache_memory_mib),
-        ]
-        if config.model_id:
-            cmd += ["--model-id", config.model_id]
-        if config.adapter_root:
-            cmd += ["--adapter-root", config.adapter_root]
-        cmd += ["--max-loras", str(adapter_slots(config)), "--max-lora-rank", str(config.max_lora_rank)]
-        cmd += ["--adapter-host-cache-mib", str(config.adapter_host_cache_mib)]
-        cmd += ["--adapter-memory-fraction", str(config.adapter_memory_fraction)]
-        cmd += ["--attention-backend", config.attention_backend]
-        cmd += ["--cuda-graph-max-batch-size", str(config.cuda_graph_max_batch_size)]
-        cmd += ["--quantize", config.quantize] if config.quantize else []
+        cmd = [sys.executable, "-m", "loraxpy.worker.cli", "--listen", address]
+        cmd += to_argv(config, WorkerSettings)  # every worker setting, as the launcher was given it
+        cmd += ["--max-loras", str(adapter_slots(config))]
         cmd += config.worker_adapter_args()
         env = {
             "OMP_NUM_THREADS": str(threads_per_shard(config.num_shard)),  # unless the operator set it

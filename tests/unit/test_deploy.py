@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from loraxpy.proto.settings import env_names
 from loraxpy.router.config import RouterConfig
 from loraxpy.router.config import parse_args as parse_router_args
 from loraxpy.router.launcher import adapter_slots
@@ -125,8 +126,10 @@ def router_env_names() -> set[str]:
 
 
 def worker_env_names() -> set[str]:
-    """worker/config.py reads the worker's env; torch's env:// rendezvous and boto3 read the rest."""
+    """The worker's flags' variables (declared with proto/settings.py), the ones worker/config.py reads
+    by hand, and the rest: torch's env:// rendezvous and boto3's."""
     names = set(re.findall(r'(?:env\.get|_env_flag)\("([A-Z_]+)"', (REPO / "worker/config.py").read_text()))
+    names |= env_names(WorkerConfig)
     assert 'init_method="env://"' in (REPO / "worker/distributed.py").read_text()
     assert "AWS_ENDPOINT_URL" in (REPO / "worker/adapter_sources.py").read_text()
     return names | {"MASTER_ADDR", "MASTER_PORT", "AWS_ENDPOINT_URL"}
