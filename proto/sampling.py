@@ -4,6 +4,10 @@ The bounds are the wire's (`SamplingParams` in worker.proto: float32, uint32, ui
 sampler's: a value the router accepts is a value every worker accepts, so one request can never
 make the workers refuse a whole step. Floats are checked as float32, the precision they travel in
 (1e39 is finite in Python and inf on the wire). No torch here: the router imports this too.
+
+The router builds one from a request (`given`) and puts it on the wire (`to_proto`); the worker reads
+it back (`from_proto`), which checks the bounds again: a worker may be called by others than this
+router.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, fields
+from typing import Any
+
+from loraxpy.proto import worker_pb2 as pb
 
 MAX_TOP_LOGPROBS = 20
 MAX_UINT32 = 2**32 - 1
@@ -111,6 +118,31 @@ class SamplingParams:
                 _check_int(f.name, value, *INT_RANGES[f.name])
             elif not isinstance(value, bool):
                 raise SamplingError(f.name, "must be a boolean")
+
+    @classmethod
+    def given(cls, **values: Any) -> SamplingParams:
+        """The fields a request gave; None: the field's default."""
+        return cls(**{name: value for name, value in values.items() if value is not None})
+
+    def to_proto(self) -> pb.SamplingParams:
+        """Field for field; no seed is an unset `seed`."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return pb.SamplingParams(**{name: value for name, value in values.items() if value is not None})
+
+    @classmethod
+    def from_proto(cls, msg: pb.SamplingParams) -> SamplingParams:
+        """Field for field, bounds checked (SamplingError). proto3 cannot tell an unset number from 0,
+        so a float whose default is not 0 reads 0 as its default (temperature, top_p, typical_p and
+        repetition_penalty, none of which may be 0); `seed` is optional on the wire."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            value = getattr(msg, f.name)
+            if f.name == "seed":
+                value = value if msg.HasField("seed") else None
+            elif isinstance(f.default, float) and f.default != 0 and value == 0:
+                value = f.default
+            values[f.name] = value
+        return cls(**values)
 
     @property
     def has_penalties(self) -> bool:

@@ -133,15 +133,15 @@ def _sampling(
     is what any worker accepts.
     """
     try:
-        params = SamplingParams(
+        params = SamplingParams.given(
             do_sample=do_sample,
-            temperature=temperature if do_sample and temperature is not None else 1.0,
-            top_k=0 if top_k is None else top_k,
-            top_p=1.0 if top_p is None else top_p,
-            typical_p=1.0 if typical_p is None else typical_p,
-            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
-            frequency_penalty=0.0 if frequency_penalty is None else frequency_penalty,
-            presence_penalty=0.0 if presence_penalty is None else presence_penalty,
+            temperature=temperature if do_sample else None,  # greedy: the default
+            top_k=top_k,
+            top_p=top_p,
+            typical_p=typical_p,
+            repetition_penalty=repetition_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
             seed=seed,
             top_logprobs=top_logprobs,
             prompt_logprobs=prompt_logprobs,

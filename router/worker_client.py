@@ -15,7 +15,6 @@ import grpc
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
 from loraxpy.proto.auth import call_metadata
-from loraxpy.proto.sampling import SamplingParams
 from loraxpy.router.scheduler import SchedulerOutput
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -112,24 +111,6 @@ class StepResult:
     embedding: tuple[float, ...] = ()  # an embedding request's pooled vector
 
 
-def sampling_to_proto(s: SamplingParams) -> pb.SamplingParams:
-    msg = pb.SamplingParams(
-        do_sample=s.do_sample,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        typical_p=s.typical_p,
-        repetition_penalty=s.repetition_penalty,
-        frequency_penalty=s.frequency_penalty,
-        presence_penalty=s.presence_penalty,
-        top_logprobs=s.top_logprobs,
-        prompt_logprobs=s.prompt_logprobs,
-    )
-    if s.seed is not None:
-        msg.seed = s.seed
-    return msg
-
-
 def step_to_proto(out: SchedulerOutput, masks: Mapping[int, bytes] | None = None) -> pb.StepRequest:
     """The step on the wire; `masks`: each constrained request's allowed-token mask, by request id."""
     req = pb.StepRequest(finished_ids=out.finished_ids)
@@ -143,7 +124,7 @@ def step_to_proto(out: SchedulerOutput, masks: Mapping[int, bytes] | None = None
                     id=seq.id,
                     token_ids=seq.all_token_ids,
                     num_prompt_tokens=len(seq.prompt_ids),
-                    params=sampling_to_proto(seq.sampling),
+                    params=seq.sampling.to_proto(),
                     adapter_index=seq.adapter_index,
                     block_table=seq.blocks,
                     is_embedding=seq.is_embedding,

@@ -75,19 +75,7 @@ def _rpc(method: F) -> F:
 
 def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
     try:
-        return SamplingParams(
-            do_sample=p.do_sample,
-            temperature=p.temperature or 1.0,
-            top_k=p.top_k,
-            top_p=p.top_p or 1.0,
-            typical_p=p.typical_p or 1.0,
-            repetition_penalty=p.repetition_penalty or 1.0,
-            frequency_penalty=p.frequency_penalty,
-            presence_penalty=p.presence_penalty,
-            seed=p.seed if p.HasField("seed") else None,
-            top_logprobs=p.top_logprobs,
-            prompt_logprobs=p.prompt_logprobs,
-        )
+        return SamplingParams.from_proto(p)
     except ValueError as e:
         raise WorkerInputError(f"sampling parameters: {e}") from e
 

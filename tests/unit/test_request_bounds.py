@@ -3,6 +3,7 @@ and what the router accepts is exactly what every worker accepts."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import pytest
@@ -18,8 +19,7 @@ from loraxpy.router.validation import (
     validate_generate,
     validate_tokenize,
 )
-from loraxpy.router.worker_client import sampling_to_proto
-from loraxpy.worker.server import sampling_from_proto
+from loraxpy.worker.server import WorkerInputError, sampling_from_proto
 
 LIMITS = Limits(max_input_length=100, max_total_tokens=200, vocab_size=320, max_concurrent_requests=64)
 
@@ -156,7 +156,7 @@ def test_what_the_router_accepts_every_worker_accepts_unchanged(field: str) -> N
             params = SamplingParams(do_sample=True, **{field: value})
         except SamplingError:
             continue
-        on_worker = sampling_from_proto(sampling_to_proto(params))  # raises if the worker refuses
+        on_worker = sampling_from_proto(params.to_proto())  # raises if the worker refuses
         if field in FLOAT_RANGES:
             assert getattr(on_worker, field) == as_float32(value)
         else:
@@ -181,3 +181,27 @@ def test_n_choices_sample_independently_and_a_seeded_request_stays_reproducible(
     assert len(set(unseeded)) == 3
     greedy = choices(chat(temperature=0, n=2), 2)
     assert greedy[0] is greedy[1], "greedy choices are the same computation"
+
+
+def test_sampling_params_mirror_the_wire_and_every_field_crosses_it() -> None:
+    from loraxpy.proto import worker_pb2 as pb
+
+    assert [f.name for f in fields(SamplingParams)] == [f.name for f in pb.SamplingParams.DESCRIPTOR.fields]
+    params = SamplingParams(
+        do_sample=True,
+        temperature=0.5,
+        top_k=7,
+        top_p=0.75,
+        typical_p=0.5,
+        repetition_penalty=1.25,
+        frequency_penalty=-0.5,
+        presence_penalty=0.25,
+        seed=0,  # 0 is a seed, not an unset one
+        top_logprobs=3,
+        prompt_logprobs=True,
+    )
+    assert all(getattr(params, f.name) != f.default for f in fields(SamplingParams))
+    assert sampling_from_proto(params.to_proto()) == params
+    assert sampling_from_proto(pb.SamplingParams()) == SamplingParams()  # proto3's zeros: the defaults
+    with pytest.raises(WorkerInputError, match="top_logprobs"):
+        sampling_from_proto(pb.SamplingParams(top_logprobs=21))
