@@ -105,13 +105,6 @@ class InternalError(RouterError):
         super().__init__(message)
 
 
-class IncompleteGenerationError(RouterError):
-    kind = "incomplete_generation"
-    status = 500
-    openai_status = 500
-    openai_type = "server_error"
-
-
 def lorax_error_body(err: RouterError) -> tuple[int, dict[str, Any]]:
     return err.status, {"error": err.message, "error_type": err.kind}
 

@@ -43,7 +43,6 @@ class FinishReason(enum.Enum):
 class SchedulerConfig:
     max_num_seqs: int = 256  # requests in one step
     max_step_tokens: int = 4096  # tokens computed in one step (--max-batch-prefill-tokens)
-    enable_chunked_prefill: bool = True
     # LoRAX's admission knobs: admit new prompts once waiting >= ratio * running, or after
     # max_waiting_steps steps without admission.
     waiting_served_ratio: float = 0.0
@@ -103,7 +102,6 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: tuple[ScheduledRequest, ...]
     finished_ids: tuple[int, ...]  # release on the worker before this step
-    preempted_ids: tuple[int, ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -197,7 +195,7 @@ class Scheduler:
             s.seq.num_computed_tokens += s.num_tokens
         released = tuple(self._to_release)
         self._to_release = []
-        return SchedulerOutput(tuple(scheduled), released, tuple(preempted))
+        return SchedulerOutput(tuple(scheduled), released)
 
     def _allocate_or_preempt(self, seq: SequenceState, n: int, preempted: list[int]) -> list[int] | None:
         needed = self.allocator.blocks_needed(seq.num_computed_tokens + n, len(seq.blocks))
@@ -250,7 +248,7 @@ class Scheduler:
             num_cached_tokens = len(cached) * self.allocator.block_size
             n = seq.num_tokens - num_cached_tokens
             if n > budget:
-                if not self.config.enable_chunked_prefill or seq.is_embedding:  # pooled in one step
+                if seq.is_embedding:  # pooled in one step
                     break
                 n = budget
             needed = self.allocator.blocks_needed(num_cached_tokens + n, len(cached))

@@ -206,7 +206,7 @@ def _validate_schedule(
 
 @dataclass
 class BatchPlan:
-    """Host-side description of one forward pass, turned into tensors by `to_forward_inputs`."""
+    """Host-side description of one forward pass, turned into tensors by `ModelRunner._forward_batch`."""
 
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
