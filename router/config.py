@@ -64,6 +64,9 @@ class RouterConfig(WorkerSettings):
     # Keep full KV blocks after their requests end and reuse them for prompts that start with the
     # same tokens under the same adapter and tenant (LoRAX's flag; `--prefix-caching false` turns it off).
     prefix_caching: bool = True
+    # Speculative decoding (LoRAX's flag): each decode step also computes up to this many tokens
+    # guessed from the request's own context (prompt lookup), verified by the workers; 0: off.
+    speculative_tokens: int = 0
     # lorax-launcher: restarts of the whole shard group after a shard dies, at most this many
     # within --restart-window-s; one more and the launcher exits non-zero (0: never restart).
     max_restarts: int = 3
@@ -102,6 +105,8 @@ class RouterConfig(WorkerSettings):
             raise ValueError("--max-input-length must be smaller than --max-total-tokens")
         if self.adapter_source not in ("hub", "local", "s3"):
             raise ValueError("--adapter-source must be hub, local or s3")
+        if not 0 <= self.speculative_tokens <= 32:
+            raise ValueError("--speculative-tokens must be in [0, 32] (0: off)")
         if not 0 <= self.max_queue_time_s <= 3600 or not 0 <= self.shutdown_grace_period_s <= 3600:
             raise ValueError("--max-queue-time-s and --shutdown-grace-period-s must be in [0, 3600] seconds")
         for name in ("body_read_timeout_s", "keep_alive_timeout_s"):

@@ -209,6 +209,7 @@ class Engine:
             sampling=inp.sampling,
             eos_token_ids=frozenset() if inp.ignore_eos else self.eos_token_ids,
             prefix_identity=BASE_PREFIX if inp.adapter_index == 0 else inp.prefix_identity,
+            speculate=inp.grammar is None,  # a grammar's mask covers one token per step
         )
         output = RequestOutput(seq.id)
         matcher = inp.grammar.matcher() if inp.grammar is not None else None
@@ -378,6 +379,8 @@ class Engine:
 
     def _apply(self, results: list[StepResult]) -> None:
         sampled: dict[int, int] = {}
+        accepted: dict[int, tuple[int, ...]] = {}  # speculative decoding: verified guesses
+        num_outputs: dict[int, int] = {}  # tokens each request had before this step
         for res in results:
             handle = self._handles.get(res.id)
             if handle is None:
@@ -386,9 +389,12 @@ class Engine:
                 handle.output.prompt_logprobs[res.prompt_logprobs_start + i] = lp
             if res.token is not None:
                 sampled[res.id] = res.token[0]
+                if res.accepted_draft_tokens:
+                    accepted[res.id] = tuple(t for t, _ in res.accepted_draft_tokens)
+                    num_outputs[res.id] = len(handle.seq.output_ids)
                 if handle.matcher is not None:
                     handle.matcher.advance(res.token[0])
-        self.scheduler.postprocess(sampled)
+        self.scheduler.postprocess(sampled, accepted)
         self._end_grammars(results)
         self._end_embeddings(results)
         for res in results:
@@ -396,7 +402,10 @@ class Engine:
             if handle is None or res.token is None:
                 continue
             try:
-                self._emit(handle, res)
+                if res.id in num_outputs:
+                    self._emit_run(handle, res, num_outputs[res.id])
+                else:
+                    self._emit(handle, res)
             except Exception:  # e.g. a token its detokenizer cannot handle: only this request fails
                 logger.exception("request %d: handing out a token failed", res.id)
                 self._fail(handle.seq, EngineError(STEP_FAILED))
@@ -434,6 +443,28 @@ class Engine:
         if stopped:
             seq.finish_reason = FinishReason.STOP_SEQUENCE
         handle.queue.put_nowait(TokenEvent(token_id, logprob, text, res.top_logprobs, seq.finish_reason))
+
+    def _emit_run(self, handle: _Handle, res: StepResult, num_before: int) -> None:
+        """Hands out accepted guesses and the sampled token one event each, as far as the scheduler
+        appended them (EOS or the token limit ends the run there) or a stop sequence ends the text."""
+        assert res.token is not None
+        seq = handle.seq
+        run = (*res.accepted_draft_tokens, res.token)[: max(1, len(seq.output_ids) - num_before)]
+        for i, (token_id, logprob) in enumerate(run):
+            text, stopped = handle.stream.push(token_id)
+            if stopped:
+                if seq.finish_reason is None:
+                    self.scheduler.finish(seq, FinishReason.STOP_SEQUENCE)
+                seq.finish_reason = FinishReason.STOP_SEQUENCE
+                del seq.output_ids[num_before + i + 1 :]  # tokens after the stop were never shown
+            is_last = stopped or i == len(run) - 1
+            reason = seq.finish_reason if is_last else None
+            if reason is not None and not stopped:
+                text += handle.stream.flush()
+            top = res.top_logprobs if i == len(run) - 1 else ()
+            handle.queue.put_nowait(TokenEvent(token_id, logprob, text, top, reason))
+            if stopped:
+                return
 
     async def _fail_step(self, out: SchedulerOutput, error: WorkerError) -> None:
         """Fails the requests a step failed for. A refusal changed nothing on the workers: its new

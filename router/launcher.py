@@ -134,6 +134,15 @@ def prefix_caching(config: RouterConfig, info: WorkerInfo) -> bool:
     return config.prefix_caching and info.can_reuse_prefixes
 
 
+def speculative_tokens(config: RouterConfig, info: WorkerInfo) -> int:
+    """--speculative-tokens, unless the workers cannot verify guesses (LongRoPE: a guess would move
+    the length its table is chosen by)."""
+    if config.speculative_tokens and not info.can_reuse_prefixes:
+        logger.warning("speculative decoding is off: %s's K/V depend on the prompt's length", info.model_type)
+        return 0
+    return config.speculative_tokens
+
+
 async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[ServerState, Engine, WorkerInfo]:
     await client.wait_ready(timeout=STARTUP_TIMEOUT_S)
     num_blocks, info = await warm_workers(config, client)
@@ -147,6 +156,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
             max_step_tokens=config.max_batch_prefill_tokens,
             waiting_served_ratio=config.waiting_served_ratio,
             max_waiting_steps=config.max_waiting_tokens,
+            num_speculative_tokens=speculative_tokens(config, info),
         ),
         BlockAllocator(num_blocks, info.block_size, enable_caching=prefix_caching(config, info)),
     )

@@ -113,6 +113,23 @@ class Metrics:
         self.prefix_cache_evictions = Gauge(
             "lorax_prefix_cache_evictions_total", "Cached blocks evicted to make room", registry=r
         )
+        # Speculative decoding (--speculative-tokens), per adapter index since the start (indices are
+        # reused by later adapters, so the label set stays as small as the device's adapter slots).
+        self.speculative_proposed = Gauge(
+            "lorax_speculative_proposed_tokens_total",
+            "Guessed tokens sent to the workers for verification",
+            ["adapter"],
+            registry=r,
+        )
+        self.speculative_accepted = Gauge(
+            "lorax_speculative_accepted_tokens_total",
+            "Guessed tokens the workers accepted (each one a token gained without a step of its own)",
+            ["adapter"],
+            registry=r,
+        )
+        self.speculative_acceptance = Gauge(
+            "lorax_speculative_acceptance_rate", "Accepted / proposed guessed tokens", ["adapter"], registry=r
+        )
         # Healing (router/healing.py, router/shards.py): read from their owners at each scrape.
         self.heals = Gauge(
             "lorax_heals_total", "Times the workers were lost and the router served again", registry=r
@@ -177,6 +194,11 @@ class Metrics:
         self.grammar_mask_seconds.set(engine.mask_time.seconds)
         self.grammar_masks.set(engine.mask_time.num_masks)
         self.grammar_mask_steps.set(engine.mask_time.num_steps)
+        for index, proposed in scheduler.num_draft_tokens.items():
+            accepted = scheduler.num_accepted_tokens.get(index, 0)
+            self.speculative_proposed.labels(str(index)).set(proposed)
+            self.speculative_accepted.labels(str(index)).set(accepted)
+            self.speculative_acceptance.labels(str(index)).set(accepted / proposed if proposed else 0.0)
         running: dict[int, int] = {}
         for seq in scheduler.running:
             running[seq.adapter_index] = running.get(seq.adapter_index, 0) + 1

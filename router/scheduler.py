@@ -13,6 +13,10 @@ With prefix caching (router/kv_blocks.py), an admitted request takes the cached 
 longest cached prefix of full blocks (never all its tokens: the last one is computed so it has
 logits) and computes from there; after each step the full blocks it has computed are keyed for
 later requests. A request that asks for its prompt's log-probabilities computes every token.
+With speculative decoding (`num_speculative_tokens`, router/speculative.py), a decoding request
+that may speculate also computes up to that many guessed tokens after its last one, within the
+step's token budget and the free blocks; `postprocess` takes back the ones the workers rejected
+(their K/V are not counted as computed, so they are overwritten and never keyed in the cache).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 
 from loraxpy.proto.sampling import SamplingParams
 from loraxpy.router.kv_blocks import BlockAllocator, chain_hashes
+from loraxpy.router.speculative import PromptLookup
 
 
 class Status(enum.Enum):
@@ -47,10 +52,13 @@ class SchedulerConfig:
     # max_waiting_steps steps without admission.
     waiting_served_ratio: float = 0.0
     max_waiting_steps: int = 20
+    num_speculative_tokens: int = 0  # --speculative-tokens: prompt-lookup guesses per decode (0: off)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_step_tokens < 1:
             raise ValueError("max_num_seqs and max_step_tokens must be positive")
+        if self.num_speculative_tokens < 0:
+            raise ValueError("num_speculative_tokens must be non-negative")
         if self.waiting_served_ratio < 0 or self.max_waiting_steps < 0:
             raise ValueError("waiting_served_ratio and max_waiting_steps must be non-negative")
 
@@ -79,6 +87,11 @@ class SequenceState:
     prefix_identity: str | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, as far as hashed
     num_cached_blocks: int = 0  # of `blocks`, how many from the first are keyed in the cache
+    # Speculative decoding: whether it may (not under a grammar, nor with top log-probs), the
+    # guesses in the step in flight (counted in num_computed_tokens until verified), its n-grams.
+    speculate: bool = True
+    draft_token_ids: tuple[int, ...] = ()
+    lookup: PromptLookup | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +109,7 @@ class ScheduledRequest:
     new_blocks: tuple[int, ...]
     is_new: bool  # send in full (first time, or after preemption)
     num_computed_tokens: int = 0  # tokens already in the cache before this step (a cached prefix)
+    draft_token_ids: tuple[int, ...] = ()  # guessed tokens after the last one (in num_tokens)
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,9 @@ class Scheduler:
         self._arrivals = 0
         self._steps_since_admission = 0
         self.num_preemptions = 0
+        # Speculative decoding, per adapter index: guessed tokens sent, and accepted by the workers.
+        self.num_draft_tokens: dict[int, int] = {}
+        self.num_accepted_tokens: dict[int, int] = {}
 
     # ---- requests in and out --------------------------------------------------------------------
 
@@ -178,11 +195,16 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0:
                 continue
-            new_blocks = self._allocate_or_preempt(seq, n, preempted)
+            draft = self._draft(seq, budget) if n == 1 and self.config.num_speculative_tokens else ()
+            new_blocks = self._allocate_or_preempt(seq, n + len(draft), preempted)
             if new_blocks is None:
                 continue
             is_new = not seq.is_on_worker
-            scheduled.append(ScheduledRequest(seq, n, tuple(new_blocks), is_new, seq.num_computed_tokens))
+            seq.draft_token_ids = draft
+            n += len(draft)
+            scheduled.append(
+                ScheduledRequest(seq, n, tuple(new_blocks), is_new, seq.num_computed_tokens, draft)
+            )
             budget -= n
         scheduled = [s for s in scheduled if s.seq.status is Status.RUNNING]
         budget = self.config.max_step_tokens - sum(s.num_tokens for s in scheduled)
@@ -196,6 +218,23 @@ class Scheduler:
         released = tuple(self._to_release)
         self._to_release = []
         return SchedulerOutput(tuple(scheduled), released)
+
+    def _draft(self, seq: SequenceState, budget: int) -> tuple[int, ...]:
+        """Guesses for a decoding request, as many as the budget, its remaining tokens and the free
+        blocks allow (never preempting anyone for a guess)."""
+        if not seq.speculate or not seq.is_on_worker or seq.sampling.top_logprobs or seq.is_embedding:
+            return ()
+        k = min(self.config.num_speculative_tokens, budget - 1, seq.max_new_tokens - len(seq.output_ids) - 1)
+        if k < 1:
+            return ()
+        if seq.lookup is None:
+            seq.lookup = PromptLookup()
+        draft = seq.lookup.propose(seq.all_token_ids, k)
+        while draft and not self.allocator.can_allocate(
+            self.allocator.blocks_needed(seq.num_computed_tokens + 1 + len(draft), len(seq.blocks))
+        ):
+            draft = draft[:-1]
+        return tuple(draft)
 
     def _allocate_or_preempt(self, seq: SequenceState, n: int, preempted: list[int]) -> list[int] | None:
         needed = self.allocator.blocks_needed(seq.num_computed_tokens + n, len(seq.blocks))
@@ -306,28 +345,47 @@ class Scheduler:
         for r in out.scheduled:
             seq = r.seq
             seq.num_computed_tokens -= r.num_tokens
+            seq.draft_token_ids = ()
             if r.is_new:
                 seq.is_on_worker = False  # a NewRequest carries its whole block table next time
             elif r.new_blocks:
                 del seq.blocks[-len(r.new_blocks) :]
                 self.allocator.free(list(r.new_blocks))
 
-    def postprocess(self, sampled: dict[int, int]) -> list[SequenceState]:
-        """Keys the blocks the step computed, then appends each request's sampled token; returns
-        the requests that finished by length or EOS."""
+    def postprocess(
+        self, sampled: dict[int, int], accepted: dict[int, tuple[int, ...]] | None = None
+    ) -> list[SequenceState]:
+        """Takes back rejected guesses, keys the blocks the step computed, then appends each
+        request's accepted guesses (`accepted`, by id) and sampled token, up to the first that ends
+        it; returns the requests that finished by length or EOS."""
+        accepted = accepted or {}
+        for seq in self.running:
+            if seq.draft_token_ids:
+                self._verified(seq, len(accepted.get(seq.id, ())))
         self._cache_computed()
         done = []
         for seq in list(self.running):
             token = sampled.get(seq.id)
             if token is None:
                 continue
-            seq.output_ids.append(token)
-            reason = None
-            if token in seq.eos_token_ids:
-                reason = FinishReason.EOS_TOKEN
-            elif len(seq.output_ids) >= seq.max_new_tokens:
-                reason = FinishReason.LENGTH
-            if reason is not None:
-                self.finish(seq, reason)
-                done.append(seq)
+            for t in (*accepted.get(seq.id, ()), token):
+                seq.output_ids.append(t)
+                reason = None
+                if t in seq.eos_token_ids:
+                    reason = FinishReason.EOS_TOKEN
+                elif len(seq.output_ids) >= seq.max_new_tokens:
+                    reason = FinishReason.LENGTH
+                if reason is not None:
+                    self.finish(seq, reason)
+                    done.append(seq)
+                    break
         return done
+
+    def _verified(self, seq: SequenceState, num_accepted: int) -> None:
+        """The workers kept `num_accepted` of the request's guesses: the rest were not computed."""
+        num_draft = len(seq.draft_token_ids)
+        seq.num_computed_tokens -= num_draft - num_accepted
+        seq.draft_token_ids = ()
+        a = seq.adapter_index
+        self.num_draft_tokens[a] = self.num_draft_tokens.get(a, 0) + num_draft
+        self.num_accepted_tokens[a] = self.num_accepted_tokens.get(a, 0) + num_accepted

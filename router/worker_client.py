@@ -109,6 +109,7 @@ class StepResult:
     prompt_logprobs_start: int
     prompt_logprobs: tuple[float, ...]
     embedding: tuple[float, ...] = ()  # an embedding request's pooled vector
+    accepted_draft_tokens: tuple[tuple[int, float], ...] = ()  # verified guesses, before `token`
 
 
 def step_to_proto(out: SchedulerOutput, masks: Mapping[int, bytes] | None = None) -> pb.StepRequest:
@@ -140,6 +141,7 @@ def step_to_proto(out: SchedulerOutput, masks: Mapping[int, bytes] | None = None
                     new_block_ids=r.new_blocks,
                     num_scheduled_tokens=r.num_tokens,
                     allowed_token_mask=mask,
+                    draft_token_ids=r.draft_token_ids,
                 )
             )
     return req
@@ -154,6 +156,7 @@ def result_from_proto(o: pb.RequestOutput) -> StepResult:
         prompt_logprobs_start=o.prompt_logprobs_start,
         prompt_logprobs=tuple(o.prompt_logprobs),
         embedding=tuple(o.embedding),
+        accepted_draft_tokens=tuple((t.token_id, t.logprob) for t in o.accepted_draft_tokens),
     )
 
 

@@ -34,6 +34,8 @@ class CachedRequestData:
     new_block_ids: tuple[int, ...]
     num_scheduled_tokens: int
     allowed_token_mask: bytes = b""
+    # Speculative decoding: guessed tokens after the last one, computed and verified in this step.
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class RequestState:
     # LongRoPE: this step recomputes the whole sequence with the long table (see ModelRunner.step).
     recomputing: bool = False
     is_embedding: bool = False
+    # This step's guesses (speculative decoding), appended to token_ids until they are verified.
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class RequestOutputData:
     prompt_logprobs_start: int = 0
     prompt_logprobs: tuple[float, ...] = ()
     embedding: tuple[float, ...] = ()  # an embedding request's pooled vector
+    accepted_draft_tokens: tuple[tuple[int, float], ...] = ()  # verified guesses, before `token`
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,8 @@ def validate_step(
         seen.add(cached.id)
         _validate_cached(cached, live[cached.id], limits)
         _validate_mask(cached.id, cached.allowed_token_mask, limits)
+        if cached.draft_token_ids:
+            _validate_draft(cached, live[cached.id], limits)
     if step.num_scheduled_tokens > limits.max_step_tokens:
         raise WorkerInputError(
             f"step schedules {step.num_scheduled_tokens} tokens, more than the {limits.max_step_tokens} "
@@ -174,11 +181,28 @@ def _validate_cached(cached: CachedRequestData, state: RequestState, limits: Lim
     _validate_schedule(
         cached.id,
         state.num_computed_tokens,
-        len(state.token_ids),
+        len(state.token_ids) + len(cached.draft_token_ids),
         cached.num_scheduled_tokens,
         blocks,
         limits,
     )
+
+
+def _validate_draft(cached: CachedRequestData, state: RequestState, limits: Limits) -> None:
+    rid, draft = cached.id, cached.draft_token_ids
+    if state.num_computed_tokens != len(state.token_ids) - 1 or cached.num_scheduled_tokens != 1 + len(draft):
+        raise WorkerInputError(
+            f"request {rid}: draft tokens go with a decode: the last token and the drafts, all computed now"
+        )
+    bad = [t for t in draft if t >= limits.vocab_size]
+    if bad:
+        raise WorkerInputError(f"request {rid}: draft token {bad[0]} is out of the vocabulary")
+    if cached.allowed_token_mask or state.params.top_logprobs or state.is_embedding:
+        raise WorkerInputError(
+            f"request {rid}: draft tokens cannot be verified with an allowed-token mask or top_logprobs"
+        )
+    if not limits.can_reuse_prefixes:
+        raise WorkerInputError(f"request {rid}: draft tokens are not verified under LongRoPE")
 
 
 def _validate_schedule(

@@ -38,6 +38,7 @@ from loraxpy.worker.prepacked import prepack_model
 from loraxpy.worker.quantization import check_quantization, quantize_model, weight_bytes
 from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample
 from loraxpy.worker.self_check import SelfCheck, attention_of
+from loraxpy.worker.speculative import DraftRequest, Verified, verify
 from loraxpy.worker.weights import load_weights
 
 logger = logging.getLogger(__name__)
@@ -292,9 +293,10 @@ class ModelRunner:
                 self.lora.set_batch(token_adapters, self.options.device)
             hidden = self.model(self._forward_batch(plan, self.kv_caches))
         outputs = self._sample(scheduled, plan, hidden)
-        for state, num_scheduled in scheduled:
-            state.num_computed_tokens += num_scheduled
+        for (state, _), out in zip(scheduled, outputs, strict=True):
+            state.num_computed_tokens = out.num_computed_tokens  # less the rejected draft tokens
             state.recomputing = False
+            state.draft_token_ids = ()
         return outputs
 
     def _admit(self, step: StepInput) -> list[tuple[RequestState, int]]:
@@ -319,6 +321,9 @@ class ModelRunner:
             state = self.requests[cached.id]
             state.block_table.extend(cached.new_block_ids)
             state.allowed_token_mask = cached.allowed_token_mask
+            state.draft_token_ids = cached.draft_token_ids
+            if cached.draft_token_ids:  # computed now like tokens; verified (and cut back) in _sample
+                state.token_ids.extend(cached.draft_token_ids)
             scheduled.append((state, cached.num_scheduled_tokens))
         return scheduled
 
@@ -348,6 +353,18 @@ class ModelRunner:
             if row >= 0 and not scheduled[i][0].is_embedding
         ]
         tokens: dict[int, tuple[tuple[int, float], tuple[tuple[int, float], ...]]] = {}
+        drafts = [(i, row) for i, row in sampling if scheduled[i][0].draft_token_ids]
+        verified: dict[int, Verified] = {}
+        if drafts:
+            sampling = [(i, row) for i, row in sampling if not scheduled[i][0].draft_token_ids]
+            states = [scheduled[i][0] for i, _ in drafts]
+            verified = dict(
+                zip(
+                    [i for i, _ in drafts],
+                    self._verify_drafts(states, [r for _, r in drafts], hidden),
+                    strict=True,
+                )
+            )
         if sampling:
             rows = torch.tensor([row for _, row in sampling], device=hidden.device)
             logits = self.model.compute_logits(hidden[rows], rows)
@@ -367,20 +384,56 @@ class ModelRunner:
             embedding = self._pooled(state, num_scheduled, hidden, row0)
             row0 += num_scheduled
             token, top = tokens.get(i, (None, ()))
+            accepted: tuple[tuple[int, float], ...] = ()
+            num_computed = state.num_computed_tokens + num_scheduled
+            if i in verified:  # drop the rejected guesses from the tokens and the count
+                accepted, token = verified[i].accepted, verified[i].token
+                num_rejected = len(state.draft_token_ids) - len(accepted)
+                del state.token_ids[len(state.token_ids) - num_rejected :]
+                num_computed -= num_rejected
             if token is not None:
                 state.token_ids.append(token[0])
             outputs.append(
                 RequestOutputData(
                     id=state.id,
-                    num_computed_tokens=state.num_computed_tokens + num_scheduled,
+                    num_computed_tokens=num_computed,
                     token=token,
                     top_logprobs=top,
                     prompt_logprobs_start=start,
                     prompt_logprobs=values,
                     embedding=embedding,
+                    accepted_draft_tokens=accepted,
                 )
             )
         return outputs
+
+    def _verify_drafts(
+        self, states: list[RequestState], last_rows: list[int], hidden: torch.Tensor
+    ) -> list[Verified]:
+        """Speculative decoding: each state's guesses verified against the logits at its last
+        token and at each guess (rows last_row - k .. last_row of the batch)."""
+        rows = torch.tensor(
+            [
+                r
+                for s, last in zip(states, last_rows, strict=True)
+                for r in range(last - len(s.draft_token_ids), last + 1)
+            ],
+            device=hidden.device,
+        )
+        logits = self.model.compute_logits(hidden[rows], rows)
+        requests = [
+            DraftRequest(
+                SamplingRow(
+                    s.params,
+                    s.token_ids[: len(s.token_ids) - len(s.draft_token_ids)],
+                    s.num_prompt_tokens,
+                    s.generator,
+                ),
+                s.draft_token_ids,
+            )
+            for s in states
+        ]
+        return verify(logits, requests)
 
     def _pooled(
         self, state: RequestState, num_scheduled: int, hidden: torch.Tensor, row0: int

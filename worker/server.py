@@ -105,7 +105,13 @@ def step_from_proto(req: pb.StepRequest) -> StepInput:
         finished_ids=tuple(req.finished_ids),
         new_requests=tuple(new_requests),
         cached_requests=tuple(
-            CachedRequestData(r.id, tuple(r.new_block_ids), r.num_scheduled_tokens, r.allowed_token_mask)
+            CachedRequestData(
+                r.id,
+                tuple(r.new_block_ids),
+                r.num_scheduled_tokens,
+                r.allowed_token_mask,
+                tuple(r.draft_token_ids),
+            )
             for r in req.cached_requests
         ),
     )
@@ -119,6 +125,9 @@ def output_to_proto(out: RequestOutputData) -> pb.RequestOutput:
         prompt_logprobs_start=out.prompt_logprobs_start,
         prompt_logprobs=out.prompt_logprobs,
         embedding=out.embedding,
+        accepted_draft_tokens=[
+            pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in out.accepted_draft_tokens
+        ],
     )
     if out.token is not None:
         msg.token.CopyFrom(pb.TokenLogprob(token_id=out.token[0], logprob=out.token[1]))
