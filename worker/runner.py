@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from loraxpy.kernels import cpu_fused
 from loraxpy.kernels.attention import AttentionMetadata, select_attention_backend
 from loraxpy.proto.adapter_policy import AdapterSettings
 from loraxpy.worker.adapter_sources import SourceOptions
@@ -108,6 +109,7 @@ class ModelRunner:
             load_weights(self.model, model_path, tied_lm_head=self.config.tie_word_embeddings)
         quantize_model(self.model, options.quantize)
         packed = prepack_model(self.model, options.cpu_weight_layout, options.device, options.dtype)
+        self.cpu_ops = self._use_fused_ops() if options.device.type == "cpu" else ""
         self.weight_bytes = weight_bytes(self.model)
         self.quantization = "gguf" if gguf_file is not None else (options.quantize or "")
         logger.info(
@@ -155,6 +157,19 @@ class ModelRunner:
         self.requests: dict[int, RequestState] = {}
         self.graphs: DecodeGraphs | None = None
         self.self_check = SelfCheck.for_device(options.device)  # CUDA: fast paths proven at warmup
+
+    def _use_fused_ops(self) -> str:
+        """CPU: the fused norm, activation, rotary/store and decode-attention ops where the model's
+        layers take them (kernels/cpu_fused.py); "fused", or "torch" when they are off or unbuilt."""
+        ops = cpu_fused.load()
+        used = self.model.use_fused_ops(ops) if ops is not None else ""
+        logger.info(
+            "CPU ops: %s",
+            "fused (kernels/cpu_fused.cpp)"
+            if used
+            else f"torch ({cpu_fused.unavailable_reason() or 'this model family keeps the torch path'})",
+        )
+        return used or "torch"
 
     @property
     def is_ready(self) -> bool:

@@ -74,11 +74,17 @@ def use_attention(model: CausalLM, backend: AttentionBackend) -> None:
         layer.self_attn.attention = backend  # type: ignore[union-attr]
 
 
-def active_paths(attention: str, lora: LoraManager | None, graphs: DecodeGraphs | None) -> dict[str, str]:
+def active_paths(
+    attention: str, lora: LoraManager | None, graphs: DecodeGraphs | None, cpu_ops: str = ""
+) -> dict[str, str]:
     """What runs each fast path now: attention (triton | sdpa), lora (triton | torch | none),
-    decode (cuda-graphs | graph-twin, the padded eager forward on CPU | eager)."""
+    decode (cuda-graphs | graph-twin, the padded eager forward on CPU | eager), and on CPU cpu_ops
+    (fused: kernels/cpu_fused.cpp | torch)."""
     decode = "eager" if graphs is None else "cuda-graphs" if graphs.is_captured else "graph-twin"
-    return {"attention": attention, "lora": lora.backend if lora is not None else "none", "decode": decode}
+    paths = {"attention": attention, "lora": lora.backend if lora is not None else "none", "decode": decode}
+    if cpu_ops:
+        paths["cpu_ops"] = cpu_ops
+    return paths
 
 
 @dataclass

@@ -186,7 +186,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             supports_adapters=r.lora is not None,
             eos_token_ids=list(r.config.eos_token_ids),
             num_adapter_slots=r.num_adapter_slots,
-            kernel_paths=active_paths(r.attention_backend, r.lora, r.graphs),
+            kernel_paths=active_paths(r.attention_backend, r.lora, r.graphs, r.cpu_ops),
             self_check_failures=r.self_check.failures,
             can_reuse_prefixes=r.can_reuse_prefixes,
             quantize=r.quantization,

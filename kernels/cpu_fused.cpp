@@ -1,0 +1,296 @@
+// Fused CPU ops for the decode step (issue 10): each replaces a run of small torch ops whose
+// dispatch, not their arithmetic, dominated the step on CPU. Built on first use by
+// kernels/cpu_fused.py (torch.utils.cpp_extension, -ffp-contract=off so every product and sum is
+// rounded as the torch twin rounds it); every op has that twin and a test against it.
+//
+// Rounding: fp32 tensors compute in fp32; bf16/fp16 tensors compute each step in fp32 and round to
+// the tensor's dtype where the torch twin's op would produce a tensor of that dtype.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline T round_to(float x) {
+  return static_cast<T>(x);
+}
+
+// sum_d a[d] * float(b[d]); a in fp32.
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < n; ++d) acc += a[d] * static_cast<float>(b[d]);
+  return acc;
+}
+
+// acc[d] += p * float(v[d]).
+template <typename T>
+inline void axpy(float* acc, float p, const T* v, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) acc[d] += p * static_cast<float>(v[d]);
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+// weight * (x * rsqrt(mean(x^2) + eps)), Llama's rounding (normalised x rounded to the dtype before
+// the weight); with offset (Gemma): (x * r) * (offset + weight) in fp32, rounded once.
+template <typename T>
+void rms_norm_row(const T* x, const T* w, T* out, int64_t n, float eps, float offset) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    ss += v * v;
+  }
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  if (offset != 0.f) {
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = round_to<T>((static_cast<float>(x[i]) * r) * (offset + static_cast<float>(w[i])));
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const T normed = round_to<T>(static_cast<float>(x[i]) * r);
+      out[i] = round_to<T>(static_cast<float>(w[i]) * static_cast<float>(normed));
+    }
+  }
+}
+
+// out = rms_norm(h + delta); h is updated in place to h + delta (the residual stream). delta may be
+// undefined: then h is only normalised.
+at::Tensor add_rms_norm(at::Tensor h, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
+                        double eps, double offset) {
+  check_cpu(h, "h");
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), "h must be a contiguous [tokens, hidden] tensor");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == h.size(1) && weight.scalar_type() == h.scalar_type(),
+              "weight must be [hidden] of h's dtype");
+  const bool add = delta.has_value() && delta->defined();
+  if (add) {
+    TORCH_CHECK(delta->sizes() == h.sizes() && delta->scalar_type() == h.scalar_type(),
+                "delta must match h");
+  }
+  at::Tensor d = add ? delta->contiguous() : at::Tensor();
+  auto out = at::empty_like(h);
+  const int64_t rows = h.size(0), n = h.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "add_rms_norm", [&] {
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    const scalar_t* dp = add ? d.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        scalar_t* x = hp + t * n;
+        if (dp != nullptr) {
+          const scalar_t* y = dp + t * n;
+          for (int64_t i = 0; i < n; ++i) {
+            x[i] = round_to<scalar_t>(static_cast<float>(x[i]) + static_cast<float>(y[i]));
+          }
+        }
+        rms_norm_row(x, wp, op + t * n, n, static_cast<float>(eps), static_cast<float>(offset));
+      }
+    });
+  });
+  return out;
+}
+
+// silu(gate) * up over x = [gate | up] ([tokens, 2 * inter]) -> [tokens, inter].
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "x must be [tokens, 2 * inter], rows contiguous");
+  const int64_t rows = x.size(0), inter = x.size(1) / 2, row_stride = x.stride(0);
+  auto out = at::empty({rows, inter}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* g = xp + t * row_stride;
+        const scalar_t* u = g + inter;
+        scalar_t* o = op + t * inter;
+        for (int64_t i = 0; i < inter; ++i) {
+          const float gv = static_cast<float>(g[i]);
+          const scalar_t act = round_to<scalar_t>(gv / (1.f + std::exp(-gv)));
+          o[i] = round_to<scalar_t>(static_cast<float>(act) * static_cast<float>(u[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Rotates q's and k's heads of each qkv row in place (x * cos + rotate_half(x) * sin over the first
+// rot dims of each head, as HF's rotate_half does) and writes the token's k and v heads to the paged
+// caches at slot_mapping[t] (slot < 0: a padding row, nothing stored).
+// qkv: [tokens, (heads + 2 * kv_heads) * head_dim], rows contiguous; cos, sin: [tokens, rot] (any
+// middle dims of size 1); caches: [blocks, block_size, kv_heads, head_dim].
+void rotary_store(at::Tensor qkv, int64_t heads, int64_t kv_heads, int64_t head_dim, const at::Tensor& cos,
+                  const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slot_mapping) {
+  check_cpu(qkv, "qkv");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be [tokens, width] with contiguous rows");
+  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * head_dim, "qkv's width does not match the heads");
+  const int64_t tokens = qkv.size(0), row_stride = qkv.stride(0);
+  const int64_t rot = cos.size(-1);
+  TORCH_CHECK(rot <= head_dim && rot % 2 == 0, "rotary dims must be even and at most head_dim");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == tokens * rot && sin.numel() == tokens * rot,
+              "cos and sin must be contiguous [tokens, rot]");
+  TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(),
+              "cos and sin must have qkv's dtype");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
+                  k_cache.size(2) == kv_heads && k_cache.size(3) == head_dim && v_cache.sizes() == k_cache.sizes(),
+              "caches must be contiguous [blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.scalar_type() == qkv.scalar_type() && v_cache.scalar_type() == qkv.scalar_type(),
+              "caches must have qkv's dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == tokens && slot_mapping.is_contiguous(),
+              "slot_mapping must be int64 [tokens]");
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t kv_width = kv_heads * head_dim, half = rot / 2;
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slots[t] < num_slots, "slot ", slots[t], " is outside the cache");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rotary_store", [&] {
+    scalar_t* base = qkv.data_ptr<scalar_t>();
+    const scalar_t* cp = cos.data_ptr<scalar_t>();
+    const scalar_t* sp = sin.data_ptr<scalar_t>();
+    scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> tmp(half);
+      for (int64_t t = begin; t < end; ++t) {
+        scalar_t* row = base + t * row_stride;
+        const scalar_t* c = cp + t * rot;
+        const scalar_t* s = sp + t * rot;
+        for (int64_t h = 0; h < heads + kv_heads; ++h) {
+          scalar_t* x = row + h * head_dim;
+          for (int64_t i = 0; i < half; ++i) {  // first half: x1 * cos + (-x2) * sin
+            const float a = static_cast<float>(round_to<scalar_t>(static_cast<float>(x[i]) * static_cast<float>(c[i])));
+            const float b = static_cast<float>(round_to<scalar_t>(-static_cast<float>(x[i + half]) * static_cast<float>(s[i])));
+            tmp[i] = static_cast<float>(round_to<scalar_t>(a + b));
+          }
+          for (int64_t i = 0; i < half; ++i) {  // second half: x2 * cos + x1 * sin
+            const float a = static_cast<float>(round_to<scalar_t>(static_cast<float>(x[i + half]) * static_cast<float>(c[i + half])));
+            const float b = static_cast<float>(round_to<scalar_t>(static_cast<float>(x[i]) * static_cast<float>(s[i + half])));
+            x[i + half] = round_to<scalar_t>(a + b);
+          }
+          for (int64_t i = 0; i < half; ++i) x[i] = round_to<scalar_t>(tmp[i]);
+        }
+        const int64_t slot = slots[t];
+        if (slot < 0) continue;
+        const scalar_t* k = row + heads * head_dim;
+        const scalar_t* v = k + kv_width;
+        std::copy(k, k + kv_width, kc + slot * kv_width);
+        std::copy(v, v + kv_width, vc + slot * kv_width);
+      }
+    });
+  });
+}
+
+// Decode attention over the paged cache: one query token per sequence, the newest position of its
+// sequence (seq_lens[s] - 1); keys j < seq_lens[s] (and j > position - window when window > 0). A
+// sequence of length 0 (a padding row of a decode graph's bucket) attends to nothing: zeros.
+// q: [seqs, heads * head_dim] (rows may be strided, e.g. qkv's q part); caches as above;
+// block_tables: [seqs, width] int64; returns [seqs, heads * head_dim].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t heads,
+                            double scale, int64_t window) {
+  check_cpu(q, "q");
+  TORCH_CHECK(q.dim() == 2 && q.stride(1) == 1, "q must be [seqs, heads * head_dim] with contiguous rows");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "caches must be contiguous [blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "caches must have q's dtype");
+  const int64_t seqs = q.size(0), block_size = k_cache.size(1), kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
+  TORCH_CHECK(q.size(1) == heads * head_dim && heads % kv_heads == 0, "q's width does not match the heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.size(0) == seqs &&
+                  block_tables.is_contiguous(),
+              "block_tables must be contiguous int64 [seqs, width]");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kLong && seq_lens.numel() == seqs && seq_lens.is_contiguous(),
+              "seq_lens must be int64 [seqs]");
+  const int64_t width = block_tables.size(1), group = heads / kv_heads, num_blocks = k_cache.size(0);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  for (int64_t s = 0; s < seqs; ++s) {
+    TORCH_CHECK(lens[s] <= width * block_size, "sequence ", s, " has length ", lens[s], " outside its block table");
+    for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b) {
+      const int64_t block = tables[s * width + b];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "block ", block, " is outside the cache");
+    }
+  }
+  auto out = at::empty({seqs, heads * head_dim}, q.options());
+  const float fscale = static_cast<float>(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    const scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t q_stride = q.stride(0), kv_width = kv_heads * head_dim;
+    at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(group * head_dim), acc(group * head_dim), scores;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t s = item / kv_heads, kh = item % kv_heads, len = lens[s];
+        const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+        const int64_t n = len - first;
+        if (n <= 0) {
+          for (int64_t g = 0; g < group; ++g) {
+            scalar_t* dst = op + s * heads * head_dim + (kh * group + g) * head_dim;
+            std::fill(dst, dst + head_dim, round_to<scalar_t>(0.f));
+          }
+          continue;
+        }
+        scores.resize(group * n);
+        for (int64_t g = 0; g < group; ++g) {
+          const scalar_t* src = qp + s * q_stride + (kh * group + g) * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = static_cast<float>(src[d]);
+        }
+        const int64_t* table = tables + s * width;
+        for (int64_t j = first; j < len; ++j) {
+          const scalar_t* k = kc + (table[j / block_size] * block_size + j % block_size) * kv_width + kh * head_dim;
+          for (int64_t g = 0; g < group; ++g) {
+            scores[g * n + (j - first)] = dot(qf.data() + g * head_dim, k, head_dim) * fscale;
+          }
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t g = 0; g < group; ++g) {
+          float* sc = scores.data() + g * n;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
+          float sum = 0.f;
+          for (int64_t j = 0; j < n; ++j) {
+            sc[j] = std::exp(sc[j] - mx);
+            sum += sc[j];
+          }
+          const float inv = 1.f / sum;
+          for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
+        }
+        for (int64_t j = first; j < len; ++j) {
+          const scalar_t* v = vc + (table[j / block_size] * block_size + j % block_size) * kv_width + kh * head_dim;
+          for (int64_t g = 0; g < group; ++g) {
+            axpy(acc.data() + g * head_dim, scores[g * n + (j - first)], v, head_dim);
+          }
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          scalar_t* dst = op + s * heads * head_dim + (kh * group + g) * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) dst[d] = round_to<scalar_t>(acc[g * head_dim + d]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("add_rms_norm", &add_rms_norm, "h += delta (in place); returns rms_norm(h)");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over [gate | up]");
+  m.def("rotary_store", &rotary_store, "rotary on qkv's q and k heads in place; k and v into the paged caches");
+  m.def("decode_attention", &decode_attention, "one-token-per-sequence attention over the paged caches");
+}

@@ -1,0 +1,132 @@
+"""The fused CPU ops (kernels/cpu_fused.cpp) against their torch twins, op by op.
+
+The twins are the code the model runs without them: worker/layers.rms_norm, F.silu(gate) * up,
+worker/rotary.apply_rotary + kernels/attention.store_kv, and kernels/attention.paged_attention_reference.
+fp32 results agree to float rounding of the reductions' order; elementwise ops (rotary, store) are
+bit-for-bit, since the extension is built without fused multiply-adds.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraxpy.kernels import cpu_fused
+from loraxpy.kernels.attention import AttentionMetadata, paged_attention_reference, store_kv
+from loraxpy.worker.layers import rms_norm
+from loraxpy.worker.rotary import apply_rotary
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler to build the ops"
+)
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    module = cpu_fused.load()
+    # With a compiler present the ops must build: a silent fallback would leave them untested.
+    assert module is not None, cpu_fused.unavailable_reason()
+    return module
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_add_rms_norm(ops, dtype, offset):
+    torch.manual_seed(0)
+    h = torch.randn(7, 96).to(dtype)
+    delta = torch.randn(7, 96).to(dtype)
+    weight = torch.randn(96).to(dtype)
+    expected_h = h + delta
+    expected = rms_norm(expected_h, weight, 1e-5, offset)
+    fused_h = h.clone()
+    out = ops.add_rms_norm(fused_h, delta, weight, 1e-5, offset)
+    assert torch.equal(fused_h, expected_h)  # the residual stream, updated in place
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    alone = h.clone()
+    torch.testing.assert_close(
+        ops.add_rms_norm(alone, None, weight, 1e-5, offset), rms_norm(h, weight, 1e-5, offset), **TOL[dtype]
+    )
+    assert torch.equal(alone, h)  # no delta: h untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_on_a_strided_view(ops, dtype):
+    torch.manual_seed(1)
+    wide = torch.randn(5, 2 * 48 + 8).to(dtype)
+    x = wide[:, : 2 * 48]  # rows not contiguous with each other
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_and_mul(x), F.silu(gate) * up, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rot", [16, 8])  # whole heads, and partial rotary (Phi-3 style)
+def test_rotary_store_equals_apply_rotary_and_store_kv(ops, dtype, rot):
+    torch.manual_seed(2)
+    heads, kv_heads, head_dim, tokens = 4, 2, 16, 6
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    angles = torch.randn(tokens, rot // 2)
+    cos = torch.cat([angles.cos(), angles.cos()], -1).unsqueeze(1).to(dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).unsqueeze(1).to(dtype)
+    slots = torch.tensor([5, 0, -1, 9, 3, 14])  # one padding row stores nothing
+    caches = [torch.zeros(4, 4, kv_heads, head_dim, dtype=dtype) for _ in range(4)]
+
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    qk = qkv[:, : q_size + kv_size].view(tokens, heads + kv_heads, head_dim)
+    rotated = apply_rotary(qk, (cos, sin))
+    v = qkv[:, q_size + kv_size :].view(tokens, kv_heads, head_dim)
+    store_kv(rotated[:, heads:], v, caches[0], caches[1], slots)
+
+    fused = qkv.clone()
+    ops.rotary_store(fused, heads, kv_heads, head_dim, cos, sin, caches[2], caches[3], slots)
+    assert torch.equal(fused[:, : q_size + kv_size].view_as(rotated), rotated)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+
+
+def test_rotary_store_refuses_a_slot_outside_the_cache(ops):
+    qkv = torch.zeros(1, 3 * 16)
+    cache = torch.zeros(2, 4, 1, 16)
+    cos = torch.ones(1, 1, 16)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.rotary_store(qkv, 1, 1, 16, cos, cos, cache, cache.clone(), torch.tensor([8]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("layout", [(4, 4), (9, 3), (2, 2)])  # GQA groups of 1 and 3 (SmolLM2's 9/3)
+def test_decode_attention_equals_the_reference(ops, dtype, window, layout):
+    torch.manual_seed(3)
+    heads, kv_heads = layout
+    head_dim, block_size, num_blocks = 16, 4, 12
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    seq_lens = [1, 7, 13]
+    tables = [[3], [0, 5], [11, 2, 8, 6]]
+    meta = AttentionMetadata.build([1, 1, 1], seq_lens, tables, torch.device("cpu"))
+    # q rows strided, as the q part of a qkv projection's output is
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    q = qkv[:, : heads * head_dim]
+    expected = paged_attention_reference(
+        q.reshape(3, heads, head_dim), k_cache, v_cache, meta, 0.25, window or None
+    )
+    out = ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, heads, 0.25, window)
+    torch.testing.assert_close(out.view(3, heads, head_dim), expected, **TOL[dtype])
+
+
+def test_decode_attention_padding_rows_and_bad_tables(ops):
+    k_cache = torch.randn(4, 4, 1, 8)
+    meta = AttentionMetadata.build([1, 1], [3, 1], [[1], [2]], torch.device("cpu"))
+    q = torch.randn(2, 8)
+    lens = meta.seq_lens.clone()
+    lens[1] = 0  # a padding row of a decode graph's bucket attends to nothing
+    out = ops.decode_attention(q, k_cache, k_cache, meta.block_tables, lens, 1, 1.0, 0)
+    assert torch.equal(out[1], torch.zeros(8))
+    bad = meta.block_tables.clone()
+    bad[0, 0] = 99
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.decode_attention(q, k_cache, k_cache, bad, meta.seq_lens, 1, 1.0, 0)
