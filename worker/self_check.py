@@ -72,6 +72,8 @@ def attention_of(model: CausalLM) -> AttentionBackend:
 def use_attention(model: CausalLM, backend: AttentionBackend) -> None:
     for layer in model.layers:
         layer.self_attn.attention = backend  # type: ignore[union-attr]
+        if backend.name != "sdpa":  # the fused CPU attention stands in for SDPA only
+            layer.self_attn.fused = None  # type: ignore[union-attr]
 
 
 def active_paths(

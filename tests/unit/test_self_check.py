@@ -207,7 +207,12 @@ def test_a_runner_whose_attention_fails_the_check_serves_the_same_tokens_through
             runner.self_check.is_enabled = True  # as on CUDA
         runner.warmup(max_prefill_tokens=64, max_num_seqs=4, num_blocks=16)
         info = WorkerServicer(runner, None).Info(pb.InfoRequest(), None)  # type: ignore[arg-type]
-        assert dict(info.kernel_paths) == {"attention": "sdpa", "lora": "none", "decode": "eager"}
+        assert dict(info.kernel_paths) == {
+            "attention": "sdpa",
+            "lora": "none",
+            "decode": "eager",
+            "cpu_ops": runner.cpu_ops,  # fused (kernels/cpu_fused.cpp) where it builds, else torch
+        }
         assert info.attention_backend == "sdpa"
         assert list(info.self_check_failures) == ([] if attention is None else ["attention"])
         new = NewRequestData(1, (5, 9, 2, 33, 7), 5, SamplingParams(), 0, (0,), 5)
