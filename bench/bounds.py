@@ -49,10 +49,16 @@ class ByteCosts:
 
     weight_bytes: int  # every parameter a decode step reads (the embedding table excluded)
     kv_bytes_per_token: int  # K and V of one cached token over all layers
-    adapter_bytes_per_rank: int  # one rank of one adapter on all seven projections, all layers
+    adapter_bytes_per_rank: int  # one rank of one adapter on its projections (`targets`), all layers
 
     @classmethod
-    def of(cls, model: nn.Module, config: ModelConfig, kv_bytes_per_token: int) -> ByteCosts:
+    def of(
+        cls,
+        model: nn.Module,
+        config: ModelConfig,
+        kv_bytes_per_token: int,
+        targets: Iterable[str] = ADAPTED_TARGETS,
+    ) -> ByteCosts:
         element = next(model.parameters()).element_size()
         weights = sum(
             p.numel() * p.element_size()
@@ -60,7 +66,7 @@ class ByteCosts:
             # a step reads B rows of the embedding, not the table (unless it is also the LM head)
             if config.tie_word_embeddings or not name.startswith("embed_tokens.")
         )
-        per_rank = sum(sum(module_shape(config, t)) for t in ADAPTED_TARGETS) * config.num_layers
+        per_rank = sum(sum(module_shape(config, t)) for t in targets) * config.num_layers
         return cls(weights, kv_bytes_per_token, per_rank * element)
 
     def step_bytes(self, kv_tokens: float, adapter_ranks: Iterable[int]) -> float:

@@ -118,7 +118,10 @@ class EngineBench:
         self.runner.warmup(prefill_chunk, max_batch, num_blocks=num_blocks)
         self.block_size = options.block_size
         self.costs = ByteCosts.of(
-            self.runner.model, self.runner.config, self.runner.kv_spec.bytes_per_block // self.block_size
+            self.runner.model,
+            self.runner.config,
+            self.runner.kv_spec.bytes_per_block // self.block_size,
+            targets=pool.shape.targets,
         )
         self.loaded: dict[int, str] = {}
 

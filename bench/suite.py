@@ -91,7 +91,7 @@ def run_shape(
 ) -> tuple[list[RunResult], list[BaselineComparison]]:
     dtype_name = str(config.dtype).removeprefix("torch.")
     model_dir = workdir / f"{shape.name}-{dtype_name}"
-    if not (model_dir / "model.safetensors.index.json").exists():
+    if not (model_dir / "config.json").exists():  # written last (Llama) or the folder moved in whole
         logger.info("writing random %s weights to %s", shape.name, model_dir)
         write_random_model(shape, model_dir, config.dtype, seed=config.seed, device=config.device)
     pool = AdapterPool(model_dir / "adapters", shape, config.dtype, config.max_adapter_files, config.seed)
