@@ -14,13 +14,17 @@ SCHEMES: dict[str, str | None] = {
     "bitsandbytes-nf4": None,
     "bitsandbytes-fp4": None,
     "fp8": None,  # e4m3, a scale per output channel
-    "gptq": "pre-quantized GPTQ checkpoints are not read yet",
-    "awq": "pre-quantized AWQ checkpoints are not read yet",
+    "gptq": None,  # pre-quantized GPTQ checkpoints, read as stored (worker/gptq.py)
+    "awq": None,  # pre-quantized AWQ checkpoints (AutoAWQ's GEMM layout), read as stored
     "eetq": "EETQ needs its CUDA kernels, which this server does not carry",
     "hqq-4bit": "HQQ is not implemented yet",
     "hqq-3bit": "HQQ is not implemented yet",
     "hqq-2bit": "HQQ is not implemented yet",
 }
+
+
+# Schemes whose weights come quantized in the checkpoint; the others quantize full-precision weights at load.
+PREQUANTIZED = ("gptq", "awq")
 
 
 def check_scheme_name(scheme: str | None) -> None:
@@ -56,10 +60,17 @@ def checkpoint_scheme(config: dict[str, Any]) -> str | None:
 
 
 def check_checkpoint(config: dict[str, Any], scheme: str | None) -> None:
-    """Refuses a checkpoint whose own quantization disagrees with `--quantize`, or that is stored
-    quantized at all: weights are quantized here at load, from a full-precision checkpoint."""
+    """Refuses a checkpoint whose own quantization disagrees with `--quantize`, a pre-quantized scheme
+    (gptq, awq) over a checkpoint that is not, and any other scheme over a checkpoint stored quantized
+    (those quantize a full-precision checkpoint at load)."""
     stored = checkpoint_scheme(config)
     if stored is None:
+        if scheme in PREQUANTIZED:
+            raise ValueError(
+                f"--quantize {scheme} reads a pre-quantized {scheme.upper()} checkpoint, but this one has "
+                "no quantization_config: point --model-id at a quantized model, or use --quantize fp8 or "
+                "bitsandbytes to quantize this one at load"
+            )
         return
     if scheme is None:
         raise ValueError(
@@ -69,6 +80,8 @@ def check_checkpoint(config: dict[str, Any], scheme: str | None) -> None:
         raise ValueError(
             f"--quantize {scheme} disagrees with the checkpoint's quantization_config ({stored})"
         )
+    if scheme in PREQUANTIZED:
+        return
     raise ValueError(
         f"the checkpoint is stored quantized ({stored}); this server reads only full-precision checkpoints "
         f"and quantizes them itself at load: point --model-id at the unquantized model"

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraxpy.proto.quantization import check_checkpoint, check_scheme_name
+from loraxpy.proto.quantization import PREQUANTIZED, check_checkpoint, check_scheme_name
+from loraxpy.worker.gptq import PackedCheckpoint, QuantConfig
 from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear
 from loraxpy.worker.model_source import GGUF_POINTER
 from loraxpy.worker.moe import Experts
@@ -33,12 +34,15 @@ def check_quantization(model_path: Path, scheme: str | None, device: torch.devic
     """Refuses at startup a scheme this server does not run, or cannot run on `device`, and a
     checkpoint whose own quantization_config disagrees with `--quantize`."""
     check_scheme_name(scheme)
-    check_checkpoint(json.loads((model_path / "config.json").read_text()), scheme)
     if scheme and (model_path / GGUF_POINTER).exists():
         raise ValueError(
             f"--quantize {scheme}: a GGUF file is served in its own blocks; leave --quantize unset"
         )
-    if not scheme or scheme == "fp8":  # fp8 dequantizes before the matmul: runs on any device
+    config = json.loads((model_path / "config.json").read_text())
+    check_checkpoint(config, scheme)
+    if scheme in PREQUANTIZED:  # its quantization_config is read (and refused) before any weight is
+        QuantConfig.from_checkpoint(config["quantization_config"])
+    if not scheme or scheme == "fp8" or scheme in PREQUANTIZED:  # dequantized before the matmul: any device
         return
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--quantize {scheme} runs on CPU and CUDA, not {device.type}")
@@ -137,8 +141,29 @@ def quantize_linear(layer: ColumnParallelLinear | RowParallelLinear, scheme: str
     layer.weight = nn.Parameter(placeholder, requires_grad=False)
 
 
-def quantize_model(model: nn.Module, scheme: str | None) -> None:
-    """Quantizes every base linear of the decoder layers (attention and MLP), after loading."""
+def packed_checkpoint(model_path: Path, scheme: str | None) -> PackedCheckpoint | None:
+    """Where load_weights puts a GPTQ / AWQ checkpoint's packed tensors; None for other schemes."""
+    if scheme not in PREQUANTIZED:
+        return None
+    config = json.loads((model_path / "config.json").read_text())
+    return PackedCheckpoint(QuantConfig.from_checkpoint(config["quantization_config"]))
+
+
+def quantize_model(model: nn.Module, scheme: str | None, packed: PackedCheckpoint | None = None) -> None:
+    """Quantizes every base linear of the decoder layers (attention and MLP), after loading; a
+    pre-quantized checkpoint's linears (`packed`) take their packed weights instead."""
+    if packed is not None:
+        count = packed.install(model)
+        c = packed.config
+        logger.info(
+            "--quantize %s: %d linears read packed (%d-bit, group size %s%s), dequantized at each matmul",
+            scheme,
+            count,
+            c.bits,
+            c.group_size,
+            ", act-order" if c.desc_act else "",
+        )
+        return
     if not scheme:
         return
     linears = [m for m in model.modules() if isinstance(m, ColumnParallelLinear | RowParallelLinear)]

@@ -36,7 +36,7 @@ from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
 from loraxpy.worker.pooling import Pooling
 from loraxpy.worker.prepacked import prepack_model
-from loraxpy.worker.quantization import check_quantization, quantize_model, weight_bytes
+from loraxpy.worker.quantization import check_quantization, packed_checkpoint, quantize_model, weight_bytes
 from loraxpy.worker.sampling import SamplingParams, SamplingRow, make_generator, sample
 from loraxpy.worker.self_check import SelfCheck, attention_of
 from loraxpy.worker.speculative import DraftRequest, Verified, verify
@@ -103,11 +103,14 @@ class ModelRunner:
             dtype=options.dtype,
             device=options.device,
         )
+        prequantized = packed_checkpoint(model_path, options.quantize)  # GPTQ / AWQ: read as stored
         if (gguf_file := gguf_file_of(model_path)) is not None:  # its linears stay in their blocks
             load_gguf(self.model, gguf_file, self.config)
         else:
-            load_weights(self.model, model_path, tied_lm_head=self.config.tie_word_embeddings)
-        quantize_model(self.model, options.quantize)
+            load_weights(
+                self.model, model_path, tied_lm_head=self.config.tie_word_embeddings, packed=prequantized
+            )
+        quantize_model(self.model, options.quantize, prequantized)
         packed = prepack_model(self.model, options.cpu_weight_layout, options.device, options.dtype)
         self.cpu_ops = self._use_fused_ops() if options.device.type == "cpu" else ""
         self.weight_bytes = weight_bytes(self.model)

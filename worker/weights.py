@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from loraxpy.worker.gptq import PACKED_PARAMS, PackedCheckpoint
 from loraxpy.worker.moe import MIXTRAL_EXPERT_NAMES
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,11 @@ def _target(name: str) -> tuple[str, str, str] | None:
     return module, leaf, param
 
 
-def load_weights(model: nn.Module, model_path: Path, *, tied_lm_head: bool) -> None:
-    """Copies every checkpoint tensor into the model and checks that nothing stayed uninitialised."""
+def load_weights(
+    model: nn.Module, model_path: Path, *, tied_lm_head: bool, packed: PackedCheckpoint | None = None
+) -> None:
+    """Copies every checkpoint tensor into the model and checks that nothing stayed uninitialised.
+    With `packed` (a GPTQ / AWQ checkpoint), a linear's packed tensors go there instead of its weight."""
     modules = dict(model.named_modules())
     loaded: set[tuple[str, str, str]] = set()
     for name, tensor in iter_checkpoint(model_path):
@@ -87,6 +91,13 @@ def load_weights(model: nn.Module, model_path: Path, *, tied_lm_head: bool) -> N
         module = modules.get(module_name)
         if module is None or not hasattr(module, "load"):
             raise WeightsError(f"checkpoint tensor {name!r} has no place in the model")
+        if packed is not None and param in PACKED_PARAMS:
+            try:
+                packed.add(module_name, module, slice_name, param, tensor)
+            except ValueError as e:
+                raise WeightsError(f"checkpoint tensor {name!r}: {e}") from e
+            loaded.add((module_name, slice_name, "weight"))
+            continue
         try:
             module.load(slice_name, param, tensor)
         except (ValueError, RuntimeError) as e:

@@ -5,6 +5,7 @@ refused at startup."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_model
+from prequantized import reference_weights, write_checkpoint
 from test_worker_lora import INDEX, load, make_adapters
 from worker_driver import Driver, Request, sharded_workers
 
@@ -219,7 +221,11 @@ def test_each_bitsandbytes_scheme_computes_what_transformers_layers_compute(
 
 
 def test_worker_refuses_schemes_it_does_not_run_and_disagreeing_checkpoints(tmp_path: Path) -> None:
-    for scheme, message in [("gptq", "not read yet"), ("eetq", "CUDA kernels"), ("int3", "must be one of")]:
+    for scheme, message in [
+        ("hqq-4bit", "not implemented"),
+        ("eetq", "CUDA kernels"),
+        ("int3", "must be one of"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_args(["--listen", "unix:///tmp/x.sock", "--quantize", scheme])
         with pytest.raises(ValueError, match=message):
@@ -284,3 +290,120 @@ def test_fp8_table_lookup_dequantizes_as_torchs_own_conversion() -> None:
     layer = Fp8Linear(w)
     assert torch.equal(layer.dequantize(), layer.qweight.float() * layer.scale)
     assert torch.equal(layer.dequantize(), fp8_roundtrip(w))
+
+
+# Pre-quantized checkpoints (--quantize gptq | awq): GPTQ with act-order (g_idx not in row order), so
+# that a row-parallel shard's rows reach groups out of order; AWQ with its column order.
+PREQUANTIZED = {"gptq": dict(group_size=16, desc_act=True), "awq": dict(group_size=32)}
+REFERENCE: dict[str, list[tuple[list[int], list[float]]]] = {}  # method -> HF + PEFT's greedy answers
+
+
+@pytest.fixture(scope="module")
+def prequantized(
+    llama_with_adapters: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    base, _ = llama_with_adapters
+    return {
+        method: write_checkpoint(base, tmp_path_factory.mktemp(f"quant-{method}"), method, **kwargs)
+        for method, kwargs in PREQUANTIZED.items()
+    }
+
+
+@pytest.mark.parametrize("num_shard", [1, 2])
+@pytest.mark.parametrize("method", sorted(PREQUANTIZED))
+def test_prequantized_worker_matches_transformers_on_the_checkpoints_dequantized_weights(
+    method: str,
+    num_shard: int,
+    llama_with_adapters: tuple[Path, Path],
+    prequantized: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """The reference is HF transformers + PEFT whose base linears hold the weights the checkpoint's
+    packed tensors stand for, unpacked by compressed-tensors and dequantized by the formats' formula
+    (tests/integration/prequantized.py), not by the server's code."""
+    base, root = llama_with_adapters
+    checkpoint = prequantized[method]
+    args = ("--quantize", method, "--adapter-root", str(root))
+    with sharded_workers(checkpoint, tmp_path, num_shard, extra_args=args) as stubs:
+        batch = run_mixed_batch(stubs, 8)
+        infos = [s.Info(pb.InfoRequest()) for s in stubs]
+    assert [i.quantize for i in infos] == [method] * num_shard
+    base_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    assert all(0 < i.weight_bytes < base_bytes for i in infos)
+    if method not in REFERENCE:  # the same weights and requests over one and two shards: computed once
+        from transformers import AutoModelForCausalLM
+
+        weights = reference_weights(checkpoint)
+        assert len(weights) == 2 * len(LINEARS)
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        assert all(
+            not torch.allclose(plain.get_submodule(name).weight, w, atol=1e-3) for name, w in weights.items()
+        ), f"{method} changes every linear"
+        REFERENCE[method] = reference_greedy(base, root, batch, lambda name, _: weights[name], 8)
+    for r, (tokens, logprobs) in zip(batch, REFERENCE[method], strict=True):
+        assert r.generated == tokens, f"request {r.id}"
+        assert r.logprobs == pytest.approx(logprobs, abs=1e-4), f"request {r.id}"
+    assert f"--quantize {method}: 8 linears read packed" in (tmp_path / "shard-0.log").read_text()
+
+
+def test_packed_values_are_read_in_each_formats_documented_order() -> None:
+    """GPTQ packs eight input rows into a word, the first in the lowest 4 bits (AutoGPTQ's pack loop:
+    qweight[r] |= q[8r + j] << 4j); AWQ packs eight output columns with column AWQ_ORDER[i] in bits
+    4i (AutoAWQ's order map 0, 2, 4, 6, 1, 3, 5, 7). Here each value is its own row / column index."""
+    from loraxpy.worker.gptq import unpack_columns, unpack_rows
+
+    word = torch.tensor([[0x76543210]], dtype=torch.int64).to(torch.int32)
+    assert unpack_rows(word, 4).flatten().tolist() == list(range(8))
+    awq_word = torch.tensor([[0x75316420]], dtype=torch.int64).to(torch.int32)
+    assert unpack_columns(awq_word, 4, (0, 2, 4, 6, 1, 3, 5, 7)).flatten().tolist() == list(range(8))
+    high = torch.tensor([[0xF0000000 - 2**32]], dtype=torch.int32)  # the sign bit set: still 15, not -1
+    assert unpack_rows(high, 4).flatten().tolist() == [0] * 7 + [15]
+
+
+def test_prequantized_misuse_is_refused_at_startup(
+    llama_with_adapters: tuple[Path, Path], prequantized: dict[str, Path], tmp_path: Path
+) -> None:
+    base, _ = llama_with_adapters
+    cpu = torch.device("cpu")
+    with pytest.raises(
+        ValueError, match=r"--quantize gptq reads a pre-quantized GPTQ checkpoint, but this one"
+    ):
+        check_quantization(base, "gptq", cpu)
+    with pytest.raises(
+        ValueError, match=r"--quantize awq disagrees with the checkpoint's quantization_config \(gptq\)"
+    ):
+        check_quantization(prequantized["gptq"], "awq", cpu)
+    with pytest.raises(ValueError, match=r"quantized \(awq.*--quantize is not set"):
+        check_quantization(prequantized["awq"], None, cpu)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for stored, message in [
+        ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "3-bit weights are not read"),
+        ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
+        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "version 'gemv' is not read"),
+        ({"quant_method": "awq", "bits": 4, "zero_point": False}, "zero_point false"),
+    ]:
+        (folder / "config.json").write_text(
+            json.dumps({"model_type": "llama", "quantization_config": stored})
+        )
+        with pytest.raises(ValueError, match=message):
+            check_quantization(folder, stored["quant_method"], cpu)
+
+
+def test_a_row_parallel_cut_through_a_quantization_group_is_refused(
+    llama_with_adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Groups of 64 input rows without act-order: o_proj's 64 inputs split over two shards cut its one
+    group in half. Act-order checkpoints are sliced by g_idx instead (the served test above)."""
+    from loraxpy.worker.layers import Shard
+
+    base, _ = llama_with_adapters
+    checkpoint = write_checkpoint(base, tmp_path / "gptq-64", "gptq", group_size=64)
+    options = RunnerOptions(
+        dtype=torch.float32, device=torch.device("cpu"), quantize="gptq", shard=Shard(1, 2), max_loras=0
+    )
+    with pytest.raises(
+        ValueError, match=r"o_proj.*32 input rows per shard do not hold whole quantization groups of 64"
+    ):
+        ModelRunner(checkpoint, options)
+    ModelRunner(checkpoint, dataclasses.replace(options, shard=Shard(0, 1)))  # one shard reads it
