@@ -328,7 +328,8 @@ class Scheduler:
             return
         block_size = self.allocator.block_size
         for seq in self.running:
-            num_full = seq.num_computed_tokens // block_size
+            # (Accepted guesses are computed before they are appended to the tokens: keyed next step.)
+            num_full = min(seq.num_computed_tokens, seq.num_tokens) // block_size
             if seq.prefix_identity is None or num_full <= seq.num_cached_blocks:
                 continue
             hashes = self._block_hashes(seq, num_full)

@@ -2,7 +2,8 @@
 
 Text that copies from its context (code edits, quoting, extraction, summaries that reuse phrases)
 repeats n-grams the request has already seen. The guess is what followed the latest earlier
-occurrence of the request's last n tokens (n = 3, then 2, then 1). The workers verify the guesses
+occurrence of the request's last n tokens (n = 3, then 2, then 1), continued as a cycle where that
+occurrence is close to the end (a loop repeats itself). The workers verify the guesses
 in the request's next step (worker/speculative.py) and keep the prefix the model agrees with, so a
 wrong guess costs only the extra tokens' compute.
 
@@ -24,7 +25,8 @@ class PromptLookup:
         self._indexed = 0  # n-grams ending before this position are in the index
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the last n-gram; [] if none."""
+        """k tokens following the latest earlier occurrence of the last n-gram, the tokens from there
+        to the end repeated if fewer follow it; [] if no n-gram occurred before."""
         num = len(tokens)
         if k < 1 or num < 2:
             return []
@@ -36,5 +38,7 @@ class PromptLookup:
         for n in range(min(MAX_NGRAM, num), 0, -1):
             found = self._last_end.get(tuple(tokens[num - n :]))
             if found is not None:
-                return tokens[found + 1 : found + 1 + k]
+                # The text since that occurrence repeats it: continue the cycle past the last token.
+                period = num - 1 - found
+                return [tokens[found + 1 + i % period] for i in range(k)]
         return []

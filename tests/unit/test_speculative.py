@@ -40,13 +40,15 @@ def naive_lookup(tokens: list[int], k: int) -> list[int]:
         tail = tokens[-n:]
         for end in range(len(tokens) - 2, n - 2, -1):  # the latest earlier occurrence first
             if tokens[end - n + 1 : end + 1] == tail:
-                return tokens[end + 1 : end + 1 + k]
+                follow = tokens[end + 1 :]  # the text from there on repeats, as far as it goes
+                return (follow * k)[:k]
     return []
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_earlier_occurrence() -> None:
     assert PromptLookup().propose([5, 6, 7, 8, 9, 5, 6, 7], 3) == [8, 9, 5]
     assert PromptLookup().propose([1, 2, 3, 4], 3) == []
+    assert PromptLookup().propose([1, 2, 3, 2, 3], 5) == [2, 3, 2, 3, 2]  # a loop goes on
     rng = random.Random(0)
     for _ in range(200):
         lookup = PromptLookup()
@@ -164,7 +166,7 @@ REQUESTS = [
 def run_engine(speculative_tokens: int) -> tuple[list[list[tuple[int, str, str | None]]], Scheduler]:
     async def run() -> tuple[list[list[tuple[int, str, str | None]]], Scheduler]:
         config = SchedulerConfig(max_step_tokens=24, num_speculative_tokens=speculative_tokens)
-        scheduler = Scheduler(config, BlockAllocator(64, 4))
+        scheduler = Scheduler(config, BlockAllocator(64, 4, enable_caching=True))
         engine = Engine(OracleWorker(4), scheduler, frozenset({EOS}))  # type: ignore[arg-type]
         engine.start()
 
