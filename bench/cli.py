@@ -29,6 +29,7 @@ from loraxpy.bench.report import BaselineComparison, format_table, machine_info,
 from loraxpy.bench.serving import (
     CONSTRAINED_FORMAT,
     ServeConfig,
+    copy_task_prompt,
     format_report,
     report_dict,
     run_serving,
@@ -216,6 +217,12 @@ def build_serve_parser() -> argparse.ArgumentParser:
         "a different first word per request (no shared prefix: the prefix cache cannot help), then "
         "shared, and report the TTFT and throughput ratios",
     )
+    p.add_argument(
+        "--copy-task",
+        action="store_true",
+        help="every prompt is a passage and the start of its copy (the workload prompt-lookup "
+        "speculation speeds up: run it against servers with and without --speculative-tokens)",
+    )
     p.add_argument("--output", type=Path, help="JSON: the report and every request")
     return p
 
@@ -255,7 +262,7 @@ def serve_main(argv: list[str]) -> int:
             adapter_ids=tuple(a.strip() for a in args.adapter_ids.split(",")),
             distribution=args.distribution,
             zipf_s=args.zipf_s,
-            prompt=args.prompt,
+            prompt=copy_task_prompt() if args.copy_task else args.prompt,
             max_new_tokens=args.max_new_tokens,
             api_key=args.api_key,
             seed=args.seed,

@@ -84,6 +84,9 @@ class ServeReport:
     step_s: float | None = None
     router_overhead_s: float | None = None
     prefix_cache_hits: float | None = None  # KV blocks the server took from its prefix cache
+    # Speculative decoding (--speculative-tokens): guessed tokens the server sent and had accepted.
+    speculative_proposed: float | None = None
+    speculative_accepted: float | None = None
 
 
 def percentiles(values: list[float], points: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
@@ -141,6 +144,23 @@ def shared_system_prompt(num_words: int) -> str:
     while sum(len(r.split()) for r in rules) < num_words:
         rules.append(rule.format(i=len(rules) + 1))
     return "You are a support assistant. " + " ".join(rules) + "\n"
+
+
+# The copy workload: a passage, then the start of its copy; a model continuing greedily copies it,
+# which prompt-lookup speculation guesses from the prompt.
+COPY_PASSAGE = (
+    "The lighthouse stood on a narrow spit of rock at the mouth of the harbour. Every evening the "
+    "keeper climbed the one hundred and twelve steps, trimmed the wick, polished the great lens and "
+    "wrote the weather in a leather book: the wind, the state of the sea, the ships that passed. "
+    "In winter the storms came from the north and the spray reached the lamp room; in summer the "
+    "fishing boats went out at dawn and came back at dusk, and the keeper counted them home."
+)
+
+
+def copy_task_prompt() -> str:
+    """The passage, an instruction to copy it, and the copy's first words."""
+    start = " ".join(COPY_PASSAGE.split()[:6])
+    return f"Text: {COPY_PASSAGE}\n\nCopy the text above exactly.\nCopy: {start}"
 
 
 def request_prompt(config: ServeConfig, index: int) -> str:
@@ -222,6 +242,11 @@ async def run_serving(config: ServeConfig) -> tuple[ServeReport, list[RequestRec
         report.router_overhead_s = (steps_after[2] - steps_before[2]) / steps
     if PREFIX_CACHE_HITS in before and PREFIX_CACHE_HITS in after:
         report.prefix_cache_hits = after[PREFIX_CACHE_HITS] - before[PREFIX_CACHE_HITS]
+    if SPECULATIVE_PROPOSED in after:
+        report.speculative_proposed = after[SPECULATIVE_PROPOSED] - before.get(SPECULATIVE_PROPOSED, 0.0)
+        report.speculative_accepted = after.get(SPECULATIVE_ACCEPTED, 0.0) - before.get(
+            SPECULATIVE_ACCEPTED, 0.0
+        )
     return report, records
 
 
@@ -233,6 +258,9 @@ STEP_METRICS = (
 
 
 PREFIX_CACHE_HITS = "lorax_prefix_cache_hits_total"
+# Per adapter on the server (label `adapter`); summed here.
+SPECULATIVE_PROPOSED = "lorax_speculative_proposed_tokens_total"
+SPECULATIVE_ACCEPTED = "lorax_speculative_accepted_tokens_total"
 
 
 async def server_metrics(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
@@ -249,6 +277,9 @@ async def server_metrics(session: aiohttp.ClientSession, url: str) -> dict[str, 
         name, _, value = line.partition(" ")
         if name in STEP_METRICS or name == PREFIX_CACHE_HITS:
             values[name] = float(value)
+        family = name.partition("{")[0]
+        if family in (SPECULATIVE_PROPOSED, SPECULATIVE_ACCEPTED):
+            values[family] = values.get(family, 0.0) + float(value)
     return values
 
 
@@ -282,6 +313,12 @@ def format_report(report: ServeReport) -> str:
         )
     if report.prefix_cache_hits is not None:
         lines.append(f"prefix cache: {report.prefix_cache_hits:.0f} KV blocks reused")
+    if report.speculative_proposed:
+        accepted = report.speculative_accepted or 0.0
+        lines.append(
+            f"speculation: {accepted:.0f} of {report.speculative_proposed:.0f} guessed tokens accepted "
+            f"({accepted / report.speculative_proposed:.0%})"
+        )
     lines += [f"error: {e}" for e in report.errors]
     return "\n".join(lines)
 

@@ -56,6 +56,9 @@ async def _metrics(request: web.Request) -> web.Response:
         f"lorax_batch_inference_duration_sum {n * 0.02}",
         f"lorax_router_step_overhead_seconds_sum {n * 0.005}",
         f"lorax_prefix_cache_hits_total {n * 3}.0",
+        f'lorax_speculative_proposed_tokens_total{{adapter="0"}} {n * 4}.0',
+        f'lorax_speculative_proposed_tokens_total{{adapter="1"}} {n * 2}.0',
+        f'lorax_speculative_accepted_tokens_total{{adapter="0"}} {n * 3}.0',
     ]
     return web.Response(text="\n".join(lines) + "\n")
 
@@ -173,3 +176,23 @@ def test_cli_serve_shared_system_prompt_runs_it_unshared_then_shared(server_url:
         runs["shared"]["output_tokens_per_s"] / runs["unshared"]["output_tokens_per_s"]
     )
     assert runs["shared"]["prefix_cache_hits"] == 30  # the stand-in's counter: 3 per step, 10 steps a scrape
+
+
+def test_cli_serve_copy_task_sends_a_passage_and_the_start_of_its_copy_and_reports_guesses(
+    server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "serve.json"
+    INPUTS.clear()
+    argv = ["serve", f"--url={server_url}", "--num-requests=2", "--rate=100", "--max-new-tokens=2"]
+    assert main([*argv, "--copy-task", f"--output={out}"]) == 0
+    text, copy = INPUTS[0].split("\n\nCopy the text above exactly.\nCopy: ")
+    assert (
+        len(set(INPUTS)) == 1
+        and len(INPUTS) == 2
+        and text.removeprefix("Text: ").startswith(copy)
+        and len(text) > 200
+    )
+    report = json.loads(out.read_text())["report"]
+    # The stand-in's counters, summed over adapters: 6 and 3 per step, 10 steps a scrape.
+    assert (report["speculative_proposed"], report["speculative_accepted"]) == (60, 30)
+    assert "speculation: 30 of 60 guessed tokens accepted (50%)" in capsys.readouterr().out
