@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from loraxpy.proto.adapter_policy import not_found_message
+from loraxpy.worker.encoder_config import encoder_module_name, encoder_target
 from loraxpy.worker.model_config import ModelConfig
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -34,6 +35,9 @@ FUSED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("g
 _KEY = re.compile(r"layers\.(\d{1,6})\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 # A module inside an MLP block, for MoE models: layers.<i>.(mlp | block_sparse_moe).<module>.lora_…
 _MLP_MODULE_KEY = re.compile(r"layers\.(\d{1,6})\.(mlp|block_sparse_moe)\.([\w.]{1,200}?)\.lora_[AB]\b")
+# Encoders (BERT, XLM-RoBERTa: encoder.layer.<i>.attention.self.query …; DistilBERT:
+# transformer.layer.<i>.attention.q_lin …): worker/encoder_config.py maps the module to its slice.
+_ENCODER_KEY = re.compile(r"(?:^|\.)layer\.(\d{1,6})\.([\w.]{1,200}?)\.lora_([AB])(?:\.default)?\.weight$")
 _HEAD_KEY = re.compile(r"(?:^|\.)(lm_head)\.lora_([AB])(?:\.default)?\.weight$")
 # PEFT saves the base weights of an adapted LM head / embedding next to the LoRA ("auto"), in case
 # the vocabulary was resized; they must equal the model's own (checked by the runner).
@@ -301,6 +305,8 @@ def plan_tensors(
 
 def _lora_key(name: str, config: ModelConfig) -> tuple[tuple[int, str], str]:
     """(layer, target) and "A" or "B" of a LoRA tensor's name."""
+    if config.is_encoder:
+        return _encoder_key(name, config)
     match, head = _KEY.search(name), _HEAD_KEY.search(name)
     if head is not None:
         return head_key(config), head[2]
@@ -309,6 +315,21 @@ def _lora_key(name: str, config: ModelConfig) -> tuple[tuple[int, str], str]:
         raise AdapterError(f"adapter tensor {name!r} targets a module this server cannot adapt")
     layer, target = int(match[1]), match[2]
     if (target not in TARGETS and target not in FUSED_TARGETS) or layer >= config.num_layers:
+        raise AdapterError(f"adapter tensor {name!r} does not fit the model ({config.num_layers} layers)")
+    return (layer, target), match[3]
+
+
+def _encoder_key(name: str, config: ModelConfig) -> tuple[tuple[int, str], str]:
+    match = _ENCODER_KEY.search(name)
+    target = encoder_target(config, match[2]) if match is not None else None
+    if match is None or target is None:
+        raise AdapterError(
+            f"adapter tensor {name[:200]!r} targets a module this server cannot adapt on a "
+            f"{config.model_type} model (LoRA is served on the attention and feed-forward linears of "
+            "its layers; a classifier or other saved modules are not)"
+        )
+    layer = int(match[1])
+    if layer >= config.num_layers:
         raise AdapterError(f"adapter tensor {name!r} does not fit the model ({config.num_layers} layers)")
     return (layer, target), match[3]
 
@@ -385,17 +406,19 @@ def _number(value: object, what: str) -> float:
     return float(value)
 
 
-def module_name(layer: int, target: str) -> str:
+def module_name(layer: int, target: str, config: ModelConfig | None = None) -> str:
     """The module's name in the HF model, as PEFT's patterns see it."""
+    if config is not None and config.is_encoder:
+        return encoder_module_name(config, layer, target)
     if target == "lm_head":
         return "lm_head"
     block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj") else "mlp"
     return f"model.layers.{layer}.{block}.{target}"
 
 
-def _alpha(cfg: dict, layer: int, target: str, r: int) -> float:
+def _alpha(cfg: dict, layer: int, target: str, r: int, config: ModelConfig) -> float:
     """lora_alpha for one module, honouring PEFT's alpha_pattern."""
-    value = pattern_value(cfg.get("alpha_pattern"), module_name(layer, target))
+    value = pattern_value(cfg.get("alpha_pattern"), module_name(layer, target, config))
     if value is not None:
         return _number(value, "an alpha_pattern value")
     return _number(cfg.get("lora_alpha", r), "lora_alpha")
@@ -417,7 +440,7 @@ def read_adapter_files(
         plan = plan_tensors(headers, config, max_rank, max_bytes, cfg.get("base_model_name_or_path"))
         order = (*TARGETS, *FUSED_TARGETS)
         keys = sorted(plan.pairs, key=lambda k: (k[0], order.index(k[1])))
-        scales = {key: _scale(cfg, key, headers[plan.pairs[key]["A"]].shape[0]) for key in keys}
+        scales = {key: _scale(cfg, key, headers[plan.pairs[key]["A"]].shape[0], config) for key in keys}
         # Copies, not views: a .bin is memory-mapped, and its file may change or go once read.
         base_layers = {key: read(name).clone() for key, name in plan.base_layers.items()}
         weights = {
@@ -451,6 +474,6 @@ def _split_fused(
             scales[(layer, part)] = scale
 
 
-def _scale(cfg: dict, key: tuple[int, str], r: int) -> float:
-    alpha = _alpha(cfg, key[0], key[1], r)
+def _scale(cfg: dict, key: tuple[int, str], r: int, config: ModelConfig) -> float:
+    alpha = _alpha(cfg, key[0], key[1], r, config)
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r

@@ -14,6 +14,7 @@ from loraxpy.proto.auth import server_credentials
 from loraxpy.worker import threads
 from loraxpy.worker.config import WorkerConfig, cpu_native_bf16, parse_args
 from loraxpy.worker.distributed import init_distributed
+from loraxpy.worker.encoder import EncoderRunner, is_encoder_folder
 from loraxpy.worker.layers import Shard
 from loraxpy.worker.model_source import ModelSourceError, resolve_model
 from loraxpy.worker.runner import ModelRunner, RunnerOptions
@@ -62,7 +63,7 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
         quantize=config.quantize,
         adapter_settings=config.adapter_settings,
     )
-    return ModelRunner(model_path, options)
+    return (EncoderRunner if is_encoder_folder(model_path) else ModelRunner)(model_path, options)
 
 
 def tls(config: WorkerConfig) -> grpc.ServerCredentials | None:

@@ -285,14 +285,16 @@ class LoraManager:
         num_slots: int,
         max_rank: int,
         backend: str | None = None,
+        adapted: dict[str, tuple[str, ...]] = ADAPTED,
     ) -> LoraManager:
-        """Slots on every adapted layer, laid out for `backend` (default: `choose_backend`'s)."""
+        """Slots on every adapted layer (`adapted`: module path → the targets it fuses; an encoder's
+        differ), laid out for `backend` (default: `choose_backend`'s)."""
         batch = LoraBatch(max_rank, device=next(model.parameters()).device)
         device = next(model.parameters()).device
         backend = backend or choose_backend(device)
         slots: dict[tuple[int, str], LoraSlots] = {}
         for i, layer in enumerate(model.layers):  # type: ignore[union-attr, arg-type]
-            for path, targets in ADAPTED.items():
+            for path, targets in adapted.items():
                 if targets[0] in ("gate_proj", "down_proj") and config.is_sparse(i):
                     continue  # experts take no LoRA: adapters that target them are refused when read
                 linear = layer.get_submodule(path)
@@ -303,7 +305,8 @@ class LoraManager:
                 linear.lora = lora
                 for t in targets:
                     slots[(i, t)] = lora
-        head = model.lm_head if isinstance(model.lm_head, ParallelLMHead) else None
+        head = getattr(model, "lm_head", None)
+        head = head if isinstance(head, ParallelLMHead) else None
         dtype = slot_dtype(next(model.parameters()).dtype, device)
         return cls(
             slots, batch, num_slots, max_rank, head=head, config=config, shard=shard, backend=backend,

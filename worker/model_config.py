@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraxpy.proto.model_task import ENCODER_MODEL_TYPES
+
 SUPPORTED_MODEL_TYPES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe",
 )  # fmt: skip
@@ -96,7 +98,8 @@ class ModelConfig:
     moe: MoeConfig | None = None  # Mixtral, Qwen2-MoE, Qwen3-MoE
 
     def __post_init__(self) -> None:
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
+        # Encoders (worker/encoder_config.py) build this config themselves; from_dict reads decoders.
+        if self.model_type not in SUPPORTED_MODEL_TYPES + ENCODER_MODEL_TYPES:
             raise ModelConfigError(
                 f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
@@ -109,6 +112,10 @@ class ModelConfig:
             raise ModelConfigError("sliding_windows needs one entry per layer")
         if self.moe is not None and len(self.moe.sparse_layers) != self.num_layers:
             raise ModelConfigError("moe.sparse_layers needs one entry per layer")
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.model_type in ENCODER_MODEL_TYPES
 
     def is_sparse(self, layer_index: int) -> bool:
         """Whether this layer's MLP is a mixture of experts."""

@@ -44,6 +44,7 @@ def test_without_a_sentence_transformers_config_the_last_token_is_pooled_and_nor
     [
         ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, True, Pooling("mean", True)),
         ({"pooling_mode_lasttoken": True}, False, Pooling("last", False)),
+        ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, True, Pooling("cls", True)),
         (None, False, Pooling("last", False)),
     ],
 )
@@ -60,7 +61,7 @@ def test_mean_pooling_averages_every_token(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "flags",
-    [{"pooling_mode_cls_token": True}, {"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}],
+    [{"pooling_mode_max_tokens": True}, {"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": True}],
 )
 def test_a_pooling_this_server_does_not_serve_is_refused(tmp_path: Path, flags: dict[str, bool]) -> None:
     with pytest.raises(ValueError, match="not served"):
@@ -92,3 +93,11 @@ def test_the_worker_refuses_an_embedding_that_would_not_compute_its_whole_prompt
     validate_step(step(0, 10), {}, limits)
     with pytest.raises(WorkerInputError, match="whole prompt in one step"):
         validate_step(step(num_computed, num_scheduled), {}, limits)
+
+
+def test_cls_pooling_takes_the_first_token_and_encoders_default_to_it_unnormalised(tmp_path: Path) -> None:
+    hidden = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    torch.testing.assert_close(Pooling("cls", normalize=True).pool(hidden), torch.tensor([0.6, 0.8]))
+    encoder_default = Pooling("cls", normalize=False)
+    assert Pooling.from_folder(tmp_path, default=encoder_default) == encoder_default  # no modules.json
+    assert Pooling.from_folder(folder(tmp_path, None, True), default=encoder_default) == Pooling("cls", True)
