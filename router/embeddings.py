@@ -93,7 +93,7 @@ def _encode(text: str, param: str, tokenizer: Tokenizer, max_tokens: int) -> tup
         raise ValidationError(f"`{param}` cannot be empty", param=param)
     if len(text) > max_tokens * MAX_CHARS_PER_TOKEN:
         raise ValidationError(f"`{param}` must have at most {max_tokens} tokens", param=param)
-    return _within(tuple(tokenizer.encode(text)), param, max_tokens)
+    return within(tuple(tokenizer.encode(text)), param, max_tokens)
 
 
 def _ids(ids: list[int], limits: Limits, max_tokens: int) -> tuple[int, ...]:
@@ -102,10 +102,10 @@ def _ids(ids: list[int], limits: Limits, max_tokens: int) -> tuple[int, ...]:
     vocab = limits.vocab_size
     if any(t < 0 or (vocab and t >= vocab) for t in ids):
         raise ValidationError(f"`input`: token ids must be in [0, {vocab})", param="input")
-    return _within(tuple(ids), "input", max_tokens)
+    return within(tuple(ids), "input", max_tokens)
 
 
-def _within(ids: tuple[int, ...], param: str, max_tokens: int) -> tuple[int, ...]:
+def within(ids: tuple[int, ...], param: str, max_tokens: int) -> tuple[int, ...]:
     if len(ids) > max_tokens:
         raise ValidationError(
             f"`{param}` must have at most {max_tokens} tokens (one step computes a whole input). "

@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from loraxpy.proto.auth import channel_credentials, new_secret
+from loraxpy.proto.model_task import ModelTask
 from loraxpy.proto.settings import to_argv
 from loraxpy.proto.worker_settings import WorkerSettings
 from loraxpy.router.adapters import AdapterRegistry
@@ -207,6 +208,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         body_read_timeout_s=config.body_read_timeout_s,
         max_queue_time_s=config.max_queue_time_s,
         tracer=tracer,
+        task=ModelTask.from_folder(Path(info.model_path)),
         adapters=AdapterRegistry(
             client,
             info.num_adapter_slots,

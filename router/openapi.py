@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from loraxpy.router import swagger
+from loraxpy.router.classification import BatchClassifyRequest, ClassifyRequest
 from loraxpy.router.embeddings import EmbeddingRequest, EmbedRequest
 from loraxpy.router.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, TokenizeRequest
 
@@ -96,8 +97,20 @@ EMBEDDINGS: dict[str, Any] = {
         "usage": {"type": "object"},
     },
 }
+ENTITY: dict[str, Any] = {
+    "type": "object",
+    "required": ["entity_group", "score", "word", "start", "end"],
+    "properties": {
+        "entity_group": {"type": "string"},
+        "score": {"type": "number"},
+        "word": {"type": "string"},
+        "start": {"type": "integer"},
+        "end": {"type": "integer"},
+    },
+}
+ENTITIES: dict[str, Any] = {"type": "array", "items": ENTITY}
 PROBE = ("LoraxError", (503,), _json(OBJECT))
-INVOKED = {"anyOf": [{"type": "array", "items": GENERATED}, COMPLETION]}
+INVOKED = {"anyOf": [{"type": "array", "items": GENERATED}, COMPLETION, EMBEDDINGS, EMBED, ENTITIES]}
 
 # (method, path) → (summary, request body schema: a model, a list of models any of which, or None,
 # error schema name, error statuses, 200 content)
@@ -164,13 +177,29 @@ ROUTES: dict[tuple[str, str], tuple[str, Body, str, tuple[int, ...], dict[str, A
         OPENAI_GENERATION,
         _json(EMBEDDINGS),
     ),
+    ("post", "/classify"): (
+        "Classify one input (LoRAX): a token classifier's entity groups, or a sequence classifier's "
+        "label as one entity over the input",
+        ClassifyRequest,
+        "LoraxError",
+        LORAX_GENERATION,
+        _json(ENTITIES),
+    ),
+    ("post", "/classify_batch"): (
+        "Classify several inputs (LoRAX): one list of entities per input",
+        BatchClassifyRequest,
+        "LoraxError",
+        LORAX_GENERATION,
+        _json({"type": "array", "items": ENTITIES}),
+    ),
     ("get", "/"): ("Health probe (LoRAX's GET /)", None, *PROBE),
     ("get", "/ping"): ("Health probe (SageMaker)", None, *PROBE),
     ("get", "/startup"): ("Startup probe: 200 once the workers are warmed up", None, *PROBE),
     ("post", "/invocations"): (
         "SageMaker: a body with `messages` runs /v1/chat/completions, one with `prompt` "
-        "/v1/completions (errors in OpenAI's shape), any other / (LoRAX's)",
-        (GenerateRequest, ChatCompletionRequest, CompletionRequest),
+        "/v1/completions, one with `input` /v1/embeddings (errors in OpenAI's shape), any other / "
+        "(LoRAX's), or on an encoder /embed or /classify",
+        (GenerateRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest),
         "LoraxOrOpenAIError",
         tuple(sorted({*LORAX_GENERATION, *OPENAI_GENERATION})),
         {**_json(INVOKED), **SSE},

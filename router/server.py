@@ -28,9 +28,17 @@ from typing import Any, TypeVar
 import pydantic
 from aiohttp import web
 
+from loraxpy.proto.model_task import GENERATION, ModelTask
 from loraxpy.router import responses as R
 from loraxpy.router import swagger
 from loraxpy.router.adapters import AdapterRegistry
+from loraxpy.router.classification import (
+    BatchClassifyRequest,
+    ClassifyParameters,
+    ClassifyRequest,
+    classify_answer,
+    validate_classify,
+)
 from loraxpy.router.cors import allow_origins
 from loraxpy.router.embeddings import (
     EmbeddingRequest,
@@ -96,6 +104,7 @@ class ServerState:
     max_queue_time_s: float = 0.0  # longest wait for an adapter slot or the first step (0: no limit)
     body_read_timeout_s: float = 30.0
     num_admitted: int = 0  # generations reserved by running HTTP requests
+    task: ModelTask = field(default_factory=lambda: ModelTask(GENERATION))  # what the model computes
 
 
 STATE = web.AppKey("state", ServerState)
@@ -336,17 +345,32 @@ class Api:
 
     # ---- LoRAX routes ---------------------------------------------------------------------------
 
+    def _serves(self, what: str) -> None:
+        """Refuses a request the model cannot compute: generation, embeddings or classification."""
+        task = self.s.task
+        if {"generation": task.generates, "embeddings": task.embeds, "classification": task.classifies}[what]:
+            return
+        routes = "/embed and /v1/embeddings" if task.embeds else "/classify and /classify_batch"
+        if task.generates:
+            routes = "the generation routes, " + routes
+        raise ValidationError(
+            f"this model serves no {what}: it is a {task.task} model (its routes: {routes})"
+        )
+
     async def root(self, request: web.Request) -> web.StreamResponse:
+        self._serves("generation")
         req = await _parse(request, GenerateRequest)
         if req.stream:
             return await self._sse_lorax(request, req)
         return web.json_response([R.generate_body(self.s.tokenizer, await self._generate(req))])
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
+        self._serves("generation")
         req = await _parse(request, GenerateRequest)
         return web.json_response(R.generate_body(self.s.tokenizer, await self._generate(req)))
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+        self._serves("generation")
         return await self._sse_lorax(request, await _parse(request, GenerateRequest))
 
     async def _generate(self, req: GenerateRequest) -> R.Generation:
@@ -402,6 +426,7 @@ class Api:
         return web.json_response({})
 
     async def embed(self, request: web.Request) -> web.StreamResponse:
+        self._serves("embeddings")
         req = await _parse(request, EmbedRequest)
         valid = await self._off_loop(
             validate_embed, req, self.s.limits, self.s.tokenizer, self._max_embedding_tokens()
@@ -409,6 +434,7 @@ class Api:
         return web.json_response({"embeddings": list((await self._embed(valid))[0])})
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        self._serves("embeddings")
         req = await _parse(request, EmbeddingRequest)
         valid = await self._off_loop(
             validate_embeddings, req, self.s.limits, self.s.tokenizer, self._max_embedding_tokens()
@@ -421,6 +447,33 @@ class Api:
             )
         body = openai_body(vectors, valid, req.model or self.s.model_id, req.encoding_format)
         return web.json_response(body)
+
+    async def classify(self, request: web.Request) -> web.StreamResponse:
+        req = await _parse(request, ClassifyRequest)
+        return web.json_response((await self._classify([req.inputs], req.parameters))[0])
+
+    async def classify_batch(self, request: web.Request) -> web.StreamResponse:
+        req = await _parse(request, BatchClassifyRequest)
+        return web.json_response(await self._classify(req.inputs, req.parameters))
+
+    async def _classify(
+        self, inputs: list[str], parameters: ClassifyParameters | None
+    ) -> list[list[dict[str, Any]]]:
+        """Each input's entities: its tokens' logits from the workers (computed as embeddings are)."""
+        self._serves("classification")
+        valid = await self._off_loop(
+            validate_classify,
+            inputs,
+            parameters,
+            self.s.limits,
+            self.s.tokenizer,
+            self._max_embedding_tokens(),
+        )
+        logits = await self._embed(valid.embeddings)
+        return [
+            classify_answer(spans, row, self.s.task, self.s.tokenizer)
+            for spans, row in zip(valid.spans, logits, strict=True)
+        ]
 
     def _max_embedding_tokens(self) -> int:
         """An embedding's whole input is computed in one step."""
@@ -472,7 +525,7 @@ class Api:
     async def invocations(self, request: web.Request) -> web.StreamResponse:
         """SageMaker's one route: a body with `messages` is a chat completion, one with `prompt` a
         completion, one with `input` an embedding (all OpenAI's), anything else LoRAX's `/`
-        (generate, list-wrapped)."""
+        (generate, list-wrapped), or on an encoder its /embed or /classify."""
         try:
             data = json.loads(await _read_body(request))
         except (ValueError, RecursionError):  # not JSON: `/` refuses it with its own message
@@ -486,6 +539,8 @@ class Api:
             if isinstance(data, dict) and key in data:
                 request[INVOKED_OPENAI] = True
                 return await route(request)
+        if not self.s.task.generates:  # an encoder: LoRAX's body is its /embed's or /classify's
+            return await (self.embed if self.s.task.embeds else self.classify)(request)
         return await self.root(request)
 
     async def info(self, request: web.Request) -> web.StreamResponse:
@@ -516,6 +571,7 @@ class Api:
         return web.json_response({"object": "list", "data": models})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        self._serves("generation")
         req = await _parse(request, CompletionRequest)
         valid = await self._off_loop(
             validate_completion, req, self.s.limits, self.s.tokenizer, self.s.engine.grammars
@@ -531,6 +587,7 @@ class Api:
         )
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        self._serves("generation")
         req = await _parse(request, ChatCompletionRequest)
         tokenizer = await self._chat_tokenizer(req)
         valid = choices(
@@ -720,6 +777,8 @@ def build_app(
             web.post("/tokenize", api.tokenize),
             web.post("/embed", api.embed),
             web.post("/v1/embeddings", api.embeddings),
+            web.post("/classify", api.classify),
+            web.post("/classify_batch", api.classify_batch),
             web.get("/health", api.health),
             web.get("/info", api.info),
             web.get("/metrics", api.metrics),

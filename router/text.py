@@ -73,6 +73,24 @@ class Tokenizer:
             ids = [bos_id, *ids]
         return list(ids)
 
+    def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+        """With special tokens: the ids, each token's character span in `text`, and which are special
+        (1), for token classification."""
+        enc = self._tok.encode_batch([text], add_special_tokens=True)[0]
+        return list(enc.ids), [tuple(o) for o in enc.offsets], list(enc.special_tokens_mask)  # type: ignore[misc]
+
+    @functools.cached_property
+    def unk_id(self) -> int | None:
+        """The id of the model's unknown token, if its tokenizer has one."""
+        unk = getattr(self._tok.model, "unk_token", None)
+        return self._tok.token_to_id(unk) if isinstance(unk, str) else None
+
+    def tokens_to_string(self, tokens: list[str]) -> str:
+        """Tokens (their vocabulary strings) joined as the tokenizer's decoder joins them (WordPiece
+        drops `##`), as HF transformers' `convert_tokens_to_string`."""
+        decoder = self._tok.decoder
+        return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 

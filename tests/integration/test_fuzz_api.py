@@ -118,7 +118,7 @@ def errors_are_json_in_the_documented_shape(ctx: Any, response: Any, case: Any) 
     openai = case.path.startswith("/v1/") or (  # /invocations runs OpenAI's routes for their bodies
         case.path == "/invocations"
         and isinstance(case.body, dict)
-        and ({"messages", "prompt"} & case.body.keys())
+        and ({"messages", "prompt", "input"} & case.body.keys())
     )
     shape = "OpenAI's {error: {message, type, param, code}}" if openai else "LoRAX's {error, error_type}"
     content_type = _header(response.headers, "content-type")
