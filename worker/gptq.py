@@ -288,6 +288,8 @@ class PackedCheckpoint:
     """Collects the packed tensors of each linear while the checkpoint streams in (weights.load_weights
     hands them here), then puts a PackedLinear in each linear's place (`install`)."""
 
+    params = PACKED_PARAMS
+
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
         self.tensors: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
@@ -301,6 +303,11 @@ class PackedCheckpoint:
                 "(only the decoder's attention and MLP linears are read quantized)"
             )
         self.tensors.setdefault(module_name, {}).setdefault(slice_name, {})[param] = tensor
+
+    def describe(self) -> str:
+        c = self.config
+        order = ", act-order" if c.desc_act else ""
+        return f"read packed ({c.bits}-bit, group size {c.group_size}{order}), dequantized at each matmul"
 
     def install(self, model: nn.Module) -> int:
         """Puts a PackedLinear in place of every collected linear; returns how many."""

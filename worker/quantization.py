@@ -58,15 +58,23 @@ class Fp8Linear(nn.Module):
     scale = max|W_row| / 448, so each output channel uses e4m3's whole range; all-zero rows get scale 1.
     """
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """`scale` given ([out, 1]): `weight` holds a checkpoint's e4m3 values already (read as stored)."""
         super().__init__()
         w = weight.float()
-        scale = w.abs().amax(dim=1, keepdim=True) / FP8_MAX
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        if scale is None:
+            scale = w.abs().amax(dim=1, keepdim=True) / FP8_MAX
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        else:
+            q = w.to(torch.float8_e4m3fn)
+            if not torch.equal(q.float(), w):
+                raise ValueError("a linear with a weight_scale holds weights that are not e4m3 values")
+            scale = scale.float()
         self.qweight: torch.Tensor
         self.scale: torch.Tensor
         self.values: torch.Tensor
-        self.register_buffer("qweight", (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+        self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         codes = torch.arange(256, dtype=torch.uint8, device=weight.device)
         self.register_buffer("values", codes.view(torch.float8_e4m3fn).float())
@@ -132,37 +140,107 @@ class BitsAndBytesLinear(nn.Module):
         return y if bias is None else y + bias
 
 
-def quantize_linear(layer: ColumnParallelLinear | RowParallelLinear, scheme: str) -> None:
-    """Replaces the layer's loaded weight slice with its quantized form; the weight that stays is an
-    expanded zero (no memory) keeping the shape, dtype and device that adapter slots are sized from."""
+def quantize_linear(layer: ColumnParallelLinear | RowParallelLinear, scheme: str | nn.Module) -> None:
+    """Replaces the layer's loaded weight slice with its quantized form (`scheme`'s, or the module
+    given); the weight that stays is an expanded zero (no memory) keeping the shape, dtype and device
+    that adapter slots are sized from."""
     weight = layer.weight.data
-    layer.quant = Fp8Linear(weight) if scheme == "fp8" else BitsAndBytesLinear(weight, scheme)
+    if isinstance(scheme, nn.Module):
+        layer.quant = scheme
+    else:
+        layer.quant = Fp8Linear(weight) if scheme == "fp8" else BitsAndBytesLinear(weight, scheme)
     placeholder = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
     layer.weight = nn.Parameter(placeholder, requires_grad=False)
 
 
-def packed_checkpoint(model_path: Path, scheme: str | None) -> PackedCheckpoint | None:
-    """Where load_weights puts a GPTQ / AWQ checkpoint's packed tensors; None for other schemes."""
-    if scheme not in PREQUANTIZED:
-        return None
+class Fp8Checkpoint:
+    """A compressed-tensors FP8 checkpoint, read as stored: each quantized linear's e4m3 weight loads
+    into its (full-precision) weight as the exact values, its `weight_scale` comes here (per output
+    channel [out, 1] or per tensor), and `install` puts an Fp8Linear of this shard's rows or columns in
+    its place. Activation scales (W8A8 checkpoints) are not applied: activations stay in full precision
+    (a weight-only FP8 matmul, as on GPUs without FP8 units)."""
+
+    params = ("weight_scale", "input_scale")
+
+    def __init__(self) -> None:
+        self.scales: dict[str, dict[str, torch.Tensor]] = {}
+        self.input_scales = 0
+
+    def add(
+        self, module_name: str, module: nn.Module, slice_name: str, param: str, tensor: torch.Tensor
+    ) -> None:
+        if not isinstance(module, ColumnParallelLinear | RowParallelLinear):
+            raise ValueError(
+                f"{module_name}: FP8 weights of a layer this server keeps in full precision "
+                "(only the decoder's attention and MLP linears are read quantized)"
+            )
+        if param == "input_scale":
+            self.input_scales += 1
+            return
+        self.scales.setdefault(module_name, {})[slice_name] = tensor.float()
+
+    def describe(self) -> str:
+        activations = (
+            ", activation scales not applied (activations in full precision)" if self.input_scales else ""
+        )
+        return f"read as stored (e4m3, compressed-tensors){activations}"
+
+    def install(self, model: nn.Module) -> int:
+        modules = dict(model.named_modules())
+        for module_name, by_slice in self.scales.items():
+            module = modules[module_name]
+            rows = module.weight.shape[0]
+            if isinstance(module, ColumnParallelLinear):
+                if set(by_slice) != set(module.local_sizes):
+                    raise ValueError(
+                        f"{module_name}: weight scales for {sorted(by_slice)} but not all of "
+                        f"{sorted(module.local_sizes)}; one fused layer must be quantized whole"
+                    )
+                shard = module.shard
+                parts = []
+                for name, size in module.local_sizes.items():
+                    scale = by_slice[name].reshape(-1, 1)
+                    if scale.shape[0] == 1:  # per tensor
+                        parts.append(scale.expand(size, 1))
+                    elif scale.shape[0] == size * shard.world_size:
+                        parts.append(scale[shard.rank * size : (shard.rank + 1) * size])
+                    else:
+                        raise ValueError(f"{module_name}.{name}: weight_scale {tuple(by_slice[name].shape)}")
+                scale = torch.cat(parts)
+            else:
+                (scale,) = by_slice.values()
+                scale = scale.reshape(-1, 1)
+                if scale.shape[0] not in (1, rows):
+                    raise ValueError(f"{module_name}: weight_scale {tuple(scale.shape)} for {rows} rows")
+                scale = scale.expand(rows, 1)
+            try:
+                quantize_linear(
+                    module, Fp8Linear(module.weight.data, scale.to(module.weight.device).contiguous())
+                )
+            except ValueError as e:
+                raise ValueError(f"{module_name}: {e}") from e
+        return len(self.scales)
+
+
+def packed_checkpoint(model_path: Path, scheme: str | None) -> PackedCheckpoint | Fp8Checkpoint | None:
+    """Where load_weights puts a checkpoint's quantized tensors (GPTQ / AWQ packed integers, FP8
+    scales) when it is read as stored; None where weights are quantized at load, or not at all."""
     config = json.loads((model_path / "config.json").read_text())
-    return PackedCheckpoint(QuantConfig.from_checkpoint(config["quantization_config"]))
+    if scheme in PREQUANTIZED:
+        return PackedCheckpoint(QuantConfig.from_checkpoint(config["quantization_config"]))
+    if scheme == "fp8" and config.get("quantization_config"):
+        return Fp8Checkpoint()
+    return None
 
 
-def quantize_model(model: nn.Module, scheme: str | None, packed: PackedCheckpoint | None = None) -> None:
+def quantize_model(
+    model: nn.Module, scheme: str | None, packed: PackedCheckpoint | Fp8Checkpoint | None = None
+) -> None:
     """Quantizes every base linear of the decoder layers (attention and MLP), after loading; a
-    pre-quantized checkpoint's linears (`packed`) take their packed weights instead."""
+    checkpoint read as stored (`packed`) puts its quantized linears in place instead."""
     if packed is not None:
         count = packed.install(model)
-        c = packed.config
-        logger.info(
-            "--quantize %s: %d linears read packed (%d-bit, group size %s%s), dequantized at each matmul",
-            scheme,
-            count,
-            c.bits,
-            c.group_size,
-            ", act-order" if c.desc_act else "",
-        )
+        logger.info("--quantize %s: %d linears %s", scheme, count, packed.describe())
         return
     if not scheme:
         return

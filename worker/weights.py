@@ -11,12 +11,12 @@ import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from loraxpy.worker.gptq import PACKED_PARAMS, PackedCheckpoint
 from loraxpy.worker.moe import MIXTRAL_EXPERT_NAMES
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,17 @@ FUSED = {
 
 # layers.<i>.(mlp | block_sparse_moe).experts.<e>.<projection>
 _EXPERT = re.compile(r"layers\.(\d+)\.(mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)")
+
+
+class QuantizedTensors(Protocol):
+    """Takes a checkpoint's quantized tensors (worker/gptq.py's packed integers, FP8 scales) when
+    it is read as stored; `params`: the tensor names it takes in place of the layers' own `load`."""
+
+    params: tuple[str, ...]
+
+    def add(
+        self, module_name: str, module: nn.Module, slice_name: str, param: str, tensor: torch.Tensor
+    ) -> None: ...
 
 
 class WeightsError(ValueError):
@@ -77,10 +88,10 @@ def _target(name: str) -> tuple[str, str, str] | None:
 
 
 def load_weights(
-    model: nn.Module, model_path: Path, *, tied_lm_head: bool, packed: PackedCheckpoint | None = None
+    model: nn.Module, model_path: Path, *, tied_lm_head: bool, packed: QuantizedTensors | None = None
 ) -> None:
     """Copies every checkpoint tensor into the model and checks that nothing stayed uninitialised.
-    With `packed` (a GPTQ / AWQ checkpoint), a linear's packed tensors go there instead of its weight."""
+    With `packed` (a checkpoint read as stored), the tensors it names go there instead."""
     modules = dict(model.named_modules())
     loaded: set[tuple[str, str, str]] = set()
     for name, tensor in iter_checkpoint(model_path):
@@ -91,12 +102,13 @@ def load_weights(
         module = modules.get(module_name)
         if module is None or not hasattr(module, "load"):
             raise WeightsError(f"checkpoint tensor {name!r} has no place in the model")
-        if packed is not None and param in PACKED_PARAMS:
+        if packed is not None and param in packed.params:
             try:
                 packed.add(module_name, module, slice_name, param, tensor)
             except ValueError as e:
                 raise WeightsError(f"checkpoint tensor {name!r}: {e}") from e
-            loaded.add((module_name, slice_name, "weight"))
+            if param == "qweight":  # in the weight's place
+                loaded.add((module_name, slice_name, "weight"))
             continue
         try:
             module.load(slice_name, param, tensor)

@@ -159,3 +159,48 @@ def reference_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         w_t = (q - zeros[g_idx]).float() * scales[g_idx]
         weights[module] = w_t.t().contiguous()
     return weights
+
+
+def write_fp8_checkpoint(base: Path, dest: Path, preset: str) -> Path:
+    """`base`'s decoder linears as a compressed-tensors FP8 checkpoint of LLM Compressor's `preset`
+    scheme (FP8: a weight scale and a static input scale per tensor; FP8_DYNAMIC: a weight scale per
+    output channel, activations scaled at run time): e4m3 weights = W / scale with scale = max|W| / 448
+    over the tensor or the channel, stored as `weight` and `weight_scale` (`input_scale` for static
+    activations), the quantization_config as compressed-tensors' own QuantizationConfig writes it."""
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    per_channel = scheme.weights.strategy == "channel"
+    dest.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(base.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    out: dict[str, torch.Tensor] = {}
+    for name, w in tensors.items():
+        module, _, param = name.rpartition(".")
+        if param != "weight" or module.rpartition(".")[2] not in LINEARS:
+            out[name] = w
+            continue
+        absmax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax().reshape(1)
+        scale = absmax.float() / 448.0
+        out[name] = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        out[f"{module}.weight_scale"] = scale
+        if scheme.input_activations is not None and not scheme.input_activations.dynamic:
+            out[f"{module}.input_scale"] = torch.ones(1)
+    save_file(out, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    q_config = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format="float-quantized",
+        quantization_status="compressed",
+        ignore=["lm_head"],
+    )
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        **json.loads(q_config.model_dump_json()),
+    }
+    (dest / "config.json").write_text(json.dumps(config))
+    for f in base.iterdir():
+        if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, dest / f.name)
+    return dest

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_model
-from prequantized import reference_weights, write_checkpoint
+from prequantized import reference_weights, write_checkpoint, write_fp8_checkpoint
 from test_worker_lora import INDEX, load, make_adapters
 from worker_driver import Driver, Request, sharded_workers
 
@@ -220,6 +220,9 @@ def test_each_bitsandbytes_scheme_computes_what_transformers_layers_compute(
         assert not torch.equal(ours, x @ weight.T), "quantized, so the comparison means something"
 
 
+FP8_WEIGHTS = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}
+
+
 def test_worker_refuses_schemes_it_does_not_run_and_disagreeing_checkpoints(tmp_path: Path) -> None:
     for scheme, message in [
         ("hqq-4bit", "not implemented"),
@@ -242,8 +245,30 @@ def test_worker_refuses_schemes_it_does_not_run_and_disagreeing_checkpoints(tmp_
             "fp8",
             r"--quantize fp8 disagrees with the checkpoint's quantization_config \(bitsandbytes-nf4\)",
         ),
-        ({"quant_method": "compressed-tensors"}, "bitsandbytes", r"disagrees.*\(fp8\)"),
-        ({"quant_method": "fp8"}, "fp8", "stored quantized"),
+        (
+            {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": FP8_WEIGHTS}}},
+            "bitsandbytes",
+            r"disagrees.*\(fp8\)",
+        ),
+        ({"quant_method": "fp8"}, "fp8", "stored quantized.*fp8 FP8 checkpoints are not read"),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "format": "float-quantized",
+                "config_groups": {"g": {"weights": {**FP8_WEIGHTS, "strategy": "block"}}},
+            },
+            "fp8",
+            "strategy 'block' are not read",
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "format": "pack-quantized",
+                "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}},
+            },
+            "gptq",
+            r"disagrees.*\(compressed-tensors pack-quantized\)",
+        ),
     ]:
         (folder / "config.json").write_text(json.dumps({**config, "quantization_config": stored}))
         with pytest.raises(ValueError, match=message):
@@ -407,3 +432,35 @@ def test_a_row_parallel_cut_through_a_quantization_group_is_refused(
     ):
         ModelRunner(checkpoint, options)
     ModelRunner(checkpoint, dataclasses.replace(options, shard=Shard(0, 1)))  # one shard reads it
+
+
+@pytest.mark.parametrize(("preset", "num_shard"), [("FP8_DYNAMIC", 1), ("FP8", 2)])
+def test_compressed_tensors_fp8_checkpoint_is_served_as_transformers_reads_it(
+    preset: str, num_shard: int, llama_with_adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A compressed-tensors FP8 checkpoint (scales per channel, over one shard; per tensor, q/k/v each
+    with its own, over two) read as stored. The reference is transformers loading the same checkpoint
+    through its compressed-tensors integration (dequantized weights; the server, too, leaves the
+    activations in full precision), with PEFT's adapters on top."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    base, root = llama_with_adapters
+    checkpoint = write_fp8_checkpoint(base, tmp_path / preset, preset)
+    args = ("--quantize", "fp8", "--adapter-root", str(root))
+    with sharded_workers(checkpoint, tmp_path, num_shard, extra_args=args) as stubs:
+        batch = run_mixed_batch(stubs, 8)
+        infos = [s.Info(pb.InfoRequest()) for s in stubs]
+    assert [i.quantize for i in infos] == ["fp8"] * num_shard
+    reference = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    name = "model.layers.0.self_attn.q_proj"
+    assert not torch.equal(reference.get_submodule(name).weight, plain.get_submodule(name).weight), "fp8"
+    expected = peft_greedy(reference, root, batch, 8)
+    for r, (tokens, logprobs) in zip(batch, expected, strict=True):
+        assert r.generated == tokens, f"request {r.id}"
+        assert r.logprobs == pytest.approx(logprobs, abs=1e-4), f"request {r.id}"
+    log = (tmp_path / "shard-0.log").read_text()
+    assert "--quantize fp8: 8 linears read as stored (e4m3, compressed-tensors)" in log
+    assert ("activation scales not applied" in log) == (preset == "FP8")
