@@ -21,12 +21,13 @@ inline T round_to(float x) {
   return static_cast<T>(x);
 }
 
-// sum_d a[d] * float(b[d]); a in fp32.
+// sum_d a[d] * float(b[d]); a in fp32. Reductions (here, and the accumulation in axpy) have no
+// torch-identical order to keep, so they use fused multiply-adds explicitly; elementwise ops don't.
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < n; ++d) acc += a[d] * static_cast<float>(b[d]);
+  for (int64_t d = 0; d < n; ++d) acc = std::fma(a[d], static_cast<float>(b[d]), acc);
   return acc;
 }
 
@@ -34,7 +35,7 @@ inline float dot(const float* a, const T* b, int64_t n) {
 template <typename T>
 inline void axpy(float* acc, float p, const T* v, int64_t n) {
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) acc[d] += p * static_cast<float>(v[d]);
+  for (int64_t d = 0; d < n; ++d) acc[d] = std::fma(p, static_cast<float>(v[d]), acc[d]);
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -286,6 +287,103 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
+// LoRA for a step of few rows, each row with its own slot (0: no adapter) — the decode case, where
+// torch's batched matmuls over 1-row problems cost more in dispatch than in bytes. For each row t
+// with slot s and rank r = ranks[s]: v = x[t] a[s][:, :r*n] (a: [slots, in, max_rank * n], rank k of
+// slice i in column k * n + i), then for each slice i, y[t, offsets[i] + o] += sum_k v[k * n + i] *
+// b[s, k, starts[i] + o] (b: [slots, max_rank, sum(outs)]): worker/lora.py's torch layout, where
+// both stages stream contiguous rows of the weights. v is rounded to the weights' dtype, the delta
+// to the weights' and then y's, as the torch path's matmuls round them.
+template <typename T, typename W>
+void lora_rows_impl(const at::Tensor& x, at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
+                    const int64_t* slots, const int64_t* ranks, const std::vector<int64_t>& outs,
+                    const std::vector<int64_t>& offsets) {
+  const int64_t rows = x.size(0), in = x.size(1), n = static_cast<int64_t>(outs.size());
+  const int64_t a_cols = a.size(2), max_rank = b.size(1), b_cols = b.size(2);
+  const int64_t x_stride = x.stride(0), y_stride = y.stride(0);
+  std::vector<int64_t> starts(n, 0);
+  int64_t widest = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (i > 0) starts[i] = starts[i - 1] + outs[i - 1];
+    widest = std::max(widest, outs[i]);
+  }
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const W* ap = a.data_ptr<W>();
+  const W* bp = b.data_ptr<W>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> v(a_cols), delta(widest);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = slots[t];
+      if (s == 0) continue;
+      const int64_t r = ranks[s], cols = r * n;
+      std::fill(v.begin(), v.begin() + cols, 0.f);
+      const T* xr = xp + t * x_stride;
+      const W* as = ap + s * in * a_cols;
+      for (int64_t j = 0; j < in; ++j) axpy(v.data(), static_cast<float>(xr[j]), as + j * a_cols, cols);
+      for (int64_t c = 0; c < cols; ++c) v[c] = static_cast<float>(round_to<W>(v[c]));
+      T* yr = yp + t * y_stride;
+      const W* bs = bp + s * max_rank * b_cols;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t out = outs[i];
+        std::fill(delta.begin(), delta.begin() + out, 0.f);
+        for (int64_t k = 0; k < r; ++k) axpy(delta.data(), v[k * n + i], bs + k * b_cols + starts[i], out);
+        T* yo = yr + offsets[i];
+        for (int64_t o = 0; o < out; ++o) {
+          const float d = static_cast<float>(round_to<T>(static_cast<float>(round_to<W>(delta[o]))));
+          yo[o] = round_to<T>(static_cast<float>(yo[o]) + d);
+        }
+      }
+    }
+  });
+}
+
+void lora_rows(const at::Tensor& x, at::Tensor y, const at::Tensor& a, const at::Tensor& b,
+               const at::Tensor& row_slots, const at::Tensor& slot_ranks, std::vector<int64_t> outs,
+               std::vector<int64_t> offsets) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && y.dim() == 2 && y.stride(1) == 1 && y.size(0) == x.size(0),
+              "x and y must be [rows, features] with contiguous rows");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) &&
+                  a.size(1) == x.size(1) && a.scalar_type() == b.scalar_type(),
+              "a must be [slots, in, max_rank * slices] and b [slots, max_rank, out], contiguous, one dtype");
+  const int64_t n = static_cast<int64_t>(outs.size()), num_slots = a.size(0), max_rank = b.size(1);
+  TORCH_CHECK(n >= 1 && static_cast<int64_t>(offsets.size()) == n && a.size(2) == max_rank * n,
+              "one offset per slice, and a's columns must be max_rank * slices");
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(outs[i] >= 0 && offsets[i] >= 0 && offsets[i] + outs[i] <= y.size(1), "slice ", i, " lies outside y");
+    total += outs[i];
+  }
+  TORCH_CHECK(total <= b.size(2), "the slices need more columns than b has");
+  TORCH_CHECK(row_slots.scalar_type() == at::kLong && row_slots.numel() == x.size(0) && row_slots.is_contiguous(),
+              "row_slots must be int64 [rows]");
+  TORCH_CHECK(slot_ranks.scalar_type() == at::kLong && slot_ranks.numel() == num_slots && slot_ranks.is_contiguous(),
+              "slot_ranks must be int64 [slots]");
+  const int64_t* slots = row_slots.data_ptr<int64_t>();
+  const int64_t* ranks = slot_ranks.data_ptr<int64_t>();
+  for (int64_t t = 0; t < x.size(0); ++t) {
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "row ", t, " has slot ", slots[t], " outside the stack");
+    TORCH_CHECK(slots[t] == 0 || (ranks[slots[t]] >= 0 && ranks[slots[t]] <= max_rank), "slot ", slots[t],
+                " has a rank outside 0..max_rank");
+  }
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "y must have x's dtype");
+  const auto xt = x.scalar_type(), wt = a.scalar_type();
+  if (xt == at::kFloat && wt == at::kFloat) {
+    lora_rows_impl<float, float>(x, y, a, b, slots, ranks, outs, offsets);
+  } else if (xt == at::kBFloat16 && wt == at::kBFloat16) {
+    lora_rows_impl<at::BFloat16, at::BFloat16>(x, y, a, b, slots, ranks, outs, offsets);
+  } else if (xt == at::kBFloat16 && wt == at::kFloat) {
+    lora_rows_impl<at::BFloat16, float>(x, y, a, b, slots, ranks, outs, offsets);
+  } else if (xt == at::kHalf && wt == at::kFloat) {
+    lora_rows_impl<at::Half, float>(x, y, a, b, slots, ranks, outs, offsets);
+  } else if (xt == at::kHalf && wt == at::kHalf) {
+    lora_rows_impl<at::Half, at::Half>(x, y, a, b, slots, ranks, outs, offsets);
+  } else {
+    TORCH_CHECK(false, "lora_rows: unsupported dtypes ", xt, " and ", wt);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -293,4 +391,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over [gate | up]");
   m.def("rotary_store", &rotary_store, "rotary on qkv's q and k heads in place; k and v into the paged caches");
   m.def("decode_attention", &decode_attention, "one-token-per-sequence attention over the paged caches");
+  m.def("lora_rows", &lora_rows, "y += each row's LoRA delta, rows of few adapters each (decode)");
 }

@@ -10,8 +10,9 @@ batched matmuls over *views* of the slot tensors, cut to the group's own largest
 weight is copied, base rows cost nothing, and an adapter's bytes are read once per layer whatever
 its number of rows. `lora_add_fused` is the serving form: A of every slice of a fused layer sits
 transposed and rank-interleaved in one stack (`a_t` [num_slots, in, max_rank * num_slices], column
-k * num_slices + i holding rank k of slice i), so one matmul shrinks all slices at once and the
-columns of ranks below a group's own rank are a contiguous prefix: at decode sizes each torch op
+k * num_slices + i holding rank k of slice i; B likewise transposed, [num_slots, max_rank, out]),
+so one matmul shrinks all slices at once and the columns of ranks below a group's own rank are a
+contiguous prefix: at decode sizes each torch op
 costs more in dispatch than in arithmetic, and this halves their number (lorax-bench, one adapter
 on the default model). `lora_add` does the same per slice on the plain layout: the twin the Triton
 kernels are compared with. `lora_shrink` / `lora_expand` gather each row's weights (simple, slow):
@@ -153,8 +154,8 @@ def lora_add_fused(
 ) -> torch.Tensor:
     """`lora_add` with A in the interleaved, transposed stack `a_t` (see the module's docstring).
 
-    x: [rows, in], y: [rows, out_total]; a_t: [num_slots, in, max_rank * n]; b_slices: (B_i
-    [num_slots, out_i, max_rank], o_i) per slice, in a_t's slice order.
+    x: [rows, in], y: [rows, out_total]; a_t: [num_slots, in, max_rank * n]; b_slices: (B_i^T
+    [num_slots, max_rank, out_i], o_i) per slice, in a_t's slice order (B transposed, as A is).
     """
     n = len(b_slices)
     for g in plan.groups:
@@ -168,8 +169,8 @@ def lora_add_fused(
             v = v.view(g.num_slots, g.num_rows, g.rank, n).transpose(2, 3).contiguous()
         v = v.view(g.num_slots, g.num_rows, n, g.rank)
         in_place = g.rows is None and g.num_slots == 1 and y.dtype == v.dtype
-        for i, (b, offset) in enumerate(b_slices):
-            bt = b[slots, :, : g.rank].transpose(1, 2)  # [num_slots, rank, out_i]
+        for i, (b_t, offset) in enumerate(b_slices):
+            bt = b_t[slots, : g.rank]  # [num_slots, rank, out_i]
             if in_place:  # one adapter's contiguous rows: straight into y
                 y[g.start : g.start + g.num_rows, offset : offset + bt.shape[2]].addmm_(v[0, :, i], bt[0])
                 continue

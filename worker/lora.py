@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from loraxpy.kernels import lora_triton
+from loraxpy.kernels.cpu_fused import FusedOps
 from loraxpy.kernels.lora import LoraPlan, lora_add, lora_add_fused
 from loraxpy.kernels.lora_triton import Segments, SliceLayout, StaticSegments, sgmv_expand_add, sgmv_shrink
 from loraxpy.worker.adapters import LoraAdapter, head_key, module_shape
@@ -58,10 +59,22 @@ class LoraBatch:
     slots: list[int] | None = None  # each token row's slot, or None when no row uses an adapter
     plan: LoraPlan | None = None  # the rows grouped by adapter, on the torch path
     segments: Segments | None = None  # the same rows as SGMV segments, on the Triton path
+    # CPU: the fused ops' `lora_rows` serves steps of up to FUSED_MAX_ROWS rows (kernels/cpu_fused.py)
+    fused: FusedOps | None = None
+    num_slots: int = 0
+    row_slots: torch.Tensor | None = None  # [rows] int64, for lora_rows
+    rank_table: torch.Tensor | None = None  # [num_slots] int64, for lora_rows
 
     def use(self, slots: list[int] | None, *, with_plan: bool = True) -> None:
         """Sets this step's per-row slots (and, for the torch path, the plan every layer reads)."""
         self.slots = slots if slots and any(slots) else None
+        self.row_slots = self.rank_table = None
+        if self.fused is not None and self.slots is not None and len(self.slots) <= FUSED_MAX_ROWS:
+            self.plan = None  # every layer's torch LoRA goes through lora_rows this step
+            self.row_slots = torch.tensor(self.slots, dtype=torch.int64)
+            ranks = [self.slot_ranks.get(s, self.max_rank) for s in range(self.num_slots)]
+            self.rank_table = torch.tensor(ranks, dtype=torch.int64)
+            return
         self.plan = self.plan_for(range(len(self.slots))) if with_plan and self.slots else None
 
     def plan_for(self, rows: Iterable[int]) -> LoraPlan | None:
@@ -77,7 +90,7 @@ class _Slice:
     # A view into LoraSlots.a: [num_slots, max_rank, in_local], or on the torch path its transpose
     # [num_slots, in_local, max_rank] (`a_t` holds the slices' columns interleaved)
     a: torch.Tensor
-    b: torch.Tensor  # [num_slots, out_local, max_rank]: a view into LoraSlots.b
+    b: torch.Tensor  # a view into LoraSlots.b: [num_slots, out_local, max_rank]; torch path: transposed
     out_offset: int
 
 
@@ -123,7 +136,12 @@ class LoraSlots:
         n, in_local = len(local), in_sizes.pop()
         a_shape = (num_slots, in_local, max_rank * n) if transposed else (num_slots, n * max_rank, in_local)
         self.a = torch.zeros(a_shape, dtype=dtype, device=device)
-        self.b = torch.zeros(num_slots, sum(out_sizes), max_rank, dtype=dtype, device=device)
+        # The torch path keeps B transposed too ([num_slots, max_rank, out]): rank k's row of every
+        # slice is contiguous, so an expand streams rows of B (Triton's: [num_slots, out, max_rank]).
+        b_shape = (
+            (num_slots, max_rank, sum(out_sizes)) if transposed else (num_slots, sum(out_sizes), max_rank)
+        )
+        self.b = torch.zeros(b_shape, dtype=dtype, device=device)
         self.slices: dict[str, _Slice] = {}
         b_start = 0
         for i, (name, (_, out_local)) in enumerate(local.items()):
@@ -132,20 +150,23 @@ class LoraSlots:
                 a=self.a.view(num_slots, in_local, max_rank, n)[..., i]
                 if transposed
                 else self.a[:, i * max_rank : (i + 1) * max_rank],
-                b=self.b[:, b_start : b_start + out_local],
+                b=self.b[:, :, b_start : b_start + out_local]
+                if transposed
+                else self.b[:, b_start : b_start + out_local],
                 out_offset=offset,
             )
             b_start += out_local
         offsets = [s.out_offset for s in self.slices.values()]
         self.layout = SliceLayout.build(out_sizes, offsets, device)  # for the Triton expand
         self.b_slices = [(s.b, s.out_offset) for s in self.slices.values()]  # for the torch path
+        self.outs, self.offsets = out_sizes, offsets  # for the fused CPU ops' lora_rows
 
     def write(self, slot: int, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Copies this rank's part of (A [r, in], B [out, r]) into `slot`, zero-padding the rank."""
         s, r = self.slices[name], a.shape[0]
         rank = self.shard.rank
         if self.is_column:
-            rows = s.b.shape[1]
+            rows = s.b.shape[2 if self.transposed else 1]
             b = b[rank * rows : (rank + 1) * rows]  # shorter on a padded last rank
         else:
             cols = s.a.shape[1 if self.transposed else 2]
@@ -154,9 +175,10 @@ class LoraSlots:
         s.b[slot].zero_()
         if self.transposed:
             s.a[slot, :, :r].copy_(a.T)
+            s.b[slot, :r, : b.shape[0]].copy_(b.T)
         else:
             s.a[slot, :r].copy_(a)
-        s.b[slot, : b.shape[0], :r].copy_(b)
+            s.b[slot, : b.shape[0], :r].copy_(b)
 
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()  # every slice's part: they are views into these two tensors
@@ -170,7 +192,12 @@ class LoraSlots:
         if rows is None and self.batch.segments is not None:  # Triton SGMV (CUDA): all slices at once
             v = sgmv_shrink(x, self.a, self.batch.segments, len(self.slices))  # [rows, slices * max_rank]
             return sgmv_expand_add(v, self.b, self.batch.segments, y, self.layout)
-        plan = self.batch.plan if rows is None else self.batch.plan_for(rows)
+        batch = self.batch
+        if self.transposed and batch.row_slots is not None and batch.fused is not None:
+            row_slots = batch.row_slots if rows is None else batch.row_slots[rows]
+            batch.fused.lora_rows(x, y, self.a, self.b, row_slots, batch.rank_table, self.outs, self.offsets)
+            return y
+        plan = batch.plan if rows is None else batch.plan_for(rows)
         if plan is None:
             return y
         if self.transposed:
@@ -210,6 +237,9 @@ def fit_slots(requested: int, budget_bytes: int, per_slot: int) -> int:
     return max(1, min(requested, budget_bytes // max(1, per_slot)))
 
 
+# Steps of up to this many rows run LoRA through the fused CPU ops' lora_rows (one call per layer,
+# each row's adapter read in place); larger ones (prefill) batch rows per adapter in torch matmuls.
+FUSED_MAX_ROWS = 32
 CPU_MAX_ADAPTER_SLOTS = 16  # slots are rank-padded copies of every layer slice: bounded on CPU
 
 
@@ -312,6 +342,13 @@ class LoraManager:
             slots, batch, num_slots, max_rank, head=head, config=config, shard=shard, backend=backend,
             batch_device=device, dtype=dtype,
         )  # fmt: skip
+
+    def use_fused_ops(self, ops: FusedOps) -> bool:
+        """CPU, torch layout: small steps' LoRA through the fused ops' lora_rows; whether it applies."""
+        if self.backend != "torch" or self.batch_device.type != "cpu":
+            return False
+        self.batch.fused, self.batch.num_slots = ops, self.num_slots + 1
+        return True
 
     @property
     def slot_ranks(self) -> dict[int, int]:

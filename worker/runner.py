@@ -154,6 +154,8 @@ class ModelRunner:
             if self.num_adapter_slots > 0
             else None
         )
+        if self.lora is not None and self.cpu_ops == "fused" and (ops := cpu_fused.load()) is not None:
+            self.lora.use_fused_ops(ops)
         self.adapters = self._adapter_store()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.limits: Limits | None = None

@@ -130,3 +130,44 @@ def test_decode_attention_padding_rows_and_bad_tables(ops):
     bad[0, 0] = 99
     with pytest.raises(RuntimeError, match="outside the cache"):
         ops.decode_attention(q, k_cache, k_cache, bad, meta.seq_lens, 1, 1.0, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("outs", [(24,), (24, 8, 8)])  # one slice, and a fused q/k/v-like layer
+def test_lora_rows_equals_the_grouped_torch_path(ops, dtype, outs):
+    """lora_rows against kernels/lora.lora_add_fused over the same transposed slot layout."""
+    from loraxpy.kernels import lora
+
+    torch.manual_seed(4)
+    num_slots, in_features, max_rank, n = 5, 40, 8, len(outs)
+    ranks = {1: 8, 2: 4, 3: 1, 4: 6}
+    a_t = torch.zeros(num_slots, in_features, max_rank * n)
+    b_t = torch.zeros(num_slots, max_rank, sum(outs))
+    for slot, rank in ranks.items():  # rank-padded, as LoraSlots.write leaves them
+        a_t.view(num_slots, in_features, max_rank, n)[slot, :, :rank] = torch.randn(in_features, rank, n)
+        b_t[slot, :rank] = torch.randn(rank, sum(outs))
+    a_t, b_t = a_t.to(dtype), b_t.to(dtype)
+    slots = [2, 0, 1, 1, 4, 3, 0, 2]  # base rows, one adapter on two rows, every rank
+    x = torch.randn(len(slots), in_features + 6).to(dtype)[:, :in_features]  # strided rows
+    y0 = torch.randn(len(slots), sum(outs) + 4).to(dtype)
+    starts = [sum(outs[:i]) for i in range(n)]
+    offsets = [s + 4 for s in starts]  # slices placed past y's first columns
+    b_slices = [(b_t[:, :, s : s + o], off) for s, o, off in zip(starts, outs, offsets, strict=True)]
+    plan = lora.LoraPlan.build(slots, ranks, max_rank, x.device)
+    expected = lora.lora_add_fused(x, y0.clone(), a_t, b_slices, plan)
+    got = y0.clone()
+    rank_table = torch.tensor([ranks.get(s, max_rank) for s in range(num_slots)])
+    ops.lora_rows(x, got, a_t, b_t, torch.tensor(slots), rank_table, list(outs), offsets)
+    # sums of 40 products of unit-scale values, summed in another order: test_lora_kernels' tolerance
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(got, expected, **tol)
+    assert torch.equal(got[torch.tensor(slots) == 0], y0[torch.tensor(slots) == 0])  # base rows untouched
+    assert torch.equal(got[:, :4], y0[:, :4])  # columns outside the slices untouched
+
+
+def test_lora_rows_refuses_a_slot_outside_the_stack(ops):
+    a_t, b_t = torch.zeros(2, 4, 2), torch.zeros(2, 2, 3)
+    with pytest.raises(RuntimeError, match="outside the stack"):
+        ops.lora_rows(
+            torch.zeros(1, 4), torch.zeros(1, 3), a_t, b_t, torch.tensor([2]), torch.tensor([2, 2]), [3], [0]
+        )

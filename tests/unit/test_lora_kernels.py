@@ -144,9 +144,10 @@ def test_the_fused_layout_equals_the_per_segment_loop(kind: str, outs: tuple[int
     rng = random.Random(kind)
     stacks = [slot_tensors(RANKS, seed=i) for i in range(len(outs))]  # slice i: its own A and B
     a_t = lora.interleave_a([a for a, _ in stacks])
-    b_slices, offset = [], 0
+    b_plain, b_slices, offset = [], [], 0
     for (_, b), out in zip(stacks, outs, strict=True):
-        b_slices.append((b[:, :out].contiguous(), offset))
+        b_plain.append(b[:, :out])
+        b_slices.append((b[:, :out].transpose(1, 2).contiguous(), offset))  # B^T, as the torch path keeps it
         offset += out
     slots = row_pattern(kind, rng)
     x = torch.randn(len(slots), IN, generator=torch.Generator().manual_seed(3))
@@ -156,10 +157,7 @@ def test_the_fused_layout_equals_the_per_segment_loop(kind: str, outs: tuple[int
     got = lora.lora_add_fused(x, y0.clone(), a_t, b_slices, plan) - y0
     segments = lora.segments_from_slots(slots)
     expected = torch.cat(
-        [
-            lora.lora_delta_reference(x, a, b, segments)
-            for (a, _), (b, _) in zip(stacks, b_slices, strict=True)
-        ],
+        [lora.lora_delta_reference(x, a, b, segments) for (a, _), b in zip(stacks, b_plain, strict=True)],
         dim=1,
     )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
