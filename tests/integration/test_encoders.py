@@ -245,6 +245,11 @@ def test_classify_equals_hfs_token_classification_pipeline(
     if adapter is None:  # SageMaker's /invocations takes LoRAX's body to /classify on a classifier
         invoked = requests.post(server.url + "/invocations", json={"inputs": TEXTS[0]}, timeout=60)
         assert invoked.status_code == 200 and invoked.json() == batch.json()[0]
+        from lorax import Client  # lorax-client's classify and classify_batch, unchanged
+
+        client = Client(server.url)
+        assert client.classify(TEXTS[0]).entities == batch.json()[0]
+        assert [r.entities for r in client.classify_batch(TEXTS)] == batch.json()
 
 
 def test_a_classifier_refuses_generation_embeddings_and_bad_inputs_with_4xx(
@@ -307,6 +312,10 @@ def test_embed_and_the_openai_sdk_equal_hf_on_an_encoder(
         torch.testing.assert_close(torch.tensor(batched.data[i].embedding), expected, rtol=0, atol=1e-5)
     assert batched.usage.prompt_tokens == sum(len(_ids(path, t)) for t in TEXTS)
     if adapter is None:
+        from lorax import Client  # lorax-client's embed, unchanged
+
+        vector = Client(server.url).embed(TEXTS[0]).embeddings
+        assert vector == pytest.approx(batched.data[0].embedding, abs=1e-6)
         invoked = requests.post(server.url + "/invocations", json={"inputs": TEXTS[0]}, timeout=60)
         assert invoked.status_code == 200 and invoked.json()["embeddings"] == pytest.approx(
             batched.data[0].embedding, abs=1e-6
