@@ -70,6 +70,9 @@ def build(path: Path, family: str, head: str = "", seed: int = 0, labels: tuple[
         for name, p in model.named_parameters():
             if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+        if head == "token":  # labels that vary over the tokens (B- splits, I- joins, O left out)
+            model.classifier.bias.zero_()
+            model.classifier.weight.mul_(3)
     model.save_pretrained(path)
     path.mkdir(parents=True, exist_ok=True)
     vocab = path / "vocab.txt"
