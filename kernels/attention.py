@@ -221,6 +221,86 @@ def _softcapped_attention(
     return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
 
 
+# --kv-cache-dtype fp8: K and V stored as e4m3 over one scale per cache tensor, 1.0 (no calibration,
+# vLLM's default without checkpoint scales): e4m3 keeps 3 mantissa bits over 2^-9..448, values past 448
+# are clamped to it.
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_KV_SCALE = 1.0
+_FP8_MAX = torch.finfo(FP8_KV_DTYPE).max
+
+
+def store_kv_fp8(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """`store_kv` into e4m3 caches: each value divided by the scale, clamped to e4m3's range, rounded."""
+    if slot_mapping.device.type == "cpu" and bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    for x, cache in ((key, k_cache), (value, v_cache)):
+        q = (x.float() / FP8_KV_SCALE).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_KV_DTYPE)
+        # index_copy_ has no float8 kernel on CPU: the bytes are copied instead
+        cache.view(torch.uint8).view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, q.view(torch.uint8))
+
+
+@functools.cache
+def _e4m3_values(device: torch.device) -> torch.Tensor:
+    """fp32 [256]: the value of each e4m3 byte (a table lookup converts 5x faster on CPU than `.float()`)."""
+    return torch.arange(256, dtype=torch.uint8, device=device).view(FP8_KV_DTYPE).float()
+
+
+def dequantize_kv_fp8(cache: torch.Tensor) -> torch.Tensor:
+    """e4m3 values (any shape) → fp32 times the scale."""
+    values = _e4m3_values(cache.device).index_select(0, cache.view(torch.uint8).reshape(-1).int())
+    return values.view(cache.shape).mul_(FP8_KV_SCALE)
+
+
+def paged_attention_sdpa_fp8(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """`paged_attention_sdpa` over e4m3 caches: the same gather, then K/V dequantized to fp32."""
+    num_seqs = len(meta.seq_lens_host)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    layout = _sdpa_layout(meta, k_cache.shape[1], sliding_window)
+    kv_shape = (num_seqs, meta.max_seq_len, *k_cache.shape[2:])
+    width = k_cache.shape[2] * k_cache.shape[3]
+    k = dequantize_kv_fp8(k_cache.view(torch.uint8).view(-1, width).index_select(0, layout.slots))
+    v = dequantize_kv_fp8(v_cache.view(torch.uint8).view(-1, width).index_select(0, layout.slots))
+    k, v = k.view(kv_shape), v.view(kv_shape)
+    out_dtype = query.dtype
+    query = query.float()
+    if layout.q_valid is None:
+        q = query.view(num_seqs, meta.max_query_len, num_heads, head_dim)
+    else:
+        q = query.new_zeros(num_seqs, meta.max_query_len, num_heads, head_dim)
+        q[layout.q_valid] = query
+    attend = (
+        F.scaled_dot_product_attention
+        if softcap is None
+        else functools.partial(_softcapped_attention, softcap=softcap)
+    )
+    out = attend(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=layout.mask,
+        is_causal=layout.is_causal,
+        scale=scale,
+        enable_gqa=num_heads != k.shape[2],
+    ).transpose(1, 2)
+    out = out.reshape(query.shape) if layout.q_valid is None else out[layout.q_valid]
+    return out.to(out_dtype)
+
+
 AttentionFn = Callable[..., torch.Tensor]
 StoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 ATTENTION_BACKENDS = ("auto", "sdpa", "triton")
@@ -235,13 +315,30 @@ class AttentionBackend:
     store: StoreFn
 
 
-def select_attention_backend(device: torch.device, requested: str = "auto") -> AttentionBackend:
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3fn")  # auto: the model's dtype; fp8 names e4m3
+
+
+def select_attention_backend(
+    device: torch.device, requested: str = "auto", kv_cache_dtype: str = "auto"
+) -> AttentionBackend:
     """Chooses the attention implementation once, at startup; the name is logged and reported by Info.
 
-    auto: Triton on CUDA when Triton is installed, else torch SDPA (the CPU path).
+    auto: Triton on CUDA when Triton is installed, else torch SDPA (the CPU path). An fp8 KV cache
+    runs on SDPA over dequantized K/V ("sdpa-fp8"); the Triton kernels read only the model's dtype.
     """
     if requested not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {requested!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(
+            f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}"
+        )
+    if kv_cache_dtype != "auto":
+        if requested == "triton":
+            raise ValueError(
+                "--kv-cache-dtype fp8 runs on the SDPA attention (K/V dequantized after the gather); the "
+                "Triton attention kernels read only the model's dtype: use --attention-backend sdpa or auto"
+            )
+        return AttentionBackend("sdpa-fp8", paged_attention_sdpa_fp8, store_kv_fp8)
     if requested == "sdpa" or (requested == "auto" and device.type != "cuda"):
         return AttentionBackend("sdpa", paged_attention_sdpa, store_kv)
     from loraxpy.kernels import attention_triton  # imports triton: only where it may be used

@@ -14,6 +14,7 @@ from loraxpy.proto.settings import setting
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 ATTENTION_BACKEND_NAMES = ("auto", "sdpa", "triton")  # kernels/attention.py's ATTENTION_BACKENDS
 CPU_WEIGHT_LAYOUTS = ("auto", "packed", "plain")  # worker/prepacked.py's LAYOUTS
+KV_CACHE_DTYPE_NAMES = ("auto", "fp8", "fp8_e4m3fn")  # kernels/attention.py's KV_CACHE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class WorkerSettings:
         None,
         help=f"quantize the base model's linears at load: {', '.join(n for n, why in SCHEMES.items() if why is None)}; "
         "adapters stay in full precision",
+    )
+    kv_cache_dtype: str = setting(
+        "auto",
+        choices=KV_CACHE_DTYPE_NAMES,
+        help="KV cache element type: auto (the model's dtype) or fp8 (e4m3, one scale per cache tensor; "
+        "SDPA attention only): more KV blocks in the same memory",
     )
     block_size: int = setting(16, help="tokens per KV block")
     kv_cache_memory_mib: int = setting(1024, help="KV cache size on CPU, in MiB")
@@ -65,6 +72,13 @@ class WorkerSettings:
             )
         if self.cpu_weight_layout not in CPU_WEIGHT_LAYOUTS:
             raise ValueError(f"--cpu-weight-layout must be one of {', '.join(CPU_WEIGHT_LAYOUTS)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPE_NAMES:
+            raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPE_NAMES)}")
+        if self.kv_cache_dtype != "auto" and self.attention_backend == "triton":
+            raise ValueError(
+                "--kv-cache-dtype fp8 runs on the SDPA attention; the Triton attention kernels read only "
+                "the model's dtype: use --attention-backend sdpa or auto"
+            )
         check_scheme_name(self.quantize)  # before any shard starts
         if self.cuda_graph_max_batch_size < 0:
             raise ValueError("--cuda-graph-max-batch-size must be >= 0 (0: off)")

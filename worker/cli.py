@@ -59,6 +59,7 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
         adapter_memory_fraction=config.adapter_memory_fraction,
         attention_backend=config.attention_backend,
         cpu_weight_layout=config.cpu_weight_layout,
+        kv_cache_dtype=config.kv_cache_dtype,
         cuda_graph_max_batch_size=config.cuda_graph_max_batch_size,
         quantize=config.quantize,
         adapter_settings=config.adapter_settings,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from loraxpy.kernels import cpu_fused
-from loraxpy.kernels.attention import AttentionMetadata, select_attention_backend
+from loraxpy.kernels.attention import FP8_KV_DTYPE, AttentionMetadata, select_attention_backend
 from loraxpy.proto.adapter_policy import AdapterSettings
 from loraxpy.worker.adapter_sources import SourceOptions
 from loraxpy.worker.adapter_store import AdapterStore
@@ -77,6 +77,7 @@ class RunnerOptions:
     cuda_graph_max_batch_size: int = 0
     quantize: str | None = None  # --quantize: the base linears' scheme (worker/quantization.py)
     cpu_weight_layout: str = "auto"  # CPU: weights packed once for oneDNN (worker/prepacked.py), or plain
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: e4m3 K/V (kernels/attention.py's sdpa-fp8)
 
 
 class ModelRunner:
@@ -93,7 +94,7 @@ class ModelRunner:
                     f"{self.config.model_type} soft-caps attention scores: use --attention-backend sdpa"
                 )
             backend = "sdpa"
-        attention = select_attention_backend(options.device, backend)
+        attention = select_attention_backend(options.device, backend, options.kv_cache_dtype)
         self.attention_backend = attention.name
         started = time.perf_counter()
         self.model = CausalLM(
@@ -141,8 +142,9 @@ class ModelRunner:
             block_size=options.block_size,
             num_kv_heads=options.shard.split(self.config.num_kv_heads, "num_key_value_heads"),
             head_dim=self.config.head_dim,
-            dtype=options.dtype,
+            dtype=FP8_KV_DTYPE if options.kv_cache_dtype != "auto" else options.dtype,
         )
+        self.kv_blocks_freed = 0  # by --kv-cache-dtype fp8: blocks beyond what the model's dtype fits
         o = options
         self.num_adapter_slots = num_adapter_slots(
             self.config, o.shard, o.max_loras, o.max_lora_rank, o.dtype, o.device, o.adapter_memory_fraction
@@ -213,11 +215,18 @@ class ModelRunner:
             max_step_tokens=max_prefill_tokens,
             can_reuse_prefixes=self.can_reuse_prefixes,
         )
+        cache_bytes = num_blocks * self.kv_spec.bytes_per_block
+        if self.options.kv_cache_dtype != "auto":  # what the model's dtype would fit in the same bytes
+            plain = dataclasses.replace(self.kv_spec, dtype=self.options.dtype)
+            self.kv_blocks_freed = num_blocks - plain.num_blocks_for(cache_bytes)
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            "KV cache: %d blocks of %d tokens (%.1f MiB)%s",
             num_blocks,
             self.options.block_size,
-            num_blocks * self.kv_spec.bytes_per_block / 2**20,
+            cache_bytes / 2**20,
+            f", fp8 (e4m3): {self.kv_blocks_freed} more blocks than {self.options.dtype} in these bytes"
+            if self.options.kv_cache_dtype != "auto"
+            else "",
         )
         self.graphs = self.self_check.check_graphs(
             self._decode_graphs(max_num_seqs), self.kv_caches, self.options.block_size, self.config.vocab_size

@@ -108,7 +108,7 @@ class SelfCheck:
             return
         self.is_kernels_checked = True
         fast = attention_of(model)
-        if fast.name != "sdpa":
+        if fast.name not in ("sdpa", "sdpa-fp8"):  # the fp8 cache's SDPA path has no other twin
             twin = select_attention_backend(torch.device("cpu"), "sdpa")
             failure = _first_failure(
                 attention_case(model, fast, twin, block_size, window) for window in _windows(model)

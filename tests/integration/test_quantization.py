@@ -464,3 +464,55 @@ def test_compressed_tensors_fp8_checkpoint_is_served_as_transformers_reads_it(
     log = (tmp_path / "shard-0.log").read_text()
     assert "--quantize fp8: 8 linears read as stored (e4m3, compressed-tensors)" in log
     assert ("activation scales not applied" in log) == (preset == "FP8")
+
+
+def e4m3_kv_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """transformers' own SDPA attention over the cached K/V rounded to e4m3 (clamped to ±448) by torch:
+    what a cache that stores e4m3 (scale 1) hands attention back."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def e4m3(x: torch.Tensor) -> torch.Tensor:
+        return x.float().clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)
+
+    return sdpa_attention_forward(module, query, e4m3(key), e4m3(value), attention_mask, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("num_shard", [1, 2])
+def test_fp8_kv_cache_worker_matches_transformers_attending_over_e4m3_kv(
+    num_shard: int, llama_with_adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--kv-cache-dtype fp8 with mixed adapters (and chunked prefill reading back its own e4m3 K/V):
+    the same greedy tokens as HF transformers + PEFT whose attention sees K/V rounded to e4m3."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+
+    base, root = llama_with_adapters
+    args = ("--kv-cache-dtype", "fp8", "--adapter-root", str(root))
+    with sharded_workers(base, tmp_path, num_shard, extra_args=args) as stubs:
+        batch = run_mixed_batch(stubs, 8)
+        infos = [s.Info(pb.InfoRequest()) for s in stubs]
+    assert [i.attention_backend for i in infos] == ["sdpa-fp8"] * num_shard
+    if "fp8-kv" not in REFERENCE:
+        AttentionInterface.register("e4m3_kv_sdpa", e4m3_kv_sdpa)
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=torch.float32, attn_implementation="e4m3_kv_sdpa"
+        )
+        REFERENCE["fp8-kv"] = peft_greedy(model, root, batch, 8)
+    for r, (tokens, logprobs) in zip(batch, REFERENCE["fp8-kv"], strict=True):
+        assert r.generated == tokens, f"request {r.id}"
+        assert r.logprobs == pytest.approx(logprobs, abs=1e-4), f"request {r.id}"
+    unrounded = reference_greedy(base, root, batch[:1], lambda _, w: w, 8)[0][1]
+    assert max(abs(a - b) for a, b in zip(unrounded, REFERENCE["fp8-kv"][0][1], strict=False)) > 1e-5, (
+        "e4m3 K/V change the model"
+    )
+    # warmup asked for 64 blocks: in their bytes float32 K/V would fit 16
+    assert (
+        "fp8 (e4m3): 48 more blocks than torch.float32 in these bytes"
+        in (tmp_path / "shard-0.log").read_text()
+    )

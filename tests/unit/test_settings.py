@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from loraxpy.kernels.attention import ATTENTION_BACKENDS
+from loraxpy.kernels.attention import ATTENTION_BACKENDS, KV_CACHE_DTYPES
 from loraxpy.proto.settings import env_names
 from loraxpy.proto.worker_settings import (
     ATTENTION_BACKEND_NAMES,
     CPU_WEIGHT_LAYOUTS,
     DTYPE_NAMES,
+    KV_CACHE_DTYPE_NAMES,
     WorkerSettings,
 )
 from loraxpy.router import launcher
@@ -35,6 +36,7 @@ NOT_DEFAULTS: dict[str, Any] = {
     "cpu_weight_layout": "plain",
     "cuda_graph_max_batch_size": 4,
     "quantize": "fp8",
+    "kv_cache_dtype": "fp8",
     "block_size": 32,
     "kv_cache_memory_mib": 256,
     "gpu_memory_utilization": 0.5,
@@ -124,3 +126,4 @@ def test_the_torch_free_names_are_the_workers() -> None:
     assert tuple(DTYPES) == DTYPE_NAMES
     assert ATTENTION_BACKEND_NAMES == ATTENTION_BACKENDS
     assert CPU_WEIGHT_LAYOUTS == LAYOUTS
+    assert KV_CACHE_DTYPE_NAMES == KV_CACHE_DTYPES
