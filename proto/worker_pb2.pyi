@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_path", "model_type", "dtype", "device_type", "rank", "world_size", "vocab_size", "max_position_embeddings", "block_size", "num_blocks", "attention_backend", "supports_adapters", "eos_token_ids", "num_adapter_slots", "kernel_paths", "self_check_failures", "can_reuse_prefixes", "quantize", "weight_bytes")
+    __slots__ = ("model_id", "model_path", "model_type", "dtype", "device_type", "rank", "world_size", "vocab_size", "max_position_embeddings", "block_size", "num_blocks", "attention_backend", "supports_adapters", "eos_token_ids", "num_adapter_slots", "kernel_paths", "self_check_failures", "can_reuse_prefixes", "quantize", "weight_bytes", "kv_cache_dtype", "kv_blocks_freed")
     class KernelPathsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,8 @@ class InfoResponse(_message.Message):
     CAN_REUSE_PREFIXES_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FREED_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_path: str
     model_type: str
@@ -66,7 +68,9 @@ class InfoResponse(_message.Message):
     can_reuse_prefixes: bool
     quantize: str
     weight_bytes: int
-    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., attention_backend: _Optional[str] = ..., supports_adapters: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., num_adapter_slots: _Optional[int] = ..., kernel_paths: _Optional[_Mapping[str, str]] = ..., self_check_failures: _Optional[_Mapping[str, str]] = ..., can_reuse_prefixes: _Optional[bool] = ..., quantize: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    kv_cache_dtype: str
+    kv_blocks_freed: int
+    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., attention_backend: _Optional[str] = ..., supports_adapters: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., num_adapter_slots: _Optional[int] = ..., kernel_paths: _Optional[_Mapping[str, str]] = ..., self_check_failures: _Optional[_Mapping[str, str]] = ..., can_reuse_prefixes: _Optional[bool] = ..., quantize: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., kv_blocks_freed: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -190,6 +190,8 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         "num_shards": info.world_size,
         "quantize": info.quantize or None,
         "weight_bytes_per_shard": list(info.weight_bytes_per_shard),
+        "kv_cache_dtype": info.kv_cache_dtype,
+        "kv_blocks_freed": info.kv_blocks_freed,
         "kernel_paths": info.kernel_paths,
         "self_check_failures": info.self_check_failures,
         "version": "0.1.0",

@@ -54,6 +54,8 @@ class WorkerInfo:
     can_reuse_prefixes: bool = False  # every shard's K/V of a prefix depend only on it (prefix caching)
     quantize: str = ""  # the base linears' quantization (a --quantize scheme, "gguf"), "" if none
     weight_bytes_per_shard: tuple[int, ...] = ()
+    kv_cache_dtype: str = ""  # the KV cache's element type: the model's dtype, or float8_e4m3fn
+    kv_blocks_freed: int = 0  # blocks beyond what the model's dtype fits in the same bytes (fp8 cache)
 
 
 def merge_kernel_paths(per_shard: list[dict[str, str]]) -> dict[str, str]:
@@ -245,6 +247,8 @@ class WorkerClient:
             can_reuse_prefixes=all(r.can_reuse_prefixes for r in infos),
             quantize=i.quantize,
             weight_bytes_per_shard=tuple(r.weight_bytes for r in infos),
+            kv_cache_dtype=i.kv_cache_dtype,
+            kv_blocks_freed=min(r.kv_blocks_freed for r in infos),
         )
 
     async def health(self, timeout: float = 5.0) -> bool:

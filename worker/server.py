@@ -191,6 +191,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             can_reuse_prefixes=r.can_reuse_prefixes,
             quantize=r.quantization,
             weight_bytes=r.weight_bytes,
+            kv_cache_dtype=str(r.kv_spec.dtype).removeprefix("torch."),
+            kv_blocks_freed=r.kv_blocks_freed,
         )
 
     @_rpc

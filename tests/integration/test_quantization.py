@@ -498,6 +498,8 @@ def test_fp8_kv_cache_worker_matches_transformers_attending_over_e4m3_kv(
         batch = run_mixed_batch(stubs, 8)
         infos = [s.Info(pb.InfoRequest()) for s in stubs]
     assert [i.attention_backend for i in infos] == ["sdpa-fp8"] * num_shard
+    # warmup asked for 64 blocks: in their bytes float32 K/V would fit 16
+    assert [(i.kv_cache_dtype, i.kv_blocks_freed) for i in infos] == [("float8_e4m3fn", 48)] * num_shard
     if "fp8-kv" not in REFERENCE:
         AttentionInterface.register("e4m3_kv_sdpa", e4m3_kv_sdpa)
         model = AutoModelForCausalLM.from_pretrained(
