@@ -53,6 +53,9 @@ SKIPPED = {
     "lorax-launcher --adapter-root /srv/adapters --adapter-source local &": (
         "a benchmark: 200 requests of 64 tokens; tests/unit/test_bench_serving.py runs it small"
     ),
+    "lorax-launcher --port 3000 --speculative-tokens 4 &": (
+        "a benchmark against a server left running; tests/unit/test_bench_serving.py runs --copy-task small"
+    ),
     "lorax-bench model -v                          # the full grid: several minutes to tens of minutes on 2 cores": (
         "a benchmark (minutes to tens of minutes); tests/unit/test_bench_model.py runs it small"
     ),
