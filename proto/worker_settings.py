@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraxpy.proto.quantization import SCHEMES, check_scheme_name
+from loraxpy.proto.quantization import PREQUANTIZED, SCHEMES, check_scheme_name
 from loraxpy.proto.settings import setting
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -36,7 +36,9 @@ class WorkerSettings:
     )
     quantize: str | None = setting(
         None,
-        help=f"quantize the base model's linears at load: {', '.join(n for n, why in SCHEMES.items() if why is None)}; "
+        help="quantize the base model's linears at load: "
+        f"{', '.join(n for n, why in SCHEMES.items() if why is None and n not in PREQUANTIZED)}; or read a "
+        f"checkpoint stored quantized: {', '.join(PREQUANTIZED)}, and fp8 from compressed-tensors; "
         "adapters stay in full precision",
     )
     kv_cache_dtype: str = setting(
