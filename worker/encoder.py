@@ -30,6 +30,7 @@ from loraxpy.worker.batch import (
     validate_step,
 )
 from loraxpy.worker.encoder_config import BASE_PREFIXES, BERT_EMBEDDINGS, DISTILBERT_EMBEDDINGS, EncoderConfig
+from loraxpy.worker.kv_cache import KVCacheSpec
 from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear, Shard, VocabParallelEmbedding
 from loraxpy.worker.lora import LoraManager, num_adapter_slots
 from loraxpy.worker.pooling import Pooling
@@ -331,6 +332,10 @@ class EncoderRunner(ModelRunner):
         self.quantization = ""
         self.attention_backend = "sdpa"
         self.cpu_ops = ""  # the decoder's fused CPU ops (ModelRunner) do not apply
+        # No K/V are kept: a cache of no layers, in the model's dtype (Info reports it).
+        head_dim = self.config.head_dim
+        self.kv_spec = KVCacheSpec(0, options.block_size, self.config.num_kv_heads, head_dim, options.dtype)
+        self.kv_blocks_freed = 0
         logger.info(
             "encoder %s (%s, %s, %s on %s) loaded in %.1f s, %.1f MiB of weights",
             model_path, self.config.model_type, self.task.task, options.dtype, options.device,
