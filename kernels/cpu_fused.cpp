@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -36,6 +38,40 @@ template <typename T>
 inline void axpy(float* acc, float p, const T* v, int64_t n) {
 #pragma omp simd
   for (int64_t d = 0; d < n; ++d) acc[d] = std::fma(p, static_cast<float>(v[d]), acc[d]);
+}
+
+// exp(x), written so the compiler vectorizes it (libm's expf is a scalar call): x = n ln2 + r,
+// |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n by the exponent bits. A few ulp from expf on
+// [-87, 88]; x is clamped to that range (below it the result is ~1e-38 instead of a denormal or 0).
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.f), 88.f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = std::fma(n, -0.693359375f, std::fma(n, 2.12194440e-4f, x));
+  float p = 1.3981999507e-3f;
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p, r * r, r + 1.f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// x = softmax(x) in place (n >= 1).
+inline void softmax_(float* x, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, x[j]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = exp_approx(x[j] - mx);
+    sum += x[j];
+  }
+  const float inv = 1.f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= inv;
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -102,6 +138,17 @@ at::Tensor add_rms_norm(at::Tensor h, const c10::optional<at::Tensor>& delta, co
   return out;
 }
 
+// o = silu(g) * u, silu rounded to T first as torch's F.silu(gate) * up rounds it.
+template <typename T>
+inline void silu_mul_row(const T* g, const T* u, T* o, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float gv = static_cast<float>(g[i]);
+    const T act = round_to<T>(gv / (1.f + exp_approx(-gv)));
+    o[i] = round_to<T>(static_cast<float>(act) * static_cast<float>(u[i]));
+  }
+}
+
 // silu(gate) * up over x = [gate | up] ([tokens, 2 * inter]) -> [tokens, inter].
 at::Tensor silu_and_mul(const at::Tensor& x) {
   check_cpu(x, "x");
@@ -116,11 +163,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
         const scalar_t* g = xp + t * row_stride;
         const scalar_t* u = g + inter;
         scalar_t* o = op + t * inter;
-        for (int64_t i = 0; i < inter; ++i) {
-          const float gv = static_cast<float>(g[i]);
-          const scalar_t act = round_to<scalar_t>(gv / (1.f + std::exp(-gv)));
-          o[i] = round_to<scalar_t>(static_cast<float>(act) * static_cast<float>(u[i]));
-        }
+        silu_mul_row(g, u, o, inter);
       }
     });
   });
@@ -194,6 +237,38 @@ void rotary_store(at::Tensor qkv, int64_t heads, int64_t kv_heads, int64_t head_
   });
 }
 
+struct AttendShape {
+  int64_t block_size, kv_width, width, group, head_dim, heads, q_stride, window;
+  float scale;
+};
+
+// One (sequence, KV head): its `group` query heads against the sequence's keys. D: head_dim known at
+// compile time (64, 128: fully unrolled dots), or 0 (read from the shape).
+template <typename T, int D>
+void attend_item(const AttendShape& sh, const T* q_row, const T* k_head, const T* v_head, const int64_t* table,
+                 int64_t len, T* o_row, std::vector<float>& qf, std::vector<float>& acc, std::vector<float>& scores) {
+  const int64_t hd = D > 0 ? D : sh.head_dim, group = sh.group;
+  const int64_t first = sh.window > 0 ? std::max<int64_t>(0, len - sh.window) : 0;
+  const int64_t n = len - first;
+  if (n <= 0) {
+    std::fill(o_row, o_row + group * hd, round_to<T>(0.f));
+    return;
+  }
+  scores.resize(group * n);
+  for (int64_t i = 0; i < group * hd; ++i) qf[i] = static_cast<float>(q_row[i]);
+  for (int64_t j = first; j < len; ++j) {
+    const T* k = k_head + (table[j / sh.block_size] * sh.block_size + j % sh.block_size) * sh.kv_width;
+    for (int64_t g = 0; g < group; ++g) scores[g * n + (j - first)] = dot(qf.data() + g * hd, k, hd) * sh.scale;
+  }
+  for (int64_t g = 0; g < group; ++g) softmax_(scores.data() + g * n, n);
+  std::fill(acc.begin(), acc.begin() + group * hd, 0.f);
+  for (int64_t j = first; j < len; ++j) {
+    const T* v = v_head + (table[j / sh.block_size] * sh.block_size + j % sh.block_size) * sh.kv_width;
+    for (int64_t g = 0; g < group; ++g) axpy(acc.data() + g * hd, scores[g * n + (j - first)], v, hd);
+  }
+  for (int64_t i = 0; i < group * hd; ++i) o_row[i] = round_to<T>(acc[i]);
+}
+
 // Decode attention over the paged cache: one query token per sequence, the newest position of its
 // sequence (seq_lens[s] - 1); keys j < seq_lens[s] (and j > position - window when window > 0). A
 // sequence of length 0 (a padding row of a decode graph's bucket) attends to nothing: zeros.
@@ -233,53 +308,21 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     const scalar_t* vc = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t q_stride = q.stride(0), kv_width = kv_heads * head_dim;
+    const AttendShape shape{block_size, kv_width, width, group, head_dim, heads, q_stride, window, fscale};
     at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(group * head_dim), acc(group * head_dim), scores;
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t s = item / kv_heads, kh = item % kv_heads, len = lens[s];
-        const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-        const int64_t n = len - first;
-        if (n <= 0) {
-          for (int64_t g = 0; g < group; ++g) {
-            scalar_t* dst = op + s * heads * head_dim + (kh * group + g) * head_dim;
-            std::fill(dst, dst + head_dim, round_to<scalar_t>(0.f));
-          }
-          continue;
-        }
-        scores.resize(group * n);
-        for (int64_t g = 0; g < group; ++g) {
-          const scalar_t* src = qp + s * q_stride + (kh * group + g) * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = static_cast<float>(src[d]);
-        }
-        const int64_t* table = tables + s * width;
-        for (int64_t j = first; j < len; ++j) {
-          const scalar_t* k = kc + (table[j / block_size] * block_size + j % block_size) * kv_width + kh * head_dim;
-          for (int64_t g = 0; g < group; ++g) {
-            scores[g * n + (j - first)] = dot(qf.data() + g * head_dim, k, head_dim) * fscale;
-          }
-        }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t g = 0; g < group; ++g) {
-          float* sc = scores.data() + g * n;
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
-          float sum = 0.f;
-          for (int64_t j = 0; j < n; ++j) {
-            sc[j] = std::exp(sc[j] - mx);
-            sum += sc[j];
-          }
-          const float inv = 1.f / sum;
-          for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
-        }
-        for (int64_t j = first; j < len; ++j) {
-          const scalar_t* v = vc + (table[j / block_size] * block_size + j % block_size) * kv_width + kh * head_dim;
-          for (int64_t g = 0; g < group; ++g) {
-            axpy(acc.data() + g * head_dim, scores[g * n + (j - first)], v, head_dim);
-          }
-        }
-        for (int64_t g = 0; g < group; ++g) {
-          scalar_t* dst = op + s * heads * head_dim + (kh * group + g) * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) dst[d] = round_to<scalar_t>(acc[g * head_dim + d]);
+        const int64_t s = item / kv_heads, kh = item % kv_heads;
+        const scalar_t* q_row = qp + s * q_stride + kh * group * head_dim;
+        scalar_t* o_row = op + s * heads * head_dim + kh * group * head_dim;
+        const scalar_t* k_head = kc + kh * head_dim;
+        const scalar_t* v_head = vc + kh * head_dim;
+        if (head_dim == 64) {
+          attend_item<scalar_t, 64>(shape, q_row, k_head, v_head, tables + s * width, lens[s], o_row, qf, acc, scores);
+        } else if (head_dim == 128) {
+          attend_item<scalar_t, 128>(shape, q_row, k_head, v_head, tables + s * width, lens[s], o_row, qf, acc, scores);
+        } else {
+          attend_item<scalar_t, 0>(shape, q_row, k_head, v_head, tables + s * width, lens[s], o_row, qf, acc, scores);
         }
       }
     });
