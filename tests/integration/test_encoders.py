@@ -144,6 +144,21 @@ def test_a_sequence_classifiers_answer_equals_hfs_text_classification_pipeline(
         assert got[0]["score"] == pytest.approx(expected["score"], abs=1e-6)
 
 
+def test_an_encoder_runner_has_every_attribute_a_decoders_runner_sets(root: Path) -> None:
+    """EncoderRunner builds its own state instead of ModelRunner's: whatever the servicer may read
+    (Info, the adapter RPCs) must exist on both."""
+    from conftest import build_tiny_model
+
+    from loraxpy.worker.runner import ModelRunner
+
+    decoder = ModelRunner(
+        build_tiny_model("llama", root / "llama"),
+        RunnerOptions(dtype=torch.float32, device=torch.device("cpu"), max_loras=2, kv_cache_bytes=1 << 20),
+    )
+    encoder = _runner(te.build(root / "attributes", "bert"))
+    assert set(vars(decoder)) - set(vars(encoder)) == set()
+
+
 def test_an_encoder_refuses_generation_and_adapters_it_cannot_serve(root: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import BertForTokenClassification
