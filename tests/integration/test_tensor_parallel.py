@@ -88,9 +88,11 @@ SYSTEM = (
 def test_default_model_over_three_shards_matches_one(default_model_path: Path, tmp_path: Path) -> None:
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     # Prefix caching over shards: the second prompt starts after the first one's cached blocks on
-    # every shard; one shard without the cache gives the same tokens.
+    # every shard; one shard without the cache gives the same tokens. Speculative decoding too:
+    # every shard verifies the same guesses alike (the answer copies "capital of France"), and
+    # the constrained requests beside them do not speculate.
     shared = [SYSTEM + q for q in (prompt, prompt.replace("France", "Italy"))]
-    with launcher(default_model_path, tmp_path, "--num-shard", "3") as s:
+    with launcher(default_model_path, tmp_path, "--num-shard", "3", "--speculative-tokens", "4") as s:
         info = requests.get(s.url + "/info", timeout=10).json()
         assert info["num_shards"] == 3
         assert info["quantize"] is None and len(info["weight_bytes_per_shard"]) == 3
@@ -101,6 +103,7 @@ def test_default_model_over_three_shards_matches_one(default_model_path: Path, t
             Client(s.url, timeout=120).generate(p, max_new_tokens=8).generated_text for p in shared
         ]
         assert cache_hits(s.url) - before == 2  # the 43 tokens both share: two full blocks of 16
+        assert metric(s.url, 'lorax_speculative_accepted_tokens_total{adapter="0"}') > 0
     with launcher(default_model_path, tmp_path, "--prefix-caching", "false") as s:
         single = Client(s.url).generate(prompt, max_new_tokens=20, details=True)
         single_json = constrained(s.url)
@@ -119,12 +122,12 @@ def test_default_model_over_three_shards_matches_one(default_model_path: Path, t
 
 
 def cache_hits(url: str) -> float:
+    return metric(url, "lorax_prefix_cache_hits_total")
+
+
+def metric(url: str, series: str) -> float:
     text = requests.get(url + "/metrics", timeout=10).text
-    return next(
-        float(line.split()[1])
-        for line in text.splitlines()
-        if line.startswith("lorax_prefix_cache_hits_total ")
-    )
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(series + " "))
 
 
 CONSTRAINED = [
