@@ -144,12 +144,16 @@ def test_a_sequence_classifiers_answer_equals_hfs_text_classification_pipeline(
         assert got[0]["score"] == pytest.approx(expected["score"], abs=1e-6)
 
 
-def test_an_encoder_runner_has_every_attribute_a_decoders_runner_sets(root: Path) -> None:
+def test_an_encoder_runner_has_every_attribute_a_decoders_runner_sets(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """EncoderRunner builds its own state instead of ModelRunner's: whatever the servicer may read
     (Info, the adapter RPCs) must exist on both."""
     from conftest import build_tiny_model
 
     from loraxpy.worker.runner import ModelRunner
+
+    monkeypatch.setenv("LORAX_CPU_FUSED", "0")  # the decoder's fused CPU ops: no build needed here
 
     decoder = ModelRunner(
         build_tiny_model("llama", root / "llama"),
