@@ -146,7 +146,7 @@ class PackedWeight(nn.Module):
             perm = torch.argsort(g_idx, stable=True)
             ints, g_idx = ints[perm], g_idx[perm]
         self.register_buffer("perm", perm)
-        size = -(-self.in_features // groups)
+        size = int((g_idx == 0).sum())  # the first group's rows: every run but the last has as many
         self.run = size if torch.equal(g_idx, torch.arange(self.in_features) // size) else 0
         if bits == 4 and self.in_features % 2 == 0:
             self.packed = True
@@ -272,14 +272,16 @@ def _rows_of_shard(
     config: QuantConfig, t: dict[str, torch.Tensor], start: int, size: int, what: str
 ) -> dict[str, torch.Tensor]:
     """A row-parallel shard's input rows [start, start + size) and the groups they use."""
+    in_features = t["ints"].shape[0]
     t = {**t, "ints": t["ints"][start : start + size], "g_idx": t["g_idx"][start : start + size]}
-    if config.desc_act:  # act-order rows use any group: PackedWeight keeps those they use
+    if config.desc_act or size == in_features:  # act-order rows use any group: PackedWeight keeps those used
         return t
-    group = config.group_size
-    if group == -1 or start % group or size % group:
+    group = in_features if config.group_size == -1 else config.group_size
+    end = start + size
+    if start % group or (end % group and end != in_features):  # the last group may be shorter
         raise ValueError(
             f"{what}: {size} input rows per shard do not hold whole quantization groups of "
-            f"{'all the input rows' if group == -1 else group}; use fewer shards"
+            f"{'all the input rows' if config.group_size == -1 else group}; use fewer shards"
         )
     return t
 
@@ -324,8 +326,14 @@ class PackedCheckpoint:
                     f"{module_name}: {sorted(set(order) - set(by_slice))} stored unquantized beside "
                     f"quantized {sorted(by_slice)}; one fused layer must be quantized whole"
                 )
+            fused = isinstance(module, ColumnParallelLinear) and len(order) > 1
             module.quant = PackedLinear(
-                [self._part(module, f"{module_name}.{name}", name, by_slice[name]) for name in order]
+                [
+                    self._part(
+                        module, f"{module_name}.{name}" if fused else module_name, name, by_slice[name]
+                    )
+                    for name in order
+                ]
             ).to(module.weight.device)
             placeholder = torch.zeros((), dtype=module.weight.dtype, device=module.weight.device).expand(
                 module.weight.shape

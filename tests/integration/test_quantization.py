@@ -428,10 +428,25 @@ def test_a_row_parallel_cut_through_a_quantization_group_is_refused(
         dtype=torch.float32, device=torch.device("cpu"), quantize="gptq", shard=Shard(1, 2), max_loras=0
     )
     with pytest.raises(
-        ValueError, match=r"o_proj.*32 input rows per shard do not hold whole quantization groups of 64"
+        ValueError, match=r"o_proj: 32 input rows per shard do not hold whole quantization groups of 64"
     ):
         ModelRunner(checkpoint, options)
     ModelRunner(checkpoint, dataclasses.replace(options, shard=Shard(0, 1)))  # one shard reads it
+    # Groups of 48: the last group of o_proj's 64 inputs (and down_proj's 128) is shorter, as GPTQ
+    # and AWQ write it; one shard reads every row with its own group's scale and zero.
+    for method in ("gptq", "awq"):
+        checkpoint = write_checkpoint(base, tmp_path / f"{method}-48", method, group_size=48)
+        runner = ModelRunner(checkpoint, dataclasses.replace(options, quantize=method, shard=Shard(0, 1)))
+        weights = reference_weights(checkpoint)
+        for i, layer in enumerate(runner.model.layers):
+            for module, name in (
+                (layer.self_attn.o_proj, "self_attn.o_proj"),
+                (layer.mlp.down_proj, "mlp.down_proj"),
+            ):
+                assert torch.equal(module.quant.dequantize(), weights[f"model.layers.{i}.{name}"]), (
+                    method,
+                    name,
+                )
 
 
 @pytest.mark.parametrize(("preset", "num_shard"), [("FP8_DYNAMIC", 1), ("FP8", 2)])
