@@ -10,6 +10,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -337,45 +338,121 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 // b[s, k, starts[i] + o] (b: [slots, max_rank, sum(outs)]): worker/lora.py's torch layout, where
 // both stages stream contiguous rows of the weights. v is rounded to the weights' dtype, the delta
 // to the weights' and then y's, as the torch path's matmuls round them.
+// Up to M rows that share one slot: each 16-column tile of v and of the delta is accumulated for
+// all M rows in registers, so each weight vector is loaded once per item, not once per row.
+template <typename T, typename W, int M>
+void lora_item(const T* const* xr, T* const* yr, const W* as, const W* bs, int64_t in, int64_t a_cols, int64_t r,
+               int64_t n, int64_t b_cols, const std::vector<int64_t>& outs, const std::vector<int64_t>& starts,
+               const std::vector<int64_t>& offsets, float* v) {
+  constexpr int L = 16;
+  const int64_t cols = r * n;
+  int64_t c0 = 0;
+  for (; c0 + L <= cols; c0 += L) {  // shrink: v[t] = x[t] a[:, :cols]
+    float acc[M][L] = {};
+    for (int64_t j = 0; j < in; ++j) {
+      const W* a16 = as + j * a_cols + c0;
+      for (int t = 0; t < M; ++t) {
+        const float xv = static_cast<float>(xr[t][j]);
+#pragma omp simd
+        for (int l = 0; l < L; ++l) acc[t][l] = std::fma(xv, static_cast<float>(a16[l]), acc[t][l]);
+      }
+    }
+    for (int t = 0; t < M; ++t)
+      for (int l = 0; l < L; ++l) v[t * a_cols + c0 + l] = static_cast<float>(round_to<W>(acc[t][l]));
+  }
+  for (int t = 0; t < M && c0 < cols; ++t) {  // columns past the last full tile
+    float* vt = v + t * a_cols;
+    std::fill(vt + c0, vt + cols, 0.f);
+    for (int64_t j = 0; j < in; ++j) axpy(vt + c0, static_cast<float>(xr[t][j]), as + j * a_cols + c0, cols - c0);
+    for (int64_t c = c0; c < cols; ++c) vt[c] = static_cast<float>(round_to<W>(vt[c]));
+  }
+  for (int64_t i = 0; i < n; ++i) {  // expand: y[t, slice i] += v[t, rank k of slice i] b[k, slice i]
+    const W* bi = bs + starts[i];
+    int64_t o0 = 0;
+    for (; o0 + L <= outs[i]; o0 += L) {
+      float acc[M][L] = {};
+      for (int64_t k = 0; k < r; ++k) {
+        const W* b16 = bi + k * b_cols + o0;
+        for (int t = 0; t < M; ++t) {
+          const float p = v[t * a_cols + k * n + i];
+#pragma omp simd
+          for (int l = 0; l < L; ++l) acc[t][l] = std::fma(p, static_cast<float>(b16[l]), acc[t][l]);
+        }
+      }
+      for (int t = 0; t < M; ++t) {
+        T* yo = yr[t] + offsets[i] + o0;
+        for (int l = 0; l < L; ++l) {
+          const float d = static_cast<float>(round_to<T>(static_cast<float>(round_to<W>(acc[t][l]))));
+          yo[l] = round_to<T>(static_cast<float>(yo[l]) + d);
+        }
+      }
+    }
+    for (int t = 0; t < M; ++t) {  // outputs past the last full tile
+      for (int64_t o = o0; o < outs[i]; ++o) {
+        float d = 0.f;
+        for (int64_t k = 0; k < r; ++k) d = std::fma(v[t * a_cols + k * n + i], static_cast<float>(bi[k * b_cols + o]), d);
+        T* yo = yr[t] + offsets[i] + o;
+        *yo = round_to<T>(static_cast<float>(*yo) + static_cast<float>(round_to<T>(static_cast<float>(round_to<W>(d)))));
+      }
+    }
+  }
+}
+
+// LoRA for a step of few rows, each row with its own slot (0: no adapter) — the decode case, where
+// torch's batched matmuls over 1-row problems cost more in dispatch than in bytes. For each row t
+// with slot s and rank r = ranks[s]: v = x[t] a[s][:, :r*n] (a: [slots, in, max_rank * n], rank k of
+// slice i in column k * n + i), then for each slice i, y[t, offsets[i] + o] += sum_k v[k * n + i] *
+// b[s, k, starts[i] + o] (b: [slots, max_rank, sum(outs)]): worker/lora.py's torch layout, where
+// both stages stream contiguous rows of the weights. Rows of one slot go in items of up to 4
+// (lora_item). v is rounded to the weights' dtype, the delta to the weights' and then y's, as the
+// torch path's matmuls round them.
 template <typename T, typename W>
 void lora_rows_impl(const at::Tensor& x, at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
                     const int64_t* slots, const int64_t* ranks, const std::vector<int64_t>& outs,
                     const std::vector<int64_t>& offsets) {
+  constexpr int64_t kMaxItemRows = 4;
   const int64_t rows = x.size(0), in = x.size(1), n = static_cast<int64_t>(outs.size());
   const int64_t a_cols = a.size(2), max_rank = b.size(1), b_cols = b.size(2);
   const int64_t x_stride = x.stride(0), y_stride = y.stride(0);
   std::vector<int64_t> starts(n, 0);
-  int64_t widest = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (i > 0) starts[i] = starts[i - 1] + outs[i - 1];
-    widest = std::max(widest, outs[i]);
+  for (int64_t i = 1; i < n; ++i) starts[i] = starts[i - 1] + outs[i - 1];
+  // items: runs of up to kMaxItemRows rows of one slot, in row order within each slot
+  std::vector<std::vector<int64_t>> items;
+  {
+    std::vector<int64_t> order;
+    for (int64_t t = 0; t < rows; ++t)
+      if (slots[t] != 0 && ranks[slots[t]] > 0) order.push_back(t);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return slots[p] < slots[q]; });
+    for (size_t i = 0; i < order.size(); ++i) {
+      if (items.empty() || slots[items.back().front()] != slots[order[i]] ||
+          static_cast<int64_t>(items.back().size()) == kMaxItemRows) {
+        items.emplace_back();
+      }
+      items.back().push_back(order[i]);
+    }
   }
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   const W* ap = a.data_ptr<W>();
   const W* bp = b.data_ptr<W>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> v(a_cols), delta(widest);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t s = slots[t];
-      if (s == 0) continue;
-      const int64_t r = ranks[s], cols = r * n;
-      std::fill(v.begin(), v.begin() + cols, 0.f);
-      const T* xr = xp + t * x_stride;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> v(kMaxItemRows * a_cols);
+    for (int64_t it = begin; it < end; ++it) {
+      const auto& item = items[it];
+      const int64_t s = slots[item.front()], r = ranks[s];
+      const T* xr[kMaxItemRows];
+      T* yr[kMaxItemRows];
+      for (size_t t = 0; t < item.size(); ++t) {
+        xr[t] = xp + item[t] * x_stride;
+        yr[t] = yp + item[t] * y_stride;
+      }
       const W* as = ap + s * in * a_cols;
-      for (int64_t j = 0; j < in; ++j) axpy(v.data(), static_cast<float>(xr[j]), as + j * a_cols, cols);
-      for (int64_t c = 0; c < cols; ++c) v[c] = static_cast<float>(round_to<W>(v[c]));
-      T* yr = yp + t * y_stride;
       const W* bs = bp + s * max_rank * b_cols;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t out = outs[i];
-        std::fill(delta.begin(), delta.begin() + out, 0.f);
-        for (int64_t k = 0; k < r; ++k) axpy(delta.data(), v[k * n + i], bs + k * b_cols + starts[i], out);
-        T* yo = yr + offsets[i];
-        for (int64_t o = 0; o < out; ++o) {
-          const float d = static_cast<float>(round_to<T>(static_cast<float>(round_to<W>(delta[o]))));
-          yo[o] = round_to<T>(static_cast<float>(yo[o]) + d);
-        }
+      switch (item.size()) {
+        case 1: lora_item<T, W, 1>(xr, yr, as, bs, in, a_cols, r, n, b_cols, outs, starts, offsets, v.data()); break;
+        case 2: lora_item<T, W, 2>(xr, yr, as, bs, in, a_cols, r, n, b_cols, outs, starts, offsets, v.data()); break;
+        case 3: lora_item<T, W, 3>(xr, yr, as, bs, in, a_cols, r, n, b_cols, outs, starts, offsets, v.data()); break;
+        default: lora_item<T, W, 4>(xr, yr, as, bs, in, a_cols, r, n, b_cols, outs, starts, offsets, v.data()); break;
       }
     }
   });

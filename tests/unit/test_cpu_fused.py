@@ -147,7 +147,8 @@ def test_lora_rows_equals_the_grouped_torch_path(ops, dtype, outs):
         a_t.view(num_slots, in_features, max_rank, n)[slot, :, :rank] = torch.randn(in_features, rank, n)
         b_t[slot, :rank] = torch.randn(rank, sum(outs))
     a_t, b_t = a_t.to(dtype), b_t.to(dtype)
-    slots = [2, 0, 1, 1, 4, 3, 0, 2]  # base rows, one adapter on two rows, every rank
+    # base rows, every rank; slot 1 on six rows (kernel items of 4 + 2), slot 2 on two apart
+    slots = [2, 0, 1, 1, 4, 3, 0, 2, 1, 1, 1, 1]
     x = torch.randn(len(slots), in_features + 6).to(dtype)[:, :in_features]  # strided rows
     y0 = torch.randn(len(slots), sum(outs) + 4).to(dtype)
     starts = [sum(outs[:i]) for i in range(n)]
