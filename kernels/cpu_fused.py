@@ -17,7 +17,8 @@ was slower here (README, "Performance on CPU"). So four small kernels, one call 
 The extension is built with torch's own toolchain (`torch.utils.cpp_extension`, ninja, the system's
 C++ compiler) on first use into `$LORAX_KERNEL_CACHE` (default `~/.cache/loraxpy/torch_extensions`;
 about 40 s on 2 cores; `make install` builds it), keyed by a hash of the source, flags and torch
-version, so a changed source rebuilds. `-march=native`: build where it runs. Any failure to
+version and the CPU's model and flags, so a changed source rebuilds and code built with
+`-march=native` never loads on another CPU (the images build it on first start, on the node). Any failure to
 build or load leaves the torch twins in place with one warning: CPU always works.
 """
 
@@ -48,8 +49,23 @@ def build_dir() -> Path:
     return Path(os.environ.get("LORAX_KERNEL_CACHE", "~/.cache/loraxpy/torch_extensions")).expanduser()
 
 
+def _cpu_identity() -> bytes:
+    """The CPU's model and feature flags: -march=native code must never load on another CPU (a
+    kernel cache on a volume shared by different nodes)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.processor().encode()
+    wanted = ("model name", "flags")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted})).encode()
+
+
 def _name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode())
+    digest = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode() + _cpu_identity()
+    )
     return f"loraxpy_cpu_fused_{digest.hexdigest()[:12]}"
 
 
