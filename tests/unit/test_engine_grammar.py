@@ -66,9 +66,13 @@ def compiler(default_model_path: Path, tokenizer: Tokenizer) -> GrammarCompiler:
 
 
 def run(
-    tokenizer: Tokenizer, grammars: GrammarCompiler, scheduler: Scheduler, inputs: list[GenerateInput]
+    tokenizer: Tokenizer,
+    grammars: GrammarCompiler,
+    scheduler: Scheduler,
+    inputs: list[GenerateInput],
+    worker: LowestAllowedWorker | None = None,
 ) -> tuple[list[tuple[list[int], FinishReason | None]], LowestAllowedWorker]:
-    worker = LowestAllowedWorker()
+    worker = worker or LowestAllowedWorker()
 
     async def scenario() -> list[tuple[list[int], FinishReason | None]]:
         engine = Engine(worker, scheduler, frozenset({EOS}), grammars=grammars)  # type: ignore[arg-type]
@@ -118,3 +122,35 @@ def test_a_preempted_request_resumes_its_grammar_where_it_was(
     texts = [tokenizer.decode(tokens) for tokens, _ in results]
     assert all(finish is FinishReason.EOS_TOKEN for _, finish in results)
     assert texts == [texts[0]] * 3 and json.loads(texts[0])["n"] in range(10)
+
+
+def test_constrained_requests_do_not_speculate_beside_ones_that_do(
+    tokenizer: Tokenizer, compiler: GrammarCompiler
+) -> None:
+    grammar = compiler.compile(GrammarSpec("json_schema", SCHEMA))
+
+    class RecordingWorker(LowestAllowedWorker):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drafts: dict[int, int] = {}  # request id -> guessed tokens sent
+
+        async def step(
+            self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = (), masks: object = None
+        ) -> StepReply:
+            for r in out.scheduled:
+                self.drafts[r.seq.id] = self.drafts.get(r.seq.id, 0) + len(r.draft_token_ids)
+            return await super().step(out, metadata, masks)
+
+    scheduler = Scheduler(
+        SchedulerConfig(max_step_tokens=64, num_speculative_tokens=4), BlockAllocator(64, 16)
+    )
+    inputs = [GenerateInput((100, 101, 102), 40, grammar=grammar), GenerateInput((PLAIN_TOKEN,) * 4, 12)]
+    recording = RecordingWorker()
+    (constrained, plain), worker = run(tokenizer, compiler, scheduler, inputs, recording)
+    drafts = recording.drafts
+    assert json.loads(tokenizer.decode(constrained[0]))["s"] in ("ab", "cd")
+    assert len(worker.masks_seen) == len(constrained[0]) and all(worker.masks_seen)
+    # The plain request repeats its prompt's token: it was sent guesses; the constrained one never.
+    constrained_id, plain_id = sorted(drafts)
+    assert drafts[constrained_id] == 0 and drafts[plain_id] > 0
+    assert plain == ([PLAIN_TOKEN] * 12, FinishReason.LENGTH)
