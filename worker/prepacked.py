@@ -9,11 +9,12 @@ interleaved). oneDNN's `_reorder_linear_weight` does the packing once and its
 inductor uses when it freezes a CPU model. Results differ from `F.linear` only by fp32 rounding
 order (|Δ| ~ 1e-6 on unit-scale outputs); `F.linear` stays the twin, used wherever this is off.
 
-Below 4 rows the packed path is slower than `F.linear` (the matrix-vector case: the default model's
-linears at 1 row took 28-32 ms plain and 45-47 ms packed, at 4 rows 59-63 plain and 45-48 packed,
-the same 2-core Xeon). So `--cpu-weight-layout auto` (the default on CPU, float32 and bfloat16)
-keeps each plain weight beside its packed copy and multiplies steps of 1-3 rows with it, at the cost
-of a second copy of the linears' weights; `packed` frees the plain weights (half the memory, slower
+In fp32, below 4 rows the packed path is slower than `F.linear` (the matrix-vector case: the
+default model's linears at 1 row took 28-32 ms plain and 45-47 ms packed, at 4 rows 59-63 plain and
+45-48 packed, the same 2-core Xeon). So `--cpu-weight-layout auto` (the default on CPU) keeps each
+fp32 plain weight beside its packed copy and multiplies steps of 1-3 rows with it, at the cost of a
+second copy of the linears' weights; bf16 is faster packed at every row count, so there `auto` keeps
+only the packed copies. `packed` frees the plain weights (half the memory, slower fp32
 single-request decode); `plain` packs nothing. A startup self-test packs a small weight and compares
 it with `F.linear`; any failure (a build without oneDNN, an unsupported CPU) leaves the plain layout
 with a warning under `auto`, and stops the worker under `packed`.
@@ -93,16 +94,21 @@ def prepack_model(model: nn.Module, layout: str, device: torch.device, dtype: to
             logger.warning("CPU weights stay in the plain layout: %s", why_not)
         return 0
     packed = 0
+    # fp32 only: bf16's packed path wins at every row count (default model, one row: 26 ms packed
+    # against 35 ms plain per decode step, this 2-core Xeon with AMX)
+    few_rows_plain = dtype == torch.float32
     for module in model.modules():
         if isinstance(module, ColumnParallelLinear | RowParallelLinear) and module.quant is None:
-            module.quant = PrepackedLinear(module.weight.data, plain=layout == "auto")
+            module.quant = PrepackedLinear(module.weight.data, plain=layout == "auto" and few_rows_plain)
             packed += module.quant.nbytes
-            if layout == "packed":  # an expanded zero keeps the shape, dtype and device slots are sized from
+            if (
+                layout == "packed" or not few_rows_plain
+            ):  # an expanded zero keeps the shape, dtype and device slots are sized from
                 placeholder = torch.zeros((), dtype=dtype, device=device).expand(module.weight.shape)
                 module.weight = nn.Parameter(placeholder, requires_grad=False)
         elif isinstance(module, ParallelLMHead):
             # The head keeps its plain rows in any layout: a tied head is the embedding table, and
             # adapters that ship the head are compared with them (ModelRunner._check_base_layers).
-            module.quant = PrepackedLinear(module.weight.data, plain=True)
+            module.quant = PrepackedLinear(module.weight.data, plain=few_rows_plain)
             packed += module.quant.nbytes
     return packed
