@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import fields
 
 import grpc
 import torch
@@ -41,28 +42,14 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
             logger.info("this CPU has %s: --dtype bfloat16 runs about 2x faster (not bit-exact)", feature)
         elif dtype == torch.bfloat16 and not feature:
             logger.warning("--dtype bfloat16 on a CPU without AMX or AVX512-BF16: emulated, slower than fp32")
+    given = {f.name for f in fields(config)} - {"dtype", "device"}  # those two in torch's terms
     options = RunnerOptions(
+        **{f.name: getattr(config, f.name) for f in fields(RunnerOptions) if f.name in given},
         dtype=dtype,
         device=device,
-        block_size=config.block_size,
         shard=Shard(config.rank, config.world_size),
         kv_cache_bytes=config.kv_cache_memory_mib * 2**20,
-        gpu_memory_utilization=config.gpu_memory_utilization,
-        max_loras=config.max_loras,
-        max_lora_rank=config.max_lora_rank,
-        adapter_root=config.adapter_root,
-        hub_cache_dir=config.hub_cache_dir,
-        hub_token=config.hub_token,
-        offline=config.offline,
-        cache_dir=config.cache_dir,
         adapter_host_cache_bytes=config.adapter_host_cache_mib * 2**20,
-        adapter_memory_fraction=config.adapter_memory_fraction,
-        attention_backend=config.attention_backend,
-        cpu_weight_layout=config.cpu_weight_layout,
-        kv_cache_dtype=config.kv_cache_dtype,
-        cuda_graph_max_batch_size=config.cuda_graph_max_batch_size,
-        quantize=config.quantize,
-        adapter_settings=config.adapter_settings,
     )
     return (EncoderRunner if is_encoder_folder(model_path) else ModelRunner)(model_path, options)
 

@@ -127,3 +127,36 @@ def test_the_torch_free_names_are_the_workers() -> None:
     assert ATTENTION_BACKEND_NAMES == ATTENTION_BACKENDS
     assert CPU_WEIGHT_LAYOUTS == LAYOUTS
     assert KV_CACHE_DTYPE_NAMES == KV_CACHE_DTYPES
+
+
+def test_the_worker_hands_its_runner_every_setting_it_was_given(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every RunnerOptions field is the worker's setting of that name, or says what it is built from."""
+    from loraxpy.worker import cli
+    from loraxpy.worker.runner import RunnerOptions
+
+    argv = [
+        arg for name, value in NOT_DEFAULTS.items() for arg in ("--" + name.replace("_", "-"), str(value))
+    ]
+    clean_env.setenv("HF_HUB_OFFLINE", "1")
+    clean_env.setenv("HF_TOKEN", "hub-token")
+    config = parse_worker_args([*argv, "--listen", "unix:///w.sock", "--max-loras", "3", "--device", "cpu"])
+    built: list[RunnerOptions] = []
+    clean_env.setattr(cli, "resolve_model", lambda *args, **kwargs: tmp_path)
+    clean_env.setattr(cli, "init_distributed", lambda *args: None)
+    clean_env.setattr(cli, "is_encoder_folder", lambda path: False)
+    clean_env.setattr(cli, "ModelRunner", lambda path, options: built.append(options))
+    cli.build_runner(config)
+    (options,) = built
+    converted = {
+        "dtype": (options.dtype, DTYPES["bfloat16"]),
+        "device": (str(options.device), "cpu"),
+        "shard": ((options.shard.rank, options.shard.world_size), (0, 1)),
+        "kv_cache_bytes": (options.kv_cache_bytes, 256 * 2**20),
+        "adapter_host_cache_bytes": (options.adapter_host_cache_bytes, 100 * 2**20),
+    }
+    for f in fields(RunnerOptions):
+        ours, expected = converted.get(f.name) or (getattr(options, f.name), getattr(config, f.name))
+        assert ours == expected, f.name
+    assert (options.max_loras, options.hub_token, options.offline) == (3, "hub-token", True)
