@@ -109,7 +109,13 @@ class ScheduledRequest:
     new_blocks: tuple[int, ...]
     is_new: bool  # send in full (first time, or after preemption)
     num_computed_tokens: int = 0  # tokens already in the cache before this step (a cached prefix)
-    draft_token_ids: tuple[int, ...] = ()  # guessed tokens after the last one (in num_tokens)
+
+    @property
+    def draft_token_ids(self) -> tuple[int, ...]:
+        """Guessed tokens after the last one, counted in num_tokens (speculative decoding). The
+        request's own, valid from `schedule` until the step's result is applied (not a field: a
+        step with many requests builds one of these each, and the off path should cost nothing)."""
+        return self.seq.draft_token_ids
 
 
 @dataclass(frozen=True)
@@ -189,22 +195,22 @@ class Scheduler:
         budget = self.config.max_step_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[int] = []
+        speculate = self.config.num_speculative_tokens > 0
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
                 continue  # preempted while making room for an earlier request
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0:
                 continue
-            draft = self._draft(seq, budget) if n == 1 and self.config.num_speculative_tokens else ()
-            new_blocks = self._allocate_or_preempt(seq, n + len(draft), preempted)
+            draft = self._draft(seq, budget) if speculate and n == 1 else ()
+            if draft:
+                seq.draft_token_ids = draft
+                n += len(draft)
+            new_blocks = self._allocate_or_preempt(seq, n, preempted)
             if new_blocks is None:
                 continue
             is_new = not seq.is_on_worker
-            seq.draft_token_ids = draft
-            n += len(draft)
-            scheduled.append(
-                ScheduledRequest(seq, n, tuple(new_blocks), is_new, seq.num_computed_tokens, draft)
-            )
+            scheduled.append(ScheduledRequest(seq, n, tuple(new_blocks), is_new, seq.num_computed_tokens))
             budget -= n
         scheduled = [s for s in scheduled if s.seq.status is Status.RUNNING]
         budget = self.config.max_step_tokens - sum(s.num_tokens for s in scheduled)
@@ -252,6 +258,7 @@ class Scheduler:
         self.running.remove(seq)
         self._free(seq)
         seq.num_computed_tokens = 0
+        seq.draft_token_ids = ()  # guessed in this step before a later request preempted it
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = Status.WAITING
@@ -360,16 +367,17 @@ class Scheduler:
         request's accepted guesses (`accepted`, by id) and sampled token, up to the first that ends
         it; returns the requests that finished by length or EOS."""
         accepted = accepted or {}
-        for seq in self.running:
-            if seq.draft_token_ids:
-                self._verified(seq, len(accepted.get(seq.id, ())))
+        if self.config.num_speculative_tokens:
+            for seq in self.running:
+                if seq.draft_token_ids:
+                    self._verified(seq, len(accepted.get(seq.id, ())))
         self._cache_computed()
         done = []
         for seq in list(self.running):
             token = sampled.get(seq.id)
             if token is None:
                 continue
-            for t in (*accepted.get(seq.id, ()), token):
+            for t in (*accepted[seq.id], token) if seq.id in accepted else (token,):
                 seq.output_ids.append(t)
                 reason = None
                 if t in seq.eos_token_ids:

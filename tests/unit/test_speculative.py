@@ -166,7 +166,7 @@ REQUESTS = [
 def run_engine(speculative_tokens: int) -> tuple[list[list[tuple[int, str, str | None]]], Scheduler]:
     async def run() -> tuple[list[list[tuple[int, str, str | None]]], Scheduler]:
         config = SchedulerConfig(max_step_tokens=24, num_speculative_tokens=speculative_tokens)
-        scheduler = Scheduler(config, BlockAllocator(64, 4, enable_caching=True))
+        scheduler = Scheduler(config, BlockAllocator(30, 4, enable_caching=True))  # preempts
         engine = Engine(OracleWorker(4), scheduler, frozenset({EOS}))  # type: ignore[arg-type]
         engine.start()
 
@@ -197,6 +197,7 @@ def test_speculation_hands_out_the_same_tokens_texts_and_finish_reasons() -> Non
     assert sum(accepted.values()) > 10 and sum(proposed.values()) > sum(accepted.values())
     assert {a for a, n in accepted.items() if n} >= {0, 1}
     assert scheduler.allocator.num_free == scheduler.allocator.num_blocks  # every block came back
+    assert scheduler.num_preemptions > 0  # the cache holds 120 tokens: requests were preempted
 
 
 def test_a_run_stops_at_max_new_tokens_and_eos() -> None:
