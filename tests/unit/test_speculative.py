@@ -15,6 +15,7 @@ and the worker's verification, each against an independent computation.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
@@ -302,3 +303,25 @@ def test_sampled_verification_keeps_the_models_distribution(params: SamplingPara
     assert chi_square_p(second, (exact[1] * n2).tolist()) > 1e-3
     # The first guess was accepted in a fair share of runs and rejected in the others.
     assert 0.05 < first[2] / num < 0.95 and n2 > 500
+
+
+# ---- the flag ----------------------------------------------------------------------------------
+
+
+def test_the_flag_is_parsed_bounded_and_off_where_the_workers_cannot_verify() -> None:
+    from loraxpy.router.config import RouterConfig, parse_args
+    from loraxpy.router.launcher import speculative_tokens
+    from loraxpy.router.worker_client import WorkerInfo
+
+    assert parse_args([]).speculative_tokens == 0
+    config = parse_args(["--speculative-tokens", "5"])
+    assert config.speculative_tokens == 5
+    for bad in (-1, 33):
+        with pytest.raises(ValueError, match="--speculative-tokens"):
+            RouterConfig(speculative_tokens=bad)
+    info = WorkerInfo(
+        "m", "/m", "llama", "float32", "cpu", 1, 100, 64, 16, (), "sdpa", can_reuse_prefixes=True
+    )
+    assert speculative_tokens(config, info) == 5
+    longrope = dataclasses.replace(info, model_type="phi3", can_reuse_prefixes=False)
+    assert speculative_tokens(config, longrope) == 0
