@@ -499,7 +499,9 @@ def e4m3_kv_sdpa(
     return sdpa_attention_forward(module, query, e4m3(key), e4m3(value), attention_mask, **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("num_shard", [1, 2])
+# Two shards only (CI time): each holds half the KV heads; the attention code is the one-shard path's,
+# and tests/unit/test_kv_cache_fp8.py covers its layouts.
+@pytest.mark.parametrize("num_shard", [2])
 def test_fp8_kv_cache_worker_matches_transformers_attending_over_e4m3_kv(
     num_shard: int, llama_with_adapters: tuple[Path, Path], tmp_path: Path
 ) -> None:
