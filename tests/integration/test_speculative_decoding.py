@@ -2,7 +2,8 @@
 concurrent greedy requests of the base model and two adapters, one asking for top tokens (it does
 not speculate), under KV memory small enough to preempt, give HF transformers' and PEFT's greedy
 tokens and log-probs; a stop sequence landing inside an accepted run ends the text where it ends
-without speculation; the metrics count guesses proposed and accepted per adapter."""
+without speculation; the metrics count guesses proposed and accepted per adapter; a seeded sampled
+request that accepts guesses draws the same tokens alone and beside other requests."""
 
 from __future__ import annotations
 
@@ -156,3 +157,18 @@ def test_a_stop_sequence_inside_an_accepted_run_ends_the_text_there(server: Laun
     assert [t["id"] for t in out["details"]["tokens"]] == [t["id"] for t in tokens[:m]]
     assert out["generated_text"] == text
     assert speculation(server.url)["0"]["accepted"] >= before + m - 12  # the loop was guessed
+
+
+def test_a_seeded_sampled_request_gives_the_same_tokens_alone_and_in_a_batch(server: Launcher) -> None:
+    prompt = copying_prompt(7)  # greedy, the tiny model repeats one token; sampled, often
+    params = {"do_sample": True, "temperature": 0.2, "seed": 11}
+    before = speculation(server.url)["0"]["accepted"]
+    alone = generate(server.url, prompt, 24, **params)["details"]["tokens"]
+    assert speculation(server.url)["0"]["accepted"] > before  # sampled tokens accepted guesses
+    with ThreadPoolExecutor(3) as pool:
+        others = [pool.submit(generate, server.url, copying_prompt(9 + i), 24) for i in range(2)]
+        batched = generate(server.url, prompt, 24, **params)["details"]["tokens"]
+        for other in others:
+            other.result()
+    assert [t["id"] for t in batched] == [t["id"] for t in alone]
+    assert [t["logprob"] for t in batched] == pytest.approx([t["logprob"] for t in alone], abs=1e-4)
