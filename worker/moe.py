@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraxpy.kernels import moe_triton
 from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear, Shard, all_reduce
 from loraxpy.worker.model_config import ModelConfig, MoeConfig
 
@@ -40,6 +41,9 @@ class Experts(nn.Module):
         super().__init__()
         self.shard = shard
         self.num_experts = moe.num_experts
+        # On CUDA with Triton: the grouped kernels (kernels/moe_triton.py); the startup self-check
+        # turns this off if they disagree with the torch path below.
+        self.use_triton = device.type == "cuda" and moe_triton.available()
         self.local = shard.split(moe.expert_size, "moe_intermediate_size of the experts")
         self.gate_up = nn.Parameter(
             torch.empty(moe.num_experts, 2 * self.local, hidden_size, dtype=dtype, device=device),
@@ -74,12 +78,21 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]), this shard's partial sum.
 
+        On CUDA with Triton, two grouped launches over all experts (`moe_triton.grouped_experts`,
+        no host sync); elsewhere `forward_torch`.
+        """
+        if self.use_triton and x.is_cuda:
+            return moe_triton.grouped_experts(x, self.gate_up, self.down, weights, ids, "silu")
+        return self.forward_torch(x, weights, ids)
+
+    def forward_torch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The torch path (CPU, and the Triton kernels' twin).
+
         Tokens are grouped by expert (one sort), each expert runs once over its rows, and the rows
         are added back with one index_add: no expert sees a token it was not routed. There is no
         Python loop over tokens; the loop is over experts (num_experts matmul pairs, empty experts
         skipped), which on CPU costs what a grouped GEMM would. The per-expert counts are read on the
-        host, so on CUDA this path stays out of CUDA graphs; a grouped (Triton) kernel over all
-        experts in one launch is not written yet.
+        host, so this path stays out of CUDA graphs.
         """
         # x: [num_tokens, hidden]; weights, ids: [num_tokens, top_k] -> [num_tokens, hidden]
         if x.shape[0] == 0:
