@@ -1,12 +1,13 @@
 """The startup self-check: each fast path runs a small case against its torch twin before serving.
 
-At warmup on CUDA, Triton attention (with its KV store), Triton SGMV and the captured decode
-graphs each compute a small random case next to their twins (SDPA, the grouped torch LoRA, the
-same forward run eagerly). A compile error, a launch failure or a result off by more than the
-dtype's rounding logs a warning naming the path and switches that path to its twin, so a kernel
-that misbehaves on some GPU costs speed, never a crash or wrong tokens. Info reports the paths in
-use (`active_paths`) and why any fast one was dropped. CPU serves the torch paths (Triton's
-interpreter is for tests), so nothing is checked there and CPU startup pays nothing.
+At warmup on CUDA, Triton attention (with its KV store), Triton SGMV, the Triton grouped experts of
+MoE models and the captured decode graphs each compute a small random case next to their twins
+(SDPA, the grouped torch LoRA, the torch experts, the same forward run eagerly). A compile error, a
+launch failure or a result off by more than the dtype's rounding logs a warning naming the path and
+switches that path to its twin, so a kernel that misbehaves on some GPU costs speed, never a crash
+or wrong tokens. Info reports the paths in use (`active_paths`) and why any fast one was dropped.
+CPU serves the torch paths (Triton's interpreter is for tests), so nothing is checked there and CPU
+startup pays nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from loraxpy.kernels.attention import AttentionBackend, select_attention_backend
-from loraxpy.worker.self_check_cases import Case, attention_case, decode_graph_case, sgmv_case
+from loraxpy.worker.moe import SparseMoeBlock
+from loraxpy.worker.self_check_cases import (
+    Case,
+    attention_case,
+    decode_graph_case,
+    experts_case,
+    sgmv_case,
+)
 
 if TYPE_CHECKING:
     from loraxpy.worker.cuda_graphs import DecodeGraphs
@@ -102,8 +110,8 @@ class SelfCheck:
         return cls(is_enabled=device.type == "cuda")
 
     def check_kernels(self, model: CausalLM, lora: LoraManager | None, block_size: int) -> None:
-        """Triton attention and SGMV against their twins, once per process; a failing one is
-        replaced by its twin in the model (attention) or the LoRA manager (SGMV)."""
+        """Triton attention, SGMV and grouped experts against their twins, once per process; a
+        failing one is replaced by its twin in the model (attention, experts) or the LoRA manager."""
         if not self.is_enabled or self.is_kernels_checked:
             return
         self.is_kernels_checked = True
@@ -121,6 +129,13 @@ class SelfCheck:
             if failure is not None:
                 self._fall_back("lora", "triton", "torch", failure)
                 lora.backend = "torch"
+        moe_blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock) and m.experts.use_triton]
+        if moe_blocks:
+            failure = _first_failure([experts_case(moe_blocks[0])])
+            if failure is not None:
+                self._fall_back("experts", "triton", "torch", failure)
+                for block in moe_blocks:
+                    block.experts.use_triton = False
 
     def check_graphs(
         self,

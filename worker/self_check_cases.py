@@ -15,13 +15,16 @@ import torch
 from loraxpy.kernels.attention import AttentionBackend, AttentionMetadata
 from loraxpy.kernels.lora import LoraPlan, lora_add
 from loraxpy.kernels.lora_triton import Segments, sgmv_expand_add, sgmv_shrink
+from loraxpy.kernels.moe_triton import grouped_experts
 from loraxpy.worker.batch import RequestState, plan_batch
+from loraxpy.worker.moe import route
 from loraxpy.worker.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from loraxpy.worker.cuda_graphs import DecodeGraphs
     from loraxpy.worker.lora import LoraSlots
     from loraxpy.worker.model import CausalLM
+    from loraxpy.worker.moe import SparseMoeBlock
 
 Outputs = Sequence[torch.Tensor]
 Case = tuple[Callable[[], Outputs], Callable[[], Outputs], torch.dtype]
@@ -33,6 +36,7 @@ ATTENTION_SEQS = ((1, 1), (1, 37), (9, 9), (6, 40))
 # kernel's 16-row tile, and an adapter that comes back after another.
 SGMV_ROW_SLOTS = (0, 0, 1, 1, 1, 2, 2, 2, 0, 2, 2, *[1] * 17, 0)
 DECODE_SEQ_LENS = (1, 18, 35)  # the sequences of the checked decode step (fewer if the cache is small)
+EXPERT_TOKENS = 37  # tokens of the experts' case: uneven rows per expert
 
 
 def _generator(device: torch.device) -> torch.Generator:
@@ -127,6 +131,24 @@ def sgmv_case(slots: LoraSlots) -> Case:
         plan = LoraPlan.build(rows, ranks, max_rank, device)
         assert plan is not None
         return (lora_add(x, y0.clone(), weights, plan).float() - y0.float(),)
+
+    return fast, twin, dtype
+
+
+def experts_case(block: SparseMoeBlock) -> Case:
+    """An MoE layer's experts (its loaded weights) over random tokens routed by its own router:
+    the grouped Triton kernels against the torch path (`Experts.forward_torch`)."""
+    experts = block.experts
+    device, dtype = experts.gate_up.device, experts.gate_up.dtype
+    g = _generator(device)
+    x = torch.randn(EXPERT_TOKENS, experts.gate_up.shape[2], generator=g, device=device).to(dtype)
+    weights, ids = route(block.gate(x), block.top_k, block.renormalize)
+
+    def fast() -> Outputs:
+        return (grouped_experts(x, experts.gate_up, experts.down, weights, ids, "silu"),)
+
+    def twin() -> Outputs:
+        return (experts.forward_torch(x, weights, ids),)
 
     return fast, twin, dtype
 

@@ -26,6 +26,7 @@ from loraxpy.worker.layers import Shard
 from loraxpy.worker.lora import LoraManager
 from loraxpy.worker.model import CausalLM
 from loraxpy.worker.model_config import ModelConfig
+from loraxpy.worker.moe import SparseMoeBlock
 from loraxpy.worker.runner import ModelRunner, RunnerOptions
 from loraxpy.worker.sampling import SamplingParams
 from loraxpy.worker.self_check import SelfCheck, attention_of, compare, use_attention
@@ -236,3 +237,66 @@ def test_the_router_reports_each_path_and_marks_shards_that_differ() -> None:
     metrics.set_kernel_paths(merged)
     text = generate_latest(metrics.registry).decode()
     assert 'lorax_kernel_path{implementation="cuda-graphs",path="decode"} 1.0' in text
+
+
+@pytest.fixture(scope="module")
+def moe_config(tmp_path_factory: pytest.TempPathFactory) -> ModelConfig:
+    from transformers import MixtralConfig
+
+    folder = tmp_path_factory.mktemp("mixtral")
+    MixtralConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2,
+    ).save_pretrained(folder)  # fmt: skip
+    return ModelConfig.from_folder(Path(folder))
+
+
+def moe_model_on_triton(moe_config: ModelConfig) -> CausalLM:
+    """A random Mixtral whose experts are set to the Triton path (chosen on CUDA; here the interpreter)."""
+    model = model_with(moe_config, GOOD)
+    gen = torch.Generator().manual_seed(0)
+    for param in model.parameters():
+        param.data.normal_(0.0, 0.2, generator=gen)
+    for block in model.modules():
+        if isinstance(block, SparseMoeBlock):
+            block.experts.use_triton = True
+    return model
+
+
+def _experts_path(model: CausalLM) -> set[bool]:
+    return {m.experts.use_triton for m in model.modules() if isinstance(m, SparseMoeBlock)}
+
+
+def _experts_dropping_a_row(*args: object) -> torch.Tensor:
+    from loraxpy.kernels.moe_triton import grouped_experts
+
+    out = grouped_experts(*args)  # type: ignore[arg-type]
+    out[-1] = 0  # the last token loses its experts: a row-block edge bug
+    return out
+
+
+@pytest.mark.parametrize(
+    "grouped", [_experts_dropping_a_row, _uncompilable], ids=["wrong-result", "compile-error"]
+)
+def test_failing_grouped_experts_fall_back_to_the_torch_experts(
+    moe_config: ModelConfig,
+    grouped: object,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("triton", reason="triton is a dev dependency (make install)")
+    model = moe_model_on_triton(moe_config)
+    monkeypatch.setattr(self_check_cases, "grouped_experts", grouped)
+    check = SelfCheck(is_enabled=True)
+    with caplog.at_level(logging.WARNING):
+        check.check_kernels(model, None, block_size=16)
+    assert _experts_path(model) == {False} and list(check.failures) == ["experts"]
+    assert "triton experts path failed" in caplog.text
+
+
+def test_the_real_grouped_experts_pass_the_check_in_the_interpreter(moe_config: ModelConfig) -> None:
+    pytest.importorskip("triton", reason="triton is a dev dependency (make install)")
+    model = moe_model_on_triton(moe_config)
+    check = SelfCheck(is_enabled=True)
+    check.check_kernels(model, None, block_size=16)
+    assert check.failures == {} and _experts_path(model) == {True}
