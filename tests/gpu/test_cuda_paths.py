@@ -117,3 +117,74 @@ def test_captured_decode_graphs_replay_the_eager_twin(tmp_path) -> None:
                 seen[o.id].append(o.token[0])
         tokens[capture] = seen
     assert tokens[True] == tokens[False]
+
+
+def _moe_experts(num_experts: int, top_k: int, hidden: int, size: int, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    from loraxpy.worker.layers import Shard
+    from loraxpy.worker.model_config import MoeConfig
+    from loraxpy.worker.moe import Experts
+
+    moe = MoeConfig(num_experts=num_experts, top_k=top_k, expert_size=size, renormalize=True)
+    experts = Experts(moe, hidden, Shard(), dtype, CUDA)
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    for param in (experts.gate_up, experts.down):
+        param.data.copy_(torch.randn(param.shape, generator=gen, device=CUDA) / param.shape[2] ** 0.5)
+    return experts
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+@pytest.mark.parametrize(("num_experts", "top_k"), [(8, 2), (64, 8)])
+def test_triton_grouped_experts_equal_the_torch_experts_on_cuda(
+    dtype: torch.dtype, num_tokens: int, num_experts: int, top_k: int
+) -> None:
+    """Both paths against the torch experts in fp32 on the same (rounded) weights: the kernels'
+    error is the dtype's rounding, as the torch path's. Sizes end inside the kernels' tiles."""
+    from loraxpy.kernels import moe_triton
+    from loraxpy.worker.moe import route
+
+    experts = _moe_experts(num_experts, top_k, 200, 328, dtype)
+    assert experts.use_triton
+    gen = torch.Generator(device=CUDA).manual_seed(num_tokens)
+    x = torch.randn(num_tokens, 200, generator=gen, device=CUDA).to(dtype)
+    weights, ids = route(torch.randn(num_tokens, num_experts, generator=gen, device=CUDA), top_k, True)
+    reference = _moe_experts(num_experts, top_k, 200, 328, torch.float32)
+    reference.gate_up.data.copy_(experts.gate_up.float())
+    reference.down.data.copy_(experts.down.float())
+    want = reference.forward_torch(x.float(), weights, ids)
+    got = experts(x, weights, ids)
+    torch.testing.assert_close(
+        got, moe_triton.grouped_experts(x, experts.gate_up, experts.down, weights, ids)
+    )
+    # relative L2 error: fp32 stays fp32 (ieee dots); fp16/bf16 as the startup self-check allows
+    tolerance = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
+    assert _relative_error(got, want) < tolerance
+    assert _relative_error(experts.forward_torch(x, weights, ids), want) < tolerance
+
+
+def test_triton_grouped_experts_need_no_host_sync_and_replay_in_a_cuda_graph() -> None:
+    from loraxpy.kernels import moe_triton
+    from loraxpy.worker.moe import route
+
+    experts = _moe_experts(16, 4, 128, 192, torch.bfloat16)
+    x = torch.randn(12, 128, device=CUDA).to(torch.bfloat16)
+    weights, ids = route(torch.randn(12, 16, device=CUDA), 4, True)
+    moe_triton.grouped_experts(x, experts.gate_up, experts.down, weights, ids)  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        moe_triton.grouped_experts(x, experts.gate_up, experts.down, weights, ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_triton.grouped_experts(x, experts.gate_up, experts.down, weights, ids)
+    new_weights, new_ids = route(torch.randn(12, 16, device=CUDA), 4, True)
+    weights.copy_(new_weights)
+    ids.copy_(new_ids)
+    graph.replay()
+    assert _relative_error(out, experts.forward_torch(x, weights, ids)) < 2e-2  # the new routing's
