@@ -61,6 +61,12 @@ def block_m(num_rows: int, num_experts: int, dtype: torch.dtype) -> int:
     return max(16, min(hi, 1 << max(0, per_expert - 1).bit_length()))
 
 
+def max_blocks(num_rows: int, num_experts: int, block_m: int) -> int:
+    """The most row blocks any routing of num_rows rows can need: each expert with rows wastes at
+    most one partly filled block, so sum of ceil(count / block_m) <= num_rows / block_m + experts."""
+    return _cdiv(num_rows, block_m) + min(num_experts, num_rows)
+
+
 def _block_k(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 64  # fp32 tiles take twice the shared memory
 
@@ -95,9 +101,7 @@ class RowBlocks:
         ends = counts.cumsum(0)
         blocks = (counts + block_m - 1) // block_m
         block_ends = blocks.cumsum(0)
-        # sum of ceil(count / block_m) <= rows / block_m + (experts with rows)
-        max_blocks = _cdiv(rows, block_m) + min(num_experts, rows)
-        index = torch.arange(max_blocks, device=flat.device)
+        index = torch.arange(max_blocks(rows, num_experts, block_m), device=flat.device)
         expert = torch.searchsorted(block_ends, index, right=True)
         e = expert.clamp(max=num_experts - 1)
         first = ends[e] - counts[e] + (index - (block_ends[e] - blocks[e])) * block_m

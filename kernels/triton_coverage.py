@@ -1,11 +1,13 @@
 """The Triton launches a model's forward pass makes, built from meta tensors by the kernels' own launchers.
 
-For each model shape and dtype: paged attention for a decode step and for a step with prompt
-rows (their tiles differ), the KV store, and SGMV shrink/expand for every adapted layer (fused
-q/k/v, o, fused gate/up, down) at each slot rank. Tensors are shaped as the worker lays them out
-on one shard (worker/model.py, worker/lora.py) but live on the meta device, so an 8B layer costs
-nothing; `attention_launch`, `store_launch`, `shrink_launch` and `expand_launch` decide every
-block size and constexpr exactly as at run time. `main` writes docs/triton-kernels.md.
+For each model shape and dtype: paged attention for a decode step and for a step with prompt rows
+(their tiles differ), the KV store, SGMV shrink/expand for every adapted layer (fused q/k/v, o,
+fused gate/up, down) at each slot rank, and for MoE models the grouped expert GEMMs (gate/up and
+down) of a decode step, a short and a long prefill step (their row blocks differ). Tensors are
+shaped as the worker lays them out on one shard (worker/model.py, worker/lora.py) but live on the
+meta device, so an 8B layer costs nothing; `attention_launch`, `store_launch`, `shrink_launch` and
+`expand_launch` decide every block size and constexpr exactly as at run time (`gate_up_launch` and
+`down_launch` too). `main` writes docs/triton-kernels.md.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from loraxpy.kernels.attention import AttentionMetadata
 from loraxpy.kernels.attention_triton import attention_launch, store_launch
 from loraxpy.kernels.lora_triton import Segments, SliceLayout, expand_launch, shrink_launch
+from loraxpy.kernels.moe_triton import RowBlocks, block_m, down_launch, gate_up_launch, max_blocks
 from loraxpy.kernels.triton_aot import (
     TARGETS,
     Job,
@@ -42,6 +45,8 @@ SEQ_LENS = [40, 40, 40, 40]
 QUERY_LENS = {"decode": [1, 1, 1, 1], "prefill": [40, 1, 8, 1]}
 SLOTS = [1, 1, 0, 2, 2, 2, 3, 0, 1]  # adapter slot of each row: runs of adapters and base rows
 NUM_SLOTS = 4
+# Tokens of an MoE step: decode (4 sequences), the prefill step above, and a long prompt chunk.
+MOE_STEPS = {"decode": 4, "prefill": 50, "prefill 512": 512}
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,9 @@ class ModelDims:
     head_dim: int
     intermediate: int
     sliding_window: int | None = None
+    num_experts: int = 0  # MoE models (worker/moe.py): experts, top-k and each expert's size
+    top_k: int = 0
+    expert_size: int = 0
 
     @property
     def q_size(self) -> int:
@@ -86,6 +94,7 @@ def model_launches(dims: ModelDims, dtype: torch.dtype) -> list[tuple[Use, Launc
     name = str(dtype).removeprefix("torch.")
     found = [(Use(dims.name, name, what), launch) for what, launch in attention_launches(dims, dtype)]
     found += [(Use(dims.name, name, what), launch) for what, launch in lora_launches(dims, dtype)]
+    found += [(Use(dims.name, name, what), launch) for what, launch in moe_launches(dims, dtype)]
     return found
 
 
@@ -139,12 +148,57 @@ def lora_launches(dims: ModelDims, dtype: torch.dtype) -> list[tuple[str, Launch
     return found
 
 
+def moe_launches(dims: ModelDims, dtype: torch.dtype) -> list[tuple[str, Launch]]:
+    """The grouped expert GEMMs of one shard's experts, as worker/moe.py stores them."""
+    if not dims.num_experts:
+        return []
+    gate_up = torch.empty(dims.num_experts, 2 * dims.expert_size, dims.hidden, dtype=dtype, device=META)
+    down = torch.empty(dims.num_experts, dims.hidden, dims.expert_size, dtype=dtype, device=META)
+    found = []
+    for step, num_tokens in MOE_STEPS.items():
+        rows = num_tokens * dims.top_k
+        # as RowBlocks.build lays them out (it needs real ids; only the shapes matter here)
+        rows_per_block = block_m(rows, dims.num_experts, dtype)
+        blocks = RowBlocks(
+            order=torch.empty(rows, dtype=torch.int64, device=META),
+            tokens=torch.empty(rows, dtype=torch.int64, device=META),
+            data=torch.empty(
+                max_blocks(rows, dims.num_experts, rows_per_block), 3, dtype=torch.int32, device=META
+            ),
+            block_m=rows_per_block,
+        )
+        x = torch.empty(num_tokens, dims.hidden, dtype=dtype, device=META)
+        h = torch.empty(rows, dims.expert_size, dtype=dtype, device=META)
+        y = torch.empty(rows, dims.hidden, dtype=dtype, device=META)
+        weights = torch.empty(num_tokens, dims.top_k, dtype=torch.float32, device=META)
+        found.append((f"experts gate_up {step}", gate_up_launch(x, gate_up, h, blocks, "silu")))
+        found.append((f"experts down {step}", down_launch(h, down, y, blocks, weights)))
+    return found
+
+
+def _moe_dims(extra: dict[str, Any], intermediate: int) -> dict[str, int]:
+    """ModelDims' MoE fields from a bench shape's HF config extras (Mixtral's or Qwen's names)."""
+    num_experts = extra.get("num_local_experts") or extra.get("num_experts")
+    if not num_experts:
+        return {}
+    size = extra.get("moe_intermediate_size", intermediate)
+    return {"num_experts": num_experts, "top_k": extra["num_experts_per_tok"], "expert_size": size}
+
+
 def coverage_models() -> list[ModelDims]:
     """lorax-bench's model shapes (the ones the GPU benchmark measures) and the default model."""
     from loraxpy.bench.shapes import SHAPES  # imported here: kernels/ needs bench only for this list
 
     shapes = [
-        ModelDims(s.name, s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size)
+        ModelDims(
+            s.name,
+            s.hidden_size,
+            s.num_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            s.intermediate_size,
+            **_moe_dims(s.extra, s.intermediate_size),
+        )
         for s in SHAPES.values()
     ]
     return [*shapes, DEFAULT_MODEL]

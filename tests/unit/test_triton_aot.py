@@ -45,14 +45,21 @@ def test_kernel_compiles_within_the_targets_limits(reports, planned: triton_aot.
 
 def test_every_kernel_and_launch_is_covered() -> None:
     """Each kernel module's kernels, each model, dtype and target appear in the plan."""
-    from loraxpy.kernels import attention_triton, lora_triton
+    from loraxpy.kernels import attention_triton, lora_triton, moe_triton
 
     kernels = {p.job.kernel for p in PLANNED}
     shipped = {attention_triton.store_kernel, attention_triton.attention_kernel}
     shipped |= {lora_triton.shrink_kernel, lora_triton.expand_kernel}
+    shipped |= {moe_triton.gate_up_kernel, moe_triton.down_kernel}
     assert kernels == {k.__name__ for k in shipped}
     uses = {(u.model, u.dtype) for p in PLANNED for u in p.uses}
-    assert {m for m, _ in uses} == {"tiny", "1b", "8b", "smollm2-135m"}
+    families = {"qwen3-8b", "gemma2-9b", "phi3-mini", "mixtral-8x7b", "qwen3-30b-a3b"}
+    assert {m for m, _ in uses} == {"tiny", "1b", "8b", "smollm2-135m"} | families
+    moe_kernels = {"gate_up_kernel", "down_kernel"}
+    assert {u.model for p in PLANNED if p.job.kernel in moe_kernels for u in p.uses} == {
+        "mixtral-8x7b",
+        "qwen3-30b-a3b",
+    }
     assert {d for _, d in uses} == {"float32", "float16", "bfloat16"}
     assert {p.job.arch for p in PLANNED} == {80, 90}
 
