@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from loraxpy.kernels.attention import AttentionBackend, select_attention_backend
 from loraxpy.worker.moe import SparseMoeBlock
@@ -85,16 +86,30 @@ def use_attention(model: CausalLM, backend: AttentionBackend) -> None:
 
 
 def active_paths(
-    attention: str, lora: LoraManager | None, graphs: DecodeGraphs | None, cpu_ops: str = ""
+    attention: str,
+    lora: LoraManager | None,
+    graphs: DecodeGraphs | None,
+    cpu_ops: str = "",
+    experts: str = "",
 ) -> dict[str, str]:
     """What runs each fast path now: attention (triton | sdpa), lora (triton | torch | none),
-    decode (cuda-graphs | graph-twin, the padded eager forward on CPU | eager), and on CPU cpu_ops
-    (fused: kernels/cpu_fused.cpp | torch)."""
+    decode (cuda-graphs | graph-twin, the padded eager forward on CPU | eager), on CPU cpu_ops
+    (fused: kernels/cpu_fused.cpp | torch), and in MoE models experts (triton | torch)."""
     decode = "eager" if graphs is None else "cuda-graphs" if graphs.is_captured else "graph-twin"
     paths = {"attention": attention, "lora": lora.backend if lora is not None else "none", "decode": decode}
     if cpu_ops:
         paths["cpu_ops"] = cpu_ops
+    if experts:
+        paths["experts"] = experts
     return paths
+
+
+def experts_path(model: nn.Module) -> str:
+    """What runs the MoE layers' experts: triton (kernels/moe_triton.py) or torch; "" without any."""
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    if not blocks:
+        return ""
+    return "triton" if all(b.experts.use_triton for b in blocks) else "torch"
 
 
 @dataclass

@@ -29,7 +29,14 @@ from loraxpy.worker.model_config import ModelConfig
 from loraxpy.worker.moe import SparseMoeBlock
 from loraxpy.worker.runner import ModelRunner, RunnerOptions
 from loraxpy.worker.sampling import SamplingParams
-from loraxpy.worker.self_check import SelfCheck, attention_of, compare, use_attention
+from loraxpy.worker.self_check import (
+    SelfCheck,
+    active_paths,
+    attention_of,
+    compare,
+    experts_path,
+    use_attention,
+)
 from loraxpy.worker.server import WorkerServicer
 
 CPU = torch.device("cpu")
@@ -291,12 +298,17 @@ def test_failing_grouped_experts_fall_back_to_the_torch_experts(
     with caplog.at_level(logging.WARNING):
         check.check_kernels(model, None, block_size=16)
     assert _experts_path(model) == {False} and list(check.failures) == ["experts"]
+    assert experts_path(model) == "torch"
     assert "triton experts path failed" in caplog.text
 
 
-def test_the_real_grouped_experts_pass_the_check_in_the_interpreter(moe_config: ModelConfig) -> None:
+def test_the_real_grouped_experts_pass_the_check_in_the_interpreter(
+    moe_config: ModelConfig, config: ModelConfig
+) -> None:
     pytest.importorskip("triton", reason="triton is a dev dependency (make install)")
     model = moe_model_on_triton(moe_config)
     check = SelfCheck(is_enabled=True)
     check.check_kernels(model, None, block_size=16)
     assert check.failures == {} and _experts_path(model) == {True}
+    assert active_paths("triton", None, None, experts=experts_path(model))["experts"] == "triton"
+    assert "experts" not in active_paths("triton", None, None, experts=experts_path(model_with(config, GOOD)))
