@@ -260,6 +260,7 @@ def grouped_experts(
     if num_tokens == 0:
         return torch.zeros_like(x)
     num_experts = gate_up.shape[0]
+    x = x if x.stride(1) == 1 else x.contiguous()
     blocks = RowBlocks.build(ids, num_experts, block_m(num_tokens * top_k, num_experts, x.dtype))
     h = torch.empty(num_tokens * top_k, gate_up.shape[1] // 2, dtype=x.dtype, device=x.device)
     gate_up_launch(x, gate_up, h, blocks, activation).run(jit_kernels())
