@@ -201,8 +201,10 @@ def attention_launch(
     group_pad = _next_power_of_2(group)
     block_d = max(16, _next_power_of_2(head_dim))
     is_decode = meta.max_query_len == 1
-    # At least 16 rows per tile (tensor cores); decode tiles hold one token, prefill tiles several.
-    block_q = max(1, 16 // group_pad) if is_decode else max(1, 64 // group_pad)
+    # At least 16 rows per tile (tensor cores); decode tiles hold one token, prefill tiles several:
+    # 64 rows, fewer for wide heads (fp32 past 64 dims, 16-bit past 128) so the tile stays in registers.
+    prompt_rows = max(16, (64 * 64 if query.dtype == torch.float32 else 64 * 128) // max(64, block_d))
+    block_q = max(1, 16 // group_pad) if is_decode else max(1, min(64, prompt_rows) // group_pad)
     block_n, num_warps = _key_tile(query.dtype, block_q * group_pad, block_d, is_decode)
     args = (
         query, k_cache, v_cache, out,
@@ -226,10 +228,11 @@ def _key_tile(dtype: torch.dtype, rows: int, block_d: int, is_decode: bool) -> t
 
     The largest tile that compiles without spilling on both (docs/triton-kernels.md): fp32's IEEE
     dot runs on CUDA cores and holds far more per thread, so its prompt tiles step 16 keys at a
-    time and it uses 8 warps; a 16-bit 64-row × 128-dim prompt tile needs 8 warps on sm_80.
+    time and it uses 8 warps, and so do its decode tiles for heads wider than 64 (Phi-3's 96,
+    Gemma's 256); a 16-bit 64-row × 128-dim prompt tile needs 8 warps on sm_80.
     """
-    if dtype == torch.float32:
-        return (64 if is_decode else 16), 8
+    if dtype == torch.float32:  # decode: 64 keys of up to 64 dims, 16 for wider heads (Phi-3's 96)
+        return (64 if is_decode and block_d <= 64 else 16), 8
     return 64, (8 if rows * block_d >= 64 * 128 else 4)
 
 
