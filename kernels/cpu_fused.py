@@ -84,9 +84,16 @@ def load() -> ModuleType | None:
 
             directory = build_dir() / _name()
             directory.mkdir(parents=True, exist_ok=True)
+            # Compiled from a copy in the build directory (named by the source's hash): ninja keys its
+            # rebuilds on the source's path, so two checkouts sharing the cache would rebuild in turn.
+            source = directory / SOURCE.name
+            if not source.exists():
+                tmp = source.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(SOURCE.read_bytes())
+                tmp.replace(source)
             module = cpp_extension.load(
                 name=_name(),
-                sources=[str(SOURCE)],
+                sources=[str(source)],
                 extra_cflags=list(CFLAGS),
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(directory),
