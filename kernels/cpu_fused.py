@@ -24,6 +24,7 @@ build or load leaves the torch twins in place with one warning: CPU always works
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -91,14 +92,20 @@ def load() -> ModuleType | None:
                 tmp = source.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_bytes(SOURCE.read_bytes())
                 tmp.replace(source)
-            module = cpp_extension.load(
-                name=_name(),
-                sources=[str(source)],
-                extra_cflags=list(CFLAGS),
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(directory),
-                verbose=False,
-            )
+            # One build at a time under an flock, which the OS releases if the process dies; torch's
+            # own lock file is a plain file that a killed build leaves behind, after which every
+            # later load would wait for it forever. Under the flock no live loader holds it: drop it.
+            with open(directory / "loraxpy.flock", "w") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                (directory / "lock").unlink(missing_ok=True)
+                module = cpp_extension.load(
+                    name=_name(),
+                    sources=[str(source)],
+                    extra_cflags=list(CFLAGS),
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(directory),
+                    verbose=False,
+                )
         except Exception as exc:  # any build or load failure keeps the torch twins
             _state["why"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
             logger.warning("fused CPU ops unavailable, using their torch twins: %s", _state["why"])

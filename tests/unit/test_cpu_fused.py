@@ -172,3 +172,16 @@ def test_lora_rows_refuses_a_slot_outside_the_stack(ops):
         ops.lora_rows(
             torch.zeros(1, 4), torch.zeros(1, 3), a_t, b_t, torch.tensor([2]), torch.tensor([2, 2]), [3], [0]
         )
+
+
+def test_a_lock_left_by_a_killed_build_does_not_block_the_next_load(ops):
+    """torch's build lock is a plain file: a worker killed mid-build leaves it, and torch's own
+    loader would then wait for it forever. Our loader (under an flock) clears it and loads."""
+    import subprocess
+    import sys
+
+    directory = cpu_fused.build_dir() / cpu_fused._name()
+    (directory / "lock").touch()
+    code = "from loraxpy.kernels import cpu_fused; assert cpu_fused.load() is not None"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert not (directory / "lock").exists()
