@@ -140,7 +140,6 @@ class PackedWeight(nn.Module):
         self.in_features, self.out_features = ints.shape
         used, g_idx = torch.unique(g_idx.long(), return_inverse=True)  # only the groups these rows use
         scales, zeros = scales[used], zeros[used]
-        groups = scales.shape[0]
         perm = None
         if bool((g_idx[1:] < g_idx[:-1]).any()):
             perm = torch.argsort(g_idx, stable=True)
