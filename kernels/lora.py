@@ -12,9 +12,10 @@ its number of rows. `lora_add_fused` is the serving form: A of every slice of a 
 transposed and rank-interleaved in one stack (`a_t` [num_slots, in, max_rank * num_slices], column
 k * num_slices + i holding rank k of slice i; B likewise transposed, [num_slots, max_rank, out]),
 so one matmul shrinks all slices at once and the columns of ranks below a group's own rank are a
-contiguous prefix: at decode sizes each torch op
-costs more in dispatch than in arithmetic, and this halves their number (lorax-bench, one adapter
-on the default model). `lora_add` does the same per slice on the plain layout: the twin the Triton
+contiguous prefix: at decode sizes each torch op costs more in dispatch than in arithmetic, and
+this halves their number (lorax-bench, one adapter on the default model). On CPU, decode-sized
+steps skip these matmuls for the fused `lora_rows` (kernels/cpu_fused.cpp), checked against
+`lora_add_fused`. `lora_add` does the same per slice on the plain layout: the twin the Triton
 kernels are compared with. `lora_shrink` / `lora_expand` gather each row's weights (simple, slow):
 the per-row twins.
 """

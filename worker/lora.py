@@ -5,7 +5,9 @@ a [num_slots, max_rank, in] and b [num_slots, out, max_rank]; slot 0 is the base
 A fused layer's slices are views into one allocation (A stacked along the rank, B along the
 output), so the Triton path covers all slices in one shrink and one expand launch. The torch path
 keeps A transposed and rank-interleaved instead (kernels/lora.py's `a_t`), so it shrinks all slices
-in one matmul; each slice's A is then a strided view [num_slots, in, max_rank] of that stack.
+in one matmul, and B transposed ([num_slots, max_rank, out]); each slice's A is then a strided view
+[num_slots, in, max_rank] of that stack. On CPU, steps of up to FUSED_MAX_ROWS rows (decode) run
+both stages in one fused call per layer on that same layout (kernels/cpu_fused.cpp's lora_rows).
 Per step the runner sets one slot index per token row; every adapted layer then adds
 expand(shrink(x, a), b) for all rows at once, whatever the mix of adapters and ranks.
 Tensor parallel: a column-parallel layer keeps A whole (the shrink output is complete) and its
