@@ -163,7 +163,6 @@ def paged_attention_sdpa(
     SDPA has no soft-capping: with `softcap` the same gathered layout goes through explicit matmuls.
     """
     num_seqs = len(meta.seq_lens_host)
-    num_heads, head_dim = query.shape[1], query.shape[2]
     layout = _sdpa_layout(meta, k_cache.shape[1], sliding_window)
     # Gather every sequence's keys into [num_seqs, max_seq_len, kv_heads, head_dim].
     kv_shape = (num_seqs, meta.max_seq_len, *k_cache.shape[2:])
@@ -174,6 +173,21 @@ def paged_attention_sdpa(
         # CPU SDPA in bf16 is ~4x slower than in fp32 for decode-sized problems (torch 2.13, AVX512:
         # 764 vs 188 us at 16 seqs x 9 heads x 80 keys), so half-precision caches attend in fp32.
         query, k, v = query.float(), k.float(), v.float()
+    return _attend_gathered(query, k, v, meta, layout, scale, softcap).to(out_dtype)
+
+
+def _attend_gathered(
+    query: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    layout: _SdpaLayout,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """One SDPA call (or the soft-capped matmuls) over K/V gathered to [num_seqs, max_seq_len, kv_heads,
+    head_dim]; query [num_tokens, heads, head_dim] -> the same shape, in the inputs' dtype."""
+    num_seqs, num_heads, head_dim = len(meta.seq_lens_host), query.shape[1], query.shape[2]
     if layout.q_valid is None:
         q = query.view(num_seqs, meta.max_query_len, num_heads, head_dim)
     else:  # scatter queries into [num_seqs, max_query_len, heads, head_dim]
@@ -193,8 +207,7 @@ def paged_attention_sdpa(
         scale=scale,
         enable_gqa=num_heads != k.shape[2],
     ).transpose(1, 2)
-    out = out.reshape(query.shape) if layout.q_valid is None else out[layout.q_valid]
-    return out.to(out_dtype)
+    return out.reshape(query.shape) if layout.q_valid is None else out[layout.q_valid]
 
 
 def _softcapped_attention(
@@ -269,36 +282,13 @@ def paged_attention_sdpa_fp8(
 ) -> torch.Tensor:
     """`paged_attention_sdpa` over e4m3 caches: the same gather, then K/V dequantized to fp32."""
     num_seqs = len(meta.seq_lens_host)
-    num_heads, head_dim = query.shape[1], query.shape[2]
     layout = _sdpa_layout(meta, k_cache.shape[1], sliding_window)
     kv_shape = (num_seqs, meta.max_seq_len, *k_cache.shape[2:])
     width = k_cache.shape[2] * k_cache.shape[3]
     k = dequantize_kv_fp8(k_cache.view(torch.uint8).view(-1, width).index_select(0, layout.slots))
     v = dequantize_kv_fp8(v_cache.view(torch.uint8).view(-1, width).index_select(0, layout.slots))
     k, v = k.view(kv_shape), v.view(kv_shape)
-    out_dtype = query.dtype
-    query = query.float()
-    if layout.q_valid is None:
-        q = query.view(num_seqs, meta.max_query_len, num_heads, head_dim)
-    else:
-        q = query.new_zeros(num_seqs, meta.max_query_len, num_heads, head_dim)
-        q[layout.q_valid] = query
-    attend = (
-        F.scaled_dot_product_attention
-        if softcap is None
-        else functools.partial(_softcapped_attention, softcap=softcap)
-    )
-    out = attend(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=layout.mask,
-        is_causal=layout.is_causal,
-        scale=scale,
-        enable_gqa=num_heads != k.shape[2],
-    ).transpose(1, 2)
-    out = out.reshape(query.shape) if layout.q_valid is None else out[layout.q_valid]
-    return out.to(out_dtype)
+    return _attend_gathered(query.float(), k, v, meta, layout, scale, softcap).to(query.dtype)
 
 
 AttentionFn = Callable[..., torch.Tensor]
