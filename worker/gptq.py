@@ -20,6 +20,10 @@ columns, a row-parallel one's input rows and the groups they use) and its values
 cut through a group is refused with the message (use fewer shards). Act-order rows reach any group,
 so a row-parallel shard of such a checkpoint keeps the scales and zeros of every group its rows use.
 
+On CPU (and as the twin) each matmul dequantizes the whole weight first (`PackedLinear.forward_torch`);
+on CUDA the Triton w4a16 kernel (kernels/w4a16_triton.py) multiplies straight from these integers,
+unless the startup self-check (worker/self_check.py) found it off from the twin.
+
 LoRA stays in full precision beside these linears, as with every other scheme (worker/lora.py).
 """
 
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraxpy.kernels import w4a16_triton
 from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear
 
 logger = logging.getLogger(__name__)
@@ -188,6 +193,8 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.parts = nn.ModuleList(parts)  # registered (moved with .to); `weights`: the same, typed
         self.weights: list[PackedWeight] = list(parts)
+        self.out_features = sum(part.out_features for part in parts)
+        self.use_triton = False  # set by PackedCheckpoint.install on CUDA; the self-check may unset it
         perms = [part.perm for part in parts]
         # One product for all parts where their rows are in one order (q/k/v and gate/up share x).
         self.shared_order = all(
@@ -207,8 +214,40 @@ class PackedLinear(nn.Module):
         return torch.cat(rows)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # x: [num_tokens, in] -> [num_tokens, out]. x @ W^T straight from the [in, out] dequantized
-        # values: F.linear would take their transpose and copy it first.
+        # x: [num_tokens, in] -> [num_tokens, out]. On CUDA with Triton the w4a16 kernel
+        # (kernels/w4a16_triton.py) unless the startup self-check turned it off; else forward_torch.
+        if self.use_triton and x.is_cuda:
+            return self.forward_triton(x, bias)
+        return self.forward_torch(x, bias)
+
+    def forward_triton(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Each part's integers multiplied in place by the Triton kernel, into its columns of y: the
+        weight is never expanded in memory."""
+        x = x if x.stride(1) == 1 else x.contiguous()
+        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        start = 0
+        first = self.weights[0].perm
+        shared = x if first is None or not self.shared_order else x.index_select(1, first)
+        for part in self.weights:  # q/k/v or gate/up in one order: x gathered once
+            xp = shared if self.shared_order or part.perm is None else x.index_select(1, part.perm)
+            end = start + part.out_features
+            w4a16_triton.w4a16_matmul(
+                xp,
+                part.values,
+                part.scales,
+                part.zeros,
+                None if part.run else part.g_idx,
+                part.run,
+                part.packed,
+                out=y[:, start:end],
+            )
+            start = end
+        return y if bias is None else y + bias
+
+    def forward_torch(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The whole weight dequantized to fp32, cast to x's dtype, one matmul (CPU, and the Triton
+        kernel's twin). x @ W^T straight from the [in, out] dequantized values: F.linear would take
+        their transpose and copy it first."""
         if self.shared_order:
             perm = self.weights[0].perm
             parts = [part() for part in self.weights]
@@ -334,6 +373,7 @@ class PackedCheckpoint:
                     for name in order
                 ]
             ).to(module.weight.device)
+            module.quant.use_triton = module.weight.device.type == "cuda" and w4a16_triton.available()
             placeholder = torch.zeros((), dtype=module.weight.dtype, device=module.weight.device).expand(
                 module.weight.shape
             )
