@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 from loraxpy.kernels.attention import AttentionBackend, select_attention_backend
+from loraxpy.worker.gptq import PackedLinear
 from loraxpy.worker.moe import SparseMoeBlock
 from loraxpy.worker.self_check_cases import (
     Case,
     attention_case,
     decode_graph_case,
     experts_case,
+    packed_case,
     sgmv_case,
 )
 
@@ -112,6 +114,18 @@ def experts_path(model: nn.Module) -> str:
     return "triton" if all(b.experts.use_triton for b in blocks) else "torch"
 
 
+def packed_linears(model: nn.Module) -> list[tuple[PackedLinear, torch.dtype, str]]:
+    """The GPTQ / AWQ linears set to the Triton w4a16 kernel: each with its layer's dtype and the
+    decoder layer it belongs to (its module name up to the layer index)."""
+    found = []
+    for name, module in model.named_modules():
+        quant = getattr(module, "quant", None)
+        if isinstance(quant, PackedLinear) and quant.use_triton:
+            layer = ".".join(name.split(".")[:2])
+            found.append((quant, module.weight.dtype, layer))
+    return found
+
+
 @dataclass
 class SelfCheck:
     """Runs the checks at warmup and remembers what fell back: path → why."""
@@ -151,6 +165,14 @@ class SelfCheck:
                 self._fall_back("experts", "triton", "torch", failure)
                 for block in moe_blocks:
                     block.experts.use_triton = False
+        packed = packed_linears(model)
+        if packed:  # GPTQ / AWQ: the first layer's linears (every kernel variant a model launches)
+            first = [(linear, dtype) for linear, dtype, layer in packed if layer == packed[0][2]]
+            failure = _first_failure(packed_case(linear, dtype) for linear, dtype in first)
+            if failure is not None:
+                self._fall_back("w4a16", "triton", "torch", failure)
+                for linear, _, _ in packed:
+                    linear.use_triton = False
 
     def check_graphs(
         self,

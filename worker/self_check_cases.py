@@ -22,6 +22,7 @@ from loraxpy.worker.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from loraxpy.worker.cuda_graphs import DecodeGraphs
+    from loraxpy.worker.gptq import PackedLinear
     from loraxpy.worker.lora import LoraSlots
     from loraxpy.worker.model import CausalLM
     from loraxpy.worker.moe import SparseMoeBlock
@@ -37,6 +38,7 @@ ATTENTION_SEQS = ((1, 1), (1, 37), (9, 9), (6, 40))
 SGMV_ROW_SLOTS = (0, 0, 1, 1, 1, 2, 2, 2, 0, 2, 2, *[1] * 17, 0)
 DECODE_SEQ_LENS = (1, 18, 35)  # the sequences of the checked decode step (fewer if the cache is small)
 EXPERT_TOKENS = 37  # tokens of the experts' case: uneven rows per expert
+PACKED_ROWS = (3, 37)  # rows of x in the GPTQ / AWQ linears' case: a decode-sized and a prefill-sized step
 
 
 def _generator(device: torch.device) -> torch.Generator:
@@ -149,6 +151,25 @@ def experts_case(block: SparseMoeBlock) -> Case:
 
     def twin() -> Outputs:
         return (experts.forward_torch(x, weights, ids),)
+
+    return fast, twin, dtype
+
+
+def packed_case(linear: PackedLinear, dtype: torch.dtype) -> Case:
+    """A GPTQ / AWQ linear's loaded integers over random rows of x (a decode-sized and a prefill-sized
+    step, whose row blocks differ): the Triton w4a16 kernel against dequantize-then-matmul
+    (`PackedLinear.forward_torch`)."""
+    part = linear.weights[0]
+    in_features = part.in_features
+    device = part.values.device
+    g = _generator(device)
+    steps = [torch.randn(rows, in_features, generator=g, device=device).to(dtype) for rows in PACKED_ROWS]
+
+    def fast() -> Outputs:
+        return tuple(linear.forward_triton(x, None) for x in steps)
+
+    def twin() -> Outputs:
+        return tuple(linear.forward_torch(x, None) for x in steps)
 
     return fast, twin, dtype
 
