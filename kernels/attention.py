@@ -9,11 +9,14 @@ when the layer has a sliding window, as HF transformers' sliding-window mask doe
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,7 @@ def paged_attention_sdpa_fp8(
 
 AttentionFn = Callable[..., torch.Tensor]
 StoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
-ATTENTION_BACKENDS = ("auto", "sdpa", "triton")
+ATTENTION_BACKENDS = ("auto", "sdpa", "triton", "flash")
 
 
 @dataclass(frozen=True)
@@ -303,18 +306,28 @@ class AttentionBackend:
     name: str
     attend: AttentionFn
     store: StoreFn
+    # What the startup self-check tries next if this one fails (None: SDPA), e.g. auto's flash → triton.
+    fallback: AttentionBackend | None = None
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3fn")  # auto: the model's dtype; fp8 names e4m3
 
 
 def select_attention_backend(
-    device: torch.device, requested: str = "auto", kv_cache_dtype: str = "auto"
+    device: torch.device,
+    requested: str = "auto",
+    kv_cache_dtype: str = "auto",
+    *,
+    dtype: torch.dtype | None = None,
+    block_size: int | None = None,
 ) -> AttentionBackend:
     """Chooses the attention implementation once, at startup; the name is logged and reported by Info.
 
-    auto: Triton on CUDA when Triton is installed, else torch SDPA (the CPU path). An fp8 KV cache
-    runs on SDPA over dequantized K/V ("sdpa-fp8"); the Triton kernels read only the model's dtype.
+    auto: on CUDA, flash-attn / vllm-flash-attn where one is importable and takes `dtype` and
+    `block_size` (kernels/attention_flash.py), else Triton when installed, else torch SDPA (the CPU
+    path); the startup self-check keeps a fast path only if it matches SDPA, and falls back along
+    flash → Triton → SDPA. An fp8 KV cache runs on SDPA over dequantized K/V ("sdpa-fp8"); the
+    Triton and flash kernels read only the model's dtype.
     """
     if requested not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {requested!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
@@ -323,20 +336,52 @@ def select_attention_backend(
             f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}"
         )
     if kv_cache_dtype != "auto":
-        if requested == "triton":
+        if requested in ("triton", "flash"):
             raise ValueError(
                 "--kv-cache-dtype fp8 runs on the SDPA attention (K/V dequantized after the gather); the "
-                "Triton attention kernels read only the model's dtype: use --attention-backend sdpa or auto"
+                f"{'Triton' if requested == 'triton' else 'flash'} attention kernels read only the model's "
+                "dtype: use --attention-backend sdpa or auto"
             )
         return AttentionBackend("sdpa-fp8", paged_attention_sdpa_fp8, store_kv_fp8)
+    sdpa = AttentionBackend("sdpa", paged_attention_sdpa, store_kv)
     if requested == "sdpa" or (requested == "auto" and device.type != "cuda"):
-        return AttentionBackend("sdpa", paged_attention_sdpa, store_kv)
+        return sdpa
+    if requested == "flash":
+        return _flash_backend(dtype, block_size, required=True) or sdpa
     from loraxpy.kernels import attention_triton  # imports triton: only where it may be used
 
-    if attention_triton.available():
-        return AttentionBackend(
-            "triton", attention_triton.paged_attention_triton, attention_triton.store_kv_triton
-        )
+    triton = (
+        AttentionBackend("triton", attention_triton.paged_attention_triton, attention_triton.store_kv_triton)
+        if attention_triton.available()
+        else None
+    )
     if requested == "triton":
-        raise ValueError("attention backend 'triton' needs the triton package")
-    return AttentionBackend("sdpa", paged_attention_sdpa, store_kv)
+        if triton is None:
+            raise ValueError("attention backend 'triton' needs the triton package")
+        return triton
+    flash = _flash_backend(dtype, block_size, required=False, fallback=triton)
+    return flash or triton or sdpa
+
+
+def _flash_backend(
+    dtype: torch.dtype | None,
+    block_size: int | None,
+    required: bool,
+    fallback: AttentionBackend | None = None,
+) -> AttentionBackend | None:
+    """flash-attn / vllm-flash-attn's backend if one is importable and takes `dtype` and `block_size`;
+    else None (auto: with a log line saying why), or a ValueError when `required`."""
+    from loraxpy.kernels import attention_flash
+
+    library = attention_flash.find_library()
+    if library is None:
+        if required:
+            raise ValueError("attention backend 'flash' needs flash-attn or vllm-flash-attn installed")
+        return None
+    reason = attention_flash.unusable_reason(library, dtype, block_size)
+    if reason is not None:
+        if required:
+            raise ValueError(f"--attention-backend flash: {reason}")
+        logger.info("attention: %s is installed but not used: %s", library.name, reason)
+        return None
+    return attention_flash.flash_backend(library, fallback)

@@ -12,7 +12,7 @@ from loraxpy.proto.quantization import PREQUANTIZED, SCHEMES, check_scheme_name
 from loraxpy.proto.settings import setting
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
-ATTENTION_BACKEND_NAMES = ("auto", "sdpa", "triton")  # kernels/attention.py's ATTENTION_BACKENDS
+ATTENTION_BACKEND_NAMES = ("auto", "sdpa", "triton", "flash")  # kernels/attention.py's ATTENTION_BACKENDS
 CPU_WEIGHT_LAYOUTS = ("auto", "packed", "plain")  # worker/prepacked.py's LAYOUTS
 KV_CACHE_DTYPE_NAMES = ("auto", "fp8", "fp8_e4m3fn")  # kernels/attention.py's KV_CACHE_DTYPES
 
@@ -24,7 +24,11 @@ class WorkerSettings:
     )
     revision: str | None = setting(None, help="hub revision")
     dtype: str = setting("auto", help="auto, float32, float16 or bfloat16")
-    attention_backend: str = setting("auto", help="auto (Triton on CUDA, SDPA on CPU), sdpa or triton")
+    attention_backend: str = setting(
+        "auto",
+        help="auto (CUDA: flash-attn / vllm-flash-attn where installed, else Triton; SDPA on CPU), sdpa, "
+        "triton or flash",
+    )
     cpu_weight_layout: str = setting(
         "auto",
         choices=CPU_WEIGHT_LAYOUTS,
@@ -76,10 +80,10 @@ class WorkerSettings:
             raise ValueError(f"--cpu-weight-layout must be one of {', '.join(CPU_WEIGHT_LAYOUTS)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPE_NAMES:
             raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPE_NAMES)}")
-        if self.kv_cache_dtype != "auto" and self.attention_backend == "triton":
+        if self.kv_cache_dtype != "auto" and self.attention_backend in ("triton", "flash"):
             raise ValueError(
-                "--kv-cache-dtype fp8 runs on the SDPA attention; the Triton attention kernels read only "
-                "the model's dtype: use --attention-backend sdpa or auto"
+                "--kv-cache-dtype fp8 runs on the SDPA attention; the Triton and flash attention kernels read "
+                "only the model's dtype: use --attention-backend sdpa or auto"
             )
         check_scheme_name(self.quantize)  # before any shard starts
         if self.cuda_graph_max_batch_size < 0:

@@ -71,7 +71,7 @@ class RunnerOptions:
     adapter_host_cache_bytes: int = 4 << 30  # parsed adapters kept in host memory (LRU)
     # Which adapters requests may use and with whose credentials; size, disk, time and load caps.
     adapter_settings: AdapterSettings = field(default_factory=AdapterSettings)
-    attention_backend: str = "auto"  # auto | sdpa | triton (auto: Triton on CUDA)
+    attention_backend: str = "auto"  # auto | sdpa | triton | flash (auto: flash-attn, else Triton on CUDA)
     # Decode steps of up to this many requests replay CUDA graphs (0: off). On CPU nothing is
     # captured and such steps run the graphs' padded eager twin, which is how it is tested.
     cuda_graph_max_batch_size: int = 0
@@ -89,12 +89,18 @@ class ModelRunner:
         check_quantization(model_path, options.quantize, options.device)
         backend = options.attention_backend
         if self.config.attn_softcap is not None:  # the Triton kernels have no soft-capping
-            if backend == "triton":
+            if backend in ("triton", "flash"):
                 raise ValueError(
                     f"{self.config.model_type} soft-caps attention scores: use --attention-backend sdpa"
                 )
             backend = "sdpa"
-        attention = select_attention_backend(options.device, backend, options.kv_cache_dtype)
+        attention = select_attention_backend(
+            options.device,
+            backend,
+            options.kv_cache_dtype,
+            dtype=options.dtype,
+            block_size=options.block_size,
+        )
         self.attention_backend = attention.name
         started = time.perf_counter()
         self.model = CausalLM(

@@ -1,13 +1,13 @@
 """The startup self-check: each fast path runs a small case against its torch twin before serving.
 
-At warmup on CUDA, Triton attention (with its KV store), Triton SGMV, the Triton grouped experts of
-MoE models and the captured decode graphs each compute a small random case next to their twins
-(SDPA, the grouped torch LoRA, the torch experts, the same forward run eagerly). A compile error, a
-launch failure or a result off by more than the dtype's rounding logs a warning naming the path and
-switches that path to its twin, so a kernel that misbehaves on some GPU costs speed, never a crash
-or wrong tokens. Info reports the paths in use (`active_paths`) and why any fast one was dropped.
-CPU serves the torch paths (Triton's interpreter is for tests), so nothing is checked there and CPU
-startup pays nothing.
+At warmup on CUDA, Triton or flash-attn attention (with its KV store), Triton SGMV, the Triton
+grouped experts of MoE models and the captured decode graphs each compute a small random case next
+to their twins (SDPA, the grouped torch LoRA, the torch experts, the same forward run eagerly). A
+compile error, a launch failure or a result off by more than the dtype's rounding logs a warning
+naming the path and switches that path to its twin, so a kernel that misbehaves on some GPU costs
+speed, never a crash or wrong tokens. Info reports the paths in use (`active_paths`) and why any
+fast one was dropped. CPU serves the torch paths (Triton's interpreter is for tests), so nothing is
+checked there and CPU startup pays nothing.
 """
 
 from __future__ import annotations
@@ -94,9 +94,10 @@ def active_paths(
     cpu_ops: str = "",
     experts: str = "",
 ) -> dict[str, str]:
-    """What runs each fast path now: attention (triton | sdpa), lora (triton | torch | none),
-    decode (cuda-graphs | graph-twin, the padded eager forward on CPU | eager), on CPU cpu_ops
-    (fused: kernels/cpu_fused.cpp | torch), and in MoE models experts (triton | torch)."""
+    """What runs each fast path now: attention (flash-attn | vllm-flash-attn | triton | sdpa), lora
+    (triton | torch | none), decode (cuda-graphs | graph-twin, the padded eager forward on CPU |
+    eager), on CPU cpu_ops (fused: kernels/cpu_fused.cpp | torch), and in MoE models experts
+    (triton | torch)."""
     decode = "eager" if graphs is None else "cuda-graphs" if graphs.is_captured else "graph-twin"
     paths = {"attention": attention, "lora": lora.backend if lora is not None else "none", "decode": decode}
     if cpu_ops:
@@ -144,15 +145,21 @@ class SelfCheck:
         if not self.is_enabled or self.is_kernels_checked:
             return
         self.is_kernels_checked = True
-        fast = attention_of(model)
-        if fast.name not in ("sdpa", "sdpa-fp8"):  # the fp8 cache's SDPA path has no other twin
-            twin = select_attention_backend(torch.device("cpu"), "sdpa")
+        chosen = fast = attention_of(model)
+        twin = select_attention_backend(torch.device("cpu"), "sdpa")
+        # The fp8 cache's SDPA path has no other twin. A failing fast path hands over to its
+        # fallback (auto's flash → Triton), which is checked in turn, and SDPA ends the chain.
+        while fast.name not in ("sdpa", "sdpa-fp8"):
             failure = _first_failure(
                 attention_case(model, fast, twin, block_size, window) for window in _windows(model)
             )
-            if failure is not None:
-                self._fall_back("attention", fast.name, twin.name, failure)
-                use_attention(model, twin)
+            if failure is None:
+                break
+            following = fast.fallback or twin
+            self._fall_back("attention", fast.name, following.name, failure)
+            fast = following
+        if fast is not chosen:
+            use_attention(model, fast)
         if lora is not None and lora.backend == "triton":
             failure = _first_failure(sgmv_case(slots) for slots in _first_layer_slots(lora))
             if failure is not None:
@@ -191,7 +198,9 @@ class SelfCheck:
         return None
 
     def _fall_back(self, path: str, fast: str, twin: str, failure: str) -> None:
-        self.failures[path] = failure
+        # Two fast paths of one kind failing (flash, then Triton attention) are both reported.
+        earlier = self.failures.get(path)
+        self.failures[path] = failure if earlier is None else f"{earlier}; {fast}: {failure}"
         logger.warning(
             "self-check: the %s %s path failed against its twin (%s); using %s instead",
             fast,
