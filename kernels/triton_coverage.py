@@ -3,11 +3,12 @@
 For each model shape and dtype: paged attention for a decode step and for a step with prompt rows
 (their tiles differ), the KV store, SGMV shrink/expand for every adapted layer (fused q/k/v, o,
 fused gate/up, down) at each slot rank, and for MoE models the grouped expert GEMMs (gate/up and
-down) of a decode step, a short and a long prefill step (their row blocks differ). Tensors are
+down) of a decode step, a short and a long prefill step (their row blocks differ), and the w4a16
+matmul of GPTQ / AWQ checkpoints' decoder linears in a decode and a prefill step. Tensors are
 shaped as the worker lays them out on one shard (worker/model.py, worker/lora.py) but live on the
 meta device, so an 8B layer costs nothing; `attention_launch`, `store_launch`, `shrink_launch` and
-`expand_launch` decide every block size and constexpr exactly as at run time (`gate_up_launch` and
-`down_launch` too). `main` writes docs/triton-kernels.md.
+`expand_launch` decide every block size and constexpr exactly as at run time (`gate_up_launch`,
+`down_launch` and `w4a16_launch` too). `main` writes docs/triton-kernels.md.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from loraxpy.kernels.triton_aot import (
     problems,
 )
 from loraxpy.kernels.triton_launch import Launch
+from loraxpy.kernels.w4a16_triton import w4a16_launch
 
 META = torch.device("meta")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -47,6 +49,7 @@ SLOTS = [1, 1, 0, 2, 2, 2, 3, 0, 1]  # adapter slot of each row: runs of adapter
 NUM_SLOTS = 4
 # Tokens of an MoE step: decode (4 sequences), the prefill step above, and a long prompt chunk.
 MOE_STEPS = {"decode": 4, "prefill": 50, "prefill 512": 512}
+GPTQ_GROUP = 128  # rows per quantization group of the GPTQ / AWQ launches (the formats' usual size)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ def model_launches(dims: ModelDims, dtype: torch.dtype) -> list[tuple[Use, Launc
     found = [(Use(dims.name, name, what), launch) for what, launch in attention_launches(dims, dtype)]
     found += [(Use(dims.name, name, what), launch) for what, launch in lora_launches(dims, dtype)]
     found += [(Use(dims.name, name, what), launch) for what, launch in moe_launches(dims, dtype)]
+    found += [(Use(dims.name, name, what), launch) for what, launch in packed_launches(dims, dtype)]
     return found
 
 
@@ -173,6 +177,34 @@ def moe_launches(dims: ModelDims, dtype: torch.dtype) -> list[tuple[str, Launch]
         weights = torch.empty(num_tokens, dims.top_k, dtype=torch.float32, device=META)
         found.append((f"experts gate_up {step}", gate_up_launch(x, gate_up, h, blocks, "silu")))
         found.append((f"experts down {step}", down_launch(h, down, y, blocks, weights)))
+    return found
+
+
+def packed_launches(dims: ModelDims, dtype: torch.dtype) -> list[tuple[str, Launch]]:
+    """A GPTQ / AWQ checkpoint's decoder linears (4-bit, groups of GPTQ_GROUP rows) in a decode and a
+    prefill step, each part of a fused layer its own launch as worker/gptq.py makes them; the
+    row-parallel ones (o, down) also as a shard's slice of an act-order checkpoint, whose rows' groups
+    are gathered. MoE models' experts are not read packed: only their attention linears."""
+    layers = lora_layers(dims)
+    if dims.num_experts:
+        layers = {k: v for k, v in layers.items() if k in ("qkv", "o")}
+    found = []
+    for step, query_lens in QUERY_LENS.items():
+        rows = sum(query_lens)
+        for layer, (in_features, out_sizes) in layers.items():
+            x = torch.empty(rows, in_features, dtype=dtype, device=META)
+            groups = -(-in_features // GPTQ_GROUP)
+            row_parallel = layer in ("o", "down")
+            for out_features in dict.fromkeys(out_sizes):  # q, k, v / gate, up: equal sizes launch alike
+                values = torch.empty(in_features // 2, out_features, dtype=torch.uint8, device=META)
+                scales = torch.empty(groups, out_features, dtype=torch.float32, device=META)
+                y = torch.empty(rows, out_features, dtype=dtype, device=META)
+                launch = w4a16_launch(x, values, scales, scales, None, GPTQ_GROUP, True, y)
+                found.append((f"gptq {layer} {step}", launch))
+                if row_parallel:
+                    g_idx = torch.empty(in_features, dtype=torch.int64, device=META)
+                    launch = w4a16_launch(x, values, scales, scales, g_idx, 0, True, y)
+                    found.append((f"gptq act-order {layer} shard {step}", launch))
     return found
 
 
@@ -262,7 +294,9 @@ def render_table(planned: list[Planned], reports: list[Report], triton_version: 
         "Kernels: `store_kernel`, `attention_kernel` (kernels/attention_triton.py: paged KV store and",
         "attention); `shrink_kernel`, `expand_kernel` (kernels/lora_triton.py: SGMV LoRA);",
         "`gate_up_kernel`, `down_kernel` (kernels/moe_triton.py: grouped expert GEMMs of MoE layers,",
-        "gate/up with the activation fused, down weighted by the routing weights).",
+        "gate/up with the activation fused, down weighted by the routing weights); `w4a16_kernel`",
+        "(kernels/w4a16_triton.py: GPTQ / AWQ linears multiplied from their 4-bit integers, groups of",
+        f"{GPTQ_GROUP} rows in runs or gathered per row for an act-order shard).",
         "",
         f"Limits: {limits}. Registers and spill bytes are read from each cubin (cuobjdump): on a GPU",
         "the compiled kernel's `n_regs` should equal the registers here and `n_spills` the spill",

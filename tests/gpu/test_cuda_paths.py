@@ -188,3 +188,24 @@ def test_triton_grouped_experts_need_no_host_sync_and_replay_in_a_cuda_graph() -
     ids.copy_(new_ids)
     graph.replay()
     assert _relative_error(out, experts.forward_torch(x, weights, ids)) < 2e-2  # the new routing's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["gptq act-order g32", "awq g32", "gptq 8-bit act-order g16"])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_triton_w4a16_equals_dequantize_then_matmul_on_cuda(dtype: torch.dtype, case: str, rows: int) -> None:
+    """The packed linear on CUDA takes the kernel; it and the twin against the float64 product of the
+    drawn integers, within the dtype's rounding (relative L2 error, as the startup self-check)."""
+    from test_w4a16_triton import CASES, IN, _checkpoint, _dense, _part
+
+    from loraxpy.worker.gptq import PackedLinear
+
+    config, tensors, drawn = _checkpoint(*CASES[case], seed=len(case))
+    linear = PackedLinear([_part(config, tensors)]).to(CUDA)
+    linear.use_triton = True
+    x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    want = _dense(x.float(), drawn)
+    got = linear(x.to(CUDA), None)
+    tolerance = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
+    assert got.dtype == dtype and _relative_error(got.cpu(), want) < tolerance
+    assert _relative_error(linear.forward_torch(x.to(CUDA), None).cpu(), want) < tolerance

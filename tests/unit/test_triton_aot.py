@@ -45,12 +45,12 @@ def test_kernel_compiles_within_the_targets_limits(reports, planned: triton_aot.
 
 def test_every_kernel_and_launch_is_covered() -> None:
     """Each kernel module's kernels, each model, dtype and target appear in the plan."""
-    from loraxpy.kernels import attention_triton, lora_triton, moe_triton
+    from loraxpy.kernels import attention_triton, lora_triton, moe_triton, w4a16_triton
 
     kernels = {p.job.kernel for p in PLANNED}
     shipped = {attention_triton.store_kernel, attention_triton.attention_kernel}
     shipped |= {lora_triton.shrink_kernel, lora_triton.expand_kernel}
-    shipped |= {moe_triton.gate_up_kernel, moe_triton.down_kernel}
+    shipped |= {moe_triton.gate_up_kernel, moe_triton.down_kernel, w4a16_triton.w4a16_kernel}
     assert kernels == {k.__name__ for k in shipped}
     uses = {(u.model, u.dtype) for p in PLANNED for u in p.uses}
     families = {"qwen3-8b", "gemma2-9b", "phi3-mini", "mixtral-8x7b", "qwen3-30b-a3b"}
@@ -60,6 +60,10 @@ def test_every_kernel_and_launch_is_covered() -> None:
         "mixtral-8x7b",
         "qwen3-30b-a3b",
     }
+    w4a16 = [p for p in PLANNED if p.job.kernel == "w4a16_kernel"]
+    assert {u.model for p in w4a16 for u in p.uses} == {m for m, _ in uses}  # every model's packed linears
+    # a decode and a prefill step's row blocks, rows in runs and gathered, each dtype and target
+    assert len(w4a16) == 2 * 2 * 3 * 2
     assert {d for _, d in uses} == {"float32", "float16", "bfloat16"}
     assert {p.job.arch for p in PLANNED} == {80, 90}
 
