@@ -115,6 +115,15 @@ def experts_path(model: nn.Module) -> str:
     return "triton" if all(b.experts.use_triton for b in blocks) else "torch"
 
 
+def packed_path(model: nn.Module) -> dict[str, str]:
+    """What multiplies a GPTQ / AWQ model's packed linears: {"w4a16": triton (kernels/w4a16_triton.py)
+    or torch (dequantize, then matmul)}; {} for other models."""
+    linears = [m.quant for m in model.modules() if isinstance(getattr(m, "quant", None), PackedLinear)]
+    if not linears:
+        return {}
+    return {"w4a16": "triton" if all(linear.use_triton for linear in linears) else "torch"}
+
+
 def packed_linears(model: nn.Module) -> list[tuple[PackedLinear, torch.dtype, str]]:
     """The GPTQ / AWQ linears set to the Triton w4a16 kernel: each with its layer's dtype and the
     decoder layer it belongs to (its module name up to the layer index)."""

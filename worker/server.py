@@ -36,7 +36,7 @@ from loraxpy.worker.lora import SlotsFullError, StagedAdapter
 from loraxpy.worker.merge import MergeOptions, MergeRequest
 from loraxpy.worker.runner import ModelRunner, NotReadyError
 from loraxpy.worker.sampling import SamplingParams
-from loraxpy.worker.self_check import active_paths, experts_path
+from loraxpy.worker.self_check import active_paths, experts_path, packed_path
 
 logger = logging.getLogger(__name__)
 
@@ -186,9 +186,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             supports_adapters=r.lora is not None,
             eos_token_ids=list(r.config.eos_token_ids),
             num_adapter_slots=r.num_adapter_slots,
-            kernel_paths=active_paths(
-                r.attention_backend, r.lora, r.graphs, r.cpu_ops, experts_path(r.model)
-            ),
+            kernel_paths=active_paths(r.attention_backend, r.lora, r.graphs, r.cpu_ops, experts_path(r.model))
+            | packed_path(r.model),
             self_check_failures=r.self_check.failures,
             can_reuse_prefixes=r.can_reuse_prefixes,
             quantize=r.quantization,

@@ -353,6 +353,7 @@ def test_prequantized_worker_matches_transformers_on_the_checkpoints_dequantized
         batch = run_mixed_batch(stubs, 8)
         infos = [s.Info(pb.InfoRequest()) for s in stubs]
     assert [i.quantize for i in infos] == [method] * num_shard
+    assert [i.kernel_paths["w4a16"] for i in infos] == ["torch"] * num_shard  # CPU: dequantize, then matmul
     base_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     assert all(0 < i.weight_bytes < base_bytes for i in infos)
     if method not in REFERENCE:  # the same weights and requests over one and two shards: computed once

@@ -35,6 +35,7 @@ from loraxpy.worker.self_check import (
     attention_of,
     compare,
     experts_path,
+    packed_path,
     use_attention,
 )
 from loraxpy.worker.server import WorkerServicer
@@ -349,6 +350,7 @@ def test_the_real_w4a16_kernel_passes_the_check_in_the_interpreter(config: Model
     check = SelfCheck(is_enabled=True)
     check.check_kernels(model, None, block_size=16)
     assert check.failures == {} and _packed_paths(model) == [True] * 8  # 4 linears a layer, 2 layers
+    assert packed_path(model) == {"w4a16": "triton"} and packed_path(model_with(config, GOOD)) == {}
 
 
 def test_a_failing_w4a16_kernel_falls_back_to_dequantize_then_matmul(
@@ -370,4 +372,4 @@ def test_a_failing_w4a16_kernel_falls_back_to_dequantize_then_matmul(
     with caplog.at_level(logging.WARNING):
         check.check_kernels(model, None, block_size=16)
     assert _packed_paths(model) == [False] * 8 and list(check.failures) == ["w4a16"]
-    assert "triton w4a16 path failed" in caplog.text
+    assert "triton w4a16 path failed" in caplog.text and packed_path(model) == {"w4a16": "torch"}
