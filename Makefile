@@ -54,15 +54,22 @@ gpu-check-rehearse: $(STAMP)
 	$(PY) bench/gpu_check.py --rehearse --out .cache/gpu-check
 
 # Run here, with a network: what the GPU image lacks or has too old (protobuf and grpcio at least
-# the stubs' versions; pydantic for the router; gguf), as wheels for its Python 3.12 in .whl/
-# (git-ignored). Name .whl in the device tool's `carry`; gpu_check.py installs what is needed.
-GPU_WHEELS ?= protobuf grpcio pydantic pydantic-core annotated-types typing-inspection gguf
+# the stubs' versions; pydantic; gguf; opentelemetry-proto, which tests/integration's conftest
+# imports; llguidance, so the router can start there too), as wheels for its Python 3.12 in .whl/
+# (git-ignored), at this venv's versions. llguidance's wheel is manylinux_2_31 (the image's glibc
+# is newer). The project itself is not a wheel: gpu_check.py installs the working tree that travels
+# with the call, so a wheel built before a last edit can never run stale code. Name .whl in the
+# device tool's `carry`; gpu_check.py installs what the image lacks. The call carries 64 MiB in all.
+GPU_WHEELS ?= protobuf grpcio pydantic pydantic-core annotated-types typing-inspection gguf \
+  opentelemetry-proto llguidance
 gpu-wheels: $(STAMP)
 	rm -rf .whl
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl \
 	  $$($(PY) -c "from importlib.metadata import version as v; print(' '.join(n + '==' + v(n) for n in '$(GPU_WHEELS)'.split()))")
 	du -sh .whl
+	test $$(du -sm .whl | cut -f1) -le 48 || { echo ".whl is over 48 MiB: the device call carries 64 MiB with the tree"; exit 1; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -168,13 +168,23 @@ def run(config: BenchConfig, output: Path, plot: Path, workdir: Path) -> dict:
     machine = machine_info(config.device, config.dtype, bandwidth)
     runs: list[RunResult] = []
     baselines: list[BaselineComparison] = []
-    for name in config.shapes:
-        shape_runs, shape_baselines = run_shape(config, SHAPES[name], bandwidth, workdir)
-        runs += shape_runs
-        baselines += shape_baselines
     config_doc = {
         k: (str(v) if isinstance(v, torch.device | torch.dtype) else v) for k, v in vars(config).items()
     }
+
+    def save(
+        shape_runs: list[RunResult], shape_baselines: list[BaselineComparison], engine_done: bool
+    ) -> None:
+        """JSON after every run (the plot once a shape's grid is done): a run stopped at a deadline
+        (bench/gpu_check.py's stages) keeps every result it reached."""
+        write_json(output, machine, config_doc, runs + shape_runs, baselines + shape_baselines)
+        if engine_done and not shape_baselines:
+            plot_throughput(plot, runs + shape_runs)
+
+    for name in config.shapes:
+        shape_runs, shape_baselines = run_shape(config, SHAPES[name], bandwidth, workdir, save)
+        runs += shape_runs
+        baselines += shape_baselines
     write_json(output, machine, config_doc, runs, baselines)
     plot_throughput(plot, runs)
     print(

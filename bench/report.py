@@ -59,7 +59,9 @@ def write_json(
         "baseline": [asdict(b) for b in baselines],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1))
+    partial = path.with_name(path.name + ".partial")  # replaced whole: a reader never sees half a file
+    partial.write_text(json.dumps(doc, indent=1))
+    partial.replace(path)
 
 
 def format_table(runs: list[RunResult], baselines: list[BaselineComparison]) -> str:

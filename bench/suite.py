@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +87,15 @@ class BenchConfig:
         )
 
 
+# Called as results arrive: (the grid's runs so far, the PEFT comparisons so far, engine runs done).
+Progress = Callable[[list[RunResult], list[BaselineComparison], bool], None]
+
+
 def run_shape(
-    config: BenchConfig, shape: ModelShape, bandwidth: float, workdir: Path
+    config: BenchConfig, shape: ModelShape, bandwidth: float, workdir: Path, progress: Progress | None = None
 ) -> tuple[list[RunResult], list[BaselineComparison]]:
+    """The shape's grid, then the PEFT baseline; `progress` sees each result as it comes, so a caller
+    killed at a deadline (bench/gpu_check.py) has already written what ran."""
     dtype_name = str(config.dtype).removeprefix("torch.")
     model_dir = workdir / f"{shape.name}-{dtype_name}"
     if not (model_dir / "config.json").exists():  # written last (Llama) or the folder moved in whole
@@ -125,12 +132,19 @@ def run_shape(
                 result.decode_bound_ms,
             )
             results[spec] = result
+            if progress is not None and spec in specs:
+                progress([results[s] for s in specs if s in results], [], False)
         del bench
         _free(config.device)
+    runs = [results[s] for s in specs]
+    if progress is not None:
+        progress(runs, [], True)
     comparisons = (
         _compare_with_peft(config, shape, model_dir, pool, baseline_specs, results) if config.baseline else []
     )
-    return [results[s] for s in specs], comparisons
+    if progress is not None and comparisons:
+        progress(runs, comparisons, True)
+    return runs, comparisons
 
 
 def _engine(
@@ -146,6 +160,9 @@ def _engine(
         block_size=bs,
         max_loras=max(1, *(s.workload.num_adapters for s in group)),
         max_lora_rank=max_rank,
+        # CUDA: 128 rank-16 slots of 8b take 10.7 GB, more than the default tenth of an H100's memory
+        # (101 slots); the grid's batches need one slot per distinct adapter.
+        adapter_memory_fraction=0.3,
         adapter_root=pool.root,
         cuda_graph_max_batch_size=config.cuda_graph_max_batch_size,
     )

@@ -175,3 +175,29 @@ def test_workload_assignments() -> None:
 def test_bad_flags_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--device=cpu", "--shapes=70b"]) == 2
     assert "unknown shapes" in capsys.readouterr().err
+
+
+def test_a_bench_stopped_midway_has_written_every_run_it_finished(
+    bench: tuple[dict, Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/gpu_check.py kills a shape's stage at its deadline: the JSON holds the runs before it."""
+    from loraxpy.bench.engine import EngineBench
+
+    _, tmp, _ = bench
+    real_run, calls = EngineBench.run, []
+
+    def stop_at_the_third(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a deadline's signal does to the stage
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(EngineBench, "run", stop_at_the_third)
+    output = tmp / "stopped.json"
+    args = [a for a in ARGS if not a.startswith(("--workloads", "--batch-sizes"))]
+    with pytest.raises(KeyboardInterrupt), contextlib.redirect_stdout(io.StringIO()):
+        main([*args, "--workloads=base,single,uniform", "--batch-sizes=4", "--no-baseline",
+              f"--output={output}", f"--workdir={tmp / 'work'}"])  # fmt: skip
+    doc = json.loads(output.read_text())
+    assert [r["workload"] for r in doc["runs"]] == ["base", "single"]
+    assert all(r["decode_tokens_per_s"] > 0 for r in doc["runs"])
