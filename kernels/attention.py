@@ -320,12 +320,14 @@ def select_attention_backend(
     *,
     dtype: torch.dtype | None = None,
     block_size: int | None = None,
+    graphs: bool = False,
 ) -> AttentionBackend:
     """Chooses the attention implementation once, at startup; the name is logged and reported by Info.
 
     auto: on CUDA, flash-attn / vllm-flash-attn where one is importable and takes `dtype` and
     `block_size` (kernels/attention_flash.py), else Triton when installed, else torch SDPA (the CPU
-    path); the startup self-check keeps a fast path only if it matches SDPA, and falls back along
+    path; with `graphs`, the decode CUDA graphs asked for, Triton, which they need, when installed);
+    the startup self-check keeps a fast path only if it matches SDPA, and falls back along
     flash → Triton → SDPA. An fp8 KV cache runs on SDPA over dequantized K/V ("sdpa-fp8"); the
     Triton and flash kernels read only the model's dtype.
     """
@@ -359,7 +361,9 @@ def select_attention_backend(
         if triton is None:
             raise ValueError("attention backend 'triton' needs the triton package")
         return triton
-    flash = _flash_backend(dtype, block_size, required=False, fallback=triton)
+    flash = _flash_backend(
+        dtype, block_size, required=False, fallback=triton, graphs=graphs and triton is not None
+    )
     return flash or triton or sdpa
 
 
@@ -368,9 +372,11 @@ def _flash_backend(
     block_size: int | None,
     required: bool,
     fallback: AttentionBackend | None = None,
+    graphs: bool = False,
 ) -> AttentionBackend | None:
-    """flash-attn / vllm-flash-attn's backend if one is importable and takes `dtype` and `block_size`;
-    else None (auto: with a log line saying why), or a ValueError when `required`."""
+    """flash-attn / vllm-flash-attn's backend if one is importable and takes `dtype` and `block_size`
+    (and, for auto, no decode graphs are wanted: they capture the Triton kernels only); else None
+    (auto: with a log line saying why), or a ValueError when `required`."""
     from loraxpy.kernels import attention_flash
 
     library = attention_flash.find_library()
@@ -379,6 +385,8 @@ def _flash_backend(
             raise ValueError("attention backend 'flash' needs flash-attn or vllm-flash-attn installed")
         return None
     reason = attention_flash.unusable_reason(library, dtype, block_size)
+    if reason is None and graphs:
+        reason = "the decode CUDA graphs (--cuda-graph-max-batch-size) capture the Triton attention only"
     if reason is not None:
         if required:
             raise ValueError(f"--attention-backend flash: {reason}")

@@ -100,6 +100,7 @@ class ModelRunner:
             options.kv_cache_dtype,
             dtype=options.dtype,
             block_size=options.block_size,
+            graphs=options.cuda_graph_max_batch_size > 0,
         )
         self.attention_backend = attention.name
         started = time.perf_counter()
@@ -408,7 +409,7 @@ class ModelRunner:
                 for s, _ in (scheduled[i] for i, _ in sampling)
             ]
             masks = [scheduled[i][0].allowed_token_mask for i, _ in sampling]
-            result = sample(logits, sampling_rows, masks)
+            result = sample(logits, sampling_rows, masks, self.model.fused)
             for k, (i, _) in enumerate(sampling):
                 top = tuple((int(t), float(lp)) for t, lp in result.top_logprobs[k])
                 tokens[i] = ((result.token_ids[k], result.logprobs[k]), top)

@@ -241,6 +241,12 @@ def test_auto_chooses_an_importable_compatible_library_and_says_why_not_otherwis
 
     with_library(flash_attn=FLASH_ATTN, vllm_flash_attn=VLLM_FLASH_ATTN)  # vLLM's takes 16-token blocks
     assert select_attention_backend(CUDA, "auto", dtype=BF16, block_size=16).name == "vllm-flash-attn"
+    # Decode graphs capture the Triton kernels only: with graphs asked for, auto keeps Triton.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="loraxpy.kernels.attention"):
+        with_graphs = select_attention_backend(CUDA, "auto", dtype=BF16, block_size=16, graphs=True).name
+    assert with_graphs == plain if attention_triton.available() else with_graphs == "vllm-flash-attn"
+    assert ("capture the Triton attention only" in caplog.text) == attention_triton.available()
 
 
 @pytest.fixture(scope="module")
