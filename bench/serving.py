@@ -83,10 +83,22 @@ class ServeReport:
     # (scheduling, gRPC, handing out tokens); None when the server exports no such metrics.
     step_s: float | None = None
     router_overhead_s: float | None = None
+    num_steps: float | None = None
+    # The workers' step time as a share of the run's wall time, and the steps sent before the step
+    # in flight answered (--overlap-steps).
+    worker_busy_fraction: float | None = None
+    overlapped_steps: float | None = None
     prefix_cache_hits: float | None = None  # KV blocks the server took from its prefix cache
     # Speculative decoding (--speculative-tokens): guessed tokens the server sent and had accepted.
     speculative_proposed: float | None = None
     speculative_accepted: float | None = None
+    # Structured output (from /metrics): steps that carried masks, masks they carried, and per such
+    # step the router's seconds computing masks and the part its loop waited for (the rest overlapped
+    # handing out tokens and scheduling).
+    mask_steps: float | None = None
+    masks: float | None = None
+    mask_s: float | None = None
+    mask_wait_s: float | None = None
 
 
 def percentiles(values: list[float], points: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
@@ -240,8 +252,21 @@ async def run_serving(config: ServeConfig) -> tuple[ServeReport, list[RequestRec
         steps = steps_after[0] - steps_before[0]
         report.step_s = (steps_after[1] - steps_before[1]) / steps
         report.router_overhead_s = (steps_after[2] - steps_before[2]) / steps
+        report.num_steps = steps
+    if WORKER_BUSY in before and WORKER_BUSY in after:
+        report.worker_busy_fraction = (after[WORKER_BUSY] - before[WORKER_BUSY]) / duration
+    if OVERLAPPED_STEPS in before and OVERLAPPED_STEPS in after:
+        report.overlapped_steps = after[OVERLAPPED_STEPS] - before[OVERLAPPED_STEPS]
     if PREFIX_CACHE_HITS in before and PREFIX_CACHE_HITS in after:
         report.prefix_cache_hits = after[PREFIX_CACHE_HITS] - before[PREFIX_CACHE_HITS]
+    mask_steps = after.get(MASK_STEPS, 0.0) - before.get(MASK_STEPS, 0.0)
+    if mask_steps > 0:
+        report.mask_steps = mask_steps
+        report.masks = after.get(MASKS, 0.0) - before.get(MASKS, 0.0)
+        report.mask_s = (after.get(MASK_SECONDS, 0.0) - before.get(MASK_SECONDS, 0.0)) / mask_steps
+        report.mask_wait_s = (
+            after.get(MASK_WAIT_SECONDS, 0.0) - before.get(MASK_WAIT_SECONDS, 0.0)
+        ) / mask_steps
     if SPECULATIVE_PROPOSED in after:
         report.speculative_proposed = after[SPECULATIVE_PROPOSED] - before.get(SPECULATIVE_PROPOSED, 0.0)
         report.speculative_accepted = after.get(SPECULATIVE_ACCEPTED, 0.0) - before.get(
@@ -258,13 +283,29 @@ STEP_METRICS = (
 
 
 PREFIX_CACHE_HITS = "lorax_prefix_cache_hits_total"
+WORKER_BUSY = "lorax_worker_busy_seconds_total"
+OVERLAPPED_STEPS = "lorax_overlapped_steps_total"
 # Per adapter on the server (label `adapter`); summed here.
 SPECULATIVE_PROPOSED = "lorax_speculative_proposed_tokens_total"
 SPECULATIVE_ACCEPTED = "lorax_speculative_accepted_tokens_total"
+MASK_STEPS = "lorax_grammar_mask_steps_total"
+MASKS = "lorax_grammar_masks_total"
+MASK_SECONDS = "lorax_grammar_mask_seconds_total"
+MASK_WAIT_SECONDS = "lorax_grammar_mask_wait_seconds_total"
+_COUNTERS = (
+    PREFIX_CACHE_HITS,
+    WORKER_BUSY,
+    OVERLAPPED_STEPS,
+    MASK_STEPS,
+    MASKS,
+    MASK_SECONDS,
+    MASK_WAIT_SECONDS,
+)
 
 
 async def server_metrics(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
-    """The server's step and prefix-cache counters from one /metrics scrape; {} when it has none."""
+    """The server's step, prefix-cache, speculation and mask counters from one /metrics scrape; {}
+    when it has none."""
     try:
         async with session.get(url.rstrip("/") + "/metrics") as response:
             if response.status != 200:
@@ -275,7 +316,7 @@ async def server_metrics(session: aiohttp.ClientSession, url: str) -> dict[str, 
     values: dict[str, float] = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in STEP_METRICS or name == PREFIX_CACHE_HITS:
+        if name in STEP_METRICS or name in _COUNTERS:
             values[name] = float(value)
         family = name.partition("{")[0]
         if family in (SPECULATIVE_PROPOSED, SPECULATIVE_ACCEPTED):
@@ -310,6 +351,12 @@ def format_report(report: ServeReport) -> str:
         lines.append(
             f"steps: {report.step_s * 1e3:.2f} ms each, of which the router's own "
             f"{report.router_overhead_s * 1e3:.2f} ms ({report.router_overhead_s / report.step_s:.0%})"
+            + (f", {report.num_steps:.0f} steps" if report.num_steps else "")
+        )
+    if report.worker_busy_fraction is not None:
+        lines.append(
+            f"workers busy {report.worker_busy_fraction:.1%} of the wall time"
+            + (f"; {report.overlapped_steps:.0f} steps sent ahead" if report.overlapped_steps else "")
         )
     if report.prefix_cache_hits is not None:
         lines.append(f"prefix cache: {report.prefix_cache_hits:.0f} KV blocks reused")
@@ -318,6 +365,12 @@ def format_report(report: ServeReport) -> str:
         lines.append(
             f"speculation: {accepted:.0f} of {report.speculative_proposed:.0f} guessed tokens accepted "
             f"({accepted / report.speculative_proposed:.0%})"
+        )
+    if report.mask_steps and report.mask_s is not None and report.mask_wait_s is not None:
+        lines.append(
+            f"masks: {report.masks or 0:.0f} in {report.mask_steps:.0f} steps; per step "
+            f"{report.mask_s * 1e3:.2f} ms computing them, {report.mask_wait_s * 1e3:.2f} ms of the "
+            f"loop's waiting for them"
         )
     lines += [f"error: {e}" for e in report.errors]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -76,6 +77,10 @@ STEP_FAILED = "generation failed; the server log has the details"
 BASE_PREFIX = "base"  # the prefix-cache identity of the base model (adapters' carry their source)
 # Event-loop turns given to the HTTP handlers after a step: enough to hand out tokens and write them.
 _HANDLER_TURNS = 3
+# Computes constrained requests' next masks while the loop hands out a step's tokens and schedules the
+# next (llguidance drops the GIL); one thread, so one batch at a time, its own so that no other work
+# queues in front of it.
+_MASK_THREAD = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,8 @@ class Engine:
         self._resumed.set()
         self.grammars = grammars  # computes constrained requests' masks, all of a step's at once
         self.mask_time = MaskTimer()
+        # The next step's masks in the making (on _MASK_THREAD); no one touches their matchers meanwhile.
+        self._mask_job: Future[None] | None = None
 
     @property
     def num_active(self) -> int:
@@ -330,7 +337,7 @@ class Engine:
             self._fail_unschedulable()
             return False
         try:
-            masks = self._masks(out)
+            masks = await self._masks(out)
             reply = await self.client.step(out, metadata=self._note_scheduled(out), masks=masks)
         except WorkerError as e:
             await self._fail_step(out, e)
@@ -359,8 +366,11 @@ class Engine:
                 metadata = self.tracer.grpc_metadata(handle.trace_span)
         return metadata
 
-    def _masks(self, out: SchedulerOutput) -> dict[int, bytes]:
-        """Allowed-token masks of the constrained requests that sample in this step."""
+    async def _masks(self, out: SchedulerOutput) -> dict[int, bytes]:
+        """Allowed-token masks of the constrained requests that sample in this step: computed ahead
+        (`_start_masks`) or at compile time; any that are not are computed here."""
+        started = time.perf_counter()
+        waited = await self._masks_ready()
         matchers: dict[int, GrammarMatcher] = {}
         for r in out.scheduled:
             handle = self._handles.get(r.seq.id)
@@ -371,13 +381,64 @@ class Engine:
             ):
                 matchers[r.seq.id] = handle.matcher
         if not matchers or self.grammars is None:
+            if waited:
+                self.mask_time.waited(started)
             return {}
+        missing = [m for m in matchers.values() if m.cached_mask is None]
+        if missing:
+            self._compute_masks(missing)
+        self.mask_time.waited(started)
+        self.mask_time.sent(len(matchers))
+        return {i: m.cached_mask for i, m in matchers.items() if m.cached_mask is not None}
+
+    def _compute_masks(self, matchers: list[GrammarMatcher]) -> None:
+        """Fills the matchers' masks (kept by each until its next token)."""
+        assert self.grammars is not None
         started = time.perf_counter()
-        masks = dict(zip(matchers, self.grammars.masks(list(matchers.values())), strict=True))
-        self.mask_time.add(started, len(masks))
-        return masks
+        self.grammars.masks(matchers)
+        self.mask_time.computed(started)
+
+    def _start_masks(self, results: list[StepResult]) -> None:
+        """Starts computing, on the mask thread, the next masks of the constrained requests that
+        took a token in this step and go on: the loop hands out the tokens and schedules the next
+        step meanwhile, and that step waits only for what is left (masks depend on nothing else)."""
+        if self.grammars is None:
+            return
+        matchers = []
+        for res in results:
+            handle = self._handles.get(res.id)
+            if (
+                res.token is not None
+                and handle is not None
+                and handle.matcher is not None
+                and not handle.matcher.is_done
+                and handle.seq.finish_reason is None
+            ):
+                matchers.append(handle.matcher)
+        if matchers:
+            self._mask_job = _MASK_THREAD.submit(self._compute_masks, matchers)
+
+    async def _masks_ready(self) -> bool:
+        """Waits for the masks in the making, if any (True then)."""
+        job, self._mask_job = self._mask_job, None
+        if job is None:
+            return False
+        try:
+            await asyncio.wrap_future(job)
+        except Exception:  # computed again, on the loop, by whoever needs them
+            logger.exception("computing grammar masks ahead failed")
+        return True
+
+    def _settle_masks(self) -> None:
+        """Waits for masks in the making before their matchers take tokens: a step whose masks
+        were not awaited (none was sent since) must not move them under llguidance's feet."""
+        job, self._mask_job = self._mask_job, None
+        if job is not None:
+            with contextlib.suppress(Exception):
+                job.result()
 
     def _apply(self, results: list[StepResult]) -> None:
+        self._settle_masks()
         sampled: dict[int, int] = {}
         accepted: dict[int, tuple[int, ...]] = {}  # speculative decoding: verified guesses
         num_outputs: dict[int, int] = {}  # tokens each request had before this step
@@ -396,6 +457,7 @@ class Engine:
                     handle.matcher.advance(res.token[0])
         self.scheduler.postprocess(sampled, accepted)
         self._end_grammars(results)
+        self._start_masks(results)
         self._end_embeddings(results)
         for res in results:
             handle = self._handles.get(res.id)

@@ -7,6 +7,10 @@ request in it for the mask of tokens allowed next: packed bits, bit t % 32 of li
 word t // 32 (so bit t % 8 of byte t // 8), one word per 32 vocabulary rows of the model — what
 the workers apply to the logits before sampling. The model's EOS tokens are allowed exactly where
 the grammar may end; a grammar that can take nothing more ends the request.
+
+A matcher keeps the mask of its current state once computed, until it takes its next token, so the
+engine can compute the next step's masks off its critical path (router/engine.py: on a thread, as
+soon as a step's tokens are in) and the step finds them ready.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ class GrammarMatcher:
     ) -> None:
         self._matcher = matcher
         self._eos = eos_token_ids
-        self._initial_mask: bytes | None = initial_mask  # valid until the first token
+        self._mask: bytes | None = initial_mask  # the current state's mask; None until computed
         self.is_done = False  # the grammar ended (EOS taken, or nothing more can follow)
         self.error = ""
 
@@ -88,11 +92,12 @@ class GrammarMatcher:
 
     @property
     def cached_mask(self) -> bytes | None:
-        return self._initial_mask
+        """The mask of the tokens allowed next, if computed since the last token."""
+        return self._mask
 
     def advance(self, token_id: int) -> None:
         """Takes a sampled token. An EOS ends the grammar (the mask allowed it only where it may end)."""
-        self._initial_mask = None
+        self._mask = None
         if token_id in self._eos:
             self.is_done = True
             return
@@ -177,7 +182,9 @@ class GrammarCompiler:
         return bytes(mask)
 
     def masks(self, matchers: list[GrammarMatcher]) -> list[bytes]:
-        """The next-token mask of each matcher; several at once run on llguidance's threads (no GIL)."""
+        """The next-token mask of each matcher, kept by the matcher until its next token; several at
+        once run on llguidance's threads (no GIL). One caller at a time, and no one may use these
+        matchers meanwhile (llguidance holds them for the call)."""
         out: list[bytes | None] = [m.cached_mask for m in matchers]
         todo = [i for i, m in enumerate(out) if m is None]
         if len(todo) == 1:
@@ -192,18 +199,29 @@ class GrammarCompiler:
             self._executor.unsafe_compute_mask_ptr(pairs, pointer, size, len(todo))
             for k, i in enumerate(todo):
                 out[i] = self._with_all_eos(buffer[k * size : (k + 1) * size])
+        for i in todo:
+            matchers[i]._mask = out[i]
         return [m for m in out if m is not None]
 
 
 @dataclass
 class MaskTimer:
-    """Time the engine spends computing masks (the per-step cost of structured output)."""
+    """The per-step cost of structured output in the router: `seconds` computing masks (wherever
+    they are computed), `wait_seconds` of it on the engine loop's critical path (waiting for masks
+    computed ahead, or computing those that were not), `num_steps` steps that carried masks and
+    `num_masks` masks they carried."""
 
     seconds: float = 0.0
+    wait_seconds: float = 0.0
     num_steps: int = 0
     num_masks: int = 0
 
-    def add(self, started: float, num_masks: int) -> None:
+    def computed(self, started: float) -> None:
         self.seconds += time.perf_counter() - started
+
+    def waited(self, started: float) -> None:
+        self.wait_seconds += time.perf_counter() - started
+
+    def sent(self, num_masks: int) -> None:
         self.num_steps += 1
         self.num_masks += num_masks

@@ -86,9 +86,15 @@ class Metrics:
             "Adapters the router tracks: on the device, loading, or wanted by a request",
             registry=r,
         )
-        # Structured output's cost on the router: computing allowed-token masks before steps.
+        # Structured output's cost on the router: computing allowed-token masks (mostly on a thread
+        # while the loop hands out tokens), and the part of it the engine loop waited for.
         self.grammar_mask_seconds = Gauge(
             "lorax_grammar_mask_seconds_total", "Seconds spent computing allowed-token masks", registry=r
+        )
+        self.grammar_mask_wait_seconds = Gauge(
+            "lorax_grammar_mask_wait_seconds_total",
+            "Seconds the engine loop waited for allowed-token masks before sending steps",
+            registry=r,
         )
         self.grammar_masks = Gauge(
             "lorax_grammar_masks_total",
@@ -192,6 +198,7 @@ class Metrics:
         self.prefix_cache_blocks.set(allocator.num_cached)
         self.prefix_cache_evictions.set(allocator.num_evictions)
         self.grammar_mask_seconds.set(engine.mask_time.seconds)
+        self.grammar_mask_wait_seconds.set(engine.mask_time.wait_seconds)
         self.grammar_masks.set(engine.mask_time.num_masks)
         self.grammar_mask_steps.set(engine.mask_time.num_steps)
         for index, proposed in scheduler.num_draft_tokens.items():

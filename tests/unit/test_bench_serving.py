@@ -12,7 +12,14 @@ import pytest
 from aiohttp import web
 
 from loraxpy.bench.cli import main
-from loraxpy.bench.serving import CONSTRAINED_FORMAT, ServeConfig, percentiles, plan_requests, run_serving
+from loraxpy.bench.serving import (
+    CONSTRAINED_FORMAT,
+    ServeConfig,
+    format_report,
+    percentiles,
+    plan_requests,
+    run_serving,
+)
 
 FIRST_TOKEN_S = 0.05
 PER_TOKEN_S = 0.01
@@ -47,7 +54,8 @@ STEPS = {"n": 0}
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    """Grows by 10 steps of 20 ms (5 ms of them the router's) per scrape."""
+    """Grows by 10 steps of 20 ms (5 ms of them the router's; 4 masks computed in 2 ms, 0.5 ms of it
+    waited for) per scrape."""
     STEPS["n"] += 10
     n = STEPS["n"]
     lines = [
@@ -59,6 +67,10 @@ async def _metrics(request: web.Request) -> web.Response:
         f'lorax_speculative_proposed_tokens_total{{adapter="0"}} {n * 4}.0',
         f'lorax_speculative_proposed_tokens_total{{adapter="1"}} {n * 2}.0',
         f'lorax_speculative_accepted_tokens_total{{adapter="0"}} {n * 3}.0',
+        f"lorax_grammar_mask_steps_total {n}.0",
+        f"lorax_grammar_masks_total {n * 4}.0",
+        f"lorax_grammar_mask_seconds_total {n * 0.002}",
+        f"lorax_grammar_mask_wait_seconds_total {n * 0.0005}",
     ]
     return web.Response(text="\n".join(lines) + "\n")
 
@@ -124,6 +136,9 @@ def test_streams_are_timed_and_failures_counted(server_url: str) -> None:
     assert report.ttft_s["p50"] <= report.ttft_s["p99"]
     assert report.output_tokens_per_s == pytest.approx(5 * len(ok) / report.duration_s)
     assert report.step_s == pytest.approx(0.02) and report.router_overhead_s == pytest.approx(0.005)
+    assert report.mask_steps == 10 and report.masks == 40
+    assert report.mask_s == pytest.approx(0.002) and report.mask_wait_s == pytest.approx(0.0005)
+    assert "masks: 40 in 10 steps; per step 2.00 ms computing them, 0.50 ms" in format_report(report)
 
 
 def test_cli_serve_writes_json(server_url: str, tmp_path: Path) -> None:

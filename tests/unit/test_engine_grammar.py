@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import threading
 from pathlib import Path
 
+import jsonschema
+import llguidance
+import numpy as np
 import pytest
 
 from loraxpy.router.engine import Engine, GenerateInput, TokenEvent
-from loraxpy.router.grammar import GrammarCompiler, GrammarSpec
+from loraxpy.router.grammar import GrammarCompiler, GrammarMatcher, GrammarSpec
 from loraxpy.router.kv_blocks import BlockAllocator
 from loraxpy.router.scheduler import FinishReason, Scheduler, SchedulerConfig, SchedulerOutput
 from loraxpy.router.text import Tokenizer
@@ -154,3 +159,67 @@ def test_constrained_requests_do_not_speculate_beside_ones_that_do(
     constrained_id, plain_id = sorted(drafts)
     assert drafts[constrained_id] == 0 and drafts[plain_id] > 0
     assert plain == ([PLAIN_TOKEN] * 12, FinishReason.LENGTH)
+
+
+def test_next_masks_are_computed_on_the_mask_thread_and_equal_a_fresh_matchers(
+    tokenizer: Tokenizer, compiler: GrammarCompiler, default_model_path: Path
+) -> None:
+    """Masks computed ahead (on the mask thread, while the loop hands out tokens) are the masks of
+    the state the request is in when its step is sent: each equals the mask of an independent
+    llguidance matcher fed the same tokens."""
+    grammar = compiler.compile(GrammarSpec("json_schema", SCHEMA))
+    oracle_tokenizer = llguidance.LLTokenizer(
+        (default_model_path / "tokenizer.json").read_text(), n_vocab=tokenizer.vocab_size, eos_token=[EOS]
+    )
+    text = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})  # type: ignore[arg-type]
+    threads: list[str] = []
+    masks = compiler.masks
+
+    def recording_masks(matchers: list[GrammarMatcher]) -> list[bytes]:
+        threads.append(threading.current_thread().name)
+        return masks(matchers)
+
+    class OracleWorker(LowestAllowedWorker):
+        """Samples a random allowed token; checks every mask against its own matcher per request."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.oracles: dict[int, llguidance.LLMatcher] = {}
+            self.rng = random.Random(3)
+            self.num_checked = 0
+
+        async def step(
+            self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = (), masks: object = None
+        ) -> StepReply:
+            assert isinstance(masks, dict)
+            results = []
+            for r in out.scheduled:
+                token = None
+                if r.seq.id in masks:
+                    oracle = self.oracles.setdefault(r.seq.id, llguidance.LLMatcher(oracle_tokenizer, text))
+                    mask = masks[r.seq.id]
+                    assert mask == bytes(oracle.compute_bitmask()[: len(mask)])
+                    self.num_checked += 1
+                    allowed = np.unpackbits(np.frombuffer(mask, np.uint8), bitorder="little").nonzero()[0]
+                    token_id = int(self.rng.choice(allowed))
+                    if token_id != EOS:
+                        assert oracle.consume_token(token_id)
+                    token = (token_id, -0.1)
+                results.append(StepResult(r.seq.id, r.seq.num_computed_tokens, token, (), 0, ()))
+            await asyncio.sleep(0)
+            return StepReply(results, 0.001)
+
+    scheduler = Scheduler(SchedulerConfig(max_step_tokens=64), BlockAllocator(64, 16))
+    inputs = [GenerateInput((100 + i, 101, 102), 40, grammar=grammar) for i in range(4)]
+    worker = OracleWorker()
+    compiler.masks = recording_masks  # type: ignore[method-assign]
+    try:
+        results, _ = run(tokenizer, compiler, scheduler, inputs, worker)
+    finally:
+        del compiler.masks
+    assert worker.num_checked == sum(len(tokens) for tokens, _ in results) > 4
+    for tokens, finish in results:
+        jsonschema.validate(json.loads(tokenizer.decode([t for t in tokens if t != EOS])), SCHEMA)
+        assert finish in (FinishReason.EOS_TOKEN, FinishReason.LENGTH)
+    # The first masks come from compile time; every later one was computed on the mask thread.
+    assert threads and all(name.startswith("grammar-masks") for name in threads), threads
