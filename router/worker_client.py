@@ -114,9 +114,12 @@ class StepResult:
     accepted_draft_tokens: tuple[tuple[int, float], ...] = ()  # verified guesses, before `token`
 
 
-def step_to_proto(out: SchedulerOutput, masks: Mapping[int, bytes] | None = None) -> pb.StepRequest:
-    """The step on the wire; `masks`: each constrained request's allowed-token mask, by request id."""
-    req = pb.StepRequest(finished_ids=out.finished_ids)
+def step_to_proto(
+    out: SchedulerOutput, masks: Mapping[int, bytes] | None = None, step_id: int = 0, after_step_id: int = 0
+) -> pb.StepRequest:
+    """The step on the wire; `masks`: each constrained request's allowed-token mask, by request id;
+    `step_id` and `after_step_id`: its number, and the step it was sent ahead after (overlapped steps)."""
+    req = pb.StepRequest(finished_ids=out.finished_ids, step_id=step_id, after_step_id=after_step_id)
     masks = masks or {}
     for r in out.scheduled:
         seq = r.seq
@@ -278,11 +281,14 @@ class WorkerClient:
         out: SchedulerOutput,
         metadata: tuple[tuple[str, str], ...] = (),
         masks: Mapping[int, bytes] | None = None,
+        step_id: int = 0,
+        after_step_id: int = 0,
     ) -> StepReply:
         """Runs one step on every shard; `metadata` carries the trace context (W3C traceparent),
-        `masks` the allowed-token masks of constrained requests (structured output)."""
+        `masks` the allowed-token masks of constrained requests (structured output); a step sent
+        before step `after_step_id` answered runs right after it (see StepRequest)."""
         try:
-            request = step_to_proto(out, masks)
+            request = step_to_proto(out, masks, step_id, after_step_id)
         except (ValueError, TypeError) as e:  # a field beyond its wire type: the step never leaves
             raise WorkerError(
                 f"step could not be encoded: {e}", grpc.StatusCode.INVALID_ARGUMENT, str(e)

@@ -37,6 +37,7 @@ from loraxpy.worker.merge import MergeOptions, MergeRequest
 from loraxpy.worker.runner import ModelRunner, NotReadyError
 from loraxpy.worker.sampling import SamplingParams
 from loraxpy.worker.self_check import active_paths, experts_path, packed_path
+from loraxpy.worker.step_order import StepOrder
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,12 @@ def output_to_proto(out: RequestOutputData) -> pb.RequestOutput:
     return msg
 
 
+def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    """`fn(*args)` and the seconds it took (a step's own time, not its wait for the model thread)."""
+    started = time.perf_counter()
+    return fn(*args), time.perf_counter() - started
+
+
 def merge_from_proto(spec: pb.AdapterSpec) -> MergeRequest | None:
     if not spec.HasField("merge"):
         return None
@@ -162,6 +169,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # One forward pass at a time, always on the thread that loaded the model (worker/threads.py);
         # Health and Info never wait for it.
         self._model_thread = model_thread or threads.model_thread()
+        self._step_order = StepOrder()
 
     def _exclusive(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs `fn` on the model thread, after whatever it is running now (a step, a slot write)."""
@@ -209,20 +217,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     @_rpc
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
-        step = step_from_proto(request)
         trace = dict(context.invocation_metadata() or ()).get("traceparent")
         if trace:
             logger.debug("step traceparent=%s", trace)
-        started = time.perf_counter()
+        # A step the router sent ahead queues on the model thread right behind the one it follows.
+        with self._step_order.turn(request.step_id, request.after_step_id):
+            step = step_from_proto(request)
+            future = self._model_thread.submit(_timed, self.runner.step, step)
         try:
-            outputs = self._exclusive(self.runner.step, step)
+            outputs, seconds = future.result()
         except (WorkerInputError, NotReadyError):  # refused before any collective
             raise
         except Exception:
             self._leave_if_sharded()
             raise
-        elapsed_us = int((time.perf_counter() - started) * 1e6)
-        return pb.StepResponse(outputs=[output_to_proto(o) for o in outputs], step_time_us=elapsed_us)
+        return pb.StepResponse(outputs=[output_to_proto(o) for o in outputs], step_time_us=int(seconds * 1e6))
 
     def _leave_if_sharded(self) -> None:
         """A step that failed mid-forward in a tensor-parallel group (a peer died, or this shard
