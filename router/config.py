@@ -67,6 +67,10 @@ class RouterConfig(WorkerSettings):
     # Speculative decoding (LoRAX's flag): each decode step also computes up to this many tokens
     # guessed from the request's own context (prompt lookup), verified by the workers; 0: off.
     speculative_tokens: int = 0
+    # Overlapped steps: a decode-only step is sent before the step in flight has answered (the
+    # workers take each request's input token from their own last sample), so the workers need not
+    # wait while the router hands out tokens and schedules.
+    overlap_steps: bool = False
     # lorax-launcher: restarts of the whole shard group after a shard dies, at most this many
     # within --restart-window-s; one more and the launcher exits non-zero (0: never restart).
     max_restarts: int = 3

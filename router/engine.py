@@ -21,18 +21,19 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from loraxpy.proto.sampling import SamplingParams
 from loraxpy.router.grammar import CompiledGrammar, GrammarCompiler, GrammarMatcher, MaskTimer
 from loraxpy.router.kv_blocks import BlockAllocator
 from loraxpy.router.scheduler import FinishReason, Scheduler, SchedulerOutput, SequenceState, Status
 from loraxpy.router.tracing import Tracer
-from loraxpy.router.worker_client import StepResult, WorkerClient, WorkerError
+from loraxpy.router.worker_client import StepReply, StepResult, WorkerClient, WorkerError
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,31 @@ class _Handle:
     matcher: GrammarMatcher | None = None  # structured output: where the request is in its grammar
 
 
+class _StepLock(asyncio.Lock):
+    """The loop's lock, which knows whether anyone waits for it (overlapped steps stop for them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_waiting = 0
+
+    async def acquire(self) -> Literal[True]:
+        self.num_waiting += 1
+        try:
+            return await super().acquire()
+        finally:
+            self.num_waiting -= 1
+
+
+@dataclass
+class _InFlight:
+    """A step sent to the workers whose tokens are not applied yet."""
+
+    out: SchedulerOutput
+    reply: Awaitable[StepReply]  # a task when steps may overlap (it is in flight while the next is made)
+    step_id: int  # 0: unnumbered (steps do not overlap)
+    started: float  # its time on the router began: scheduled, or (sent ahead) its predecessor answered
+
+
 class Engine:
     def __init__(
         self,
@@ -141,6 +167,7 @@ class Engine:
         tracer: Tracer | None = None,
         host_bound: bool = False,
         grammars: GrammarCompiler | None = None,
+        overlap_steps: bool = False,
     ) -> None:
         self.tracer = tracer or Tracer(None)
         # Workers compute on CPU cores: the HTTP handlers hand out a step's tokens before the next
@@ -155,7 +182,11 @@ class Engine:
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._step_lock = asyncio.Lock()  # held while a step is in flight; FIFO, so no one starves
+        self._step_lock = _StepLock()  # held while a step is in flight; FIFO, so no one starves
+        # --overlap-steps: a decode-only step is sent before the tokens of the one in flight are back.
+        self.overlap_steps = overlap_steps
+        self._step_ids = itertools.count(random.randrange(1, 1 << 62))  # a new series per engine
+        self.num_overlapped_steps = 0
         self.is_healthy = True
         self.on_worker_failure: Callable[[WorkerError], None] | None = None  # the healer's
         self._resumed = asyncio.Event()  # cleared while suspended (healing)
@@ -330,7 +361,8 @@ class Engine:
                     await asyncio.sleep(0)
 
     async def _step(self) -> bool:
-        """Runs one step; False when nothing could be scheduled."""
+        """Runs one step, then any steps sent ahead of the one in flight (overlap_steps); False when
+        nothing could be scheduled."""
         started = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
@@ -338,19 +370,88 @@ class Engine:
             return False
         try:
             masks = await self._masks(out)
-            reply = await self.client.step(out, metadata=self._note_scheduled(out), masks=masks)
-        except WorkerError as e:
-            await self._fail_step(out, e)
-            return True
-        except Exception as e:  # a bug on this side of the wire: whether the workers got it is unknown
+            step: _InFlight | None = self._send(out, masks, started)
+        except Exception as e:  # a bug on this side of the wire: the step was never sent
             logger.exception("sending a step failed")
             await self._fail_step(out, WorkerError(f"{type(e).__name__}: {e}"))
             return True
-        self.is_healthy = True
-        self._apply(reply.results)
-        if self.on_step is not None:  # from scheduling to tokens handed out, and the workers' part of it
-            self.on_step(time.perf_counter() - started, reply.worker_seconds, len(out.scheduled))
+        while step is not None:
+            ahead = self._send_ahead(step)
+            if not await self._receive(step, ahead):
+                break
+            step = ahead
         return True
+
+    def _send(
+        self, out: SchedulerOutput, masks: dict[int, bytes], started: float, after: int = 0
+    ) -> _InFlight:
+        """Sends `out` (numbered when steps may overlap; `after`: the step it was sent ahead after)."""
+        metadata = self._note_scheduled(out)
+        if not self.overlap_steps:  # awaited at once: the call starts before anything else runs
+            return _InFlight(out, self.client.step(out, metadata, masks), 0, started)
+        step_id = next(self._step_ids)
+        reply = self.client.step(out, metadata, masks, step_id=step_id, after_step_id=after)
+        return _InFlight(out, asyncio.ensure_future(reply), step_id, started)
+
+    def _send_ahead(self, step: _InFlight) -> _InFlight | None:
+        """With overlap_steps, the step after `step`, sent now when the scheduler already knows it
+        (every request decodes the token `step` samples, which the workers hold) and nobody else
+        waits to hold the loop between steps. Not for constrained requests: a mask needs the token."""
+        if not self.overlap_steps or self._step_lock.num_waiting or not self._resumed.is_set():
+            return None
+        for r in step.out.scheduled:
+            handle = self._handles.get(r.seq.id)
+            if handle is not None and handle.matcher is not None:
+                return None
+        out = self.scheduler.schedule_ahead(step.out)
+        if out is None:
+            return None
+        self.num_overlapped_steps += 1
+        return self._send(out, {}, time.perf_counter(), after=step.step_id)
+
+    async def _receive(self, step: _InFlight, ahead: _InFlight | None) -> bool:
+        """Hands out `step`'s tokens; False when it failed (its requests fail, and `ahead` with them)."""
+        try:
+            reply = await step.reply
+        except Exception as e:
+            error = e if isinstance(e, WorkerError) else WorkerError(f"{type(e).__name__}: {e}")
+            if not isinstance(e, WorkerError):  # a bug on this side: whether the workers got it is unknown
+                logger.exception("sending a step failed")
+            await self._abandon(ahead)
+            await self._fail_step(step.out, error)
+            return False
+        if ahead is not None:  # the workers go on with it from now: its time on the router starts
+            ahead.started = time.perf_counter()
+        self.is_healthy = True
+        # A request that ended before these results (in the step before an overlapped one, or
+        # aborted meanwhile) computed one token too many: dropped, never shown.
+        self._apply([r for r in reply.results if self._is_live(r.id)])
+        if self.on_step is not None:  # from scheduling to tokens handed out, and the workers' part of it
+            self.on_step(time.perf_counter() - step.started, reply.worker_seconds, len(step.out.scheduled))
+        return True
+
+    def _is_live(self, request_id: int) -> bool:
+        handle = self._handles.get(request_id)
+        return handle is not None and handle.seq.finish_reason is None
+
+    async def _abandon(self, ahead: _InFlight | None) -> None:
+        """The step before `ahead` failed, and every request in `ahead` fails with it: whatever came
+        of `ahead`, its blocks go back, and its releases are sent again if the workers refused it."""
+        if ahead is None:
+            return
+        releases: tuple[int, ...] = ()
+        try:
+            await ahead.reply
+        except WorkerError as e:
+            releases = ahead.out.finished_ids if e.is_refusal else ()
+        except Exception:
+            logger.exception("sending a step ahead failed")
+        self.scheduler.refused(ahead.out)
+        if releases:
+            try:
+                await self.client.step(SchedulerOutput((), releases))
+            except WorkerError as e:
+                logger.error("releasing %s failed: %s", list(releases), e.details)
 
     def _note_scheduled(self, out: SchedulerOutput) -> tuple[tuple[str, str], ...]:
         """Stamps first-scheduled times; returns the trace context of a traced request in the step."""

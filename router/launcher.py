@@ -172,6 +172,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         tracer=tracer,
         host_bound=info.device_type == "cpu",
         grammars=grammars,
+        overlap_steps=config.overlap_steps,
     )
     info_body: dict[str, Any] = {
         "model_id": model_id,

@@ -65,6 +65,17 @@ class Metrics:
             buckets=SECONDS,
             registry=r,
         )
+        self.worker_busy = Counter(
+            "lorax_worker_busy_seconds",
+            "Seconds the workers spent in steps (the slowest shard's time of each): their busy share of "
+            "a period is its increase over the period's length",
+            registry=r,
+        )
+        self.overlapped_steps = Gauge(
+            "lorax_overlapped_steps_total",
+            "Steps sent before the step in flight had answered (--overlap-steps)",
+            registry=r,
+        )
         self.queue_length = Gauge("lorax_queue_length", "Requests waiting", registry=r)
         self.batch_size = Gauge("lorax_batch_current_size", "Requests running", registry=r)
         self.kv_blocks_used = Gauge("lorax_kv_blocks_used", "KV cache blocks in use", registry=r)
@@ -168,6 +179,7 @@ class Metrics:
     def observe_step(self, seconds: float, worker_seconds: float, num_scheduled: int) -> None:
         self.step_duration.observe(seconds)
         self.router_overhead.observe(max(0.0, seconds - worker_seconds))
+        self.worker_busy.inc(worker_seconds)
 
     def observe_success(self, g: Generation) -> None:
         now = time.monotonic()
@@ -197,6 +209,7 @@ class Metrics:
         self.prefix_cache_misses.set(allocator.num_misses)
         self.prefix_cache_blocks.set(allocator.num_cached)
         self.prefix_cache_evictions.set(allocator.num_evictions)
+        self.overlapped_steps.set(engine.num_overlapped_steps)
         self.grammar_mask_seconds.set(engine.mask_time.seconds)
         self.grammar_mask_wait_seconds.set(engine.mask_time.wait_seconds)
         self.grammar_masks.set(engine.mask_time.num_masks)

@@ -225,6 +225,46 @@ class Scheduler:
         self._to_release = []
         return SchedulerOutput(tuple(scheduled), released)
 
+    def schedule_ahead(self, in_flight: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after `in_flight` (sent, its tokens not yet applied), when its shape is already
+        known: every running request decodes the token `in_flight` samples for it, which the workers
+        hold. None (schedule synchronously after the tokens arrive) when that is not the step
+        `schedule()` would make: a request mid-prompt, guessing or new in `in_flight`, one that
+        may guess next, requests waiting for a free seat, or blocks that would need a preemption.
+        A request that `in_flight` ends (EOS, a stop sequence) computes one token too many, which the
+        caller discards; one that `in_flight` ends by length is left out."""
+        if self.num_waiting and len(self.running) < self.config.max_num_seqs:
+            return None
+        in_step = {r.seq.id for r in in_flight.scheduled}
+        continuing: list[SequenceState] = []
+        needed = 0
+        for r in in_flight.scheduled:
+            seq = r.seq
+            if r.is_new or seq.draft_token_ids or seq.num_computed_tokens < seq.num_tokens:
+                return None  # its next step is a prompt chunk, or waits for verified guesses
+            if seq.status is not Status.RUNNING or len(seq.output_ids) + 1 >= seq.max_new_tokens:
+                continue  # finished meanwhile (aborted), or ends with the token in flight
+            if self.config.num_speculative_tokens and seq.speculate and not seq.sampling.top_logprobs:
+                return None  # its guesses need the token in flight
+            continuing.append(seq)
+            needed += self.allocator.blocks_needed(seq.num_computed_tokens + 1, len(seq.blocks))
+        if not continuing or any(seq.id not in in_step for seq in self.running):
+            return None
+        if not self.allocator.can_allocate(needed):
+            return None
+        scheduled = []
+        for seq in continuing:
+            blocks = self.allocator.allocate(
+                self.allocator.blocks_needed(seq.num_computed_tokens + 1, len(seq.blocks))
+            )
+            seq.blocks.extend(blocks)
+            scheduled.append(ScheduledRequest(seq, 1, tuple(blocks), False, seq.num_computed_tokens))
+            seq.num_computed_tokens += 1
+        self._steps_since_admission += 1
+        released = tuple(self._to_release)
+        self._to_release = []
+        return SchedulerOutput(tuple(scheduled), released)
+
     def _draft(self, seq: SequenceState, budget: int) -> tuple[int, ...]:
         """Guesses for a decoding request, as many as the budget, its remaining tokens and the free
         blocks allow (never preempting anyone for a guess)."""
@@ -349,9 +389,13 @@ class Scheduler:
     def refused(self, out: SchedulerOutput) -> None:
         """Undoes `out`, which the workers refused whole without changing anything: its requests are
         as before the step (new ones were never sent; running ones give back the blocks they got), so
-        each can be scheduled again or finished. Its releases are the caller's to send again."""
+        each can be scheduled again or finished. Its releases are the caller's to send again. A
+        request finished since (aborted, or ended by the step before an overlapped one) gave back
+        all its blocks then."""
         for r in out.scheduled:
             seq = r.seq
+            if seq.status is Status.FINISHED:
+                continue
             seq.num_computed_tokens -= r.num_tokens
             seq.draft_token_ids = ()
             if r.is_new:
