@@ -25,6 +25,7 @@ import torch
 from loraxpy.bench.bounds import measure_copy_bandwidth
 from loraxpy.bench.engine import RunResult
 from loraxpy.bench.model_cli import model_main
+from loraxpy.bench.overlap import compare_overlap
 from loraxpy.bench.report import BaselineComparison, format_table, machine_info, plot_throughput, write_json
 from loraxpy.bench.serving import (
     CONSTRAINED_FORMAT,
@@ -233,6 +234,16 @@ def build_serve_parser() -> argparse.ArgumentParser:
         help="every prompt is a passage and the start of its copy (the workload prompt-lookup "
         "speculation speeds up: run it against servers with and without --speculative-tokens)",
     )
+    p.add_argument(
+        "--compare-overlap",
+        metavar="MODEL",
+        help="instead of --url: launch servers of MODEL (a shape such as tiny, random weights; default, "
+        "the packaged model; or a local folder) without and with --overlap-steps, run the workload "
+        "against each, and report both with the workers' busy share and the throughput ratio",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=3, help="with --compare-overlap: runs against each server, alternating"
+    )
     p.add_argument("--output", type=Path, help="JSON: the report and every request")
     return p
 
@@ -283,6 +294,12 @@ def serve_main(argv: list[str]) -> int:
     if args.shared_system_prompt < 0:
         print("lorax-bench serve: --shared-system-prompt must be >= 0 words", file=sys.stderr)
         return 2
+    if args.compare_overlap:
+        body, ok = compare_overlap(config, args.compare_overlap, args.rounds)
+        if args.output is not None:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(body, indent=1))
+        return 0 if ok else 1
     report, records = asyncio.run(run_serving(config))
     print(format_report(report))
     body = report_dict(config, report, records)

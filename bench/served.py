@@ -47,6 +47,7 @@ class ServerOptions:
     port: int = 0  # 0: a free port
     dtype: str = "float32"
     startup_timeout_s: float = 600.0
+    extra_args: tuple[str, ...] = ()  # more launcher flags
 
     def command(self, port: int) -> list[str]:
         return [
@@ -60,6 +61,7 @@ class ServerOptions:
             *("--max-concurrent-requests", str(self.max_batch_size)),
             *("--max-batch-prefill-tokens", str(self.prefill_tokens)),
             *("--kv-cache-memory-mib", str(self.kv_cache_mib)),
+            *self.extra_args,
         ]
 
     def env(self) -> dict[str, str]:
