@@ -137,6 +137,7 @@ def _attend_with_kvcache(
 ) -> torch.Tensor:
     """flash-attn's `flash_attn_with_kvcache` over [num_seqs, max_query_len] front-padded queries."""
     layout = _layout(meta)
+    query = query.contiguous()  # the model's may be a view of the fused q/k/v output
     num_seqs, heads, dim = len(meta.seq_lens_host), query.shape[1], query.shape[2]
     if layout.padded_rows is None:
         q = query.view(num_seqs, meta.max_query_len, heads, dim)
@@ -186,7 +187,7 @@ def _attend_varlen(
         else {"cu_seqlens_k": layout.cu_seqlens_k}
     )
     return function(  # type: ignore[operator, no-any-return]
-        q=query,
+        q=query.contiguous(),  # the model's may be a view of the fused q/k/v output
         k=k_cache,
         v=v_cache,
         max_seqlen_q=meta.max_query_len,
