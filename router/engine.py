@@ -471,7 +471,7 @@ class Engine:
         """Allowed-token masks of the constrained requests that sample in this step: computed ahead
         (`_start_masks`) or at compile time; any that are not are computed here."""
         started = time.perf_counter()
-        waited = await self._masks_ready()
+        waited = self._masks_ready()
         matchers: dict[int, GrammarMatcher] = {}
         for r in out.scheduled:
             handle = self._handles.get(r.seq.id)
@@ -519,27 +519,26 @@ class Engine:
         if matchers:
             self._mask_job = _MASK_THREAD.submit(self._compute_masks, matchers)
 
-    async def _masks_ready(self) -> bool:
-        """Waits for the masks in the making, if any (True then)."""
+    def _masks_ready(self) -> bool:
+        """Waits for the masks in the making, if any (True then): before a step is sent, and before
+        their matchers take tokens (a step whose masks were not waited for must not move them under
+        llguidance's feet). Blocking, not awaited: the step goes out the moment they are ready,
+        and the time waited is the masks' alone (the loop's other work had its turn meanwhile).
+        A job the thread has not started (no core was free) is called off: the loop computes the
+        masks its step needs at once rather than wait for the thread to be scheduled."""
         job, self._mask_job = self._mask_job, None
         if job is None:
             return False
+        if job.cancel():
+            return True
         try:
-            await asyncio.wrap_future(job)
+            job.result()
         except Exception:  # computed again, on the loop, by whoever needs them
             logger.exception("computing grammar masks ahead failed")
         return True
 
-    def _settle_masks(self) -> None:
-        """Waits for masks in the making before their matchers take tokens: a step whose masks
-        were not awaited (none was sent since) must not move them under llguidance's feet."""
-        job, self._mask_job = self._mask_job, None
-        if job is not None:
-            with contextlib.suppress(Exception):
-                job.result()
-
     def _apply(self, results: list[StepResult]) -> None:
-        self._settle_masks()
+        self._masks_ready()
         sampled: dict[int, int] = {}
         accepted: dict[int, tuple[int, ...]] = {}  # speculative decoding: verified guesses
         num_outputs: dict[int, int] = {}  # tokens each request had before this step
