@@ -270,6 +270,50 @@ void attend_item(const AttendShape& sh, const T* q_row, const T* k_head, const T
   for (int64_t i = 0; i < group * hd; ++i) o_row[i] = round_to<T>(acc[i]);
 }
 
+// One sequence, all its heads: each key's and value's row of every KV head is read once, front to
+// back (a block holds block_size such rows contiguously), instead of one head's slice per pass,
+// which strided through the same cache lines kv_heads times. Per head the arithmetic (dots, softmax,
+// the sum over values in key order) is attend_item's, so both give the same bits.
+template <typename T, int D>
+void attend_seq(const AttendShape& sh, const T* q_row, const T* kc, const T* vc,
+                const int64_t* table, int64_t len, T* o_row, std::vector<float>& qf, std::vector<float>& acc,
+                std::vector<float>& scores) {
+  const int64_t hd = D > 0 ? D : sh.head_dim, heads = sh.heads, group = sh.group;
+  const int64_t first = sh.window > 0 ? std::max<int64_t>(0, len - sh.window) : 0;
+  const int64_t n = len - first;
+  if (n <= 0) {
+    std::fill(o_row, o_row + heads * hd, round_to<T>(0.f));
+    return;
+  }
+  scores.resize(heads * n);
+  for (int64_t i = 0; i < heads * hd; ++i) qf[i] = static_cast<float>(q_row[i]);
+  const auto row_at = [&](const T* cache, int64_t j) {
+    return cache + (table[j / sh.block_size] * sh.block_size + j % sh.block_size) * sh.kv_width;
+  };
+  const int64_t row_bytes = sh.kv_width * static_cast<int64_t>(sizeof(T));
+  const auto prefetch_row = [&](const T* cache, int64_t j) {  // a few rows ahead: overlap DRAM with math
+    if (j >= len) return;
+    const char* p = reinterpret_cast<const char*>(row_at(cache, j));
+    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b);
+  };
+  constexpr int64_t kAhead = 4;
+  for (int64_t j = first; j < std::min(len, first + kAhead); ++j) prefetch_row(kc, j);
+  for (int64_t j = first; j < len; ++j) {
+    prefetch_row(kc, j + kAhead);
+    const T* k = row_at(kc, j);
+    for (int64_t h = 0; h < heads; ++h) scores[h * n + (j - first)] = dot(qf.data() + h * hd, k + (h / group) * hd, hd) * sh.scale;
+  }
+  for (int64_t j = first; j < std::min(len, first + kAhead); ++j) prefetch_row(vc, j);
+  for (int64_t h = 0; h < heads; ++h) softmax_(scores.data() + h * n, n);
+  std::fill(acc.begin(), acc.begin() + heads * hd, 0.f);
+  for (int64_t j = first; j < len; ++j) {
+    prefetch_row(vc, j + kAhead);
+    const T* v = row_at(vc, j);
+    for (int64_t h = 0; h < heads; ++h) axpy(acc.data() + h * hd, scores[h * n + (j - first)], v + (h / group) * hd, hd);
+  }
+  for (int64_t i = 0; i < heads * hd; ++i) o_row[i] = round_to<T>(acc[i]);
+}
+
 // Decode attention over the paged cache: one query token per sequence, the newest position of its
 // sequence (seq_lens[s] - 1); keys j < seq_lens[s] (and j > position - window when window > 0). A
 // sequence of length 0 (a padding row of a decode graph's bucket) attends to nothing: zeros.
@@ -310,6 +354,23 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t q_stride = q.stride(0), kv_width = kv_heads * head_dim;
     const AttendShape shape{block_size, kv_width, width, group, head_dim, heads, q_stride, window, fscale};
+    if (seqs >= 2 * at::get_num_threads()) {  // enough sequences to keep every thread busy: one each
+      at::parallel_for(0, seqs, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> qf(heads * head_dim), acc(heads * head_dim), scores;
+        for (int64_t s = begin; s < end; ++s) {
+          const scalar_t* q_row = qp + s * q_stride;
+          scalar_t* o_row = op + s * heads * head_dim;
+          if (head_dim == 64) {
+            attend_seq<scalar_t, 64>(shape, q_row, kc, vc, tables + s * width, lens[s], o_row, qf, acc, scores);
+          } else if (head_dim == 128) {
+            attend_seq<scalar_t, 128>(shape, q_row, kc, vc, tables + s * width, lens[s], o_row, qf, acc, scores);
+          } else {
+            attend_seq<scalar_t, 0>(shape, q_row, kc, vc, tables + s * width, lens[s], o_row, qf, acc, scores);
+          }
+        }
+      });
+      return;
+    }
     at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(group * head_dim), acc(group * head_dim), scores;
       for (int64_t item = begin; item < end; ++item) {
@@ -403,14 +464,14 @@ void lora_item(const T* const* xr, T* const* yr, const W* as, const W* bs, int64
 // with slot s and rank r = ranks[s]: v = x[t] a[s][:, :r*n] (a: [slots, in, max_rank * n], rank k of
 // slice i in column k * n + i), then for each slice i, y[t, offsets[i] + o] += sum_k v[k * n + i] *
 // b[s, k, starts[i] + o] (b: [slots, max_rank, sum(outs)]): worker/lora.py's torch layout, where
-// both stages stream contiguous rows of the weights. Rows of one slot go in items of up to 4
+// both stages stream contiguous rows of the weights. Rows of one slot go in items of up to 8
 // (lora_item). v is rounded to the weights' dtype, the delta to the weights' and then y's, as the
 // torch path's matmuls round them.
 template <typename T, typename W>
 void lora_rows_impl(const at::Tensor& x, at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
                     const int64_t* slots, const int64_t* ranks, const std::vector<int64_t>& outs,
                     const std::vector<int64_t>& offsets) {
-  constexpr int64_t kMaxItemRows = 4;
+  constexpr int64_t kMaxItemRows = 8;
   const int64_t rows = x.size(0), in = x.size(1), n = static_cast<int64_t>(outs.size());
   const int64_t a_cols = a.size(2), max_rank = b.size(1), b_cols = b.size(2);
   const int64_t x_stride = x.stride(0), y_stride = y.stride(0);
@@ -452,7 +513,11 @@ void lora_rows_impl(const at::Tensor& x, at::Tensor& y, const at::Tensor& a, con
         case 1: lora_item<T, W, 1>(xr, yr, as, bs, in, a_cols, r, n, b_cols, outs, starts, offsets, v.data()); break;
         case 2: lora_item<T, W, 2>(xr, yr, as, bs, in, a_cols, r, n, b_cols, outs, starts, offsets, v.data()); break;
         case 3: lora_item<T, W, 3>(xr, yr, as, bs, in, a_cols, r, n, b_cols, outs, starts, offsets, v.data()); break;
-        default: lora_item<T, W, 4>(xr, yr, as, bs, in, a_cols, r, n, b_cols, outs, starts, offsets, v.data()); break;
+        case 4: lora_item<T, W, 4>(xr, yr, as, bs, in, a_cols, r, n, b_cols, outs, starts, offsets, v.data()); break;
+        case 5: lora_item<T, W, 5>(xr, yr, as, bs, in, a_cols, r, n, b_cols, outs, starts, offsets, v.data()); break;
+        case 6: lora_item<T, W, 6>(xr, yr, as, bs, in, a_cols, r, n, b_cols, outs, starts, offsets, v.data()); break;
+        case 7: lora_item<T, W, 7>(xr, yr, as, bs, in, a_cols, r, n, b_cols, outs, starts, offsets, v.data()); break;
+        default: lora_item<T, W, 8>(xr, yr, as, bs, in, a_cols, r, n, b_cols, outs, starts, offsets, v.data()); break;
       }
     }
   });
@@ -504,6 +569,94 @@ void lora_rows(const at::Tensor& x, at::Tensor y, const at::Tensor& a, const at:
   }
 }
 
+// 512-bit vectors for a long streaming loop where the target has them (gcc's -march=native tuning
+// prefers 256 bits; for the short dot products of attention that is the faster choice).
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#define LORAX_WIDE_VECTORS __attribute__((target("prefer-vector-width=512")))
+#else
+#define LORAX_WIDE_VECTORS
+#endif
+
+// One row of greedy_logsumexp: its first maximal logit's index and its logsumexp.
+LORAX_WIDE_VECTORS void greedy_row(const float* x, int64_t vocab, int64_t* id, float* norm) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  // Lane-wise maxima and probes (0 unless a logit is NaN or infinite: x - x), folded at the end;
+  // gcc leaves a max reduction over one scalar unvectorised.
+  constexpr int64_t L = 16;
+  float lane_max[L], lane_probe[L];
+  std::fill(lane_max, lane_max + L, -kInf);
+  std::fill(lane_probe, lane_probe + L, 0.f);
+  int64_t j0 = 0;
+  for (; j0 + L <= vocab; j0 += L) {
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      lane_max[l] = std::max(lane_max[l], x[j0 + l]);
+      lane_probe[l] += x[j0 + l] - x[j0 + l];
+    }
+  }
+  float mx = -kInf, probe = 0.f;
+  for (int64_t l = 0; l < L; ++l) {
+    mx = std::max(mx, lane_max[l]);
+    probe += lane_probe[l];
+  }
+  for (; j0 < vocab; ++j0) {
+    mx = std::max(mx, x[j0]);
+    probe += x[j0] - x[j0];
+  }
+  int64_t first = 0;
+  if (probe != 0.f) {
+    for (int64_t j = 0; j < vocab; ++j) {
+      if (x[j] != x[j]) {  // torch: the first NaN wins, and the norm is NaN
+        *id = j;
+        *norm = std::numeric_limits<float>::quiet_NaN();
+        return;
+      }
+    }
+  }
+  if (mx == -kInf) {  // every token masked out
+    *id = 0;
+    *norm = -kInf;
+    return;
+  }
+  constexpr int64_t C = 64;  // the first maximum, chunk by chunk, each chunk's test vectorised
+  for (; first + C <= vocab; first += C) {
+    int64_t hit = 0;
+#pragma omp simd reduction(+ : hit)
+    for (int64_t l = 0; l < C; ++l) hit += x[first + l] == mx;
+    if (hit) break;
+  }
+  while (x[first] != mx) ++first;
+  *id = first;
+  if (mx == kInf) {
+    *norm = kInf;
+    return;
+  }
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < vocab; ++j) sum += exp_approx(x[j] - mx);
+  *norm = mx + std::log(sum);
+}
+
+// Greedy rows of fp32 logits [rows, vocab]: each row's first maximal logit (torch.argmax) and its
+// logsumexp (max + log(sum(exp(x - max))), as torch.logsumexp), reading each row twice instead of
+// torch's six passes and [rows, vocab] temporaries. As torch: a row holding NaN answers its first
+// NaN and a NaN norm; an all -inf row answers 0 and -inf; a +inf logit answers itself and +inf.
+std::vector<at::Tensor> greedy_logsumexp(const at::Tensor& logits) {
+  check_cpu(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat && logits.size(1) > 0,
+              "logits must be contiguous fp32 [rows, vocab > 0]");
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  auto ids = at::empty({rows}, logits.options().dtype(at::kLong));
+  auto norms = at::empty({rows}, logits.options());
+  const float* lp = logits.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  float* np = norms.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) greedy_row(lp + r * vocab, vocab, ip + r, np + r);
+  });
+  return {ids, norms};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -511,5 +664,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over [gate | up]");
   m.def("rotary_store", &rotary_store, "rotary on qkv's q and k heads in place; k and v into the paged caches");
   m.def("decode_attention", &decode_attention, "one-token-per-sequence attention over the paged caches");
+  m.def("greedy_logsumexp", &greedy_logsumexp, "each row's argmax and logsumexp (greedy sampling)");
   m.def("lora_rows", &lora_rows, "y += each row's LoRA delta, rows of few adapters each (decode)");
 }

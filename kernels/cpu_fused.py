@@ -6,13 +6,17 @@ rotary's muls, neg and cat; the K/V gathers for SDPA) runs cold, at 20-100 us ea
 project's 2-core Xeon: a [16, 576] RMSNorm takes 20 us in a hot loop, 110-135 us right after a
 linear). Nothing on PyPI ships these ops for current torch on CPU (Intel's extension stopped at
 torch 2.8; vLLM's CPU kernels are not a separate package), and `torch.compile` of the same pieces
-was slower here (README, "Performance on CPU"). So four small kernels, one call each per layer:
+was slower here (README, "Performance on CPU"). So small kernels, one call each per layer or step:
 
 - `add_rms_norm`: the residual add and the RMSNorm after it (Llama's and Gemma's rounding);
 - `silu_and_mul`: the MLP's activation;
 - `rotary_store`: rotary on q and k in place in the qkv projection's output, K and V into the paged
   caches;
-- `decode_attention`: one query per sequence over its paged K/V, no gather.
+- `decode_attention`: one query per sequence over its paged K/V, no gather; each sequence's K/V
+  rows read once for all its heads when there are enough sequences to share out;
+- `lora_rows`: LoRA for decode-sized steps from each row's own slot (worker/lora.py);
+- `greedy_logsumexp`: a plain greedy batch's argmax and logsumexp in two passes over each row of
+  logits, instead of torch's argmax plus logsumexp's five (worker/sampling.py).
 
 The extension is built with torch's own toolchain (`torch.utils.cpp_extension`, ninja, the system's
 C++ compiler) on first use into `$LORAX_KERNEL_CACHE` (default `~/.cache/loraxpy/torch_extensions`;

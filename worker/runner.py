@@ -409,7 +409,7 @@ class ModelRunner:
                 for s, _ in (scheduled[i] for i, _ in sampling)
             ]
             masks = [scheduled[i][0].allowed_token_mask for i, _ in sampling]
-            result = sample(logits, sampling_rows, masks)
+            result = sample(logits, sampling_rows, masks, self.model.fused)
             for k, (i, _) in enumerate(sampling):
                 top = tuple((int(t), float(lp)) for t, lp in result.top_logprobs[k])
                 tokens[i] = ((result.token_ids[k], result.logprobs[k]), top)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 # The one sampling type, shared with the router: its bounds are the wire's and this sampler's.
+from loraxpy.kernels.cpu_fused import FusedOps
 from loraxpy.proto.sampling import SamplingParams
 
 
@@ -169,19 +170,44 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     return logits
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], masks: list[bytes] | None = None) -> SampleOutput:
+def _plain_greedy(
+    logits: torch.Tensor, rows: list[SamplingRow], masks: list[bytes] | None, fused: FusedOps | None
+) -> bool:
+    return (
+        fused is not None
+        and logits.device.type == "cpu"
+        and logits.dtype == torch.float32
+        and logits.shape[-1] > 0
+        and not (masks and any(masks))
+        and not any(r.params.do_sample or r.params.has_penalties for r in rows)
+    )
+
+
+def sample(
+    logits: torch.Tensor,
+    rows: list[SamplingRow],
+    masks: list[bytes] | None = None,
+    fused: FusedOps | None = None,
+) -> SampleOutput:
     """Chooses one token per row: argmax for greedy rows, an exponential race for sampling rows.
 
     `masks` (structured output): each row's packed allowed-token mask (b"": any token); the others
-    become -inf first, so penalties and warpers see only what the grammar allows."""
+    become -inf first, so penalties and warpers see only what the grammar allows. `fused` (CPU):
+    kernels/cpu_fused's ops, whose greedy_logsumexp answers a batch of plain greedy rows (no mask,
+    penalty or sampling) in one op instead of torch's argmax and logsumexp."""
     # logits: [num_rows, vocab] fp32. Log-probs are reported on the raw logits: logit - logsumexp
     # for the few tokens asked for, never a whole [num_rows, vocab] log-softmax.
-    log_norm = logits.logsumexp(dim=-1, keepdim=True)  # [num_rows, 1]
-    processed = process_logits(apply_token_masks(logits, masks) if masks else logits, rows)
-    chosen = processed.argmax(dim=-1)
+    if _plain_greedy(logits, rows, masks, fused):
+        assert fused is not None
+        chosen, norms = fused.greedy_logsumexp(logits.contiguous())
+        log_norm = norms[:, None]
+    else:
+        log_norm = logits.logsumexp(dim=-1, keepdim=True)  # [num_rows, 1]
+        processed = process_logits(apply_token_masks(logits, masks) if masks else logits, rows)
+        chosen = processed.argmax(dim=-1)
     sampling = [i for i, r in enumerate(rows) if r.params.do_sample]
     if sampling:
-        probs = processed[sampling].softmax(dim=-1)
+        probs = processed[sampling].softmax(dim=-1)  # (never the plain-greedy case: it has no sampling rows)
         # argmax(p / E) with E ~ Exp(1) draws from p; each row's noise comes from its own generator.
         noise = torch.stack(
             [torch.empty_like(probs[0]).exponential_(generator=rows[i].generator) for i in sampling]

@@ -96,10 +96,20 @@ def test_rotary_store_refuses_a_slot_outside_the_cache(ops):
         ops.rotary_store(qkv, 1, 1, 16, cos, cos, cache, cache.clone(), torch.tensor([8]))
 
 
+@pytest.fixture(params=["per-head", "per-sequence"])
+def attention_split(request):
+    """decode_attention splits its work per (sequence, KV head) when sequences are fewer than twice
+    the threads, else per sequence: 3 sequences on 4 threads take the first path, on 1 the second."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4 if request.param == "per-head" else 1)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("layout", [(4, 4), (9, 3), (2, 2)])  # GQA groups of 1 and 3 (SmolLM2's 9/3)
-def test_decode_attention_equals_the_reference(ops, dtype, window, layout):
+def test_decode_attention_equals_the_reference(ops, dtype, window, layout, attention_split):
     torch.manual_seed(3)
     heads, kv_heads = layout
     head_dim, block_size, num_blocks = 16, 4, 12
@@ -147,8 +157,8 @@ def test_lora_rows_equals_the_grouped_torch_path(ops, dtype, outs):
         a_t.view(num_slots, in_features, max_rank, n)[slot, :, :rank] = torch.randn(in_features, rank, n)
         b_t[slot, :rank] = torch.randn(rank, sum(outs))
     a_t, b_t = a_t.to(dtype), b_t.to(dtype)
-    # base rows, every rank; slot 1 on six rows (kernel items of 4 + 2), slot 2 on two apart
-    slots = [2, 0, 1, 1, 4, 3, 0, 2, 1, 1, 1, 1]
+    # base rows, every rank; slot 1 on eleven rows (kernel items of 8 + 3), slot 2 on two apart
+    slots = [2, 0, 1, 1, 4, 3, 0, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1]
     x = torch.randn(len(slots), in_features + 6).to(dtype)[:, :in_features]  # strided rows
     y0 = torch.randn(len(slots), sum(outs) + 4).to(dtype)
     starts = [sum(outs[:i]) for i in range(n)]
@@ -185,3 +195,21 @@ def test_a_lock_left_by_a_killed_build_does_not_block_the_next_load(ops):
     code = "from loraxpy.kernels import cpu_fused; assert cpu_fused.load() is not None"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert not (directory / "lock").exists()
+
+
+@pytest.mark.parametrize("vocab", [1, 50, 64 * 3 + 7])
+def test_greedy_logsumexp_equals_argmax_and_logsumexp(ops, vocab):
+    """The twin: torch.argmax (its first maximum on ties) and torch.logsumexp, NaN and inf included."""
+    torch.manual_seed(6)
+    logits = torch.randn(7, vocab) * 8
+    logits[1, -1] = 100.0  # the maximum last
+    logits[2] = logits[2, 0]  # every logit tied: the first wins
+    logits[3, vocab // 2 :] = float("-inf")  # masked tokens
+    logits[4] = float("-inf")  # every token masked
+    logits[5, vocab // 2] = float("inf")
+    logits[6, vocab // 3] = float("nan")
+    ids, norms = ops.greedy_logsumexp(logits)
+    assert ids.tolist() == logits.argmax(dim=-1).tolist()
+    torch.testing.assert_close(norms, logits.logsumexp(dim=-1), rtol=1e-6, atol=1e-5, equal_nan=True)
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        ops.greedy_logsumexp(logits.double())

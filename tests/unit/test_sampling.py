@@ -102,16 +102,30 @@ def test_frequency_and_presence_penalties_count_generated_tokens_only() -> None:
     torch.testing.assert_close(out, expected)  # prompt tokens 3 and 9 are not penalised
 
 
-def test_greedy_rows_take_the_argmax_and_report_raw_logprobs() -> None:
-    logits, rows = random_rows([SamplingParams(top_logprobs=3)] * 4)
-    out = sample(logits, rows)
-    raw = logits.log_softmax(-1)
-    assert out.token_ids == logits.argmax(-1).tolist()
-    for i in range(4):
-        assert out.logprobs[i] == pytest.approx(raw[i, out.token_ids[i]].item(), abs=1e-6)
-        values, ids = raw[i].topk(3)
-        assert [t for t, _ in out.top_logprobs[i]] == ids.tolist()
-        assert [lp for _, lp in out.top_logprobs[i]] == pytest.approx(values.tolist(), abs=1e-6)
+@pytest.mark.parametrize("fused", ["cpu_fused", None])
+def test_greedy_rows_take_the_argmax_and_report_raw_logprobs(fused) -> None:
+    """Also with the fused CPU ops, whose greedy_logsumexp answers plain greedy batches; a batch
+    with a penalised or sampled row keeps the torch path for all its rows."""
+    ops = None
+    if fused is not None:
+        from loraxpy.kernels import cpu_fused
+
+        if (ops := cpu_fused.load()) is None:
+            pytest.skip(f"fused CPU ops unavailable: {cpu_fused.unavailable_reason()}")
+    for params in (
+        [SamplingParams(top_logprobs=3)] * 4,
+        [SamplingParams(top_logprobs=3)] * 3 + PARAM_SETS[1:2],
+    ):
+        logits, rows = random_rows(params)
+        out = sample(logits, rows, fused=ops)
+        raw = logits.log_softmax(-1)
+        processed = process_logits(logits, rows)
+        assert out.token_ids == processed.argmax(-1).tolist()
+        for i in range(len(rows)):
+            assert out.logprobs[i] == pytest.approx(raw[i, out.token_ids[i]].item(), abs=1e-6)
+            values, ids = raw[i].topk(rows[i].params.top_logprobs)
+            assert [t for t, _ in out.top_logprobs[i]] == ids.tolist()
+            assert [lp for _, lp in out.top_logprobs[i]] == pytest.approx(values.tolist(), abs=1e-6)
 
 
 def _draw(
