@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,6 +23,20 @@ from loraxpy.worker.runner import ModelRunner, RunnerOptions
 from loraxpy.worker.server import WorkerServicer, serve
 
 logger = logging.getLogger("loraxpy.worker")
+
+
+# oneDNN kernels (the packed CPU linears, bf16 matmuls) are compiled for each input shape and kept
+# in two caches, PyTorch's (LRU_CACHE_CAPACITY) and oneDNN's (ONEDNN_PRIMITIVE_CACHE_CAPACITY), of
+# 1024 entries each by default, 200-300 KiB an entry. Every new number of tokens in a step is a new
+# shape, so a long-running server grew by hundreds of MiB until both were full (the soak's worker
+# memory growth); 64 each keep the row counts in use. Both are read at the first oneDNN call.
+ONEDNN_CACHE_ENTRIES = "64"
+
+
+def bound_onednn_caches() -> None:
+    """Caps both oneDNN kernel caches, unless the environment sizes them itself."""
+    for name in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+        os.environ.setdefault(name, ONEDNN_CACHE_ENTRIES)
 
 
 def build_runner(config: WorkerConfig) -> ModelRunner:
@@ -81,6 +96,7 @@ def warn_about_access(config: WorkerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bound_onednn_caches()
     try:
         config = parse_args(argv)
         model_thread = threads.model_thread()  # loads the model, then runs every step (worker/threads.py)
