@@ -1,7 +1,9 @@
 """`lorax-bench [engine]`: flags → BenchConfig, then the engine benchmark, its table, JSON and plot;
 `lorax-bench serve`: flags → ServeConfig, then streaming clients against a running server;
 `lorax-bench model`: a real model on CPU through every path (bench/model_cli.py);
-`lorax-bench soak`: a server at saturation for a set time, counting lost requests (bench/soak_cli.py).
+`lorax-bench soak`: a server at saturation for a set time, counting lost requests (bench/soak_cli.py);
+`lorax-bench quantized`: the engine on one model in fp32 and under each --quantize scheme, in one run
+(bench/quantized_cli.py).
 
 Defaults follow the device: on CUDA the shapes and grid of issue 6 (1b and 8b, bf16, batch 1/32/128,
 context 128/1024, 1/8/32/128 adapters, PEFT at batch 32 × 128 prompt tokens × 64 new tokens with
@@ -26,6 +28,7 @@ from loraxpy.bench.bounds import measure_copy_bandwidth
 from loraxpy.bench.engine import RunResult
 from loraxpy.bench.model_cli import model_main
 from loraxpy.bench.overlap import compare_overlap
+from loraxpy.bench.quantized_cli import quantized_main
 from loraxpy.bench.report import BaselineComparison, format_table, machine_info, plot_throughput, write_json
 from loraxpy.bench.serving import (
     CONSTRAINED_FORMAT,
@@ -334,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         return model_main(argv[1:])
     if argv[:1] == ["soak"]:
         return soak_main(argv[1:])
+    if argv[:1] == ["quantized"]:
+        return quantized_main(argv[1:])
     args = build_parser().parse_args(argv[1:] if argv[:1] == ["engine"] else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

@@ -213,7 +213,12 @@ def _engine_runs(
         for w in config.workloads():
             spec = RunSpec(w, b, config.prompt_len, 0, config.new_tokens - 1)
             r = bench.run(spec, "model", 1.0, config.seed, ids[:b])
-            extra = {"decode_step_ms": r.decode_step_ms, "prefill_s": r.prefill_s, "kernels": r.engine_paths}
+            extra = {
+                "decode_step_ms": r.decode_step_ms,
+                "prefill_s": r.prefill_s,
+                "kernels": r.engine_paths,
+                "weight_bytes": bench.runner.weight_bytes,
+            }
             runs[("engine", b, w.name)] = _log(
                 PathRun(
                     "engine", b, w.name, r.end_to_end_tokens_per_s, r.all_tokens, r.decode_tokens_per_s, extra
