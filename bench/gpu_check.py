@@ -10,12 +10,15 @@ into .whl/) and the project without dependencies, then runs, each stage against 
    against eager, the warmup self-check, an NCCL group of one shard;
 2. the worker integration tests with the workers on CUDA (fp32 equals HF transformers and PEFT
    token for token);
-3. the LoRA kernels against the copy bandwidth, and `lorax-bench` on 8b and 1b over a grid
-   trimmed to cover issue 17's targets, with the HF + PEFT baseline;
+3. the LoRA kernels and each attention backend (SDPA, Triton, and flash-attn / vllm-flash-attn
+   where importable: checked against the reference, then timed) against the copy bandwidth, and
+   `lorax-bench` on 8b and 1b over a grid trimmed to cover issue 17's targets, with the HF + PEFT
+   baseline;
 4. the targets, met or not (`bench/gpu_targets.py`), printed last.
 
-$OUT gets at most the device tool's 8 files: summary.json (rewritten after every stage),
-tests-gpu.log, tests-integration.log, bench.log, bench-<shape>.json and bench-<shape>.png.
+$OUT gets at most the device tool's 8 files: summary.json (rewritten after every stage; it also
+holds the LoRA and attention kernel numbers and the targets), tests-gpu.log,
+tests-integration.log, bench.log, bench-<shape>.json and bench-<shape>.png.
 `--rehearse` runs the same script on CPU with the tiny shape and CPU-sized steps in under a
 minute (tests/unit/test_gpu_check.py), so it cannot rot. Standard library only: it runs before
 the project is installed.
@@ -44,7 +47,8 @@ REHEARSAL_BUDGET_S = 58.0
 NEEDED = (
     "torch", "triton", "transformers", "peft", "safetensors", "numpy", "tokenizers", "jinja2",
     "grpcio", "protobuf", "aiohttp", "prometheus-client", "huggingface-hub", "tqdm", "matplotlib",
-    "pytest", "pytest-timeout", "pytest-xdist", "pydantic", "gguf",
+    "pytest", "pytest-timeout", "pytest-xdist", "pydantic", "gguf", "opentelemetry-proto", "llguidance",
+    "flash-attn", "vllm-flash-attn",
 )  # fmt: skip
 
 
@@ -124,12 +128,23 @@ class Check:
             round(max(0.0, deadline - now), 1), stage.log,
         )  # fmt: skip
         self.summary.setdefault("stages", []).append(asdict(result))
+        self.collect()
         self.write_summary()
         print(
             f"[gpu-check] {stage.name}: {status} in {result.seconds:.0f} s (of {result.allowed_s:.0f})",
             flush=True,
         )
         return result
+
+    def collect(self) -> None:
+        """The kernel numbers and targets the stages wrote under work/ (which does not come back)."""
+        for key in ("lora-kernels", "attention-kernels", "targets"):
+            path = self.work / f"{key}.json"
+            if path.exists():
+                try:
+                    self.summary[key.replace("-", "_")] = json.loads(path.read_text())
+                except ValueError:  # cut off mid-write by a stage's deadline
+                    self.summary[key.replace("-", "_")] = {"error": f"{path.name} is not whole JSON"}
 
     def write_summary(self) -> None:
         self.summary["elapsed_s"] = round(time.monotonic() - self.started, 1)
@@ -243,6 +258,7 @@ class Plan:
     budgets: dict[str, float]  # seconds per stage (and "setup")
     integration: tuple[str, ...]  # pytest's selection, workers on `device`
     kernels: tuple[str, ...]  # bench/lora_kernels.py flags
+    attention: tuple[str, ...]  # bench/attention_kernels.py flags
     bench: tuple[str, ...]  # lorax-bench flags, the same for every shape
     targets: tuple[str, ...]  # bench/gpu_targets.py flags: where in the grid each target is read
 
@@ -259,11 +275,13 @@ GPU = Plan(
     device="cuda",
     shapes=("8b", "1b"),
     budgets={
-        "setup": 30, "tests-gpu": 90, "tests-integration": 90, "lora-kernels": 20,
-        "bench-8b": 160, "bench-1b": 80, "targets": 10,
+        "setup": 30, "tests-gpu": 85, "tests-integration": 85, "lora-kernels": 20,
+        "attention-kernels": 10, "bench-8b": 160, "bench-1b": 80, "targets": 10,
     },
     integration=INTEGRATION,
     kernels=(),
+    attention=("--device", "cuda", "--dtype", "bfloat16", "--shape", "8b", "--batch-size", "128",
+               "--context-len", "1024"),
     bench=(
         "--device", "cuda", "--dtype", "bfloat16", "--batch-sizes", "1,128", "--context-lens", "128,1024",
         "--adapter-counts", "128", "--decode-steps", "16", "--cuda-graph-max-batch-size", "128",
@@ -276,8 +294,8 @@ REHEARSAL = Plan(
     device="cpu",
     shapes=("tiny",),
     budgets={
-        "setup": 6, "tests-gpu": 6, "tests-integration": 16, "lora-kernels": 5, "bench-tiny": 21,
-        "targets": 4,
+        "setup": 6, "tests-gpu": 6, "tests-integration": 15, "lora-kernels": 5, "attention-kernels": 4,
+        "bench-tiny": 19, "targets": 3,
     },
     # One worker process and no model: the rehearsal proves the flow; the CPU suite proves the worker.
     integration=(INTEGRATION[2], "-k", "missing_model"),
@@ -285,6 +303,8 @@ REHEARSAL = Plan(
         "--device", "cpu", "--dtype", "float32", "--shapes", "tiny", "--batch-sizes", "4",
         "--adapter-counts", "2", "--backends", "torch", "--repeats", "3",
     ),
+    attention=("--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--batch-size", "4",
+               "--context-len", "64", "--repeats", "3"),
     bench=(
         "--device", "cpu", "--dtype", "float32", "--batch-sizes", "1", "--context-lens", "8",
         "--adapter-counts", "1", "--warmup-steps", "1", "--decode-steps", "2",
@@ -341,6 +361,19 @@ def stages(plan: Plan, out: Path, work: Path, xdist: bool) -> list[Stage]:
             [py, "-m", "loraxpy.bench.lora_kernels", *plan.kernels, "--output", str(kernels_json)],
             "bench.log",
         ),
+        Stage(
+            "attention-kernels",
+            budget["attention-kernels"],
+            [
+                py,
+                "-m",
+                "loraxpy.bench.attention_kernels",
+                *plan.attention,
+                "--output",
+                str(work / "attention-kernels.json"),
+            ],
+            "bench.log",
+        ),
         *bench,
         Stage(
             "targets",
@@ -357,6 +390,9 @@ def stages(plan: Plan, out: Path, work: Path, xdist: bool) -> list[Stage]:
 def base_env(work: Path, rehearse: bool) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PYTHONUNBUFFERED="1", MPLBACKEND="Agg", TOKENIZERS_PARALLELISM="false")
+    # Stages run in the repo: without this, `python -m` puts it first on sys.path and its kernels/
+    # folder shadows Hugging Face's `kernels` package, which transformers imports when installed.
+    env["PYTHONSAFEPATH"] = "1"
     if not rehearse:  # nothing outside the device machine can be reached
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", LORAX_CACHE=str(work / "cache"))
     return env
@@ -373,9 +409,7 @@ def _commit() -> str:
 
 def finish(check: Check) -> int:
     """Puts the targets into the summary and prints the stages and targets last (the reply's tail)."""
-    targets_json = check.work / "targets.json"
-    if targets_json.exists():
-        check.summary["targets"] = json.loads(targets_json.read_text())
+    check.collect()
     check.write_summary()
     stages = check.summary.get("stages", [])
     print("\n[gpu-check] stages")
@@ -384,6 +418,14 @@ def finish(check: Check) -> int:
     for t in check.summary.get("targets", []):
         value = "-" if t["measured"] is None else f"{t['measured']:.3f}"
         print(f"  {t['status']:>12}  {t['shape']:>5}  {value:>9} (needs {t['threshold']})  {t['name']}")
+    attention = check.summary.get("attention_kernels", {})
+    for r in attention.get("runs", []):
+        share = "-" if r["efficiency"] is None else f"{r['efficiency']:.1%} of copy"
+        print(
+            f"  attention {r['backend']:>16}  B={r['batch_size']} ctx={r['context_len']}: {share} {r['note']}"
+        )
+    for name, why in attention.get("not_measured", {}).items():
+        print(f"  attention {name:>16}  not measured: {why}")
     files = sorted(p.name for p in check.out.iterdir())
     print(f"[gpu-check] {check.summary['elapsed_s']:.0f} s; files in {check.out}: {files}")
     return 0 if stages and all(s["status"] == "passed" for s in stages) else 1

@@ -209,3 +209,46 @@ def test_triton_w4a16_equals_dequantize_then_matmul_on_cuda(dtype: torch.dtype, 
     tolerance = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
     assert got.dtype == dtype and _relative_error(got.cpu(), want) < tolerance
     assert _relative_error(linear.forward_torch(x.to(CUDA), None).cpu(), want) < tolerance
+
+
+def _flash_library():  # type: ignore[no-untyped-def]
+    from loraxpy.kernels import attention_flash
+
+    library = attention_flash.find_library()
+    if library is None:
+        pytest.skip("neither flash-attn nor vllm-flash-attn is importable (the GPU image has neither)")
+    return library
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (37, None), (None, 30.0)])
+def test_flash_attention_equals_the_reference_on_cuda(
+    dtype: torch.dtype, window: int | None, softcap: float | None
+) -> None:
+    """kernels/attention_flash.py over the library's paged kernel, at the library's block size."""
+    from test_attention import build_case
+
+    from loraxpy.kernels import attention_flash
+    from loraxpy.kernels.attention import AttentionMetadata, paged_attention_reference
+
+    library = _flash_library()
+    backend = attention_flash.flash_backend(library)
+    # prefill, decode, a chunk over a cached prefix, a decode past several blocks
+    query, k_cache, v_cache, meta, _, _ = build_case(
+        (150, 1, 70, 1), (150, 700, 90, 33), heads=32, kv_heads=8, dim=128, block_size=library.block_multiple
+    )
+    meta = AttentionMetadata.build(
+        list(meta.query_lens_host), list(meta.seq_lens_host), meta.block_tables.tolist(), CUDA
+    )
+    args = (
+        query.to(CUDA, dtype),
+        k_cache.to(CUDA, dtype),
+        v_cache.to(CUDA, dtype),
+        meta,
+        0.088,
+        window,
+        softcap,
+    )
+    torch.testing.assert_close(
+        backend.attend(*args).float(), paged_attention_reference(*args).float(), atol=2e-2, rtol=2e-2
+    )

@@ -75,3 +75,24 @@ def test_an_nccl_group_of_one_shard_runs_its_collectives_eagerly_and_in_a_graph(
         torch.testing.assert_close(out, torch.arange(256.0, device=CUDA) * 2)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_worker_asked_for_flash_attention_passes_the_self_check_and_serves_through_it(
+    tiny_llama: Path, dtype
+) -> None:
+    """Where flash-attn or vllm-flash-attn is importable: at its block size the self-check keeps it."""
+    from loraxpy.kernels import attention_flash
+    from loraxpy.worker.runner import ModelRunner, RunnerOptions
+
+    library = attention_flash.find_library()
+    if library is None:
+        pytest.skip("neither flash-attn nor vllm-flash-attn is importable (the GPU image has neither)")
+    block = library.block_multiple
+    options = RunnerOptions(
+        dtype=dtype, device=CUDA, max_loras=0, attention_backend="flash", block_size=block
+    )
+    runner = ModelRunner(tiny_llama, options)
+    runner.warmup(max_prefill_tokens=128, max_num_seqs=8, num_blocks=-(-2048 // block))
+    assert runner.self_check.failures == {}
+    assert runner.attention_backend == library.name

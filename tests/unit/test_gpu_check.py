@@ -101,8 +101,11 @@ def test_the_rehearsal_runs_every_stage_on_cpu(tmp_path: Path) -> None:
     )
     stages = {s["name"]: s["status"] for s in summary["stages"]}
     assert stages == dict.fromkeys(
-        ["tests-gpu", "tests-integration", "lora-kernels", "bench-tiny", "targets"], "passed"
+        ["tests-gpu", "tests-integration", "lora-kernels", "attention-kernels", "bench-tiny", "targets"],
+        "passed",
     )
+    assert [r["backend"] for r in summary["attention_kernels"]["runs"]] == ["sdpa"]  # CPU: SDPA only
+    assert summary["lora_kernels"]["runs"]
     assert seconds < 116 + 10  # its budget, plus interpreter start and the final report
     # The device tool returns at most 8 plain files, named in letters, digits, '.', '_' and '-'.
     files = sorted(p.name for p in out.iterdir())
@@ -131,7 +134,7 @@ def test_the_gpu_plan_fits_the_device_call(tmp_path: Path) -> None:
 
 def test_every_gpu_stage_command_parses_with_its_program(tmp_path: Path) -> None:
     """A renamed flag fails here, not on the GPU machine."""
-    from loraxpy.bench import cli, gpu_targets, lora_kernels
+    from loraxpy.bench import attention_kernels, cli, gpu_targets, lora_kernels
 
     for stage in gpu_check.stages(gpu_check.GPU, tmp_path, tmp_path, xdist=True):
         module, argv = stage.command[2], stage.command[3:]
@@ -141,9 +144,78 @@ def test_every_gpu_stage_command_parses_with_its_program(tmp_path: Path) -> None
             assert set(config.batch_sizes) == {1, 128} and set(config.context_lens) == {128, 1024}
         elif module == "loraxpy.bench.lora_kernels":
             assert lora_kernels.build_parser().parse_args(argv).device in ("cuda", "cpu")
+        elif module == "loraxpy.bench.attention_kernels":
+            parsed = attention_kernels.build_parser().parse_args(argv)
+            assert (parsed.device, parsed.shape, parsed.batch_size, parsed.context_len) == (
+                "cuda",
+                "8b",
+                128,
+                1024,
+            )
         elif module == "loraxpy.bench.gpu_targets":
             with pytest.raises(SystemExit) as e:
                 gpu_targets.main([*argv, "--help"])
             assert e.value.code == 0
         else:
             assert module == "pytest"
+
+
+# The GPU image's Python packages (the device tool's KINDS.md, read on a machine on 2026-11-17).
+GPU_IMAGE = """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs
+botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage
+cuda-bindings cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops
+equinox etils execnet filelock flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio
+h11 h5py hf-xet httpcore httpx huggingface-hub humanize hypothesis idna imageio iniconfig
+interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver
+lazy-loader lightning lightning-utilities linear-operator lineax llvmlite lxml markdown
+markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack multidict
+multipledispatch mypy-extensions nanobind narwhals networkx ninja numba numba-cuda numpy numpyro
+nvidia-ml-py onnx onnx-ir onnxruntime onnxscript opencv-python-headless optax opt-einsum
+opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy
+portalocker prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments
+pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock
+pytest-timeout pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu
+safetensors scikit-build-core scikit-image scikit-learn scipy seaborn sentencepiece
+sentence-transformers setuptools shellingham simplejson six sortedcontainers statsmodels sympy
+tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm
+tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm
+transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig
+werkzeug wheel wrapt xarray xxhash yarl zipp""".split()  # noqa: SIM905
+# Run in a child: modules of any installed distribution that is neither in the image nor carried
+# (the Makefile's GPU_WHEELS) fail to import, as they would there; then what the check runs loads.
+_IMAGE_ONLY = """
+import importlib.abc, importlib.metadata as md, sys
+allowed = {n.lower().replace("_", "-") for n in sys.argv[1].split()} | {"loraxpy"}
+blocked = {top for top, dists in md.packages_distributions().items()
+           if not any(d.lower().replace("_", "-") in allowed for d in dists)}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"{name} is neither in the GPU image nor in make gpu-wheels")
+sys.meta_path.insert(0, Block())
+for module in ("loraxpy.worker.cli", "loraxpy.bench.cli", "loraxpy.bench.lora_kernels",
+               "loraxpy.bench.attention_kernels", "loraxpy.bench.gpu_targets", "loraxpy.bench.baseline"):
+    __import__(module)
+import pytest
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.slow
+def test_what_the_check_runs_imports_with_only_the_gpu_image_and_the_carried_wheels() -> None:
+    """A test module or bench that starts importing a package the image lacks fails here, not there."""
+    makefile = (REPO / "Makefile").read_text()
+    wheels = re.search(r"^GPU_WHEELS \?= ((?:.*\\\n)*.*)$", makefile, re.M).group(1)  # type: ignore[union-attr]
+    allowed = " ".join([*GPU_IMAGE, *wheels.replace("\\\n", " ").split()])
+    selection = ["tests/gpu", *gpu_check.INTEGRATION]
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # the venv's plugins are not there
+    result = subprocess.run(
+        [PY, "-c", _IMAGE_ONLY, allowed, *selection],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert " collected" in result.stdout or "tests collected" in result.stdout
