@@ -157,13 +157,29 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype, shape = torch.device(args.device), getattr(torch, args.dtype), SHAPES[args.shape]
     bandwidth = measure_copy_bandwidth(device)
     runnable, skipped = candidates(device, dtype)
-    runs = []
+    runs: list[AttentionRun] = []
+
+    def save() -> None:  # after every backend, whole: a run stopped at a deadline keeps what it timed
+        doc = {
+            "device": str(device),
+            "dtype": args.dtype,
+            "shape": shape.name,
+            "copy_bandwidth_gb_per_s": bandwidth / 1e9,
+            "runs": [asdict(r) for r in runs],
+            "not_measured": skipped,
+        }
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.output.with_name(args.output.name + ".partial")
+        partial.write_text(json.dumps(doc, indent=1))
+        partial.replace(args.output)
+
     for backend, block_size in runnable:
         run = measure(
             backend, block_size, shape, batch=args.batch_size, context=args.context_len, dtype=dtype,
             device=device, bandwidth=bandwidth, repeats=args.repeats,
         )  # fmt: skip
         runs.append(run)
+        save()
         timing = (
             "not timed"
             if run.microseconds is None
@@ -177,16 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for name, why in skipped.items():
         print(f"attention {name:>16}: not measured ({why})", flush=True)
-    doc = {
-        "device": str(device),
-        "dtype": args.dtype,
-        "shape": shape.name,
-        "copy_bandwidth_gb_per_s": bandwidth / 1e9,
-        "runs": [asdict(r) for r in runs],
-        "not_measured": skipped,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(doc, indent=1))
+    save()
     return 0 if all(r.microseconds is not None for r in runs) else 1
 
 

@@ -218,11 +218,16 @@ def setup(check: Check, wheel_dir: Path, budget_s: float) -> None:
         paths.insert(0, str(link_tree(check.work / "src")))
     check.env["PYTHONPATH"] = os.pathsep.join(p for p in [*paths, check.env.get("PYTHONPATH", "")] if p)
     probe = "import torch, loraxpy.worker.runner, loraxpy.bench.cli; print(torch.cuda.is_available())"
-    result = subprocess.run([sys.executable, "-c", probe], env=check.env, capture_output=True, text=True)
-    info["imports"] = result.returncode == 0
-    info["cuda"] = result.stdout.strip().endswith("True")
-    if result.returncode:
-        info["import_error"] = result.stderr.strip().splitlines()[-3:]
+    try:  # bounded: a CUDA initialisation that hangs must not take the whole call
+        result = subprocess.run(
+            [sys.executable, "-c", probe], env=check.env, capture_output=True, text=True, timeout=90
+        )
+        info["imports"] = result.returncode == 0
+        info["cuda"] = result.stdout.strip().endswith("True")
+        if result.returncode:
+            info["import_error"] = result.stderr.strip().splitlines()[-3:]
+    except subprocess.TimeoutExpired:
+        info.update(imports=False, cuda=False, import_error=["the import probe took over 90 s"])
     info["image_packages"] = package_versions()  # this Python's own, under the carried wheels
     info["gpu"] = _nvidia_smi()
     info["log_tail"] = log.read_text()[-3000:] if log.exists() else ""
@@ -279,7 +284,9 @@ GPU = Plan(
         "attention-kernels": 10, "bench-8b": 160, "bench-1b": 80, "targets": 10,
     },
     integration=INTEGRATION,
-    kernels=(),
+    # The target reads the Triton kernels (>= 32 adapters: batch 32 and 128, 32 and 128 adapters,
+    # both shapes); the torch path's timings would double the stage.
+    kernels=("--backends", "triton"),
     attention=("--device", "cuda", "--dtype", "bfloat16", "--shape", "8b", "--batch-size", "128",
                "--context-len", "1024"),
     bench=(

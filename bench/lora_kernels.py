@@ -179,6 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     bandwidth = measure_copy_bandwidth(device)
     runs: list[KernelRun] = []
+
+    def save() -> None:  # after every run, whole: a run stopped at a deadline keeps what it timed
+        doc = {
+            "device": str(device),
+            "dtype": args.dtype,
+            "copy_bandwidth_gb_per_s": bandwidth / 1e9,
+            "runs": [asdict(r) for r in runs],
+        }
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.output.with_name(args.output.name + ".partial")
+        partial.write_text(json.dumps(doc, indent=1))
+        partial.replace(args.output)
+
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
         for backend in args.backends.split(","):
@@ -190,20 +203,14 @@ def main(argv: list[str] | None = None) -> int:
                             dtype=dtype, device=device, bandwidth=bandwidth, repeats=args.repeats,
                         )  # fmt: skip
                         runs.append(run)
+                        save()
                         print(
                             f"{run.shape:>5} {run.layer:>8} {run.backend:>6} B={run.batch_size:<4} "
                             f"N={run.num_adapters:<4} {run.microseconds:9.1f} us {run.gb_per_s:8.1f} GB/s "
                             f"{run.efficiency:6.1%} of copy",
                             flush=True,
                         )
-    doc = {
-        "device": str(device),
-        "dtype": args.dtype,
-        "copy_bandwidth_gb_per_s": bandwidth / 1e9,
-        "runs": [asdict(r) for r in runs],
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(doc, indent=1))
+    save()
     return 0
 
 
