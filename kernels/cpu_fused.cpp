@@ -270,15 +270,50 @@ void attend_item(const AttendShape& sh, const T* q_row, const T* k_head, const T
   for (int64_t i = 0; i < group * hd; ++i) o_row[i] = round_to<T>(acc[i]);
 }
 
-// One sequence, all its heads: each key's and value's row of every KV head is read once, front to
-// back (a block holds block_size such rows contiguously), instead of one head's slice per pass,
-// which strided through the same cache lines kv_heads times. Per head the arithmetic (dots, softmax,
-// the sum over values in key order) is attend_item's, so both give the same bits.
+// Up to four query heads of one KV head against one key: each head's 64 or 128 products summed in
+// eight lanes, the heads' chains independent and the key's values loaded once for all of them.
+template <typename T, int CH, int D>
+inline void dots_heads(const float* q, const T* k, float scale, float* scores, int64_t n) {
+  constexpr int L = 8;
+  float acc[CH][L] = {};
+  for (int d0 = 0; d0 < D; d0 += L) {
+    for (int g = 0; g < CH; ++g) {
+#pragma omp simd
+      for (int l = 0; l < L; ++l) acc[g][l] = std::fma(q[g * D + d0 + l], static_cast<float>(k[d0 + l]), acc[g][l]);
+    }
+  }
+  for (int g = 0; g < CH; ++g) {
+    float sum = 0.f;
+    for (int l = 0; l < L; ++l) sum += acc[g][l];
+    scores[g * n] = sum * scale;
+  }
+}
+
+// Up to four query heads of one KV head: out[g] = sum_j p[g][j] v_j, in key order (each element's
+// sum is the chain of fused multiply-adds axpy makes), the heads' sums held together across keys.
+template <typename T, int CH, int D, typename RowAt>
+inline void values_heads(const float* p, int64_t n, int64_t first, const RowAt& row_at, int64_t offset, float* out) {
+  float acc[CH][D] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const T* v = row_at(first + j) + offset;
+    for (int g = 0; g < CH; ++g) {
+      const float pj = p[g * n + j];
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[g][d] = std::fma(pj, static_cast<float>(v[d]), acc[g][d]);
+    }
+  }
+  for (int g = 0; g < CH; ++g) std::copy(acc[g], acc[g] + D, out + g * D);
+}
+
+// One sequence, all its heads: each key's row of every KV head is read once, front to back (a block
+// holds block_size such rows contiguously), and each KV head's query heads go through it together,
+// four at a time (dots_heads, values_heads). head_dim unknown at compile time (D = 0): one head at a
+// time with dot and axpy.
 template <typename T, int D>
 void attend_seq(const AttendShape& sh, const T* q_row, const T* kc, const T* vc,
                 const int64_t* table, int64_t len, T* o_row, std::vector<float>& qf, std::vector<float>& acc,
                 std::vector<float>& scores) {
-  const int64_t hd = D > 0 ? D : sh.head_dim, heads = sh.heads, group = sh.group;
+  const int64_t hd = D > 0 ? D : sh.head_dim, heads = sh.heads, group = sh.group, kv_heads = heads / group;
   const int64_t first = sh.window > 0 ? std::max<int64_t>(0, len - sh.window) : 0;
   const int64_t n = len - first;
   if (n <= 0) {
@@ -287,29 +322,55 @@ void attend_seq(const AttendShape& sh, const T* q_row, const T* kc, const T* vc,
   }
   scores.resize(heads * n);
   for (int64_t i = 0; i < heads * hd; ++i) qf[i] = static_cast<float>(q_row[i]);
-  const auto row_at = [&](const T* cache, int64_t j) {
-    return cache + (table[j / sh.block_size] * sh.block_size + j % sh.block_size) * sh.kv_width;
+  const auto k_at = [&](int64_t j) {
+    return kc + (table[j / sh.block_size] * sh.block_size + j % sh.block_size) * sh.kv_width;
   };
-  const int64_t row_bytes = sh.kv_width * static_cast<int64_t>(sizeof(T));
-  const auto prefetch_row = [&](const T* cache, int64_t j) {  // a few rows ahead: overlap DRAM with math
-    if (j >= len) return;
-    const char* p = reinterpret_cast<const char*>(row_at(cache, j));
-    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b);
+  const auto v_at = [&](int64_t j) {
+    return vc + (table[j / sh.block_size] * sh.block_size + j % sh.block_size) * sh.kv_width;
   };
-  constexpr int64_t kAhead = 4;
-  for (int64_t j = first; j < std::min(len, first + kAhead); ++j) prefetch_row(kc, j);
   for (int64_t j = first; j < len; ++j) {
-    prefetch_row(kc, j + kAhead);
-    const T* k = row_at(kc, j);
-    for (int64_t h = 0; h < heads; ++h) scores[h * n + (j - first)] = dot(qf.data() + h * hd, k + (h / group) * hd, hd) * sh.scale;
+    const T* k = k_at(j);
+    for (int64_t kh = 0; kh < kv_heads; ++kh) {
+      for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const int64_t h = kh * group + g0;
+        float* out = scores.data() + h * n + (j - first);
+        const float* q = qf.data() + h * hd;
+        if constexpr (D > 0) {
+          switch (std::min<int64_t>(4, group - g0)) {
+            case 1: dots_heads<T, 1, D>(q, k + kh * D, sh.scale, out, n); break;
+            case 2: dots_heads<T, 2, D>(q, k + kh * D, sh.scale, out, n); break;
+            case 3: dots_heads<T, 3, D>(q, k + kh * D, sh.scale, out, n); break;
+            default: dots_heads<T, 4, D>(q, k + kh * D, sh.scale, out, n); break;
+          }
+        } else {
+          for (int64_t g = 0; g < std::min<int64_t>(4, group - g0); ++g) {
+            out[g * n] = dot(q + g * hd, k + kh * hd, hd) * sh.scale;
+          }
+        }
+      }
+    }
   }
-  for (int64_t j = first; j < std::min(len, first + kAhead); ++j) prefetch_row(vc, j);
   for (int64_t h = 0; h < heads; ++h) softmax_(scores.data() + h * n, n);
-  std::fill(acc.begin(), acc.begin() + heads * hd, 0.f);
-  for (int64_t j = first; j < len; ++j) {
-    prefetch_row(vc, j + kAhead);
-    const T* v = row_at(vc, j);
-    for (int64_t h = 0; h < heads; ++h) axpy(acc.data() + h * hd, scores[h * n + (j - first)], v + (h / group) * hd, hd);
+  if constexpr (D > 0) {
+    for (int64_t kh = 0; kh < kv_heads; ++kh) {
+      for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const int64_t h = kh * group + g0;
+        const float* p = scores.data() + h * n;
+        float* out = acc.data() + h * D;
+        switch (std::min<int64_t>(4, group - g0)) {
+          case 1: values_heads<T, 1, D>(p, n, first, v_at, kh * D, out); break;
+          case 2: values_heads<T, 2, D>(p, n, first, v_at, kh * D, out); break;
+          case 3: values_heads<T, 3, D>(p, n, first, v_at, kh * D, out); break;
+          default: values_heads<T, 4, D>(p, n, first, v_at, kh * D, out); break;
+        }
+      }
+    }
+  } else {
+    std::fill(acc.begin(), acc.begin() + heads * hd, 0.f);
+    for (int64_t j = first; j < len; ++j) {
+      const T* v = v_at(j);
+      for (int64_t h = 0; h < heads; ++h) axpy(acc.data() + h * hd, scores[h * n + (j - first)], v + (h / group) * hd, hd);
+    }
   }
   for (int64_t i = 0; i < heads * hd; ++i) o_row[i] = round_to<T>(acc[i]);
 }
