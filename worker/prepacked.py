@@ -11,10 +11,17 @@ order (|Δ| ~ 1e-6 on unit-scale outputs); `F.linear` stays the twin, used where
 
 In fp32, below 4 rows the packed path is slower than `F.linear` (the matrix-vector case: the
 default model's linears at 1 row took 28-32 ms plain and 45-47 ms packed, at 4 rows 59-63 plain and
-45-48 packed, the same 2-core Xeon). So `--cpu-weight-layout auto` (the default on CPU) keeps each
-fp32 plain weight beside its packed copy and multiplies steps of 1-3 rows with it, at the cost of a
-second copy of the linears' weights; bf16 is faster packed at every row count, so there `auto` keeps
-only the packed copies. `packed` frees the plain weights (half the memory, slower fp32
+45-48 packed, the same 2-core Xeon), and above 32 rows it gains nothing (48-512 rows: packed/plain
+0.97-1.16). So `--cpu-weight-layout auto` (the default on CPU) keeps each fp32 plain weight beside
+its packed copy and multiplies steps of 1-3 rows and of more than 32 (prefill chunks) with it, at
+the cost of a second copy of the linears' weights; bf16 is faster packed at every row count, so
+there `auto` keeps only the packed copies.
+
+oneDNN compiles a kernel for each row count it meets (1.7-3.7 ms the first time, then cached; the
+worker bounds the caches, worker/cli.py), so the row counts that reach the packed weights are kept
+few: 4-32 where the plain weight is kept; with packed weights alone, steps of more than 32 rows are
+padded with zero rows to one of eight sizes per doubling (at most 1/8 more rows), so a server's
+arbitrary prefill lengths do not compile a kernel each, nor push the decode sizes' out of the cache. `packed` frees the plain weights (half the memory, slower fp32
 single-request decode); `plain` packs nothing. A startup self-test packs a small weight and compares
 it with `F.linear`; any failure (a build without oneDNN, an unsupported CPU) leaves the plain layout
 with a warning under `auto`, and stops the worker under `packed`.
@@ -37,6 +44,16 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # oneDNN picks its blocking for this many rows; any other row count still runs on the same layout.
 BATCH_HINT = 16
 PACKED_MIN_ROWS = 4  # fewer rows multiply faster by the plain weight, where it is kept
+PACKED_MAX_ROWS = 32  # more rows multiply as fast by the plain weight; without one they are padded
+
+
+def padded_rows(rows: int) -> int:
+    """Row counts above PACKED_MAX_ROWS rounded up to one of eight sizes per doubling (72, 80, ...,
+    128, 144, ...): the packed weights meet a bounded number of shapes."""
+    if rows <= PACKED_MAX_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
 
 
 class PrepackedLinear(nn.Module):
@@ -51,8 +68,12 @@ class PrepackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [num_tokens, in] -> [num_tokens, out]
-        if self.plain is not None and x.shape[0] < PACKED_MIN_ROWS:
+        rows = x.shape[0]
+        if self.plain is not None and not PACKED_MIN_ROWS <= rows <= PACKED_MAX_ROWS:
             return F.linear(x, self.plain, bias)
+        if (padded := padded_rows(rows)) != rows:  # zero rows, dropped from the result
+            x = F.pad(x, (0, 0, 0, padded - rows))
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")[:rows]
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
 

@@ -14,8 +14,8 @@ from loraxpy.worker.cli import ONEDNN_CACHE_ENTRIES, bound_onednn_caches
 
 CACHES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
 
-# Packed linears (worker/prepacked.py's op) on 75 row counts, then on 75 more: prints how much more
-# memory malloc has in use after the second 75 (225 new shapes) than after the first.
+# Packed linears (worker/prepacked.py's op) of eight widths on 75 row counts, then on 75 more: prints
+# how much more memory malloc has in use after the second 75 (600 new shapes) than after the first.
 GROWTH = """
 import ctypes, sys, torch
 from loraxpy.worker.cli import bound_onednn_caches
@@ -26,7 +26,7 @@ class Info(ctypes.Structure):
                                                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
 mallinfo2.restype = Info
-weights = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(o, 64), 16) for o in (64, 192, 320)]
+weights = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(o, 64), 16) for o in range(64, 576, 64)]
 def run(rows):
     for w in weights:
         torch.ops.mkldnn._linear_pointwise(torch.randn(rows, 64), w, None, "none", [], "")
@@ -61,8 +61,8 @@ def _growth_mib(mode: str) -> float:
     reason="oneDNN's packed linears, glibc's mallinfo2",
 )
 def test_new_row_counts_stop_costing_memory_once_the_capped_caches_are_full() -> None:
-    # PyTorch's defaults (1024 entries each) keep every shape, some 100 KiB and more each; capped,
-    # the first 225 shapes fill both caches and later ones take the place of older ones.
+    # PyTorch's defaults (1024 entries each) keep every shape, some 100 KiB and more each; capped
+    # (512), the first 600 shapes fill both caches and later ones take the place of older ones.
     default, bounded = _growth_mib("default"), _growth_mib("bounded")
     assert default > 20, default
     assert bounded < 3, bounded

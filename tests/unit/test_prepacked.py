@@ -12,7 +12,14 @@ from loraxpy.kernels.attention import select_attention_backend
 from loraxpy.worker.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Shard
 from loraxpy.worker.model import CausalLM
 from loraxpy.worker.model_config import ModelConfig
-from loraxpy.worker.prepacked import PACKED_MIN_ROWS, PrepackedLinear, prepack_model, prepack_supported
+from loraxpy.worker.prepacked import (
+    PACKED_MAX_ROWS,
+    PACKED_MIN_ROWS,
+    PrepackedLinear,
+    padded_rows,
+    prepack_model,
+    prepack_supported,
+)
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(
@@ -20,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 33, 300])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 32, 33, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_a_packed_linear_equals_f_linear_at_any_row_count(rows: int, bias: bool) -> None:
     gen = torch.Generator().manual_seed(rows)
@@ -29,16 +36,27 @@ def test_a_packed_linear_equals_f_linear_at_any_row_count(rows: int, bias: bool)
     x = torch.randn(rows, 2 * 56, generator=gen)[:, ::2]  # a strided input, as a sliced activation is
     got = PrepackedLinear(weight)(x, b)
     torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
-    # with the plain weight kept, steps of 1-3 rows take it: exactly F.linear's result
+    # with the plain weight kept, steps of 1-3 rows and of more than 32 take it: F.linear's result
     beside = PrepackedLinear(weight, plain=True)(x, b)
-    assert torch.equal(beside, F.linear(x, weight, b) if rows < PACKED_MIN_ROWS else got)
+    plain_rows = not PACKED_MIN_ROWS <= rows <= PACKED_MAX_ROWS
+    assert torch.equal(beside, F.linear(x, weight, b) if plain_rows else got)
 
 
-def test_a_bf16_packed_linear_stays_within_bf16_rounding() -> None:
+def test_packed_weights_alone_meet_a_bounded_number_of_row_counts() -> None:
+    """Steps of more than 32 rows are padded (packed weights alone) to 8 sizes per doubling: a
+    server's arbitrary prefill lengths up to 8192 tokens make 64 shapes, each at most 1/8 padding."""
+    sizes = {padded_rows(r) for r in range(PACKED_MAX_ROWS + 1, 8193)}
+    assert len(sizes) == 64
+    assert all(padded_rows(r) == r for r in range(1, PACKED_MAX_ROWS + 1))
+    assert all(r <= padded_rows(r) <= r * 9 / 8 for r in range(1, 8193))
+
+
+@pytest.mark.parametrize("rows", [9, 45])  # 45: padded to 48 rows
+def test_a_bf16_packed_linear_stays_within_bf16_rounding(rows: int) -> None:
     if prepack_supported(CPU, torch.bfloat16) is not None:
         pytest.skip("no bf16 packing on this CPU")
     gen = torch.Generator().manual_seed(0)
-    weight, x = torch.randn(64, 48, generator=gen), torch.randn(9, 48, generator=gen)
+    weight, x = torch.randn(64, 48, generator=gen), torch.randn(rows, 48, generator=gen)
     got = PrepackedLinear(weight.bfloat16())(x.bfloat16(), None).float()
     torch.testing.assert_close(got, F.linear(x, weight), rtol=3e-2, atol=6e-2)
 
