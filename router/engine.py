@@ -132,6 +132,58 @@ class _Handle:
     matcher: GrammarMatcher | None = None  # structured output: where the request is in its grammar
 
 
+class RequestStream:
+    """One request's tokens: an async iterator of TokenEvents, the last one carrying its
+    finish_reason; `output` is filled in as the request runs. A consumer that may stop early uses
+    it as `async with` (leaving aborts an unfinished request); one that reads to the end, or to an
+    error, may just iterate it (it leaves by itself then)."""
+
+    def __init__(self, queued: contextlib.AbstractContextManager[None], handle: _Handle) -> None:
+        self._queued = queued  # queues the request on entering; forgets (or aborts) it on leaving
+        self._handle = handle
+        self._state = "new"  # -> "queued" -> "left"
+        self.output = handle.output
+
+    async def __aenter__(self) -> RequestStream:
+        self._enter()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._leave()
+
+    def _enter(self) -> None:
+        if self._state == "new":
+            self._queued.__enter__()
+            self._state = "queued"
+
+    def _leave(self) -> None:
+        if self._state == "queued":
+            self.output.num_preemptions = self._handle.seq.num_preemptions
+            self._queued.__exit__(None, None, None)
+        self._state = "left"
+
+    def __del__(self) -> None:  # dropped unfinished without leaving, as a closed async generator would
+        self._leave()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._state == "left":
+            raise StopAsyncIteration
+        self._enter()
+        try:
+            item = await self._handle.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+        except BaseException:
+            self._leave()
+            raise
+        if item.finish_reason is not None:
+            self._leave()
+        return item
+
+
 class _StepLock(asyncio.Lock):
     """The loop's lock, which knows whether anyone waits for it (overlapped steps stop for them)."""
 
@@ -228,15 +280,15 @@ class Engine:
         for handle in list(self._handles.values()):
             handle.queue.put_nowait(EngineError("the server is shutting down"))
 
-    async def generate(
+    def generate(
         self,
         inp: GenerateInput,
         stream: TextStream,
         trace_span: Any = None,
         queue_deadline: float | None = None,
-    ) -> AsyncIterator[TokenEvent | RequestOutput]:
-        """Yields a RequestOutput first (filled in as the request runs), then one TokenEvent per token.
-        Not in a step by `queue_deadline` (event-loop time), it fails with QueueTimeout."""
+    ) -> RequestStream:
+        """The request's tokens (a RequestStream); it is queued when the stream is entered or first
+        iterated. Not in a step by `queue_deadline` (event-loop time), it fails with QueueTimeout."""
         if not self.is_running:
             raise EngineError("the server's engine is not running")
         seq = SequenceState(
@@ -249,21 +301,9 @@ class Engine:
             prefix_identity=BASE_PREFIX if inp.adapter_index == 0 else inp.prefix_identity,
             speculate=inp.grammar is None,  # a grammar's mask covers one token per step
         )
-        output = RequestOutput(seq.id)
         matcher = inp.grammar.matcher() if inp.grammar is not None else None
-        handle = _Handle(seq, stream, output, trace_span, matcher=matcher)
-        with self._queued(handle, queue_deadline):
-            try:
-                yield output
-                while True:
-                    item = await handle.queue.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                    if item.finish_reason is not None:
-                        return
-            finally:
-                output.num_preemptions = seq.num_preemptions
+        handle = _Handle(seq, stream, RequestOutput(seq.id), trace_span, matcher=matcher)
+        return RequestStream(self._queued(handle, queue_deadline), handle)
 
     async def embed(
         self, input_ids: tuple[int, ...], adapter_index: int = 0, queue_deadline: float | None = None

@@ -21,7 +21,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -48,7 +48,7 @@ from loraxpy.router.embeddings import (
     validate_embed,
     validate_embeddings,
 )
-from loraxpy.router.engine import Engine, EngineError, GenerateInput, QueueTimeout, RequestOutput, TokenEvent
+from loraxpy.router.engine import Engine, EngineError, QueueTimeout, RequestOutput, TokenEvent
 from loraxpy.router.errors import (
     BadRequestError,
     BodyTimeoutError,
@@ -237,8 +237,8 @@ class Api:
         """Runs tokenizer work (a 4 MiB body takes seconds) beside the event loop, not on it."""
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    async def _events(self, valid: ValidRequest, gen: R.Generation) -> AsyncIterator[TokenEvent]:
-        """The request's tokens; holds its adapter's device slot for as long as it runs."""
+    async def _events(self, valid: ValidRequest, gen: R.Generation) -> AsyncGenerator[TokenEvent]:
+        """The request's tokens, recorded in `gen`; holds its adapter's device slot while it runs."""
         index, identity = 0, None
         queued_until = self._queue_deadline()
         if valid.adapter_id is not None:
@@ -247,13 +247,38 @@ class Api:
             args = (valid.adapter_id, valid.adapter_source, valid.api_token, valid.merge)
             identity = self.s.adapters.prefix_identity(*args)  # refuses what `acquire` would, first
             index = await self._within_queue_time(self.s.adapters.acquire(*args), queued_until)
+        span: Any = None
+        output: RequestOutput | None = None
+        error: str | None = None
         try:
             inp = dataclasses.replace(valid.engine, adapter_index=index, prefix_identity=identity)
-            async for event in self._engine_events(inp, valid, gen, queued_until):
-                yield event
+            stream = self.s.tokenizer.stream(list(inp.input_ids), valid.stop, include_stop=valid.include_stop)
+            self.s.metrics.request_count.inc()
+            received = RECEIVED_NS.get(None) or time.time_ns()
+            span = self.s.tracer.start_request(f"{ROUTE.get('')} request", received)
+            self.s.tracer.child(span, "validation", received, time.time_ns())
+            async with self.s.engine.generate(inp, stream, span, queued_until) as request:
+                output = request.output
+                gen.prompt_logprobs = output.prompt_logprobs  # filled in by the request's first step
+                async for event in request:
+                    if gen.first_token_at is None:
+                        gen.first_token_at = time.monotonic()
+                        if output.scheduled_ns is not None:
+                            gen.queue_s = (output.scheduled_ns - output.queued_ns) / 1e9
+                    gen.events.append(event)
+                    yield event
+        except QueueTimeout:
+            error = "queue timeout"
+            raise self._queue_timeout() from None
+        except EngineError as e:
+            self.s.metrics.request_failure.labels("generation").inc()
+            error = str(e)
+            raise GenerationError(str(e)) from e
         finally:
+            self._end_trace(span, output, gen, error, valid.end_user)
             if index:
                 await self.s.adapters.release(index)  # type: ignore[union-attr]
+        self.s.metrics.observe_success(gen)
 
     def _queue_deadline(self) -> float | None:
         limit = self.s.max_queue_time_s
@@ -273,44 +298,6 @@ class Api:
                 return await wait
         except TimeoutError:
             raise self._queue_timeout() from None
-
-    async def _engine_events(
-        self, inp: GenerateInput, valid: ValidRequest, gen: R.Generation, queued_until: float | None = None
-    ) -> AsyncIterator[TokenEvent]:
-        stream = self.s.tokenizer.stream(
-            list(valid.engine.input_ids), valid.stop, include_stop=valid.include_stop
-        )
-        self.s.metrics.request_count.inc()
-        tracer = self.s.tracer
-        received = RECEIVED_NS.get(None) or time.time_ns()
-        span = tracer.start_request(f"{ROUTE.get('')} request", received)
-        tracer.child(span, "validation", received, time.time_ns())
-        output: RequestOutput | None = None
-        error: str | None = None
-        try:
-            async for item in self.s.engine.generate(
-                inp, stream, trace_span=span, queue_deadline=queued_until
-            ):
-                if isinstance(item, RequestOutput):
-                    output = item
-                    gen.prompt_logprobs = item.prompt_logprobs
-                    continue
-                if gen.first_token_at is None:
-                    gen.first_token_at = time.monotonic()
-                    if output is not None and output.scheduled_ns is not None:
-                        gen.queue_s = (output.scheduled_ns - output.queued_ns) / 1e9
-                gen.events.append(item)
-                yield item
-        except QueueTimeout:
-            error = "queue timeout"
-            raise self._queue_timeout() from None
-        except EngineError as e:
-            self.s.metrics.request_failure.labels("generation").inc()
-            error = str(e)
-            raise GenerationError(str(e)) from e
-        finally:
-            self._end_trace(span, output, gen, error, valid.end_user)
-        self.s.metrics.observe_success(gen)
 
     def _end_trace(
         self,
@@ -391,9 +378,10 @@ class Api:
         response: web.StreamResponse | None = None  # opened at the first token: earlier errors get a status
         gen = R.Generation(valid)
         try:
-            async for event in self._events(valid, gen):
-                response = response or await _open_sse(request)
-                await _send(response, R.stream_event_body(self.s.tokenizer, gen, event))
+            async with contextlib.aclosing(self._events(valid, gen)) as events:
+                async for event in events:
+                    response = response or await _open_sse(request)
+                    await _send(response, R.stream_event_body(self.s.tokenizer, gen, event))
         except RouterError as e:
             if response is None:
                 raise
@@ -659,8 +647,9 @@ class Api:
         tool_streams = [ToolCallStream() for _ in valid]
 
         async def pump(i: int) -> None:
-            async for event in self._events(valid[i], gens[i]):
-                await queue.put((i, event))
+            async with contextlib.aclosing(self._events(valid[i], gens[i])) as events:
+                async for event in events:
+                    await queue.put((i, event))
             await queue.put((i, None))
 
         tasks = [asyncio.ensure_future(pump(i)) for i in range(len(valid))]
