@@ -144,6 +144,23 @@ def speculative_tokens(config: RouterConfig, info: WorkerInfo) -> int:
     return config.speculative_tokens
 
 
+def adapter_registry(
+    config: RouterConfig, client: WorkerClient, info: WorkerInfo, engine: Engine
+) -> AdapterRegistry | None:
+    """The adapter slots' registry; None when a shard has no slots (--max-loras 0, or none fit its
+    device), so requests naming an adapter are refused at once, not left waiting for a slot."""
+    if not info.supports_adapters:
+        return None
+    return AdapterRegistry(
+        client,
+        info.num_adapter_slots,
+        between_steps=engine.between_steps,
+        cycle_time_s=config.adapter_cycle_time_s,
+        policy=config.adapter_policy(),
+        max_concurrent_loads=config.max_concurrent_adapter_loads,
+    )
+
+
 async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[ServerState, Engine, WorkerInfo]:
     await client.wait_ready(timeout=STARTUP_TIMEOUT_S)
     num_blocks, info = await warm_workers(config, client)
@@ -212,14 +229,7 @@ async def build_state(config: RouterConfig, client: WorkerClient) -> tuple[Serve
         max_queue_time_s=config.max_queue_time_s,
         tracer=tracer,
         task=ModelTask.from_folder(Path(info.model_path)),
-        adapters=AdapterRegistry(
-            client,
-            info.num_adapter_slots,
-            between_steps=engine.between_steps,
-            cycle_time_s=config.adapter_cycle_time_s,
-            policy=config.adapter_policy(),
-            max_concurrent_loads=config.max_concurrent_adapter_loads,
-        ),
+        adapters=adapter_registry(config, client, info, engine),
     )
     return state, engine, info
 

@@ -49,6 +49,7 @@ class WorkerInfo:
     eos_token_ids: tuple[int, ...]
     attention_backend: str
     num_adapter_slots: int = 0  # the fewest any shard has
+    supports_adapters: bool = False  # every shard serves adapters (has adapter slots)
     kernel_paths: dict[str, str] = field(default_factory=dict)  # fast path → what runs it on the shards
     self_check_failures: dict[str, str] = field(default_factory=dict)  # path → why it fell back
     can_reuse_prefixes: bool = False  # every shard's K/V of a prefix depend only on it (prefix caching)
@@ -245,6 +246,7 @@ class WorkerClient:
             eos_token_ids=tuple(i.eos_token_ids),
             attention_backend=i.attention_backend,
             num_adapter_slots=slots,
+            supports_adapters=all(r.supports_adapters for r in infos),
             kernel_paths=merge_kernel_paths([dict(r.kernel_paths) for r in infos]),
             self_check_failures={k: v for r in reversed(infos) for k, v in r.self_check_failures.items()},
             can_reuse_prefixes=all(r.can_reuse_prefixes for r in infos),
