@@ -56,10 +56,11 @@ gpu-check-rehearse: $(STAMP)
 # Run here, with a network: what the GPU image lacks or has too old (protobuf and grpcio at least
 # the stubs' versions; pydantic; gguf; opentelemetry-proto, which tests/integration's conftest
 # imports; llguidance, aiohttp-cors and swagger-ui-py, so lorax-launcher can start there too), as
-# wheels for its Python 3.12 in .whl/ (git-ignored), at this venv's versions. llguidance's wheel is manylinux_2_31 (the image's glibc
-# is newer). The project itself is not a wheel: gpu_check.py installs the working tree that travels
-# with the call, so a wheel built before a last edit can never run stale code. Name .whl in the
-# device tool's `carry`; gpu_check.py installs what the image lacks. The call carries 64 MiB in all.
+# wheels for its Python 3.12 in .whl/ (git-ignored), at this venv's versions. llguidance's wheel is
+# manylinux_2_31 (the image's glibc is newer). The project itself is not a wheel: gpu_check.py
+# installs the working tree that travels with the call, so a wheel built before a last edit can
+# never run stale code. Name .whl in the device tool's `carry`; gpu_check.py installs what the image
+# lacks. The call carries 64 MiB in all.
 GPU_WHEELS ?= protobuf grpcio pydantic pydantic-core annotated-types typing-inspection gguf \
   opentelemetry-proto llguidance aiohttp-cors swagger-ui-py
 gpu-wheels: $(STAMP)
