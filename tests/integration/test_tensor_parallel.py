@@ -23,9 +23,9 @@ from loraxpy.proto import worker_pb2 as pb
 pytestmark = pytest.mark.slow
 
 
-# Gemma 3 and Phi-3 carry the other new families' parts (q/k norms, sandwich norms, fused checkpoints).
-# MoE experts over two shards: every MoE family in test_model_families (with adapters).
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3_text", "phi3"])
+# The other families run over one and two shards in test_model_families (Qwen2 and Mistral over one),
+# with a mixed batch of PEFT adapters and prompt log-probs.
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_two_shards_match_transformers(kind: str, tmp_path: Path) -> None:
     path = build_tiny_model(kind, tmp_path / kind)
     with sharded_workers(path, tmp_path, 2) as stubs:
