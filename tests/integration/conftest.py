@@ -3,11 +3,13 @@ checkpoints written by HF transformers itself (the oracle)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from launcher_process import Launcher, launcher
 from otlp_receiver import OtlpReceiver
 
 TINY_CONFIGS: dict[str, dict] = {
@@ -231,3 +233,31 @@ def otlp() -> Iterator[OtlpReceiver]:
     receiver = OtlpReceiver()
     yield receiver
     receiver.server.shutdown()
+
+
+def served_tiny_llama_with_adapters(
+    tmp_path_factory: pytest.TempPathFactory, name: str, adapters: Mapping[str, tuple[str, ...]], seed: int
+) -> Path:
+    """The tiny Llama as a server serves it (tiny_served.py) and, in `adapters/` beside it, one random
+    PEFT LoRA adapter (rank 4, alpha 8) per name on the projections given, drawn from seed, seed+1, ..."""
+    from peft import LoraConfig, get_peft_model
+    from tiny_served import build_served_tiny_llama  # it imports this module
+    from transformers import AutoModelForCausalLM
+
+    path = build_served_tiny_llama(tmp_path_factory.mktemp(f"{name}-llama"))
+    for i, (adapter, targets) in enumerate(adapters.items()):
+        torch.manual_seed(seed + i)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
+        get_peft_model(model, config).save_pretrained(path.parent / "adapters" / adapter)
+    return path
+
+
+@contextmanager
+def tiny_llama_server(
+    model: Path, tmp_path_factory: pytest.TempPathFactory, name: str, *args: str
+) -> Iterator[Launcher]:
+    """A launcher serving a `served_tiny_llama_with_adapters` model, its adapters local, with `args`."""
+    adapters = ("--adapter-source", "local", "--adapter-root", str(model.parent / "adapters"))
+    with launcher(model, tmp_path_factory.mktemp(f"{name}-launcher"), *adapters, *args) as server:
+        yield server

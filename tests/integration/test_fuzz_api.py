@@ -19,13 +19,12 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
-import torch
+from conftest import served_tiny_llama_with_adapters, tiny_llama_server
 from hypothesis import HealthCheck, given, settings
-from launcher_process import Launcher, launcher
+from launcher_process import Launcher
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi import checks as openapi_checks
-from tiny_served import build_served_tiny_llama
 
 from loraxpy.router.openapi import LORAX_ERROR, PUBLIC_ROUTES, ROUTES
 
@@ -41,39 +40,22 @@ PROMPT = "w5 w17 w3"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random Llama, a word-level tokenizer with a chat template, and one LoRA adapter (qv)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    return served_tiny_llama_with_adapters(tmp_path_factory, "fuzz", {"qv": ("q_proj", "v_proj")}, seed=7)
 
-    path = build_served_tiny_llama(tmp_path_factory.mktemp("fuzz-llama"))
-    torch.manual_seed(7)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(path.parent / "adapters" / "qv")
-    return path
+
+LIMITS = ("--max-input-length", "48", "--max-total-tokens", "64", "--max-active-adapters", "2")
 
 
 @pytest.fixture(scope="module")
 def server(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    with launcher(
-        tiny,
-        tmp_path_factory.mktemp("fuzz-launcher"),
-        *("--max-input-length", "48", "--max-total-tokens", "64"),
-        *("--adapter-source", "local", "--adapter-root", str(tiny.parent / "adapters")),
-        *("--max-active-adapters", "2", "--max-concurrent-requests", "64"),
-    ) as s:
+    with tiny_llama_server(tiny, tmp_path_factory, "fuzz", *LIMITS, "--max-concurrent-requests", "64") as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def secured(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
     """The same server started with --api-key."""
-    with launcher(
-        tiny,
-        tmp_path_factory.mktemp("fuzz-secured"),
-        *("--max-input-length", "48", "--max-total-tokens", "64"),
-        *("--adapter-source", "local", "--adapter-root", str(tiny.parent / "adapters")),
-        *("--max-active-adapters", "2", "--api-key", API_KEY),
-    ) as s:
+    with tiny_llama_server(tiny, tmp_path_factory, "fuzz-secured", *LIMITS, "--api-key", API_KEY) as s:
         yield s
 
 

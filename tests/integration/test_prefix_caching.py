@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import requests
 import torch
-from launcher_process import Launcher, launcher
+from conftest import served_tiny_llama_with_adapters, tiny_llama_server
+from launcher_process import Launcher
 from prometheus_client.parser import text_string_to_metric_families
-from tiny_served import build_served_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -27,25 +27,18 @@ NUM_BLOCKS = 12  # --max-batch-total-tokens 192: small enough that long requests
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama (word-level tokenizer: "w7" is token 7) and three random LoRA adapters."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    path = build_served_tiny_llama(tmp_path_factory.mktemp("prefix-llama"))
-    for seed, name in enumerate(("a", "b", "c")):
-        torch.manual_seed(50 + seed)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-        get_peft_model(model, config).save_pretrained(path.parent / "adapters" / name)
-    return path
+    qkvo = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return served_tiny_llama_with_adapters(
+        tmp_path_factory, "prefix", {"a": qkvo, "b": qkvo, "c": qkvo}, seed=50
+    )
 
 
 @pytest.fixture(scope="module")
 def server(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    with launcher(
+    with tiny_llama_server(
         tiny,
-        tmp_path_factory.mktemp("prefix-launcher"),
-        *("--adapter-source", "local", "--adapter-root", str(tiny.parent / "adapters")),
+        tmp_path_factory,
+        "prefix",
         # One slot: each adapter offloads the one before, and a new one takes the index that left.
         *("--max-active-adapters", "1", "--max-batch-total-tokens", str(NUM_BLOCKS * BLOCK_SIZE)),
     ) as s:

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import requests
 import torch
-from launcher_process import Launcher, launcher
+from conftest import served_tiny_llama_with_adapters, tiny_llama_server
+from launcher_process import Launcher
 from prometheus_client.parser import text_string_to_metric_families
-from tiny_served import build_served_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -29,26 +29,16 @@ NUM_BLOCKS = 14  # 224 tokens: four requests of about 70 preempt each other
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama (word-level tokenizer: "w7" is token 7) and two random LoRA adapters."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    path = build_served_tiny_llama(tmp_path_factory.mktemp("spec-llama"))
-    for seed, name in enumerate(("a", "b")):
-        torch.manual_seed(70 + seed)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        config = LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
-        )
-        get_peft_model(model, config).save_pretrained(path.parent / "adapters" / name)
-    return path
+    qvo = ("q_proj", "v_proj", "o_proj")
+    return served_tiny_llama_with_adapters(tmp_path_factory, "spec", {"a": qvo, "b": qvo}, seed=70)
 
 
 @pytest.fixture(scope="module")
 def server(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    with launcher(
+    with tiny_llama_server(
         tiny,
-        tmp_path_factory.mktemp("spec-launcher"),
-        *("--adapter-source", "local", "--adapter-root", str(tiny.parent / "adapters")),
+        tmp_path_factory,
+        "spec",
         *("--speculative-tokens", "4", "--max-batch-total-tokens", str(NUM_BLOCKS * BLOCK_SIZE)),
     ) as s:
         yield s
