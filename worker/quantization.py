@@ -233,6 +233,24 @@ def packed_checkpoint(model_path: Path, scheme: str | None) -> PackedCheckpoint 
     return None
 
 
+BNB_CPU_4BIT_BLOCK = 64
+
+
+def _check_cpu_4bit_widths(model: nn.Module, scheme: str) -> None:
+    """bitsandbytes' CPU 4-bit kernel repacks each weight in blocks of 64 input features and fails at the
+    first matmul on any other width (a row-parallel shard's slice of a small model): refused at load."""
+    for name, module in model.named_modules():
+        if not isinstance(module, ColumnParallelLinear | RowParallelLinear):
+            continue
+        in_features = module.weight.shape[1]
+        if module.weight.device.type == "cpu" and in_features % BNB_CPU_4BIT_BLOCK:
+            raise ValueError(
+                f"--quantize {scheme} on CPU: bitsandbytes' 4-bit CPU kernel takes input features in "
+                f"multiples of {BNB_CPU_4BIT_BLOCK}, and {name} has {in_features} on this shard; "
+                "use fewer shards, or another scheme"
+            )
+
+
 def quantize_model(
     model: nn.Module, scheme: str | None, packed: PackedCheckpoint | Fp8Checkpoint | None = None
 ) -> None:
@@ -245,6 +263,8 @@ def quantize_model(
     if not scheme:
         return
     linears = [m for m in model.modules() if isinstance(m, ColumnParallelLinear | RowParallelLinear)]
+    if scheme in ("bitsandbytes-nf4", "bitsandbytes-fp4"):
+        _check_cpu_4bit_widths(model, scheme)
     for module in linears:
         quantize_linear(module, scheme)
     num_experts = sum(isinstance(m, Experts) for m in model.modules())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import TINY_CONFIGS, build_tiny_model
 from prequantized import reference_weights, write_checkpoint, write_fp8_checkpoint
 from test_worker_lora import INDEX, load, make_adapters
 from worker_driver import Driver, Request, sharded_workers
@@ -182,42 +182,128 @@ def bnb_transformers(base: Path, scheme: str) -> torch.nn.Module:
     )
 
 
+@pytest.mark.parametrize("scheme", ["bitsandbytes", "bitsandbytes-nf4"])
 def test_bitsandbytes_worker_matches_transformers_bitsandbytes_integration(
-    llama_with_adapters: tuple[Path, Path], tmp_path: Path
+    scheme: str, llama_with_adapters: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """The reference is transformers loading the same checkpoint with its BitsAndBytesConfig, and PEFT on top."""
     pytest.importorskip("bitsandbytes")
     base, root = llama_with_adapters
-    args = ("--quantize", "bitsandbytes-nf4", "--adapter-root", str(root))
+    args = ("--quantize", scheme, "--adapter-root", str(root))
     with sharded_workers(base, tmp_path, 1, extra_args=args) as stubs:
         batch = run_mixed_batch(stubs, 8)
-    expected = peft_greedy(bnb_transformers(base, "bitsandbytes-nf4"), root, batch, 8)
+    expected = peft_greedy(bnb_transformers(base, scheme), root, batch, 8)
     assert [r.generated for r in batch] == [tokens for tokens, _ in expected]
 
 
-@pytest.mark.parametrize("scheme", sorted(BNB_CONFIGS))
-def test_each_bitsandbytes_scheme_computes_what_transformers_layers_compute(
-    scheme: str, llama_with_adapters: tuple[Path, Path]
-) -> None:
-    """Every linear of the worker's layer, quantized from the checkpoint's weight, gives the same
-    outputs bit for bit as the layer transformers builds for the same scheme."""
-    pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM
+def bnb_4bit_roundtrip(quant_type: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A weight through bitsandbytes' own functional quantize_4bit / dequantize_4bit: blocks of 64
+    consecutive values, their absmax scales quantized again (compress_statistics)."""
 
-    from loraxpy.worker.quantization import BitsAndBytesLinear
+    def roundtrip(w: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes.functional as bnb_functional
+
+        q, state = bnb_functional.quantize_4bit(
+            w.contiguous(), blocksize=64, compress_statistics=True, quant_type=quant_type
+        )
+        return bnb_functional.dequantize_4bit(q, state).float()
+
+    return roundtrip
+
+
+@pytest.fixture(scope="module")
+def wide_llama_with_adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny Llama twice as wide (128 hidden, 256 intermediate), so that each of two shards' slices
+    of o_proj and down_proj holds whole blocks of 64 input features (bitsandbytes' CPU 4-bit kernel)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = tmp_path_factory.mktemp("wide-llama")
+    spec = {**TINY_CONFIGS["llama"], "hidden_size": 128, "intermediate_size": 256}
+    config = AutoConfig.for_model(
+        spec.pop("model_type"), **spec, initializer_range=0.1, eos_token_id=None, bos_token_id=None
+    )
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    model.save_pretrained(base)
+    root = tmp_path_factory.mktemp("wide-adapters")
+    make_adapters(base, root)
+    return base, root
+
+
+def sharded_4bit_weights(
+    base: Path, roundtrip: Callable[[torch.Tensor], torch.Tensor], world_size: int
+) -> dict[str, torch.Tensor]:
+    """Module name → the weight `world_size` shards hold between them. Each shard quantizes one tensor
+    per layer it keeps: its rows of q, k and v stacked (so gate and up), its columns of o (and down);
+    double quantization's statistics (the mean of the block scales, 8-bit scales of 256 scales) run
+    over that whole tensor, so the parts are quantized together, as the shard does."""
+    from safetensors.torch import load_file
+
+    stored: dict[str, torch.Tensor] = {}
+    for f in sorted(base.glob("*.safetensors")):
+        stored.update(load_file(f))
+    out: dict[str, torch.Tensor] = {}
+    layers = sorted({".".join(k.split(".")[:3]) for k in stored if k.startswith("model.layers.")})
+    fused = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+    for layer in layers:
+        for names in fused:
+            ws = [stored[f"{layer}.{n}.weight"].float() for n in names]
+            shards = []
+            for rank in range(world_size):
+                parts = [w.chunk(world_size, dim=0)[rank] for w in ws]
+                shards.append(roundtrip(torch.cat(parts)).split([p.shape[0] for p in parts]))
+            for i, n in enumerate(names):
+                out[f"{layer}.{n}"] = torch.cat([shard[i] for shard in shards])
+        for n in ("self_attn.o_proj", "mlp.down_proj"):
+            w = stored[f"{layer}.{n}.weight"].float()
+            out[f"{layer}.{n}"] = torch.cat([roundtrip(c) for c in w.chunk(world_size, dim=1)], dim=1)
+    return out
+
+
+def test_bitsandbytes_fp4_over_two_shards_matches_the_weights_each_shard_quantized(
+    wide_llama_with_adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Each shard quantizes its own slice (its q/k/v and gate/up rows, stacked; half of o's and down's
+    input columns, whose blocks of 64 differ from the whole weight's); the reference is transformers +
+    PEFT holding what bitsandbytes' functional quantize / dequantize make of each shard's tensors
+    (`sharded_4bit_weights`): dequantize, then matmul."""
+    pytest.importorskip("bitsandbytes")
+    base, root = wide_llama_with_adapters
+    args = ("--quantize", "bitsandbytes-fp4", "--adapter-root", str(root))
+    with sharded_workers(base, tmp_path, 2, extra_args=args) as stubs:
+        batch = run_mixed_batch(stubs, 8)
+        infos = [s.Info(pb.InfoRequest()) for s in stubs]
+    assert [i.quantize for i in infos] == ["bitsandbytes-fp4"] * 2
+    weights = sharded_4bit_weights(base, bnb_4bit_roundtrip("fp4"), 2)
+    expected = reference_greedy(base, root, batch, lambda name, _: weights[name], 8)
+    # Tokens only, as the one-shard test: bitsandbytes' CPU 4-bit kernel rounds x to bf16 before its
+    # matmul (0.016 off the fp32 product of the dequantized weight where the outputs reach 4), so
+    # log-probabilities differ from an fp32 dequantize-then-matmul by about 1e-2.
+    assert [r.generated for r in batch] == [tokens for tokens, _ in expected]
+    whole = reference_greedy(base, root, batch[:1], lambda _, w: bnb_4bit_roundtrip("fp4")(w), 8)[0][1]
+    assert max(abs(a - b) for a, b in zip(whole, expected[0][1], strict=False)) > 1e-5, (
+        "the row-parallel slices quantize differently from the whole weights"
+    )
+
+
+def test_bitsandbytes_4bit_slices_the_cpu_kernel_cannot_take_are_refused_at_load(
+    llama_with_adapters: tuple[Path, Path],
+) -> None:
+    """The tiny Llama's o_proj has 64 input features: 32 per shard over two, which bitsandbytes' CPU
+    4-bit kernel fails on at the first matmul; the worker refuses it while loading."""
+    pytest.importorskip("bitsandbytes")
+    from loraxpy.worker.layers import Shard
 
     base, _ = llama_with_adapters
-    reference = bnb_transformers(base, scheme).model.layers[1]
-    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).model.layers[1]
-    gen = torch.Generator().manual_seed(0)
-    for name, theirs in reference.named_modules():
-        if name.split(".")[-1] not in LINEARS:
-            continue
-        weight = plain.get_submodule(name).weight.data
-        x = torch.randn(5, weight.shape[1], generator=gen)
-        ours = BitsAndBytesLinear(weight, scheme)(x, None)
-        assert torch.equal(ours, theirs(x)), name
-        assert not torch.equal(ours, x @ weight.T), "quantized, so the comparison means something"
+    options = RunnerOptions(
+        dtype=torch.float32, device=torch.device("cpu"), quantize="bitsandbytes-nf4", shard=Shard(1, 2)
+    )
+    with pytest.raises(
+        ValueError, match=r"4-bit CPU kernel takes input features in multiples of 64, and .*o_proj has 32"
+    ):
+        ModelRunner(base, dataclasses.replace(options, max_loras=0))
 
 
 FP8_WEIGHTS = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}
