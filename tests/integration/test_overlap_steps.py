@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_served import build_served_tiny_llama
+from conftest import served_tiny_llama_with_adapters
 from worker_driver import sharded_workers
 
 from loraxpy.router.engine import Engine, GenerateInput, TokenEvent
@@ -32,18 +32,8 @@ ADAPTERS = ("a", "b")  # adapter index i + 1
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama (word-level tokenizer: "w7" is token 7) and two random LoRA adapters."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    path = build_served_tiny_llama(tmp_path_factory.mktemp("overlap-llama"))
-    for seed, name in enumerate(ADAPTERS):
-        torch.manual_seed(90 + seed)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        config = LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
-        )
-        get_peft_model(model, config).save_pretrained(path.parent / "adapters" / name)
-    return path
+    targets = ("q_proj", "v_proj", "down_proj")
+    return served_tiny_llama_with_adapters(tmp_path_factory, "overlap", dict.fromkeys(ADAPTERS, targets), 90)
 
 
 @pytest.fixture(scope="module")
