@@ -14,6 +14,7 @@ from conftest import build_tiny_model
 from launcher_process import launcher
 from lorax import AsyncClient, Client
 from structured_schemas import SCHEMAS
+from test_multi_lora_api import save_adapter
 from test_worker_lora import INDEX, load, make_adapters, peft_greedy
 from test_worker_matches_transformers import assert_matches_hf, make_requests
 from worker_driver import Driver, Request, sharded_workers
@@ -92,7 +93,11 @@ def test_default_model_over_three_shards_matches_one(default_model_path: Path, t
     # every shard verifies the same guesses alike (the answer copies "capital of France"), and
     # the constrained requests beside them do not speculate.
     shared = [SYSTEM + q for q in (prompt, prompt.replace("France", "Italy"))]
-    with launcher(default_model_path, tmp_path, "--num-shard", "3", "--speculative-tokens", "4") as s:
+    save_adapter(default_model_path, tmp_path / "adapters" / JSON_ADAPTER, 8, 16, ["q_proj", "v_proj"], 5)
+    adapters = ("--adapter-root", str(tmp_path / "adapters"), "--adapter-source", "local")
+    with launcher(
+        default_model_path, tmp_path, "--num-shard", "3", "--speculative-tokens", "4", *adapters
+    ) as s:
         info = requests.get(s.url + "/info", timeout=10).json()
         assert info["num_shards"] == 3
         assert info["quantize"] is None and len(info["weight_bytes_per_shard"]) == 3
@@ -104,7 +109,7 @@ def test_default_model_over_three_shards_matches_one(default_model_path: Path, t
         ]
         assert cache_hits(s.url) - before == 2  # the 43 tokens both share: two full blocks of 16
         assert metric(s.url, 'lorax_speculative_accepted_tokens_total{adapter="0"}') > 0
-    with launcher(default_model_path, tmp_path, "--prefix-caching", "false") as s:
+    with launcher(default_model_path, tmp_path, "--prefix-caching", "false", *adapters) as s:
         single = Client(s.url).generate(prompt, max_new_tokens=20, details=True)
         single_json = constrained(s.url)
         single_shared = [
@@ -114,11 +119,13 @@ def test_default_model_over_three_shards_matches_one(default_model_path: Path, t
     assert sharded_shared == single_shared
     assert [t.id for t in sharded.details.tokens] == [t.id for t in single.details.tokens]
     assert sharded.generated_text == "The capital of France is Paris."
-    # Structured output: every shard applies the same mask, so three shards write what one does.
+    # Structured output: every shard applies the same mask, so three shards write what one does,
+    # with an adapter too (which changes what the model writes inside the grammar).
     assert sharded_json == single_json
-    for (name, _), (text, finish) in zip(CONSTRAINED, sharded_json, strict=True):
+    for (name, _, _), (text, finish) in zip(CONSTRAINED, sharded_json, strict=True):
         assert finish == "eos_token", (name, text)
         jsonschema.validate(json.loads(text), SCHEMAS[name])
+    assert sharded_json[0][0] != sharded_json[-1][0]  # "nested" greedy, without and with the adapter
 
 
 def cache_hits(url: str) -> float:
@@ -130,21 +137,27 @@ def metric(url: str, series: str) -> float:
     return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(series + " "))
 
 
+JSON_ADAPTER = "json-r8"
+# (schema, sampled, adapter)
 CONSTRAINED = [
-    ("nested", False),
-    ("array_of_objects", True),
-    ("any_of_objects", True),
-    ("string_pattern", False),
+    ("nested", False, None),
+    ("array_of_objects", True, None),
+    ("any_of_objects", True, None),
+    ("string_pattern", False, None),
+    ("optional_fields", True, JSON_ADAPTER),
+    ("nested", False, JSON_ADAPTER),
 ]
 
 
 def constrained(url: str) -> list[tuple[str, str]]:
-    """Each CONSTRAINED schema, greedy or sampled with a seed, all at once: (text, finish reason)."""
+    """Each CONSTRAINED schema, greedy or sampled with a seed, with or without the adapter, all at
+    once: (text, finish reason)."""
     client = AsyncClient(url, timeout=120)
 
-    async def one(name: str, sample: bool) -> tuple[str, str]:
+    async def one(name: str, sample: bool, adapter: str | None) -> tuple[str, str]:
         response = await client.generate(
             "<|im_start|>user\nAnswer in JSON.<|im_end|>\n<|im_start|>assistant\n",
+            adapter_id=adapter,
             max_new_tokens=120,
             do_sample=sample,
             seed=3 if sample else None,
@@ -153,7 +166,7 @@ def constrained(url: str) -> list[tuple[str, str]]:
         return response.generated_text, response.details.finish_reason.value
 
     async def run() -> list[tuple[str, str]]:
-        return list(await asyncio.gather(*(one(name, sample) for name, sample in CONSTRAINED)))
+        return list(await asyncio.gather(*(one(*case) for case in CONSTRAINED)))
 
     return asyncio.run(run())
 
