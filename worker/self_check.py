@@ -118,7 +118,7 @@ def experts_path(model: nn.Module) -> str:
 def packed_path(model: nn.Module) -> dict[str, str]:
     """What multiplies a GPTQ / AWQ model's packed linears: {"w4a16": triton (kernels/w4a16_triton.py)
     or torch (dequantize, then matmul)}; {} for other models."""
-    linears = [m.quant for m in model.modules() if isinstance(getattr(m, "quant", None), PackedLinear)]
+    linears = [q for m in model.modules() if isinstance(q := getattr(m, "quant", None), PackedLinear)]
     if not linears:
         return {}
     return {"w4a16": "triton" if all(linear.use_triton for linear in linears) else "torch"}
