@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from loraxpy.kernels.triton_launch import Launch
+from loraxpy.kernels.triton_launch import Launch, cdiv, dot_precision
 
 try:
     import triton
@@ -43,15 +43,6 @@ BLOCK_R_EXPAND = 16  # rank per expand step: the smallest tl.dot operand dim on 
 
 def available() -> bool:
     return triton is not None
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 stays fp32 on tensor cores (tl.dot would round it to tf32), so fp32 matches PEFT exactly."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _cdiv(n: int, d: int) -> int:
-    return -(-n // d)
 
 
 def _block(n: int, lo: int, hi: int) -> int:
@@ -263,7 +254,7 @@ def shrink_launch(
     assert x.stride(1) == 1 and a.stride(2) == 1 and v.stride(1) == 1 and a.shape[1] % num_slices == 0
     max_rank = a.shape[1] // num_slices
     block_r = _block(max_rank, 16, 64)
-    rank_tiles = _cdiv(max_rank, block_r)
+    rank_tiles = cdiv(max_rank, block_r)
     args = (
         x, a, v,
         segments.start, segments.length, segments.slot, segments.rank,
@@ -271,9 +262,9 @@ def shrink_launch(
     )  # fmt: skip
     constexprs = {
         "MAX_RANK": max_rank, "RANK_TILES": rank_tiles,
-        "BLOCK_M": BLOCK_M, "BLOCK_R": block_r, "BLOCK_K": BLOCK_K, "PRECISION": _precision(x.dtype),
+        "BLOCK_M": BLOCK_M, "BLOCK_R": block_r, "BLOCK_K": BLOCK_K, "PRECISION": dot_precision(x.dtype),
     }  # fmt: skip
-    grid = (segments.start.numel(), _cdiv(segments.max_length, BLOCK_M), num_slices * rank_tiles)
+    grid = (segments.start.numel(), cdiv(segments.max_length, BLOCK_M), num_slices * rank_tiles)
     return Launch(shrink_kernel, grid, args, constexprs)
 
 
@@ -291,9 +282,9 @@ def expand_launch(
     )  # fmt: skip
     constexprs = {
         "MAX_RANK": b.shape[2], "BLOCK_M": BLOCK_M, "BLOCK_N": layout.block_n, "BLOCK_R": BLOCK_R_EXPAND,
-        "PRECISION": _precision(v.dtype),
+        "PRECISION": dot_precision(v.dtype),
     }  # fmt: skip
-    grid = (segments.start.numel(), _cdiv(segments.max_length, BLOCK_M), layout.tiles.shape[0])
+    grid = (segments.start.numel(), cdiv(segments.max_length, BLOCK_M), layout.tiles.shape[0])
     return Launch(expand_kernel, grid, args, constexprs)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from loraxpy.kernels.triton_launch import Launch
+from loraxpy.kernels.triton_launch import Launch, cdiv, dot_precision
 
 try:
     import triton
@@ -44,19 +44,10 @@ def available() -> bool:
     return triton is not None
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 stays fp32 on tensor cores (tl.dot would round it to tf32)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _cdiv(n: int, d: int) -> int:
-    return -(-n // d)
-
-
 def block_m(num_rows: int, num_experts: int, dtype: torch.dtype) -> int:
     """Rows per block: 16 (the tensor-core minimum) for decode-sized steps, up to 64 for prefill
     (32 in fp32, whose two 64 x 64 accumulators of gate_up would spill on sm_80)."""
-    per_expert = _cdiv(num_rows, num_experts)
+    per_expert = cdiv(num_rows, num_experts)
     hi = 32 if dtype == torch.float32 else 64
     return max(16, min(hi, 1 << max(0, per_expert - 1).bit_length()))
 
@@ -64,7 +55,7 @@ def block_m(num_rows: int, num_experts: int, dtype: torch.dtype) -> int:
 def max_blocks(num_rows: int, num_experts: int, block_m: int) -> int:
     """The most row blocks any routing of num_rows rows can need: each expert with rows wastes at
     most one partly filled block, so sum of ceil(count / block_m) <= num_rows / block_m + experts."""
-    return _cdiv(num_rows, block_m) + min(num_experts, num_rows)
+    return cdiv(num_rows, block_m) + min(num_experts, num_rows)
 
 
 def _block_k(dtype: torch.dtype) -> int:
@@ -221,9 +212,9 @@ def gate_up_launch(
     constexprs = {
         "ACTIVATION": activation,
         "BLOCK_M": blocks.block_m, "BLOCK_N": BLOCK_N, "BLOCK_K": _block_k(x.dtype),
-        "PRECISION": _precision(x.dtype),
+        "PRECISION": dot_precision(x.dtype),
     }  # fmt: skip
-    return Launch(gate_up_kernel, (blocks.max_blocks, _cdiv(inter, BLOCK_N)), args, constexprs)
+    return Launch(gate_up_kernel, (blocks.max_blocks, cdiv(inter, BLOCK_N)), args, constexprs)
 
 
 def down_launch(
@@ -238,9 +229,9 @@ def down_launch(
     )  # fmt: skip
     constexprs = {
         "BLOCK_M": blocks.block_m, "BLOCK_N": BLOCK_N,
-        "BLOCK_K": _block_k(h.dtype), "PRECISION": _precision(h.dtype),
+        "BLOCK_K": _block_k(h.dtype), "PRECISION": dot_precision(h.dtype),
     }  # fmt: skip
-    return Launch(down_kernel, (blocks.max_blocks, _cdiv(hidden, BLOCK_N)), args, constexprs)
+    return Launch(down_kernel, (blocks.max_blocks, cdiv(hidden, BLOCK_N)), args, constexprs)
 
 
 def grouped_experts(

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -32,3 +34,13 @@ class Launch:
     def run(self, jit_kernels: Mapping[str, Any]) -> None:
         """Launches this on the current device, with the module's JIT-decorated kernels."""
         jit_kernels[self.name][self.grid](*self.args, **self.constexprs, **self.options)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: fp32 stays fp32 on tensor cores (tl.dot would round it to tf32), so
+    fp32 matches PEFT exactly. Shared by the project's Triton kernels (LoRA, MoE, w4a16)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def cdiv(n: int, d: int) -> int:
+    return -(-n // d)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from loraxpy.kernels.triton_launch import Launch
+from loraxpy.kernels.triton_launch import Launch, cdiv, dot_precision
 
 try:
     import triton
@@ -39,15 +39,6 @@ BLOCK_N = 64  # output columns per program
 
 def available() -> bool:
     return triton is not None
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 stays fp32 on tensor cores (tl.dot would round it to tf32)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _cdiv(n: int, d: int) -> int:
-    return -(-n // d)
 
 
 def block_m(num_rows: int, dtype: torch.dtype) -> int:
@@ -146,9 +137,9 @@ def w4a16_launch(
     constexprs = {
         "PACKED": packed, "GATHER": g_idx is not None,
         "BLOCK_M": rows_per_block, "BLOCK_N": BLOCK_N, "BLOCK_K": _block_k(x.dtype),
-        "PRECISION": _precision(x.dtype),
+        "PRECISION": dot_precision(x.dtype),
     }  # fmt: skip
-    grid = (_cdiv(num_rows, rows_per_block), _cdiv(out_features, BLOCK_N))
+    grid = (cdiv(num_rows, rows_per_block), cdiv(out_features, BLOCK_N))
     return Launch(w4a16_kernel, grid, args, constexprs)
 
 
