@@ -243,6 +243,13 @@ struct AttendShape {
   float scale;
 };
 
+// Token j of a sequence in a paged cache [blocks, block_size, kv_heads, head_dim] (`cache` may point
+// at one head within a row): the block its table names, then the row within the block.
+template <typename T>
+inline const T* cache_row(const T* cache, const AttendShape& sh, const int64_t* table, int64_t j) {
+  return cache + (table[j / sh.block_size] * sh.block_size + j % sh.block_size) * sh.kv_width;
+}
+
 // One (sequence, KV head): its `group` query heads against the sequence's keys. D: head_dim known at
 // compile time (64, 128: fully unrolled dots), or 0 (read from the shape).
 template <typename T, int D>
@@ -258,13 +265,13 @@ void attend_item(const AttendShape& sh, const T* q_row, const T* k_head, const T
   scores.resize(group * n);
   for (int64_t i = 0; i < group * hd; ++i) qf[i] = static_cast<float>(q_row[i]);
   for (int64_t j = first; j < len; ++j) {
-    const T* k = k_head + (table[j / sh.block_size] * sh.block_size + j % sh.block_size) * sh.kv_width;
+    const T* k = cache_row(k_head, sh, table, j);
     for (int64_t g = 0; g < group; ++g) scores[g * n + (j - first)] = dot(qf.data() + g * hd, k, hd) * sh.scale;
   }
   for (int64_t g = 0; g < group; ++g) softmax_(scores.data() + g * n, n);
   std::fill(acc.begin(), acc.begin() + group * hd, 0.f);
   for (int64_t j = first; j < len; ++j) {
-    const T* v = v_head + (table[j / sh.block_size] * sh.block_size + j % sh.block_size) * sh.kv_width;
+    const T* v = cache_row(v_head, sh, table, j);
     for (int64_t g = 0; g < group; ++g) axpy(acc.data() + g * hd, scores[g * n + (j - first)], v, hd);
   }
   for (int64_t i = 0; i < group * hd; ++i) o_row[i] = round_to<T>(acc[i]);
@@ -322,12 +329,8 @@ void attend_seq(const AttendShape& sh, const T* q_row, const T* kc, const T* vc,
   }
   scores.resize(heads * n);
   for (int64_t i = 0; i < heads * hd; ++i) qf[i] = static_cast<float>(q_row[i]);
-  const auto k_at = [&](int64_t j) {
-    return kc + (table[j / sh.block_size] * sh.block_size + j % sh.block_size) * sh.kv_width;
-  };
-  const auto v_at = [&](int64_t j) {
-    return vc + (table[j / sh.block_size] * sh.block_size + j % sh.block_size) * sh.kv_width;
-  };
+  const auto k_at = [&](int64_t j) { return cache_row(kc, sh, table, j); };
+  const auto v_at = [&](int64_t j) { return cache_row(vc, sh, table, j); };
   for (int64_t j = first; j < len; ++j) {
     const T* k = k_at(j);
     for (int64_t kh = 0; kh < kv_heads; ++kh) {
