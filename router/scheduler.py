@@ -391,10 +391,15 @@ class Scheduler:
         as before the step (new ones were never sent; running ones give back the blocks they got), so
         each can be scheduled again or finished. Its releases are the caller's to send again. A
         request finished since (aborted, or ended by the step before an overlapped one) gave back
-        all its blocks then."""
+        all its blocks then; if this was its first step, the workers never held it, so its release
+        (queued when it finished) is called off."""
         for r in out.scheduled:
             seq = r.seq
             if seq.status is Status.FINISHED:
+                # Any release of an earlier life went out with `out` (ahead of its NewRequest): one
+                # queued now is this life's, which the refusal ended before the workers saw it.
+                if r.is_new and seq.id in self._to_release:
+                    self._to_release.remove(seq.id)
                 continue
             seq.num_computed_tokens -= r.num_tokens
             seq.draft_token_ids = ()

@@ -214,3 +214,51 @@ def test_a_dead_loop_is_visible_and_refuses_new_requests_at_once() -> None:
 
     running, result = asyncio.run(scenario())
     assert not running and result.startswith("error:")
+
+
+class GatedWorker(StrictWorker):
+    """Holds a step with a poisoned newcomer until `gate` opens (so its client can leave meanwhile),
+    then refuses it as StrictWorker does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def step(
+        self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = (), masks: object = None
+    ) -> StepReply:
+        if any(r.is_new and r.seq.sampling.top_k == POISON_TOP_K for r in out.scheduled):
+            self.holding.set()
+            await self.gate.wait()
+        return await super().step(out, metadata, masks)
+
+
+def test_a_request_aborted_while_its_refused_first_step_is_in_flight_is_never_released() -> None:
+    """The client of a newcomer leaves while the newcomer's first step is in flight, and the workers
+    refuse that step: they never held the request, so no later step may name it in finished_ids
+    (a worker refuses a step that releases an unknown request, and the running one would fail)."""
+
+    async def scenario() -> tuple[str, GatedWorker, Engine]:
+        worker = GatedWorker()
+        engine = make_engine(worker)
+        engine.start()
+        long = asyncio.create_task(run(engine, 40))
+        await asyncio.sleep(0.02)
+        leaving = asyncio.create_task(run(engine, 5, top_k=POISON_TOP_K))
+        await worker.holding.wait()
+        leaving.cancel()  # its client hangs up: the request is aborted while its step is in flight
+        await asyncio.gather(leaving, return_exceptions=True)
+        worker.gate.set()
+        result = await long
+        async with engine.between_steps():
+            pass
+        await engine.stop()
+        return result, worker, engine
+
+    result, worker, engine = asyncio.run(scenario())
+    assert result == "ok:40", (
+        "the running request is not failed by a release of a request the workers never had"
+    )
+    assert [r for r in worker.refusals if "poisoned" not in r] == [], "every release was one the worker knew"
+    assert engine.scheduler.allocator.num_free == 256 and worker.live == set()
