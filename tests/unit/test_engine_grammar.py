@@ -77,17 +77,24 @@ def run(
     scheduler: Scheduler,
     inputs: list[GenerateInput],
     worker: LowestAllowedWorker | None = None,
+    *,
+    host_bound: bool = False,
+    hold_s: float = 0.0,
 ) -> tuple[list[tuple[list[int], FinishReason | None]], LowestAllowedWorker]:
+    """Each input's tokens and finish reason from an engine over `worker`; each consumer holds the
+    loop for `hold_s` per token (a handler writing it out)."""
     worker = worker or LowestAllowedWorker()
 
     async def scenario() -> list[tuple[list[int], FinishReason | None]]:
-        engine = Engine(worker, scheduler, frozenset({EOS}), grammars=grammars)  # type: ignore[arg-type]
+        engine = Engine(worker, scheduler, frozenset({EOS}), host_bound=host_bound, grammars=grammars)  # type: ignore[arg-type]
         engine.start()
 
         async def one(inp: GenerateInput) -> tuple[list[int], FinishReason | None]:
             tokens, finish = [], None
             async for event in engine.generate(inp, tokenizer.stream(list(inp.input_ids))):
                 if isinstance(event, TokenEvent):
+                    if hold_s:
+                        time.sleep(hold_s)
                     tokens.append(event.token_id)
                     finish = event.finish_reason
             return tokens, finish
@@ -211,30 +218,13 @@ def test_next_masks_are_computed_on_the_mask_thread_and_equal_a_fresh_matchers(
             await asyncio.sleep(0)
             return StepReply(results, 0.001)
 
-    async def scenario() -> list[tuple[list[int], FinishReason | None]]:
-        engine = Engine(worker, scheduler, frozenset({EOS}), host_bound=True, grammars=compiler)  # type: ignore[arg-type]
-        engine.start()
-
-        async def one(inp: GenerateInput) -> tuple[list[int], FinishReason | None]:
-            tokens, finish = [], None
-            async for event in engine.generate(inp, tokenizer.stream(list(inp.input_ids))):
-                if isinstance(event, TokenEvent):
-                    time.sleep(0.02)  # a handler's work (writing the token out), holding the loop
-                    tokens.append(event.token_id)
-                    finish = event.finish_reason
-            return tokens, finish
-
-        try:
-            return list(await asyncio.gather(*(one(i) for i in inputs)))
-        finally:
-            await engine.stop()
-
     scheduler = Scheduler(SchedulerConfig(max_step_tokens=64), BlockAllocator(64, 16))
     inputs = [GenerateInput((100 + i, 101, 102), 40, grammar=grammar) for i in range(4)]
     worker = OracleWorker()
     compiler.masks = recording_masks  # type: ignore[method-assign]
     try:
-        results = asyncio.run(scenario())
+        # A host-bound engine gives the consumers their turns; each holds the loop 20 ms per token.
+        results, _ = run(tokenizer, compiler, scheduler, inputs, worker, host_bound=True, hold_s=0.02)
     finally:
         del compiler.masks
     assert worker.num_checked == sum(len(tokens) for tokens, _ in results) > 4
