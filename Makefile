@@ -49,7 +49,7 @@ GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) bench/gpu_check.py
 
-# The same script on CPU: tiny shape, CPU-sized steps, in under a minute (also a test in make test).
+# The same script on CPU: tiny shape, CPU-sized steps, about 30 s idle (also a test in make test).
 gpu-check-rehearse: $(STAMP)
 	$(PY) bench/gpu_check.py --rehearse --out .cache/gpu-check
 

@@ -19,9 +19,10 @@ into .whl/) and the project without dependencies, then runs, each stage against 
 $OUT gets at most the device tool's 8 files: summary.json (rewritten after every stage; it also
 holds the LoRA and attention kernel numbers and the targets), tests-gpu.log,
 tests-integration.log, bench.log, bench-<shape>.json and bench-<shape>.png.
-`--rehearse` runs the same script on CPU with the tiny shape and CPU-sized steps in under a
-minute (tests/unit/test_gpu_check.py), so it cannot rot. Standard library only: it runs before
-the project is installed.
+`--rehearse` runs the same script on CPU with the tiny shape and CPU-sized steps, in about 30 s
+on an idle machine (tests/unit/test_gpu_check.py), so it cannot rot; its deadlines are the GPU
+run's 8 minutes in its stages' proportions, so a loaded machine slows it without failing it.
+Standard library only: it runs before the project is installed.
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("proto", "router", "worker", "kernels", "bench")  # top-level folders → loraxpy.<name>
 TOTAL_BUDGET_S = 480.0
-REHEARSAL_BUDGET_S = 58.0
+# The rehearsal's stages take about 30 s on an idle 2-core machine, and REHEARSAL's budgets (58 s in
+# all) are their shares. On CPU the machine's load decides how long they take, not the code: beside
+# a full `make test` and other sessions on the same cores they ran past twice those budgets and were
+# killed at their deadlines. So the rehearsal's deadlines are the GPU run's total, scaled to those
+# shares: a stage that hangs still ends at its deadline, and a rehearsal on an idle machine ends as
+# soon as before.
+REHEARSAL_BUDGET_S = TOTAL_BUDGET_S
 # What the checks import; the device image has most of them (KINDS.md), the wheels bring the rest.
 NEEDED = (
     "torch", "triton", "transformers", "peft", "safetensors", "numpy", "tokenizers", "jinja2",
@@ -394,6 +401,12 @@ def stages(plan: Plan, out: Path, work: Path, xdist: bool) -> list[Stage]:
 # ---- main -----------------------------------------------------------------------------------------
 
 
+def scaled(plan: Plan, total_s: float) -> Plan:
+    """The plan with every stage's budget (and setup's) scaled so that they add up to `total_s`."""
+    factor = total_s / sum(plan.budgets.values())
+    return replace(plan, budgets={k: v * factor for k, v in plan.budgets.items()})
+
+
 def base_env(work: Path, rehearse: bool) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PYTHONUNBUFFERED="1", MPLBACKEND="Agg", TOKENIZERS_PARALLELISM="false")
@@ -441,7 +454,7 @@ def finish(check: Check) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--rehearse", action="store_true", help="CPU, tiny shape, CPU-sized steps (under a minute)"
+        "--rehearse", action="store_true", help="CPU, tiny shape, CPU-sized steps (about 30 s idle)"
     )
     p.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="results (default $OUT)")
     p.add_argument("--work", type=Path, default=Path("/tmp/lorax-gpu-check"), help="models, caches, installs")
@@ -449,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--budget-s",
         type=float,
-        help="total seconds, every stage's share scaled to it (default 480; 58 rehearsing)",
+        help="total seconds, every stage's share scaled to it (default 480, rehearsing too)",
     )
     args = p.parse_args(argv)
     if args.out is None:
@@ -458,9 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     plan = REHEARSAL if args.rehearse else GPU
     budget = args.budget_s or (REHEARSAL_BUDGET_S if args.rehearse else TOTAL_BUDGET_S)
-    if args.budget_s:  # e.g. a rehearsal on a loaded machine: every stage gets its share of more
-        factor = args.budget_s / sum(plan.budgets.values())
-        plan = replace(plan, budgets={k: v * factor for k, v in plan.budgets.items()})
+    plan = scaled(plan, budget)
     check = Check(args.out, args.work, args.rehearse, budget, env=base_env(args.work, args.rehearse))
     check.summary = {"mode": "rehearsal" if args.rehearse else "gpu", "commit": _commit(), "budget_s": budget}
     setup(check, args.wheels, plan.budgets["setup"])
