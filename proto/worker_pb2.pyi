@@ -165,18 +165,20 @@ class CachedRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., num_scheduled_tokens: _Optional[int] = ..., allowed_token_mask: _Optional[bytes] = ..., draft_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("finished_ids", "new_requests", "cached_requests", "step_id", "after_step_id")
+    __slots__ = ("finished_ids", "new_requests", "cached_requests", "step_id", "after_step_id", "num_proposed_tokens")
     FINISHED_IDS_FIELD_NUMBER: _ClassVar[int]
     NEW_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CACHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     finished_ids: _containers.RepeatedScalarFieldContainer[int]
     new_requests: _containers.RepeatedCompositeFieldContainer[NewRequest]
     cached_requests: _containers.RepeatedCompositeFieldContainer[CachedRequest]
     step_id: int
     after_step_id: int
-    def __init__(self, finished_ids: _Optional[_Iterable[int]] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., cached_requests: _Optional[_Iterable[_Union[CachedRequest, _Mapping]]] = ..., step_id: _Optional[int] = ..., after_step_id: _Optional[int] = ...) -> None: ...
+    num_proposed_tokens: int
+    def __init__(self, finished_ids: _Optional[_Iterable[int]] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., cached_requests: _Optional[_Iterable[_Union[CachedRequest, _Mapping]]] = ..., step_id: _Optional[int] = ..., after_step_id: _Optional[int] = ..., num_proposed_tokens: _Optional[int] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -187,7 +189,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class RequestOutput(_message.Message):
-    __slots__ = ("id", "num_computed_tokens", "token", "top_logprobs", "prompt_logprobs_start", "prompt_logprobs", "embedding", "accepted_draft_tokens")
+    __slots__ = ("id", "num_computed_tokens", "token", "top_logprobs", "prompt_logprobs_start", "prompt_logprobs", "embedding", "accepted_draft_tokens", "proposed_draft_tokens")
     ID_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +198,7 @@ class RequestOutput(_message.Message):
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: int
     num_computed_tokens: int
     token: TokenLogprob
@@ -204,7 +207,8 @@ class RequestOutput(_message.Message):
     prompt_logprobs: _containers.RepeatedScalarFieldContainer[float]
     embedding: _containers.RepeatedScalarFieldContainer[float]
     accepted_draft_tokens: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
-    def __init__(self, id: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., token: _Optional[_Union[TokenLogprob, _Mapping]] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs_start: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., embedding: _Optional[_Iterable[float]] = ..., accepted_draft_tokens: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+    proposed_draft_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., token: _Optional[_Union[TokenLogprob, _Mapping]] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs_start: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., embedding: _Optional[_Iterable[float]] = ..., accepted_draft_tokens: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., proposed_draft_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("outputs", "step_time_us")

@@ -581,6 +581,7 @@ class Engine:
         self._masks_ready()
         sampled: dict[int, int] = {}
         accepted: dict[int, tuple[int, ...]] = {}  # speculative decoding: verified guesses
+        proposed: dict[int, tuple[int, ...]] = {}  # Medusa heads' guesses for the next step
         num_outputs: dict[int, int] = {}  # tokens each request had before this step
         for res in results:
             handle = self._handles.get(res.id)
@@ -590,12 +591,14 @@ class Engine:
                 handle.output.prompt_logprobs[res.prompt_logprobs_start + i] = lp
             if res.token is not None:
                 sampled[res.id] = res.token[0]
+                if res.proposed_draft_tokens:
+                    proposed[res.id] = res.proposed_draft_tokens
                 if res.accepted_draft_tokens:
                     accepted[res.id] = tuple(t for t, _ in res.accepted_draft_tokens)
                     num_outputs[res.id] = len(handle.seq.output_ids)
                 if handle.matcher is not None:
                     handle.matcher.advance(res.token[0])
-        self.scheduler.postprocess(sampled, accepted)
+        self.scheduler.postprocess(sampled, accepted, proposed)
         self._end_grammars(results)
         self._start_masks(results)
         self._end_embeddings(results)

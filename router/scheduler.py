@@ -92,6 +92,9 @@ class SequenceState:
     speculate: bool = True
     draft_token_ids: tuple[int, ...] = ()
     lookup: PromptLookup | None = None
+    # Medusa: the guesses of its adapter's heads after its last token (the workers' last step's),
+    # used instead of prompt lookup for its next guess.
+    proposed_token_ids: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -122,6 +125,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: tuple[ScheduledRequest, ...]
     finished_ids: tuple[int, ...]  # release on the worker before this step
+    num_proposed_tokens: int = 0  # Medusa guesses the workers may propose per sampled token
 
     @property
     def is_empty(self) -> bool:
@@ -223,7 +227,7 @@ class Scheduler:
             s.seq.num_computed_tokens += s.num_tokens
         released = tuple(self._to_release)
         self._to_release = []
-        return SchedulerOutput(tuple(scheduled), released)
+        return SchedulerOutput(tuple(scheduled), released, self.config.num_speculative_tokens)
 
     def schedule_ahead(self, in_flight: SchedulerOutput) -> SchedulerOutput | None:
         """The step after `in_flight` (sent, its tokens not yet applied), when its shape is already
@@ -273,9 +277,12 @@ class Scheduler:
         k = min(self.config.num_speculative_tokens, budget - 1, seq.max_new_tokens - len(seq.output_ids) - 1)
         if k < 1:
             return ()
-        if seq.lookup is None:
-            seq.lookup = PromptLookup()
-        draft = seq.lookup.propose(seq.all_token_ids, k)
+        if seq.proposed_token_ids:  # its adapter's Medusa heads guessed
+            draft = list(seq.proposed_token_ids[:k])
+        else:
+            if seq.lookup is None:
+                seq.lookup = PromptLookup()
+            draft = seq.lookup.propose(seq.all_token_ids, k)
         while draft and not self.allocator.can_allocate(
             self.allocator.blocks_needed(seq.num_computed_tokens + 1 + len(draft), len(seq.blocks))
         ):
@@ -299,6 +306,7 @@ class Scheduler:
         self._free(seq)
         seq.num_computed_tokens = 0
         seq.draft_token_ids = ()  # guessed in this step before a later request preempted it
+        seq.proposed_token_ids = ()
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = Status.WAITING
@@ -410,12 +418,17 @@ class Scheduler:
                 self.allocator.free(list(r.new_blocks))
 
     def postprocess(
-        self, sampled: dict[int, int], accepted: dict[int, tuple[int, ...]] | None = None
+        self,
+        sampled: dict[int, int],
+        accepted: dict[int, tuple[int, ...]] | None = None,
+        proposed: dict[int, tuple[int, ...]] | None = None,
     ) -> list[SequenceState]:
         """Takes back rejected guesses, keys the blocks the step computed, then appends each
         request's accepted guesses (`accepted`, by id) and sampled token, up to the first that ends
-        it; returns the requests that finished by length or EOS."""
+        it; returns the requests that finished by length or EOS. `proposed`: Medusa guesses of the
+        tokens after each sampled one, kept for the request's next guess."""
         accepted = accepted or {}
+        proposed = proposed or {}
         if self.config.num_speculative_tokens:
             for seq in self.running:
                 if seq.draft_token_ids:
@@ -426,6 +439,7 @@ class Scheduler:
             token = sampled.get(seq.id)
             if token is None:
                 continue
+            seq.proposed_token_ids = proposed.get(seq.id, ())
             for t in (*accepted[seq.id], token) if seq.id in accepted else (token,):
                 seq.output_ids.append(t)
                 reason = None

@@ -113,6 +113,7 @@ class StepResult:
     prompt_logprobs: tuple[float, ...]
     embedding: tuple[float, ...] = ()  # an embedding request's pooled vector
     accepted_draft_tokens: tuple[tuple[int, float], ...] = ()  # verified guesses, before `token`
+    proposed_draft_tokens: tuple[int, ...] = ()  # the adapter's Medusa heads' guesses after `token`
 
 
 def step_to_proto(
@@ -120,7 +121,12 @@ def step_to_proto(
 ) -> pb.StepRequest:
     """The step on the wire; `masks`: each constrained request's allowed-token mask, by request id;
     `step_id` and `after_step_id`: its number, and the step it was sent ahead after (overlapped steps)."""
-    req = pb.StepRequest(finished_ids=out.finished_ids, step_id=step_id, after_step_id=after_step_id)
+    req = pb.StepRequest(
+        finished_ids=out.finished_ids,
+        step_id=step_id,
+        after_step_id=after_step_id,
+        num_proposed_tokens=out.num_proposed_tokens,
+    )
     masks = masks or {}
     for r in out.scheduled:
         seq = r.seq
@@ -163,6 +169,7 @@ def result_from_proto(o: pb.RequestOutput) -> StepResult:
         prompt_logprobs=tuple(o.prompt_logprobs),
         embedding=tuple(o.embedding),
         accepted_draft_tokens=tuple((t.token_id, t.logprob) for t in o.accepted_draft_tokens),
+        proposed_draft_tokens=tuple(o.proposed_draft_tokens),
     )
 
 

@@ -46,6 +46,8 @@ ADAPTER_FILES = (
     "adapter_model.safetensors",
     "adapter_model.bin",
     "tokenizer_config.json",
+    "config.json",  # with medusa_num_heads: the adapter ships Medusa heads (worker/medusa.py)
+    "medusa_lm_head.safetensors",
 )
 HUB_TIMEOUT_S = 30.0
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +27,9 @@ from safetensors import SafetensorError, safe_open
 from loraxpy.proto.adapter_policy import not_found_message
 from loraxpy.worker.encoder_config import encoder_module_name, encoder_target
 from loraxpy.worker.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from loraxpy.worker.medusa import MedusaHeads
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 # PEFT adapters of fused checkpoints (Phi-3) target these; each becomes its parts, sharing A and
@@ -47,6 +51,9 @@ _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF1
 MAX_CONFIG_BYTES = 1 << 20
 MAX_TOKENIZER_CONFIG_BYTES = 8 << 20  # added-token tables can be large; the template is capped apart
 MAX_CHAT_TEMPLATE_CHARS = 256 << 10
+# Medusa heads with their own vocabulary projections are several LM heads' worth; their shapes are
+# checked against the model's from the header before any tensor is read (worker/medusa.py).
+MAX_MEDUSA_BYTES = 8 << 30
 MAX_HEADER_BYTES = 16 << 20  # a 100-layer adapter's header is well under 1 MiB
 MAX_TENSOR_NAME_CHARS = 512
 
@@ -84,10 +91,12 @@ class LoraAdapter:
     scales: dict[tuple[int, str], float]
     # "lm_head" / "embed_tokens" → the full base weight saved with the adapter, until checked
     base_layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    medusa: MedusaHeads | None = None  # Medusa heads shipped with the adapter (worker/medusa.py)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+        heads = self.medusa.nbytes if self.medusa is not None else 0
+        return heads + sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
 @dataclass(frozen=True)
@@ -98,10 +107,14 @@ class AdapterFiles:
     weights: Path  # resolved: in a hub cache, a blob named by its hash
     weights_name: str = "adapter_model.safetensors"  # or adapter_model.bin: says the format
     tokenizer_config: Path | None = None  # optional: where an adapter ships its own chat template
+    # Optional Medusa heads (worker/medusa.py): config.json with medusa_num_heads, and the heads
+    medusa_config: Path | None = None
+    medusa_weights: Path | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.config.stat().st_size + self.weights.stat().st_size
+        extra = [p for p in (self.medusa_config, self.medusa_weights) if p is not None]
+        return self.config.stat().st_size + self.weights.stat().st_size + sum(p.stat().st_size for p in extra)
 
     def chat_template(self) -> str:
         """The adapter's own chat template (its tokenizer_config.json's), or "" when it has none."""
@@ -160,10 +173,12 @@ def find_adapter_files(folder: Path, root: Path, max_bytes: int) -> AdapterFiles
     if config is None:
         raise AdapterError(f"adapter {folder.name!r} has no adapter_config.json")
     tokenizer_config = _confined_file(folder / "tokenizer_config.json", root, MAX_TOKENIZER_CONFIG_BYTES)
+    medusa_config = _confined_file(folder / "config.json", root, MAX_CONFIG_BYTES)
+    medusa_weights = _confined_file(folder / "medusa_lm_head.safetensors", root, MAX_MEDUSA_BYTES)
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         weights = _confined_file(folder / name, root, max_bytes)
         if weights is not None:
-            return AdapterFiles(config, weights, name, tokenizer_config)
+            return AdapterFiles(config, weights, name, tokenizer_config, medusa_config, medusa_weights)
     raise AdapterError(f"adapter {folder.name!r} has no adapter_model.safetensors or adapter_model.bin")
 
 

@@ -43,6 +43,8 @@ class StepInput:
     finished_ids: tuple[int, ...] = ()
     new_requests: tuple[NewRequestData, ...] = ()
     cached_requests: tuple[CachedRequestData, ...] = ()
+    # Medusa speculation: guesses to propose per sampled token, for adapters with heads (0: none).
+    num_proposed_tokens: int = 0
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -81,6 +83,7 @@ class RequestOutputData:
     prompt_logprobs: tuple[float, ...] = ()
     embedding: tuple[float, ...] = ()  # an embedding request's pooled vector
     accepted_draft_tokens: tuple[tuple[int, float], ...] = ()  # verified guesses, before `token`
+    proposed_draft_tokens: tuple[int, ...] = ()  # Medusa heads' guesses of the tokens after `token`
 
 
 @dataclass(frozen=True)

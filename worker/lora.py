@@ -32,6 +32,7 @@ from loraxpy.kernels.lora import LoraPlan, lora_add, lora_add_fused
 from loraxpy.kernels.lora_triton import Segments, SliceLayout, StaticSegments, sgmv_expand_add, sgmv_shrink
 from loraxpy.worker.adapters import LoraAdapter, head_key, module_shape
 from loraxpy.worker.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Shard
+from loraxpy.worker.medusa import MedusaHeads
 from loraxpy.worker.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class StagedAdapter:
     rank: int
     nbytes: int
     ready: torch.cuda.Event | None  # CUDA: recorded on the upload stream after the copies
+    medusa: MedusaHeads | None = None  # the adapter's Medusa heads, on the device (worker/medusa.py)
 
 
 class SlotsFullError(RuntimeError):
@@ -298,6 +300,7 @@ class LoraManager:
     num_slots: int
     max_rank: int
     index_to_slot: dict[int, int] = field(default_factory=dict)
+    medusa: dict[int, MedusaHeads] = field(default_factory=dict)  # adapter index → its Medusa heads
     head: ParallelLMHead | None = None
     config: ModelConfig | None = None
     shard: Shard = field(default_factory=Shard)
@@ -376,8 +379,9 @@ class LoraManager:
         side stream from pinned memory); `load` then only copies device to device into a slot."""
         device, dtype = self.batch_device, self.dtype
         scaled = {key: (a, b * adapter.scales[key]) for key, (a, b) in adapter.weights.items()}
+        heads = adapter.medusa.to(device, dtype) if adapter.medusa is not None else None
         if device.type != "cuda":
-            return StagedAdapter(scaled, adapter.rank, adapter.nbytes, None)
+            return StagedAdapter(scaled, adapter.rank, adapter.nbytes, None, heads)
         if self.upload_stream is None:
             self.upload_stream = torch.cuda.Stream(device)
         with torch.cuda.stream(self.upload_stream):
@@ -386,7 +390,7 @@ class LoraManager:
                 for key, pair in scaled.items()
             }
             ready = self.upload_stream.record_event()
-        return StagedAdapter(weights, adapter.rank, adapter.nbytes, ready)  # type: ignore[arg-type]
+        return StagedAdapter(weights, adapter.rank, adapter.nbytes, ready, heads)  # type: ignore[arg-type]
 
     def load(self, adapter_index: int, adapter: LoraAdapter | StagedAdapter) -> None:
         """Writes an adapter into a free slot under `adapter_index` (staging it first if needed)."""
@@ -412,10 +416,13 @@ class LoraManager:
             self.slots[key].write(slot, key[1], a, b)
         self.index_to_slot[adapter_index] = slot
         self.slot_ranks[slot] = staged.rank
+        if staged.medusa is not None:
+            self.medusa[adapter_index] = staged.medusa
 
     def offload(self, adapter_index: int) -> None:
         slot = self.index_to_slot.pop(adapter_index)
         self.slot_ranks.pop(slot, None)
+        self.medusa.pop(adapter_index, None)
         for lora in set(self.slots.values()):
             lora.clear(slot)
 

@@ -31,6 +31,7 @@ from loraxpy.worker.gguf_weights import gguf_file_of, load_gguf
 from loraxpy.worker.kv_cache import KVCacheSpec
 from loraxpy.worker.layers import Shard
 from loraxpy.worker.lora import LoraManager, StagedAdapter, num_adapter_slots
+from loraxpy.worker.medusa import propose, read_medusa_heads
 from loraxpy.worker.merge import MergeRequest
 from loraxpy.worker.model import CausalLM, ForwardBatch
 from loraxpy.worker.model_config import ModelConfig
@@ -329,6 +330,8 @@ class ModelRunner:
                 self.lora.set_batch(token_adapters, self.options.device)
             hidden = self.model(self._forward_batch(plan, self.kv_caches))
         outputs = self._sample(scheduled, plan, hidden)
+        if step.num_proposed_tokens and self.lora is not None and self.lora.medusa:
+            outputs = self._propose(scheduled, plan, hidden, outputs, step.num_proposed_tokens)
         for (state, _), out in zip(scheduled, outputs, strict=True):
             state.num_computed_tokens = out.num_computed_tokens  # less the rejected draft tokens
             state.recomputing = False
@@ -443,6 +446,35 @@ class ModelRunner:
             )
         return outputs
 
+    def _propose(
+        self,
+        scheduled: list[tuple[RequestState, int]],
+        plan: BatchPlan,
+        hidden: torch.Tensor,
+        outputs: list[RequestOutputData],
+        num_tokens: int,
+    ) -> list[RequestOutputData]:
+        """Medusa speculation: the guesses of each adapter's heads after every token sampled under
+        it, from the hidden state that token was sampled from (after its accepted guesses)."""
+        assert self.lora is not None
+        by_adapter: dict[int, list[tuple[int, int]]] = {}  # adapter index → (output, hidden row)
+        for i, ((state, _), out) in enumerate(zip(scheduled, outputs, strict=True)):
+            if out.token is None or state.adapter_index not in self.lora.medusa:
+                continue
+            num_rejected = len(state.draft_token_ids) - len(out.accepted_draft_tokens)
+            by_adapter.setdefault(state.adapter_index, []).append((i, plan.sample_rows[i] - num_rejected))
+        outputs = list(outputs)
+        for adapter_index, items in by_adapter.items():
+            rows = torch.tensor([row for _, row in items], device=hidden.device)
+
+            def lm_head(states: torch.Tensor, rows: torch.Tensor = rows) -> torch.Tensor:
+                return self.model.compute_logits(states, rows.repeat(states.shape[0] // rows.shape[0]))
+
+            guesses = propose(self.lora.medusa[adapter_index], hidden[rows], num_tokens, lm_head)
+            for (i, _), guess in zip(items, guesses, strict=True):
+                outputs[i] = dataclasses.replace(outputs[i], proposed_draft_tokens=guess)
+        return outputs
+
     def _verify_drafts(
         self, states: list[RequestState], last_rows: list[int], hidden: torch.Tensor
     ) -> list[Verified]:
@@ -533,6 +565,7 @@ class ModelRunner:
 
     def _parse_adapter(self, files: AdapterFiles) -> LoraAdapter:
         adapter = read_adapter_files(files, self.config, self.options.max_lora_rank, self.max_adapter_bytes)
+        adapter = dataclasses.replace(adapter, medusa=read_medusa_heads(files, self.config))
         return self._check_base_layers(adapter)
 
     def _check_base_layers(self, adapter: LoraAdapter) -> LoraAdapter:

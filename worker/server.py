@@ -115,6 +115,7 @@ def step_from_proto(req: pb.StepRequest) -> StepInput:
             )
             for r in req.cached_requests
         ),
+        num_proposed_tokens=req.num_proposed_tokens,
     )
 
 
@@ -129,6 +130,7 @@ def output_to_proto(out: RequestOutputData) -> pb.RequestOutput:
         accepted_draft_tokens=[
             pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in out.accepted_draft_tokens
         ],
+        proposed_draft_tokens=out.proposed_draft_tokens,
     )
     if out.token is not None:
         msg.token.CopyFrom(pb.TokenLogprob(token_id=out.token[0], logprob=out.token[1]))

@@ -3,11 +3,13 @@ concurrent greedy requests of the base model and two adapters, one asking for to
 not speculate), under KV memory small enough to preempt, give HF transformers' and PEFT's greedy
 tokens and log-probs; a stop sequence landing inside an accepted run ends the text where it ends
 without speculation; the metrics count guesses proposed and accepted per adapter; a seeded sampled
-request that accepts guesses draws the same tokens alone and beside other requests."""
+request that accepts guesses draws the same tokens alone and beside other requests; an adapter
+shipping Medusa heads guesses with them (over gRPC) instead of by prompt lookup, tokens unchanged."""
 
 from __future__ import annotations
 
 import random
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 from conftest import served_tiny_llama_with_adapters, tiny_llama_server
 from launcher_process import Launcher
 from prometheus_client.parser import text_string_to_metric_families
+from test_medusa_heads import write_heads
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +33,11 @@ NUM_BLOCKS = 14  # 224 tokens: four requests of about 70 preempt each other
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama (word-level tokenizer: "w7" is token 7) and two random LoRA adapters."""
     qvo = ("q_proj", "v_proj", "o_proj")
-    return served_tiny_llama_with_adapters(tmp_path_factory, "spec", {"a": qvo, "b": qvo}, seed=70)
+    path = served_tiny_llama_with_adapters(tmp_path_factory, "spec", {"a": qvo, "b": qvo}, seed=70)
+    adapters = path.parent / "adapters"
+    shutil.copytree(adapters / "a", adapters / "a-medusa")  # adapter a with random Medusa heads
+    write_heads(adapters / "a-medusa", path, num_heads=3, num_layers=1, own_out=True, seed=71)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +169,27 @@ def test_a_seeded_sampled_request_gives_the_same_tokens_alone_and_in_a_batch(ser
             other.result()
     assert [t["id"] for t in batched] == [t["id"] for t in alone]
     assert [t["logprob"] for t in batched] == pytest.approx([t["logprob"] for t in alone], abs=1e-4)
+
+
+def test_an_adapter_with_medusa_heads_guesses_with_them_and_keeps_its_tokens(
+    server: Launcher, reference: Any
+) -> None:
+    """The same LoRA with and without random Medusa heads, one request each on a copying prompt:
+    prompt lookup guesses that text mostly right, the random heads mostly wrong, so the heads'
+    guesses, not prompt lookup's, were verified; the tokens are PEFT's either way."""
+    prompt, n = copying_prompt(12), 32
+    want = reference(prompt, n, "a")[0]
+    ratios = []
+    for adapter in ("a", "a-medusa"):
+        before = speculation(server.url)
+        got = generate(server.url, prompt, n, adapter)["details"]["tokens"]
+        assert [t["id"] for t in got] == want, adapter
+        after = speculation(server.url)
+        proposed, accepted = (
+            sum(s.get(key, 0.0) for s in after.values()) - sum(s.get(key, 0.0) for s in before.values())
+            for key in ("proposed", "accepted")
+        )
+        assert proposed > 0, adapter
+        ratios.append(accepted / proposed)
+    lookup, heads = ratios
+    assert lookup > 0.3 and heads < 0.1, ratios  # here: 0.44 and 0.0

@@ -164,11 +164,43 @@ REQUESTS = [
 ]
 
 
-def run_engine(speculative_tokens: int) -> tuple[list[list[tuple[int, str, str | None]]], Scheduler]:
+class MedusaOracleWorker(OracleWorker):
+    """OracleWorker with Medusa heads on adapters 1 (they guess right: the oracle's next tokens)
+    and 2 (they always guess wrong), proposed as a real worker does when the step asks for them."""
+
+    def __init__(self, block_size: int) -> None:
+        super().__init__(block_size)
+        self.proposals: dict[int, tuple[int, ...]] = {}  # by request: the last guesses proposed
+
+    async def step(
+        self, out: SchedulerOutput, metadata: tuple[tuple[str, str], ...] = (), masks: object = None
+    ) -> StepReply:
+        for r in out.scheduled:  # a request that guesses after a proposal guesses what was proposed
+            proposal = self.proposals.get(r.seq.id)
+            if r.draft_token_ids and proposal:
+                assert r.draft_token_ids == proposal[: len(r.draft_token_ids)]
+        reply = await super().step(out, metadata, masks)
+        results = []
+        for res in reply.results:
+            state = self.live[res.id]
+            guesses: tuple[int, ...] = ()
+            if res.token is not None and out.num_proposed_tokens and state.adapter in (1, 2):
+                context = list(state.tokens)
+                for _ in range(out.num_proposed_tokens):
+                    context.append(oracle(context, state.adapter) + (state.adapter == 2))
+                guesses = tuple(t % VOCAB for t in context[len(state.tokens) :])
+            self.proposals[res.id] = guesses
+            results.append(dataclasses.replace(res, proposed_draft_tokens=guesses))
+        return StepReply(results, reply.worker_seconds)
+
+
+def run_engine(
+    speculative_tokens: int, worker: type[OracleWorker] = OracleWorker
+) -> tuple[list[list[tuple[int, str, str | None]]], Scheduler]:
     async def run() -> tuple[list[list[tuple[int, str, str | None]]], Scheduler]:
         config = SchedulerConfig(max_step_tokens=24, num_speculative_tokens=speculative_tokens)
         scheduler = Scheduler(config, BlockAllocator(30, 4, enable_caching=True))  # preempts
-        engine = Engine(OracleWorker(4), scheduler, frozenset({EOS}))  # type: ignore[arg-type]
+        engine = Engine(worker(4), scheduler, frozenset({EOS}))  # type: ignore[arg-type]
         engine.start()
 
         async def one(prompt: list[int], n: int, adapter: int, top: int, stop: bool, ignore: bool) -> list:
@@ -199,6 +231,21 @@ def test_speculation_hands_out_the_same_tokens_texts_and_finish_reasons() -> Non
     assert {a for a, n in accepted.items() if n} >= {0, 1}
     assert scheduler.allocator.num_free == scheduler.allocator.num_blocks  # every block came back
     assert scheduler.num_preemptions > 0  # the cache holds 120 tokens: requests were preempted
+
+
+def test_medusa_guesses_replace_prompt_lookup_per_adapter_and_change_no_token() -> None:
+    plain, _ = run_engine(0, MedusaOracleWorker)
+    lookup, by_lookup = run_engine(4)
+    medusa, by_heads = run_engine(4, MedusaOracleWorker)
+    assert medusa == plain == lookup
+    proposed, accepted = by_heads.num_draft_tokens, by_heads.num_accepted_tokens
+    # The worker checked that every guess after a proposal was that proposal (not prompt lookup's).
+    # Adapter 1's heads guess right: every guess is accepted; adapter 2's always guess wrong.
+    assert accepted[1] == proposed[1] > 15 > by_lookup.num_accepted_tokens[1]
+    assert proposed[2] > 10 and accepted.get(2, 0) == 0
+    # The base and adapter 3 have no heads: prompt lookup guesses for them as before.
+    assert accepted[0] > 0 and proposed[3] > 0
+    assert by_heads.allocator.num_free == by_heads.allocator.num_blocks
 
 
 def test_a_run_stops_at_max_new_tokens_and_eos() -> None:
