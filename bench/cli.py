@@ -7,7 +7,12 @@
 
 Defaults follow the device: on CUDA the shapes and grid of issue 6 (1b and 8b, bf16, batch 1/32/128,
 context 128/1024, 1/8/32/128 adapters, PEFT at batch 32 × 128 prompt tokens × 64 new tokens with
-32 adapters); on CPU a tiny fp32 model and a grid small enough to finish in seconds.
+32 adapters); on CPU a tiny fp32 model and a grid small enough to finish in seconds. The engine's
+own settings (ENGINE_SETTINGS) are lorax-worker's flags, declared once in proto/worker_settings.py,
+with its defaults and environment variables: the engine benchmarked is the one a server runs with
+the same flags. So decode CUDA graphs are off unless `--cuda-graph-max-batch-size` asks for them,
+as in lorax-worker and LoRAX's launcher (`--compile`), where graphs are opt-in too; `make gpu-check`
+asks for 128.
 """
 
 from __future__ import annotations
@@ -43,8 +48,18 @@ from loraxpy.bench.shapes import SHAPES
 from loraxpy.bench.soak_cli import soak_main
 from loraxpy.bench.suite import BenchConfig, run_shape
 from loraxpy.bench.workloads import KINDS
+from loraxpy.proto.settings import add_flags, flag_values
+from loraxpy.proto.worker_settings import WorkerSettings
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The worker's settings the in-process engine takes (the rest name a model, a cache size or adapter
+# sources, which the benchmark writes or sizes itself).
+ENGINE_SETTINGS = (
+    "dtype",
+    "attention_backend",
+    "cpu_weight_layout",
+    "cuda_graph_max_batch_size",
+    "block_size",
+)
 # (CUDA default, CPU default) for every flag whose default depends on the device
 DEVICE_DEFAULTS: dict[str, tuple[str, str]] = {
     "shapes": ("1b,8b", "tiny"),
@@ -58,7 +73,6 @@ DEVICE_DEFAULTS: dict[str, tuple[str, str]] = {
     "baseline_prompt_len": ("128", "16"),
     "baseline_new_tokens": ("64", "8"),
     "baseline_adapters": ("32", "4"),
-    "cuda_graph_max_batch_size": ("128", "0"),
 }
 
 
@@ -74,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         "real-model run through every path (floor, engine, server, HF).",
     )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cuda, cuda:N or cpu")
-    p.add_argument(
-        "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU"
+    engine = p.add_argument_group(
+        "engine", "lorax-worker's flags (auto dtype: bfloat16 on CUDA, float32 on CPU)"
     )
+    add_flags(engine, WorkerSettings, names=ENGINE_SETTINGS)
     p.add_argument(
         "--shapes", help=f"comma-separated, of {', '.join(SHAPES)} (default 1b,8b on CUDA, tiny on CPU)"
     )
@@ -105,10 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-prompt-len", help="PEFT baseline prompt tokens (default 128 on CUDA)")
     p.add_argument("--baseline-new-tokens", help="PEFT baseline generated tokens (default 64 on CUDA)")
     p.add_argument("--baseline-adapters", help="PEFT baseline distinct adapters (default 32 on CUDA)")
-    p.add_argument(
-        "--cuda-graph-max-batch-size",
-        help="decode steps of up to this many rows replay CUDA graphs (default 128 on CUDA; 0: eager)",
-    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=Path("bench-results.json"), help="JSON results")
     p.add_argument("--plot", type=Path, help="PNG of throughput vs adapters (default: --output with .png)")
@@ -126,7 +137,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         else torch.device(args.device)
     )
     on_cuda = device.type == "cuda"
-    dtype = (torch.bfloat16 if on_cuda else torch.float32) if args.dtype == "auto" else DTYPES[args.dtype]
 
     def pick(name: str) -> str:
         given = getattr(args, name)
@@ -143,7 +153,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         shapes=shapes,
         device=device,
-        dtype=dtype,
         batch_sizes=_ints(pick("batch_sizes")),
         context_lens=_ints(pick("context_lens")),
         adapter_counts=_ints(pick("adapter_counts")),
@@ -162,7 +171,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         baseline_new_tokens=int(pick("baseline_new_tokens")),
         baseline_adapters=int(pick("baseline_adapters")),
         seed=args.seed,
-        cuda_graph_max_batch_size=int(pick("cuda_graph_max_batch_size")),
+        engine=WorkerSettings(**flag_values(WorkerSettings, args, names=ENGINE_SETTINGS)),
     )
 
 
@@ -173,7 +182,9 @@ def run(config: BenchConfig, output: Path, plot: Path, workdir: Path) -> dict:
     runs: list[RunResult] = []
     baselines: list[BaselineComparison] = []
     config_doc = {
-        k: (str(v) if isinstance(v, torch.device | torch.dtype) else v) for k, v in vars(config).items()
+        **{k: str(v) if isinstance(v, torch.device) else v for k, v in vars(config).items() if k != "engine"},
+        **{name: getattr(config.engine, name) for name in ENGINE_SETTINGS},
+        "dtype": str(config.dtype),  # resolved on the device, as before
     }
 
     def save(

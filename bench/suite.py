@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,8 @@ from loraxpy.bench.engine import AdapterPool, EngineBench, RunResult, RunSpec, m
 from loraxpy.bench.report import BaselineComparison
 from loraxpy.bench.shapes import ModelShape, write_random_model
 from loraxpy.bench.workloads import Workload, default_workloads
+from loraxpy.proto.worker_settings import WorkerSettings
+from loraxpy.worker.config import torch_dtype
 from loraxpy.worker.runner import RunnerOptions
 
 logger = logging.getLogger(__name__)
@@ -29,7 +31,6 @@ logger = logging.getLogger(__name__)
 class BenchConfig:
     shapes: tuple[str, ...]
     device: torch.device
-    dtype: torch.dtype
     batch_sizes: tuple[int, ...]
     context_lens: tuple[int, ...]
     adapter_counts: tuple[int, ...]
@@ -48,8 +49,10 @@ class BenchConfig:
     baseline_new_tokens: int
     baseline_adapters: int
     seed: int
-    block_size: int = 16
-    cuda_graph_max_batch_size: int = 0  # the runner's decode CUDA graphs (0: eager decode)
+    # The runner's own settings, declared once for lorax-worker (proto/worker_settings.py): dtype,
+    # attention backend, CPU weight layout, decode CUDA graphs, block size (bench/cli.py's
+    # ENGINE_SETTINGS); a benchmark runs the engine a server would run with the same flags.
+    engine: WorkerSettings = field(default_factory=WorkerSettings)
 
     def __post_init__(self) -> None:
         positive = {
@@ -68,6 +71,11 @@ class BenchConfig:
                 raise ValueError(f"{what} must be at least 1")
         if self.warmup_steps < 0 or self.baseline_adapters < 0 or min(self.adapter_counts, default=1) < 1:
             raise ValueError("warmup steps, adapter counts and baseline adapters cannot be negative")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """--dtype as the worker reads it on this device (auto: bf16 on CUDA, fp32 on CPU)."""
+        return torch_dtype(self.engine.dtype, self.device)
 
     def workloads(self) -> list[Workload]:
         return default_workloads(
@@ -150,21 +158,21 @@ def run_shape(
 def _engine(
     config: BenchConfig, model_dir: Path, pool: AdapterPool, max_rank: int, group: list[RunSpec]
 ) -> EngineBench:
-    bs = config.block_size
+    bs = config.engine.block_size
     num_blocks = max(
         s.batch_size * -(-(s.context_len + s.warmup_steps + s.decode_steps + 1) // bs) for s in group
     )
-    options = RunnerOptions(
-        dtype=config.dtype,
-        device=config.device,
-        block_size=bs,
+    options = RunnerOptions.of_settings(
+        config.engine,
+        config.dtype,
+        config.device,
+        # Slots and their rank follow the workload group; the KV cache is sized by num_blocks below.
         max_loras=max(1, *(s.workload.num_adapters for s in group)),
         max_lora_rank=max_rank,
         # CUDA: 128 rank-16 slots of 8b take 10.7 GB, more than the default tenth of an H100's memory
         # (101 slots); the grid's batches need one slot per distinct adapter.
         adapter_memory_fraction=0.3,
         adapter_root=pool.root,
-        cuda_graph_max_batch_size=config.cuda_graph_max_batch_size,
     )
     pool.root.mkdir(parents=True, exist_ok=True)
     return EngineBench(

@@ -95,13 +95,28 @@ def _default(f: Field[Any]) -> Any:
     return None
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, env: Mapping[str, str] | None = None) -> None:
-    """A flag for each of `cls`'s fields that is one, defaulting to its environment variable."""
+def _flag_fields(cls: type, names: Iterable[str] | None) -> list[Field[Any]]:
+    """`cls`'s fields that are flags; with `names`, only those (each must be one)."""
+    flags = [f for f in fields(cls) if is_flag(f)]
+    if names is None:
+        return flags
+    wanted = set(names)
+    if unknown := wanted - {f.name for f in flags}:
+        raise ValueError(f"{cls.__name__} has no flags {sorted(unknown)}")
+    return [f for f in flags if f.name in wanted]
+
+
+def add_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    env: Mapping[str, str] | None = None,
+    names: Iterable[str] | None = None,
+) -> None:
+    """A flag for each of `cls`'s fields that is one (with `names`, for those fields only),
+    defaulting to its environment variable."""
     env = os.environ if env is None else env
     hints = _hints(cls)
-    for f in fields(cls):
-        if not is_flag(f):
-            continue
+    for f in _flag_fields(cls, names):
         name, kind, optional = env_name(f), *_unwrap(hints[f.name])
         default, raw = _default(f), env.get(name)
         help_ = " ".join(p for p in (f.metadata.get(_HELP), f"(env {name}; default {default})") if p)
@@ -130,15 +145,18 @@ def _path(value: str) -> Path:
     return Path(value).expanduser()
 
 
-def flag_values(cls: type, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The parsed values of `cls`'s flags, by field name: lists split at commas, empty strings of
-    optional fields None."""
+def flag_values(
+    cls: type,
+    args: argparse.Namespace,
+    env: Mapping[str, str] | None = None,
+    names: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """The parsed values of `cls`'s flags (with `names`, those added for them), by field name: lists
+    split at commas, empty strings of optional fields None."""
     env = os.environ if env is None else env
     hints = _hints(cls)
     values: dict[str, Any] = {}
-    for f in fields(cls):
-        if not is_flag(f):
-            continue
+    for f in _flag_fields(cls, names):
         kind, optional = _unwrap(hints[f.name])
         value = getattr(args, f.name)
         if typing.get_origin(kind) is tuple:

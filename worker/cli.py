@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import fields
 
 import grpc
 import torch
@@ -62,15 +61,7 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
             logger.info("this CPU has %s: --dtype bfloat16 runs about 2x faster (not bit-exact)", feature)
         elif dtype == torch.bfloat16 and not feature:
             logger.warning("--dtype bfloat16 on a CPU without AMX or AVX512-BF16: emulated, slower than fp32")
-    given = {f.name for f in fields(config)} - {"dtype", "device"}  # those two in torch's terms
-    options = RunnerOptions(
-        **{f.name: getattr(config, f.name) for f in fields(RunnerOptions) if f.name in given},
-        dtype=dtype,
-        device=device,
-        shard=Shard(config.rank, config.world_size),
-        kv_cache_bytes=config.kv_cache_memory_mib * 2**20,
-        adapter_host_cache_bytes=config.adapter_host_cache_mib * 2**20,
-    )
+    options = RunnerOptions.of_settings(config, dtype, device, shard=Shard(config.rank, config.world_size))
     return (EncoderRunner if is_encoder_folder(model_path) else ModelRunner)(model_path, options)
 
 

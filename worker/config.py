@@ -89,14 +89,19 @@ class WorkerConfig(WorkerSettings):
         return torch.device(self.device)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
-        """--dtype auto: bf16 (fp16 without it) on CUDA; fp32 on CPU, even where bf16 is fast (see
-        `cpu_native_bf16`): the default model's greedy answers change in bf16 (the README's capital of
-        France becomes Barcelona), so there it is the operator's choice, logged at startup."""
-        if self.dtype != "auto":
-            return DTYPES[self.dtype]
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch_dtype(self.dtype, device)
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype on `device` (the worker's and lorax-bench's): auto is bf16 (fp16 without it) on CUDA;
+    fp32 on CPU, even where bf16 is fast (see `cpu_native_bf16`): the default model's greedy answers
+    change in bf16 (the README's capital of France becomes Barcelona), so there it is the operator's
+    choice, logged at startup."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 def cpu_native_bf16() -> str | None:

@@ -7,12 +7,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from loraxpy.kernels import cpu_fused
 from loraxpy.kernels.attention import FP8_KV_DTYPE, AttentionMetadata, select_attention_backend
 from loraxpy.proto.adapter_policy import AdapterSettings
+from loraxpy.proto.worker_settings import WorkerSettings
 from loraxpy.worker.adapter_sources import SourceOptions
 from loraxpy.worker.adapter_store import AdapterStore
 from loraxpy.worker.adapters import AdapterFiles, LoraAdapter, max_adapter_bytes, read_adapter_files
@@ -79,6 +81,21 @@ class RunnerOptions:
     quantize: str | None = None  # --quantize: the base linears' scheme (worker/quantization.py)
     cpu_weight_layout: str = "auto"  # CPU: weights packed once for oneDNN (worker/prepacked.py), or plain
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: e4m3 K/V (kernels/attention.py's sdpa-fp8)
+
+    @classmethod
+    def of_settings(
+        cls, settings: WorkerSettings, dtype: torch.dtype, device: torch.device, **overrides: Any
+    ) -> RunnerOptions:
+        """The options `settings` name (WorkerSettings, or a subclass with more fields such as
+        WorkerConfig), with dtype and device in torch's terms and the caller's `overrides` on top:
+        lorax-worker and lorax-bench build their runners from the same declaration."""
+        given = {f.name for f in dataclasses.fields(settings)} - {"dtype", "device"}
+        values: dict[str, Any] = {
+            f.name: getattr(settings, f.name) for f in dataclasses.fields(cls) if f.name in given
+        }
+        values["kv_cache_bytes"] = settings.kv_cache_memory_mib * 2**20
+        values["adapter_host_cache_bytes"] = settings.adapter_host_cache_mib * 2**20
+        return cls(**{**values, **overrides, "dtype": dtype, "device": device})
 
 
 class ModelRunner:

@@ -160,3 +160,51 @@ def test_the_worker_hands_its_runner_every_setting_it_was_given(
         ours, expected = converted.get(f.name) or (getattr(options, f.name), getattr(config, f.name))
         assert ours == expected, f.name
     assert (options.max_loras, options.hub_token, options.offline) == (3, "hub-token", True)
+
+
+def test_lorax_bench_runs_the_engine_with_the_workers_settings(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The engine benchmark's runner settings are the worker's flags: the same names, defaults
+    (decode CUDA graphs off on every device), environment variables and checks."""
+    from types import SimpleNamespace
+
+    from loraxpy.bench import cli as bench_cli
+    from loraxpy.bench import suite
+    from loraxpy.bench.engine import RunSpec
+    from loraxpy.bench.workloads import Workload
+    from loraxpy.worker.runner import RunnerOptions
+
+    def bench_config(*argv: str) -> suite.BenchConfig:
+        return bench_cli.config_from_args(bench_cli.build_parser().parse_args(list(argv)))
+
+    for device in ("cpu", "cuda"):
+        assert bench_config("--device", device).engine == WorkerSettings()
+    clean_env.setenv("CUDA_GRAPH_MAX_BATCH_SIZE", "3")
+    clean_env.setenv("CPU_WEIGHT_LAYOUT", "plain")
+    worker = parse_worker_args(["--listen", "unix:///w.sock"])
+    engine = bench_config("--device", "cpu").engine
+    assert (engine.cuda_graph_max_batch_size, engine.cpu_weight_layout) == (3, "plain")
+    assert (worker.cuda_graph_max_batch_size, worker.cpu_weight_layout) == (3, "plain")
+
+    given = {name: NOT_DEFAULTS[name] for name in bench_cli.ENGINE_SETTINGS}
+    argv = [arg for name, value in given.items() for arg in ("--" + name.replace("_", "-"), str(value))]
+    config = bench_config("--device", "cpu", *argv)
+    assert {name: getattr(config.engine, name) for name in given} == given
+    assert config.dtype == DTYPES["bfloat16"]
+    built: list[RunnerOptions] = []
+    clean_env.setattr(suite, "EngineBench", lambda model_dir, pool, options, **sizes: built.append(options))
+    spec = RunSpec(Workload("uniform-3", "uniform", 3, (8,)), 2, 8, 1, 2)
+    suite._engine(config, tmp_path, SimpleNamespace(root=tmp_path / "adapters"), 8, [spec])  # type: ignore[arg-type]
+    (options,) = built
+    assert (options.dtype, options.attention_backend, options.cpu_weight_layout) == (
+        DTYPES["bfloat16"],
+        "sdpa",
+        "plain",
+    )
+    assert (options.cuda_graph_max_batch_size, options.block_size) == (4, 32)
+    assert (options.max_loras, options.max_lora_rank, options.adapter_root) == (3, 8, tmp_path / "adapters")
+
+    assert bench_cli.main(["--device", "cpu", "--block-size", "24"]) == 2  # the worker's own check
+    with pytest.raises(ValueError, match="no flags"):
+        bench_cli.add_flags(bench_cli.build_parser(), WorkerSettings, names=["listen"])
