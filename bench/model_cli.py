@@ -84,6 +84,11 @@ def build_model_parser() -> argparse.ArgumentParser:
         help="the engine's base linears quantized at load, as the worker's --quantize (with --paths engine); "
         "a GGUF --model-id is served in its blocks without it",
     )
+    p.add_argument(
+        "--overlap-steps",
+        action="store_true",
+        help="launch the server path with --overlap-steps (server / engine with the router's step overlapped)",
+    )
     p.add_argument("--output", type=Path, default=Path("bench-model.json"), help="JSON results")
     p.add_argument("--plot", type=Path, help="PNG of tokens/s vs adapters (default: --output with .png)")
     p.add_argument("--workdir", type=Path, help="keep the adapters and the server's log here (default: temp)")
@@ -115,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
         seed=args.seed,
         dtype=args.dtype,
         quantize=args.quantize,
+        overlap_steps=args.overlap_steps,
     )
 
 

@@ -60,6 +60,7 @@ class ModelBenchConfig:
     seed: int = 0
     dtype: str = "float32"  # every path's: floor, engine, server (--dtype) and HF
     quantize: str | None = None  # the engine's base linears (--quantize); the other paths refuse it
+    overlap_steps: bool = False  # the server's --overlap-steps (the engine in process has no router)
 
     def __post_init__(self) -> None:
         if min(self.batch_sizes, default=0) < 1 or self.prompt_len < 1 or self.rank < 1:
@@ -266,6 +267,7 @@ def _server_runs(
         kv_cache_mib=_kv_cache_mib(config, pool.shape),
         port=config.port,
         dtype=config.dtype,
+        extra_args=("--overlap-steps", "true") if config.overlap_steps else (),
     )
     runs = {}
     with launched_server(options) as url:

@@ -50,6 +50,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
         "--rank=4",
         "--threads=1",
         "--floor-repeats=2",
+        "--overlap-steps",  # the server path with the router's steps overlapped: the same tokens
         f"--output={tmp / 'out.json'}",
         f"--workdir={tmp / 'work'}",
     ]
@@ -120,6 +121,7 @@ def test_targets_machine_and_threads_are_recorded(bench: tuple[dict, Path, str])
     launcher_split = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
     assert doc["threads"]["server_worker_threads"] == launcher_split  # as the worker logged it
     assert set(doc["load_average"]) == {"start", "end"}
+    assert doc["config"]["overlap_steps"] is True
 
 
 def test_bad_flags_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
