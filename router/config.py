@@ -65,7 +65,8 @@ class RouterConfig(WorkerSettings):
     # same tokens under the same adapter and tenant (LoRAX's flag; `--prefix-caching false` turns it off).
     prefix_caching: bool = True
     # Speculative decoding (LoRAX's flag): each decode step also computes up to this many tokens
-    # guessed from the request's own context (prompt lookup), verified by the workers; 0: off.
+    # guessed from the request's own context (prompt lookup) or by its adapter's Medusa heads,
+    # verified by the workers; 0: off.
     speculative_tokens: int = 0
     # Overlapped steps: a decode-only step is sent before the step in flight has answered (the
     # workers take each request's input token from their own last sample), so the workers need not
