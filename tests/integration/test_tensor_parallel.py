@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,12 +15,14 @@ from conftest import build_tiny_model
 from launcher_process import launcher
 from lorax import AsyncClient, Client
 from structured_schemas import SCHEMAS
+from test_medusa_heads import reference_guesses, write_heads
 from test_multi_lora_api import save_adapter
 from test_worker_lora import INDEX, load, make_adapters, peft_greedy
 from test_worker_matches_transformers import assert_matches_hf, make_requests
 from worker_driver import Driver, Request, sharded_workers
 
 from loraxpy.proto import worker_pb2 as pb
+from loraxpy.proto.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +50,9 @@ def test_two_shards_serve_a_mixed_batch_of_adapters_like_peft(tmp_path: Path) ->
     base = build_tiny_model("llama", tmp_path / "llama")
     root = tmp_path / "adapters"
     make_adapters(base, root)
+    # Medusa heads through the LM head, which this adapter's LoRA adapts and the shards split.
+    shutil.copytree(root / "head-r4", root / "head-r4-medusa")
+    heads = write_heads(root / "head-r4-medusa", base, num_heads=2, num_layers=2, own_out=False, seed=9)
     with sharded_workers(base, tmp_path, 2, extra_args=("--adapter-root", str(root))) as stubs:
         for f in [
             s.Warmup.future(pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=8, num_blocks=64))
@@ -67,8 +73,27 @@ def test_two_shards_serve_a_mixed_batch_of_adapters_like_peft(tmp_path: Path) ->
             for i, n in enumerate(names)
         ]
         Driver(stubs, num_blocks=64, block_size=16, step_token_budget=64).run(batch)
+        medusa_index = len(INDEX) + 1
+        for s in stubs:
+            load(s, medusa_index, "head-r4-medusa")
+        prompt = [9, 11, 40, 2, 77]
+        new = pb.NewRequest(
+            id=99,
+            token_ids=prompt,
+            num_prompt_tokens=len(prompt),
+            params=SamplingParams().to_proto(),
+            adapter_index=medusa_index,
+            block_table=[0],
+            num_scheduled_tokens=len(prompt),
+        )
+        step = pb.StepRequest(new_requests=[new], num_proposed_tokens=2)
+        replies = [f.result() for f in [s.Step.future(step) for s in stubs]]
     for name, r in zip(names, batch, strict=True):
         assert r.generated == peft_greedy(base, root, name, r.prompt, 8), name
+    # Every shard proposes the heads' guesses after the first token, as one computes them.
+    token = replies[0].outputs[0].token.token_id
+    want = reference_guesses(base, root, "head-r4-medusa", heads, [*prompt, token])[len(prompt) - 1]
+    assert [tuple(r.outputs[0].proposed_draft_tokens) for r in replies] == [want, want]
 
 
 def test_heads_that_do_not_split_are_refused_at_startup(tmp_path: Path) -> None:
