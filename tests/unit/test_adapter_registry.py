@@ -345,6 +345,28 @@ def test_a_flood_of_distinct_missing_adapters_leaves_nothing_and_indices_are_reu
     asyncio.run(run())
 
 
+def test_distinct_merges_leave_the_registry_with_the_device_and_their_indices_are_reused() -> None:
+    """Every merge a request names is an entry of its own (its parts, weights and options): 500
+    distinct ones over 2 slots leave at most the 2 on the device, and the indices stay within the
+    slots plus the newcomer's (it takes one before the adapter it replaces has left)."""
+
+    async def run() -> None:
+        workers = IndexedWorkers(slots=2)
+        reg = AdapterRegistry(workers, 2)  # type: ignore[arg-type]
+        seen: set[int] = set()
+        for i in range(500):
+            merge = AdapterMerge(("a", "b"), (1.0, i / 500))
+            index = await reg.acquire(merge.key, "local", merge=merge)
+            assert workers.held[index].endswith(f"*{i / 500!r}]")  # this merge's weights, on its index
+            seen.add(index)
+            await reg.release(index)
+            assert len(reg.entries) <= 2
+        assert seen == {1, 2, 3}
+        assert len([c for c in workers.calls if c[0] == "load"]) == 500
+
+    asyncio.run(run())
+
+
 def test_adapters_leave_the_registry_with_the_device_and_no_request_runs_on_another_ones_index() -> None:
     """60 adapters over 3 slots, 20 requests at a time: every request finds its own adapter under its
     index on the workers, the registry keeps at most the adapters on the device or wanted, and the
