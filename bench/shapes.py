@@ -315,9 +315,3 @@ def write_random_adapter(shape: ModelShape, path: Path, rank: int, dtype: torch.
     }
     (path / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return path
-
-
-def adapter_bytes(shape: ModelShape, rank: int, element_size: int) -> int:
-    """Bytes of one adapter of rank `rank` on the shape's targets: r · Σ(in + out) per layer."""
-    per_layer = sum(fan_in + fan_out for fan_in, fan_out in shape.adapter_shapes().values())
-    return rank * per_layer * shape.num_layers * element_size
