@@ -28,6 +28,7 @@ GRID_DEFAULTS: dict[str, tuple[str, str]] = {
     "prompt_len": ("64", "16"),
     "new_tokens": ("32", "8"),
     "target_batch_sizes": ("16,32", "4"),
+    "repeats": ("3", "1"),
 }
 
 
@@ -71,6 +72,11 @@ def build_model_parser() -> argparse.ArgumentParser:
         help="engine prefill chunk = server --max-batch-prefill-tokens",
     )
     p.add_argument("--floor-repeats", type=int, default=10, help="timed passes of the matmul floor (fastest)")
+    p.add_argument(
+        "--repeats",
+        default=None,
+        help="engine and server runs of each batch, alternating; the median is kept (default 3; --quick 1)",
+    )
     p.add_argument("--port", type=int, default=0, help="the server's port (0: a free one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -115,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
         server_threads=args.server_threads,
         prefill_tokens=args.prefill_tokens,
         floor_repeats=args.floor_repeats,
+        repeats=int(pick("repeats")),
         target_batch_sizes=_ints(pick("target_batch_sizes")),
         port=args.port,
         seed=args.seed,

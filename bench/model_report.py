@@ -155,7 +155,8 @@ def format_report(rows: list[dict[str, Any]], targets: list[dict[str, Any]], con
     lines = [
         f"tokens/s; {config.prompt_len} prompt tokens, {config.new_tokens} new tokens per row, "
         f"rank-{config.rank} adapters (HF: + PEFT adapter_names); decode = engine decode steps only; "
-        "dec/flr: decode vs the matmul floor (F.linear), dec/pk: vs the same matmuls on packed weights",
+        "dec/flr: decode vs the matmul floor (F.linear), dec/pk: vs the same matmuls on packed weights"
+        + (f"; engine and server: median of {config.repeats} alternating runs" if config.repeats > 1 else ""),
         head,
         "-" * len(head),
     ]

@@ -7,10 +7,16 @@ adapter for the whole batch, and N distinct adapters round robin; random rank-r 
 all seven projections, written for the model's shapes. Prompts are text the router tokenizes to
 exactly `prompt_len` tokens; the in-process paths get those very ids. Every request generates
 exactly `new_tokens` greedy tokens (EOS ignored). The paths run one after another, never at once.
+
+The engine and the server alternate, batch by batch and `repeats` times each (the server stays up
+beside the engine, idle while the engine runs), and each keeps its median run: the speed of a shared
+machine drifts over minutes, and ratios of one path to the other are only fair from the same minute.
+The server's prefix cache is off, so a repeat recomputes its prompts as the engine does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -55,6 +61,7 @@ class ModelBenchConfig:
     server_threads: int | None = None  # the server's worker (OMP_NUM_THREADS); None: the launcher's choice
     prefill_tokens: int = 4096  # the engine's prefill chunk and the server's --max-batch-prefill-tokens
     floor_repeats: int = 10
+    repeats: int = 1  # engine and server runs of each batch (the median is kept)
     target_batch_sizes: tuple[int, ...] = (16, 32)
     port: int = 0
     seed: int = 0
@@ -73,8 +80,11 @@ class ModelBenchConfig:
             raise ValueError(f"unknown paths {sorted(unknown)}; choose from {', '.join(PATHS)}")
         if self.quantize and set(self.paths) != {"engine"}:
             raise ValueError("--quantize times the engine only: pass --paths engine")
-        if min(self.threads, self.server_threads or 1, self.floor_repeats, self.prefill_tokens) < 1:
-            raise ValueError("threads, floor repeats and prefill tokens must be positive")
+        if (
+            min(self.threads, self.server_threads or 1, self.floor_repeats, self.prefill_tokens, self.repeats)
+            < 1
+        ):
+            raise ValueError("threads, repeats and prefill tokens must be positive")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -155,11 +165,11 @@ def _run_paths(config: ModelBenchConfig, workdir: Path) -> ModelBenchResult:
             packed = MatmulFloor(shape, dtype=config.torch_dtype, seed=config.seed, packed=True)
             result.packed_floors = {b: packed.measure(b, config.floor_repeats) for b in config.batch_sizes}
             del packed
-    steps = (("engine", _engine_runs), ("hf", _hf_runs), ("server", _server_runs))
-    for path, run in steps:
-        if path in config.paths:
-            result.runs.update(run(config, model_dir, pool, prompts, workdir))
-            gc.collect()  # one model in memory at a time
+    if "hf" in config.paths:
+        result.runs.update(_hf_runs(config, model_dir, pool, prompts))
+        gc.collect()  # HF's model is gone before the engine's and the server's load
+    if {"engine", "server"} & set(config.paths):
+        result.runs.update(engine_and_server_runs(config, model_dir, pool, prompts, workdir))
     if "server" in config.paths:
         result.threads["server_worker_threads"] = logged_worker_threads(workdir / "launcher.log")
     return result
@@ -174,6 +184,7 @@ def _threads(config: ModelBenchConfig) -> dict[str, Any]:
         "server_worker_threads": None,  # what the worker logged it runs with, after the server path
         "server_router": "one asyncio process (no torch) on the same cores as the worker",
         "client": "this process, idle in asyncio while the server runs (the paths never overlap)",
+        "server_while_engine_runs": "up and idle (engine and server alternate batch by batch)",
         "env_omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
 
@@ -183,9 +194,9 @@ def _log(run: PathRun) -> PathRun:
     return run
 
 
-def _engine_runs(
-    config: ModelBenchConfig, model_dir: Path, pool: AdapterPool, prompts: list[TextPrompt], workdir: Path
-) -> dict[tuple[str, int, str], PathRun]:
+def _engine(
+    config: ModelBenchConfig, model_dir: Path, pool: AdapterPool, prompts: list[TextPrompt]
+) -> EngineBench:
     max_batch = max(config.batch_sizes)
     blocks_per_request = -(-(config.prompt_len + config.new_tokens + 1) // BLOCK_SIZE)
     options = RunnerOptions(
@@ -205,31 +216,64 @@ def _engine_runs(
         prefill_chunk=config.prefill_tokens,
         max_batch=max_batch,
     )
-    ids = [list(p.token_ids) for p in prompts]
     # The byte bound (bandwidth 1.0 here) is the engine mode's measure, not reported by this one.
     base = config.workloads()[0]
-    bench.run(RunSpec(base, 1, config.prompt_len, 0, 1), "model", 1.0, config.seed, ids[:1])  # warm-up
-    runs = {}
-    for b in config.batch_sizes:
-        for w in config.workloads():
-            spec = RunSpec(w, b, config.prompt_len, 0, config.new_tokens - 1)
-            r = bench.run(spec, "model", 1.0, config.seed, ids[:b])
-            extra = {
-                "decode_step_ms": r.decode_step_ms,
-                "prefill_s": r.prefill_s,
-                "kernels": r.engine_paths,
-                "weight_bytes": bench.runner.weight_bytes,
-            }
-            runs[("engine", b, w.name)] = _log(
-                PathRun(
-                    "engine", b, w.name, r.end_to_end_tokens_per_s, r.all_tokens, r.decode_tokens_per_s, extra
-                )
-            )
+    ids = [list(prompts[0].token_ids)]
+    bench.run(RunSpec(base, 1, config.prompt_len, 0, 1), "model", 1.0, config.seed, ids)  # warm-up
+    return bench
+
+
+def _engine_run(
+    config: ModelBenchConfig, bench: EngineBench, prompts: list[TextPrompt], b: int, w: Workload
+) -> PathRun:
+    spec = RunSpec(w, b, config.prompt_len, 0, config.new_tokens - 1)
+    r = bench.run(spec, "model", 1.0, config.seed, [list(p.token_ids) for p in prompts[:b]])
+    extra = {
+        "decode_step_ms": r.decode_step_ms,
+        "prefill_s": r.prefill_s,
+        "kernels": r.engine_paths,
+        "weight_bytes": bench.runner.weight_bytes,
+    }
+    return PathRun("engine", b, w.name, r.end_to_end_tokens_per_s, r.all_tokens, r.decode_tokens_per_s, extra)
+
+
+def _median_run(runs: list[PathRun]) -> PathRun:
+    """The run of median tokens/s (the lower middle one of an even count), with every run's speed."""
+    ordered = sorted(runs, key=lambda r: r.tokens_per_s)
+    kept = ordered[(len(ordered) - 1) // 2]
+    kept.extra["repeat_tokens_per_s"] = [r.tokens_per_s for r in runs]
+    if kept.decode_tokens_per_s is not None:
+        kept.extra["repeat_decode_tokens_per_s"] = [r.decode_tokens_per_s for r in runs]
+    # greedy fp32 is deterministic: a repeat with other tokens is a bug worth seeing in the JSON
+    kept.extra["repeats_equal"] = all(r.tokens == runs[0].tokens for r in runs)
+    return _log(kept)
+
+
+def engine_and_server_runs(
+    config: ModelBenchConfig, model_dir: Path, pool: AdapterPool, prompts: list[TextPrompt], workdir: Path
+) -> dict[tuple[str, int, str], PathRun]:
+    bench = _engine(config, model_dir, pool, prompts) if "engine" in config.paths else None
+    runs: dict[tuple[str, int, str], PathRun] = {}
+    with contextlib.ExitStack() as stack:
+        url = None
+        if "server" in config.paths:
+            url = stack.enter_context(launched_server(_server_options(config, model_dir, pool, workdir)))
+        for b in config.batch_sizes:
+            for w in config.workloads():
+                done: dict[str, list[PathRun]] = {"engine": [], "server": []}
+                for _ in range(config.repeats):
+                    if bench is not None:
+                        done["engine"].append(_engine_run(config, bench, prompts, b, w))
+                    if url is not None:
+                        done["server"].append(_server_run(config, url, pool, prompts, b, w))
+                for path, path_runs in done.items():
+                    if path_runs:
+                        runs[(path, b, w.name)] = _median_run(path_runs)
     return runs
 
 
 def _hf_runs(
-    config: ModelBenchConfig, model_dir: Path, pool: AdapterPool, prompts: list[TextPrompt], workdir: Path
+    config: ModelBenchConfig, model_dir: Path, pool: AdapterPool, prompts: list[TextPrompt]
 ) -> dict[tuple[str, int, str], PathRun]:
     keys = [(b, w) for b in config.batch_sizes for w in config.workloads()]
     specs = [BaselineSpec(b, config.prompt_len, config.new_tokens, w.num_adapters) for b, w in keys]
@@ -252,10 +296,10 @@ def _kv_cache_mib(config: ModelBenchConfig, shape: ModelShape) -> int:
     return max(32, -(-2 * need // 2**20))
 
 
-def _server_runs(
-    config: ModelBenchConfig, model_dir: Path, pool: AdapterPool, prompts: list[TextPrompt], workdir: Path
-) -> dict[tuple[str, int, str], PathRun]:
-    options = ServerOptions(
+def _server_options(
+    config: ModelBenchConfig, model_dir: Path, pool: AdapterPool, workdir: Path
+) -> ServerOptions:
+    return ServerOptions(
         model_dir=model_dir,
         adapter_root=pool.root,
         log_path=workdir / "launcher.log",
@@ -267,21 +311,24 @@ def _server_runs(
         kv_cache_mib=_kv_cache_mib(config, pool.shape),
         port=config.port,
         dtype=config.dtype,
-        extra_args=("--overlap-steps", "true") if config.overlap_steps else (),
+        # no prefix cache: a repeat (or the warm-up's prompt) would skip prefills the engine computes
+        extra_args=(
+            "--prefix-caching",
+            "false",
+            *(("--overlap-steps", "true") if config.overlap_steps else ()),
+        ),
     )
-    runs = {}
-    with launched_server(options) as url:
-        for b in config.batch_sizes:
-            for w in config.workloads():
-                adapters = [pool.folder(config.rank, a) if a else None for a in row_adapters(w, b)]
-                r = generate_batch(url, [p.text for p in prompts[:b]], adapters, config.new_tokens)
-                extra = {
-                    "seconds": r.seconds,
-                    "prompt_tokens": sorted(set(r.prompt_tokens)),
-                    "step_ms": r.step_ms,
-                    "router_overhead_ms": r.router_overhead_ms,
-                }
-                runs[("server", b, w.name)] = _log(
-                    PathRun("server", b, w.name, r.tokens_per_s, r.tokens, extra=extra)
-                )
-    return runs
+
+
+def _server_run(
+    config: ModelBenchConfig, url: str, pool: AdapterPool, prompts: list[TextPrompt], b: int, w: Workload
+) -> PathRun:
+    adapters = [pool.folder(config.rank, a) if a else None for a in row_adapters(w, b)]
+    r = generate_batch(url, [p.text for p in prompts[:b]], adapters, config.new_tokens)
+    extra = {
+        "seconds": r.seconds,
+        "prompt_tokens": sorted(set(r.prompt_tokens)),
+        "step_ms": r.step_ms,
+        "router_overhead_ms": r.router_overhead_ms,
+    }
+    return PathRun("server", b, w.name, r.tokens_per_s, r.tokens, extra=extra)

@@ -27,7 +27,7 @@ import torch
 
 from loraxpy.bench.engine import AdapterPool
 from loraxpy.bench.model_report import cpu_machine
-from loraxpy.bench.model_suite import ModelBenchConfig, _engine_runs
+from loraxpy.bench.model_suite import ModelBenchConfig, engine_and_server_runs
 from loraxpy.bench.prompts import text_prompts
 from loraxpy.bench.shapes import ModelShape
 from loraxpy.proto.quantization import check_scheme_name
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace, variants: list[Variant], workdir: Path) -> dic
                     dtype=args.dtype,
                     quantize=v.quantize,
                 )
-                runs = _engine_runs(config, model_dir, pool, prompts, workdir)
+                runs = engine_and_server_runs(config, model_dir, pool, prompts, workdir)
                 gc.collect()
                 entry = best.setdefault(v.name, {"model": str(model_dir), "quantize": v.quantize, "runs": {}})
                 for (_, b, workload), r in runs.items():

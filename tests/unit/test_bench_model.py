@@ -50,6 +50,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
         "--rank=4",
         "--threads=1",
         "--floor-repeats=2",
+        "--repeats=2",  # engine and server alternate, twice each; the median run is kept
         "--overlap-steps",  # the server path with the router's steps overlapped: the same tokens
         f"--output={tmp / 'out.json'}",
         f"--workdir={tmp / 'work'}",
@@ -82,6 +83,9 @@ def test_every_path_is_measured_for_every_batch_and_workload(bench: tuple[dict, 
         assert r["engine_vs_hf"] == pytest.approx(r["engine_tokens_per_s"] / r["hf_tokens_per_s"])
         assert r["server_vs_engine"] == pytest.approx(r["server_tokens_per_s"] / r["engine_tokens_per_s"])
         assert r["server"]["prompt_tokens"] == [PROMPT_LEN]  # the server tokenized the text as we did
+        for path in ("engine", "server"):  # each repeat ran, and gave the same greedy tokens
+            assert len(r[path]["repeat_tokens_per_s"]) == 2 and r[path]["repeats_equal"] is True, (path, r)
+            assert r[f"{path}_tokens_per_s"] == pytest.approx(min(r[path]["repeat_tokens_per_s"]))
     by = {(r["batch_size"], r["workload"]): r for r in rows}
     assert by[(3, "uniform-2")]["distinct_adapters"] == 2 and by[(1, "uniform-2")]["distinct_adapters"] == 1
     assert by[(3, "base")]["engine_vs_base"] == 1.0
