@@ -723,6 +723,10 @@ std::vector<at::Tensor> greedy_logsumexp(const at::Tensor& logits) {
 
 }  // namespace
 
+// kernels/cpu_int4.cpp
+void int4_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& a, const at::Tensor& b,
+                 int64_t run, bool zero_first, at::Tensor y);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "h += delta (in place); returns rms_norm(h)");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over [gate | up]");
@@ -730,4 +734,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one-token-per-sequence attention over the paged caches");
   m.def("greedy_logsumexp", &greedy_logsumexp, "each row's argmax and logsumexp (greedy sampling)");
   m.def("lora_rows", &lora_rows, "y += each row's LoRA delta, rows of few adapters each (decode)");
+  m.def("int4_linear", &int4_linear, "y = x W^T, W kept 4 bits a value with a pair per group (GPTQ, AWQ, GGUF Q4)");
 }

@@ -17,6 +17,8 @@ was slower here (README, "Performance on CPU"). So small kernels, one call each 
 - `lora_rows`: LoRA for decode-sized steps from each row's own slot (worker/lora.py);
 - `greedy_logsumexp`: a plain greedy batch's argmax and logsumexp in two passes over each row of
   logits, instead of torch's argmax plus logsumexp's five (worker/sampling.py).
+- `int4_linear` (`cpu_int4.cpp`): x W^T with W kept 4 bits a value (GPTQ / AWQ checkpoints, GGUF's
+  Q4_0 / Q4_1 blocks), expanded 16 output columns at a time instead of whole at every call.
 
 The extension is built with torch's own toolchain (`torch.utils.cpp_extension`, ninja, the system's
 C++ compiler) on first use into `$LORAX_KERNEL_CACHE` (default `~/.cache/loraxpy/torch_extensions`;
@@ -40,7 +42,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_fused.cpp")
+SOURCES = (Path(__file__).with_name("cpu_fused.cpp"), Path(__file__).with_name("cpu_int4.cpp"))
 # -ffp-contract=off: no fused multiply-adds, so each product and sum rounds as the torch twin's ops do.
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
 DISABLE_ENV = "LORAX_CPU_FUSED"  # "0": never build or use the fused ops
@@ -69,7 +71,10 @@ def _cpu_identity() -> bytes:
 
 def _name() -> str:
     digest = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode() + _cpu_identity()
+        b"".join(source.read_bytes() for source in SOURCES)
+        + " ".join(CFLAGS).encode()
+        + torch.__version__.encode()
+        + _cpu_identity()
     )
     return f"loraxpy_cpu_fused_{digest.hexdigest()[:12]}"
 
@@ -91,11 +96,12 @@ def load() -> ModuleType | None:
             directory.mkdir(parents=True, exist_ok=True)
             # Compiled from a copy in the build directory (named by the source's hash): ninja keys its
             # rebuilds on the source's path, so two checkouts sharing the cache would rebuild in turn.
-            source = directory / SOURCE.name
-            if not source.exists():
-                tmp = source.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(SOURCE.read_bytes())
-                tmp.replace(source)
+            for original in SOURCES:
+                source = directory / original.name
+                if not source.exists():
+                    tmp = source.with_suffix(f".{os.getpid()}.tmp")
+                    tmp.write_bytes(original.read_bytes())
+                    tmp.replace(source)
             # One build at a time under an flock, which the OS releases if the process dies; torch's
             # own lock file is a plain file that a killed build leaves behind, after which every
             # later load would wait for it forever. Under the flock no live loader holds it: drop it.
@@ -104,7 +110,7 @@ def load() -> ModuleType | None:
                 (directory / "lock").unlink(missing_ok=True)
                 module = cpp_extension.load(
                     name=_name(),
-                    sources=[str(source)],
+                    sources=[str(directory / original.name) for original in SOURCES],
                     extra_cflags=list(CFLAGS),
                     extra_ldflags=["-fopenmp"],
                     build_directory=str(directory),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraxpy.kernels.cpu_fused import FusedOps
 from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear
 from loraxpy.worker.model_config import ModelConfig
 from loraxpy.worker.model_source import GGUF_POINTER
@@ -53,72 +54,104 @@ def gguf_file_of(folder: Path) -> Path | None:
 
 
 class GgufLinear(nn.Module):
-    """x W^T (+ b) with W kept in GGUF blocks, dequantized (to fp32, then the activations' dtype) at
-    each call. `parts` are stacked by rows, each [rows, blocks * block bytes] uint8 of one type."""
+    """x W^T (+ b) with W kept in GGUF blocks. `parts` are stacked by rows, each [rows, blocks * block
+    bytes] uint8 of one type. The twin dequantizes every part (to fp32, then the activations' dtype)
+    at each call; on CPU with the fused ops, `int4_linear` (kernels/cpu_int4.cpp) multiplies the
+    Q4_0 / Q4_1 parts from their 4-bit values into their columns of y, and the others as the twin."""
 
     def __init__(self, parts: list[tuple[int, torch.Tensor]], in_features: int) -> None:
         super().__init__()
-        self.parts = nn.ModuleList(GgufBlocks(qtype, raw, in_features) for qtype, raw in parts)
+        self.blocks = [GgufBlocks(qtype, raw, in_features) for qtype, raw in parts]
+        self.parts = nn.ModuleList(self.blocks)  # registered (moved with .to); `blocks`: the same, typed
+        self.cpu_kernel: FusedOps | None = None  # CPU: the fused ops, set by CausalLM.use_fused_ops
+
+    @property
+    def can_use_cpu_kernel(self) -> bool:
+        return any(part.is_4bit for part in self.blocks)
 
     def dequantize(self) -> torch.Tensor:
         return torch.cat([part() for part in self.parts])
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [num_tokens, in] -> [num_tokens, out]
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+        if self.cpu_kernel is None or x.is_cuda:
+            return F.linear(x, self.dequantize().to(x.dtype), bias)
+        x = x if x.stride(1) == 1 else x.contiguous()
+        y = torch.empty(x.shape[0], sum(part.shape[0] for part in self.blocks), dtype=x.dtype)
+        start = 0
+        for part in self.blocks:
+            columns = y[:, start : start + part.shape[0]]
+            start += part.shape[0]
+            if part.is_4bit:
+                self.cpu_kernel.int4_linear(
+                    x, part.values, part.a, part.b, BLOCK_ELEMS, part.qtype == Q4_0, columns
+                )
+            else:
+                columns.copy_(F.linear(x, part().to(x.dtype)))
+        return y if bias is None else y + bias
+
+
+BLOCK_ELEMS = 32  # weights per block of Q8_0, Q4_0 and Q4_1
+Q8_0, Q4_0, Q4_1 = 8, 2, 3  # GGMLQuantizationType's values
 
 
 class GgufBlocks(nn.Module):
-    """One tensor's blocks. Q8_0, Q4_0 and Q4_1 are split once into their scales (fp16 → fp32, +4 bytes
-    a block) and packed values, and dequantized in torch as the gguf package computes them (separate
-    multiply and add, no fused rounding); every other type goes through the gguf package itself."""
+    """One tensor's blocks. Q8_0 is split once into its scales (fp16 → fp32, +4 bytes a block) and
+    values; Q4_0 and Q4_1 into their 4-bit values laid out for int4_linear (W^T: byte [r, o] holds
+    input columns 2r and 2r + 1 of row o, two a byte) and a pair per block (fp32; +8 bytes a block):
+    W = (q - a) * b with a = 8 and b the scale (Q4_0), W = q * a + b with the scale and minimum
+    (Q4_1). Dequantized in torch as the gguf package computes them (separate multiply and add, no
+    fused rounding); every other type goes through the gguf package itself."""
 
-    d: torch.Tensor  # fp32 [rows, blocks, 1]: each block's scale
-    m: torch.Tensor  # fp32 [rows, blocks, 1]: Q4_1's minimum
-    qs: torch.Tensor  # uint8 [rows, blocks, 16]: two 4-bit values a byte
-    q: torch.Tensor  # int8 [rows, blocks, 32]
+    d: torch.Tensor  # Q8_0: fp32 [rows, blocks, 1], each block's scale
+    q: torch.Tensor  # Q8_0: int8 [rows, blocks, 32]
+    values: torch.Tensor  # Q4_0 / Q4_1: uint8 [in / 2, rows]
+    a: torch.Tensor  # Q4_0 / Q4_1: fp32 [blocks, rows]
+    b: torch.Tensor  # Q4_0 / Q4_1: fp32 [blocks, rows]
     raw: torch.Tensor  # uint8 [rows, bytes]: any other type, as stored
 
     def __init__(self, qtype: int, raw: torch.Tensor, in_features: int) -> None:
         super().__init__()
-        from gguf import GGMLQuantizationType as T
-
         self.qtype, self.shape = qtype, (raw.shape[0], in_features)
-        self.fields: tuple[str, ...] = ("raw",)
-        layouts = {
-            T.Q8_0: (("d", 2), ("q", 32)),
-            T.Q4_0: (("d", 2), ("qs", 16)),
-            T.Q4_1: (("d", 2), ("m", 2), ("qs", 16)),
-        }
-        if qtype not in layouts:
+        self.is_4bit = qtype in (Q4_0, Q4_1)
+        block_bytes = {Q8_0: 34, Q4_0: 18, Q4_1: 20}.get(qtype)
+        if block_bytes is None:
             self.register_buffer("raw", raw.contiguous())
             return
-        block_bytes = sum(size for _, size in layouts[T(qtype)])
         blocks = raw.view(raw.shape[0], -1, block_bytes)
-        start = 0
-        self.fields = tuple(name for name, _ in layouts[T(qtype)])
-        for name, size in layouts[T(qtype)]:
-            field = blocks[..., start : start + size].contiguous()
-            start += size
-            if name in ("d", "m"):
-                field = field.view(torch.float16).float()
-            self.register_buffer(name, field.view(torch.int8) if name == "q" else field)
+        d = blocks[..., :2].contiguous().view(torch.float16).float()  # [rows, blocks, 1]
+        if qtype == Q8_0:
+            self.register_buffer("d", d)
+            self.register_buffer("q", blocks[..., 2:].contiguous().view(torch.int8))
+            return
+        # value j of a block in byte j's low half, value j + 16 in its high half
+        qs = blocks[..., block_bytes - 16 :]
+        ints = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(raw.shape[0], in_features).t()  # [in, rows]
+        self.register_buffer("values", (ints[0::2] | (ints[1::2] << 4)).contiguous())
+        scale = d.squeeze(-1).t().contiguous()  # [blocks, rows]
+        if qtype == Q4_0:
+            self.register_buffer("a", torch.full_like(scale, 8.0))
+            self.register_buffer("b", scale)
+        else:
+            self.register_buffer("a", scale)
+            minimum = blocks[..., 2:4].contiguous().view(torch.float16).float()
+            self.register_buffer("b", minimum.squeeze(-1).t().contiguous())
 
     def forward(self) -> torch.Tensor:
         # -> fp32 [rows, in_features]
-        from gguf import GGMLQuantizationType as T
-
-        if self.fields == ("raw",):
+        if self.qtype == Q8_0:
+            return self.q.float().mul_(self.d).view(self.shape)
+        if not self.is_4bit:
+            from gguf import GGMLQuantizationType as T
             from gguf import quants
 
             flat = quants.dequantize(self.raw.cpu().numpy(), T(self.qtype)).astype(np.float32)
             return torch.from_numpy(flat).to(self.raw.device).view(self.shape)
-        if self.qtype == T.Q8_0:
-            w = self.q.float().mul_(self.d)
-        else:
-            q = torch.cat([self.qs & 0x0F, self.qs >> 4], dim=-1).float()
-            w = q.sub_(8).mul_(self.d) if self.qtype == T.Q4_0 else q.mul_(self.d).add_(self.m)
-        return w.view(self.shape)
+        rows, in_features = self.shape
+        q = torch.stack((self.values & 0x0F, self.values >> 4), dim=1).view(-1, BLOCK_ELEMS, rows).float()
+        a, b = self.a.unsqueeze(1), self.b.unsqueeze(1)
+        w_t = q.sub_(a).mul_(b) if self.qtype == Q4_0 else q.mul_(a).add_(b)
+        return w_t.view(in_features, rows).t()
 
 
 def dequantize(qtype: int, raw: torch.Tensor, in_features: int) -> torch.Tensor:

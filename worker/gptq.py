@@ -20,9 +20,11 @@ columns, a row-parallel one's input rows and the groups they use) and its values
 cut through a group is refused with the message (use fewer shards). Act-order rows reach any group,
 so a row-parallel shard of such a checkpoint keeps the scales and zeros of every group its rows use.
 
-On CPU (and as the twin) each matmul dequantizes the whole weight first (`PackedLinear.forward_torch`);
-on CUDA the Triton w4a16 kernel (kernels/w4a16_triton.py) multiplies straight from these integers,
-unless the startup self-check (worker/self_check.py) found it off from the twin.
+The twin (`PackedLinear.forward_torch`) dequantizes the whole weight before each matmul. On CUDA the
+Triton w4a16 kernel (kernels/w4a16_triton.py) multiplies straight from these integers, unless the
+startup self-check (worker/self_check.py) found it off from the twin; on CPU, where the fused ops are
+built, `int4_linear` (kernels/cpu_int4.cpp) does, for 4-bit weights whose groups are runs of rows
+(every layout but a row-parallel slice of an act-order checkpoint, whose runs differ in length).
 
 LoRA stays in full precision beside these linears, as with every other scheme (worker/lora.py).
 """
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from loraxpy.kernels import w4a16_triton
+from loraxpy.kernels.cpu_fused import FusedOps
 from loraxpy.worker.layers import ColumnParallelLinear, RowParallelLinear
 
 logger = logging.getLogger(__name__)
@@ -195,6 +198,7 @@ class PackedLinear(nn.Module):
         self.weights: list[PackedWeight] = list(parts)
         self.out_features = sum(part.out_features for part in parts)
         self.use_triton = False  # set by PackedCheckpoint.install on CUDA; the self-check may unset it
+        self.cpu_kernel: FusedOps | None = None  # CPU: the fused ops, set by CausalLM.use_fused_ops
         perms = [part.perm for part in parts]
         # One product for all parts where their rows are in one order (q/k/v and gate/up share x).
         self.shared_order = all(
@@ -213,24 +217,40 @@ class PackedLinear(nn.Module):
             rows.append(w_t.t())
         return torch.cat(rows)
 
+    @property
+    def can_use_cpu_kernel(self) -> bool:
+        """Every part 4 bits two a byte, its groups runs of rows: what int4_linear multiplies."""
+        return all(part.packed and part.run for part in self.weights)
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [num_tokens, in] -> [num_tokens, out]. On CUDA with Triton the w4a16 kernel
-        # (kernels/w4a16_triton.py) unless the startup self-check turned it off; else forward_torch.
+        # (kernels/w4a16_triton.py) unless the startup self-check turned it off; on CPU int4_linear
+        # (kernels/cpu_int4.cpp) where the fused ops are on; else forward_torch.
         if self.use_triton and x.is_cuda:
             return self.forward_triton(x, bias)
+        if self.cpu_kernel is not None and not x.is_cuda:
+            return self.forward_cpu(x, bias)
         return self.forward_torch(x, bias)
+
+    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[PackedWeight, torch.Tensor, slice]]]:
+        """y [num_tokens, out] to fill, and each part with its input (x's columns in the part's row
+        order) and its columns of y; q/k/v or gate/up in one order gather x once."""
+        x = x if x.stride(1) == 1 else x.contiguous()
+        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        first = self.weights[0].perm
+        shared = x if first is None or not self.shared_order else x.index_select(1, first)
+        parts, start = [], 0
+        for part in self.weights:
+            xp = shared if self.shared_order or part.perm is None else x.index_select(1, part.perm)
+            parts.append((part, xp, slice(start, start + part.out_features)))
+            start += part.out_features
+        return y, parts
 
     def forward_triton(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Each part's integers multiplied in place by the Triton kernel, into its columns of y: the
         weight is never expanded in memory."""
-        x = x if x.stride(1) == 1 else x.contiguous()
-        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        start = 0
-        first = self.weights[0].perm
-        shared = x if first is None or not self.shared_order else x.index_select(1, first)
-        for part in self.weights:  # q/k/v or gate/up in one order: x gathered once
-            xp = shared if self.shared_order or part.perm is None else x.index_select(1, part.perm)
-            end = start + part.out_features
+        y, parts = self._parts(x)
+        for part, xp, columns in parts:
             w4a16_triton.w4a16_matmul(
                 xp,
                 part.values,
@@ -239,9 +259,20 @@ class PackedLinear(nn.Module):
                 None if part.run else part.g_idx,
                 part.run,
                 part.packed,
-                out=y[:, start:end],
+                out=y[:, columns],
             )
-            start = end
+        return y if bias is None else y + bias
+
+    def forward_cpu(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Each part's 4-bit values multiplied by int4_linear into its columns of y, W^T[i, o] =
+        (q - zero) * scale as forward_torch computes it: the weight is expanded 16 columns at a time,
+        never whole."""
+        assert self.cpu_kernel is not None
+        y, parts = self._parts(x)
+        for part, xp, columns in parts:
+            self.cpu_kernel.int4_linear(
+                xp, part.values, part.zeros, part.scales, part.run, True, y[:, columns]
+            )
         return y if bias is None else y + bias
 
     def forward_torch(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

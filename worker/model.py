@@ -13,6 +13,8 @@ from torch import nn
 
 from loraxpy.kernels.attention import AttentionBackend, AttentionMetadata
 from loraxpy.kernels.cpu_fused import FusedOps
+from loraxpy.worker.gguf_weights import GgufLinear
+from loraxpy.worker.gptq import PackedLinear
 from loraxpy.worker.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -293,10 +295,14 @@ class CausalLM(nn.Module):
         """Switches the CPU layers to the fused ops (kernels/cpu_fused.py) where they apply; returns
         "fused", or "" when this model keeps the torch path."""
         config = self.config
-        if config.sandwich_norms or config.qk_norm or config.attn_softcap is not None:
-            return ""  # Gemma's norm placement, q/k norms, soft-capping: the torch path
         if self.embed_tokens.weight.device.type != "cpu":
             return ""
+        for module in self.modules():  # 4-bit base linears, in any family (kernels/cpu_int4.cpp)
+            quant = getattr(module, "quant", None)
+            if isinstance(quant, PackedLinear | GgufLinear) and quant.can_use_cpu_kernel:
+                quant.cpu_kernel = ops
+        if config.sandwich_norms or config.qk_norm or config.attn_softcap is not None:
+            return ""  # Gemma's norm placement, q/k norms, soft-capping: the torch path
         self.fused = ops
         for layer in self.layers:
             assert isinstance(layer, DecoderLayer)

@@ -116,12 +116,14 @@ def experts_path(model: nn.Module) -> str:
 
 
 def packed_path(model: nn.Module) -> dict[str, str]:
-    """What multiplies a GPTQ / AWQ model's packed linears: {"w4a16": triton (kernels/w4a16_triton.py)
-    or torch (dequantize, then matmul)}; {} for other models."""
+    """What multiplies a GPTQ / AWQ model's packed linears: {"w4a16": triton (kernels/w4a16_triton.py),
+    cpu (kernels/cpu_int4.cpp) or torch (dequantize, then matmul)}; {} for other models."""
     linears = [q for m in model.modules() if isinstance(q := getattr(m, "quant", None), PackedLinear)]
     if not linears:
         return {}
-    return {"w4a16": "triton" if all(linear.use_triton for linear in linears) else "torch"}
+    if all(linear.use_triton for linear in linears):
+        return {"w4a16": "triton"}
+    return {"w4a16": "cpu" if all(linear.cpu_kernel is not None for linear in linears) else "torch"}
 
 
 def packed_linears(model: nn.Module) -> list[tuple[PackedLinear, torch.dtype, str]]:

@@ -439,7 +439,10 @@ def test_prequantized_worker_matches_transformers_on_the_checkpoints_dequantized
         batch = run_mixed_batch(stubs, 8)
         infos = [s.Info(pb.InfoRequest()) for s in stubs]
     assert [i.quantize for i in infos] == [method] * num_shard
-    assert [i.kernel_paths["w4a16"] for i in infos] == ["torch"] * num_shard  # CPU: dequantize, then matmul
+    # CPU: kernels/cpu_int4.cpp multiplies from the 4-bit values, but a row-parallel slice of the
+    # act-order checkpoint reaches its groups in runs of unequal length, which keep the torch twin
+    path = "torch" if PREQUANTIZED[method].get("desc_act") and num_shard > 1 else "cpu"
+    assert [i.kernel_paths["w4a16"] for i in infos] == [path] * num_shard
     base_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     assert all(0 < i.weight_bytes < base_bytes for i in infos)
     if method not in REFERENCE:  # the same weights and requests over one and two shards: computed once
