@@ -5,6 +5,7 @@ refused at startup."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import torch
 from conftest import TINY_CONFIGS, build_tiny_model
 from prequantized import reference_weights, write_checkpoint, write_fp8_checkpoint
 from test_worker_lora import INDEX, load, make_adapters
+from tiny_gguf import write_tiny_llama_gguf
 from worker_driver import Driver, Request, sharded_workers
 
 from loraxpy.bench.model_suite import ModelBenchConfig
@@ -57,12 +59,17 @@ def reference_greedy(
     requests: list[Request],
     quantized: Callable[[str, torch.Tensor], torch.Tensor],
     n: int,
+    e4m3_kv: bool = False,
 ) -> list[tuple[list[int], list[float]]]:
-    """HF transformers whose base linears hold `quantized` weights, with PEFT's adapters on top: greedy
-    tokens and their log-probabilities per request (request i runs adapter NAMES[i])."""
-    from transformers import AutoModelForCausalLM
+    """HF transformers whose base linears hold `quantized` weights (and with `e4m3_kv` whose attention
+    sees K/V rounded to e4m3), with PEFT's adapters on top: greedy tokens and their log-probabilities
+    per request (request i runs adapter NAMES[i])."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    AttentionInterface.register("e4m3_kv_sdpa", e4m3_kv_sdpa)
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32, attn_implementation="e4m3_kv_sdpa" if e4m3_kv else None
+    )
     with torch.no_grad():
         for module_name, module in model.named_modules():
             if module_name.split(".")[-1] in LINEARS:
@@ -133,19 +140,24 @@ def run_mixed_batch(stubs: list[worker_pb2_grpc.WorkerStub], n: int) -> list[Req
     return batch
 
 
-@pytest.mark.parametrize("num_shard", [1, 2])
+# One shard also stores K/V in fp8 (the only one-shard run of --kv-cache-dtype fp8, which runs over
+# two alone below): one worker instead of two, CI time; the reference rounds both.
+@pytest.mark.parametrize(("num_shard", "kv_fp8"), [(1, True), (2, False)])
 def test_fp8_worker_matches_transformers_on_the_same_fp8_weights(
-    num_shard: int, llama_with_adapters: tuple[Path, Path], tmp_path: Path
+    num_shard: int, kv_fp8: bool, llama_with_adapters: tuple[Path, Path], tmp_path: Path
 ) -> None:
     base, root = llama_with_adapters
     args = ("--quantize", "fp8", "--adapter-root", str(root))
-    with sharded_workers(base, tmp_path, num_shard, extra_args=args) as stubs:
+    kv_args = ("--kv-cache-dtype", "fp8") if kv_fp8 else ()
+    with sharded_workers(base, tmp_path, num_shard, extra_args=args + kv_args) as stubs:
         batch = run_mixed_batch(stubs, 8)
         infos = [s.Info(pb.InfoRequest()) for s in stubs]
     checkpoint_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     assert [i.quantize for i in infos] == ["fp8"] * num_shard
     assert all(0 < i.weight_bytes < checkpoint_bytes for i in infos)
-    expected = reference_greedy(base, root, batch, per_shard(fp8_roundtrip, num_shard), 8)
+    kv = ("float8_e4m3fn", "sdpa-fp8") if kv_fp8 else ("float32", "sdpa")
+    assert [(i.kv_cache_dtype, i.attention_backend) for i in infos] == [kv] * num_shard
+    expected = reference_greedy(base, root, batch, per_shard(fp8_roundtrip, num_shard), 8, e4m3_kv=kv_fp8)
     for r, (tokens, logprobs) in zip(batch, expected, strict=True):
         assert r.generated == tokens, f"request {r.id}"
         assert r.logprobs == pytest.approx(logprobs, abs=1e-4), f"request {r.id}"
@@ -571,6 +583,42 @@ def test_compressed_tensors_fp8_checkpoint_is_served_as_transformers_reads_it(
     assert ("activation scales not applied" in log) == (preset == "FP8")
 
 
+@pytest.fixture(scope="module")
+def gguf_with_adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, torch.nn.Module]:
+    """The tiny GGUF file, transformers' model of it (its own GGUF loading: the gguf package's
+    dequantized blocks), and test_worker_lora's PEFT adapters made over that model (the head's
+    adapter carries the file's own head, as PEFT saves it)."""
+    from transformers import AutoModelForCausalLM
+
+    path = write_tiny_llama_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.gguf")
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    root = tmp_path_factory.mktemp("gguf-adapters")
+    make_adapters(path.parent, root, model)
+    return path, root, model
+
+
+def test_gguf_over_two_shards_matches_transformers_gguf_loading(
+    gguf_with_adapters: tuple[Path, Path, torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GGUF file of the tiny Llama's shapes (tests/integration/tiny_gguf.py: Q4_1 attention, Q4_0
+    gate/up, Q8_0 down and head) over two shards: each takes its rows of q/k/v and gate/up, and whole
+    blocks of o's and down's input columns (o: one block of 32 each). The reference is transformers
+    loading the same file through its own GGUF integration, with PEFT's adapters on top."""
+    tiny_gguf, root, reference = gguf_with_adapters
+    monkeypatch.setenv("LORAX_CACHE", str(tmp_path / "cache"))  # where the file's config and tokenizer go
+    with sharded_workers(tiny_gguf, tmp_path, 2, extra_args=("--adapter-root", str(root))) as stubs:
+        batch = run_mixed_batch(stubs, 8)
+        infos = [s.Info(pb.InfoRequest()) for s in stubs]
+    assert [i.quantize for i in infos] == ["gguf"] * 2
+    expected = peft_greedy(copy.deepcopy(reference), root, batch, 8)
+    for r, (tokens, logprobs) in zip(batch, expected, strict=True):
+        assert r.generated == tokens, f"request {r.id}"
+        assert r.logprobs == pytest.approx(logprobs, abs=1e-4), f"request {r.id}"
+    assert len({tuple(r.generated) for r in batch}) == len(batch), "the adapters change the tokens"
+    log = (tmp_path / "shard-1.log").read_text()
+    assert "linear tensors kept in their GGUF blocks: {'Q4_1': 8, 'Q4_0': 4, 'Q8_0': 2}" in log
+
+
 def e4m3_kv_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -589,16 +637,14 @@ def e4m3_kv_sdpa(
     return sdpa_attention_forward(module, query, e4m3(key), e4m3(value), attention_mask, **kwargs)  # type: ignore[arg-type]
 
 
-# Two shards only (CI time): each holds half the KV heads; the attention code is the one-shard path's,
-# and tests/unit/test_kv_cache_fp8.py covers its layouts.
+# Two shards here, each holding half the KV heads; one shard stores fp8 K/V beside fp8 weights in
+# test_fp8_worker_matches_transformers_on_the_same_fp8_weights (CI time: one worker for both).
 @pytest.mark.parametrize("num_shard", [2])
 def test_fp8_kv_cache_worker_matches_transformers_attending_over_e4m3_kv(
     num_shard: int, llama_with_adapters: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """--kv-cache-dtype fp8 with mixed adapters (and chunked prefill reading back its own e4m3 K/V):
     the same greedy tokens as HF transformers + PEFT whose attention sees K/V rounded to e4m3."""
-    from transformers import AttentionInterface, AutoModelForCausalLM
-
     base, root = llama_with_adapters
     args = ("--kv-cache-dtype", "fp8", "--adapter-root", str(root))
     with sharded_workers(base, tmp_path, num_shard, extra_args=args) as stubs:
@@ -608,11 +654,7 @@ def test_fp8_kv_cache_worker_matches_transformers_attending_over_e4m3_kv(
     # warmup asked for 64 blocks: in their bytes float32 K/V would fit 16
     assert [(i.kv_cache_dtype, i.kv_blocks_freed) for i in infos] == [("float8_e4m3fn", 48)] * num_shard
     if "fp8-kv" not in REFERENCE:
-        AttentionInterface.register("e4m3_kv_sdpa", e4m3_kv_sdpa)
-        model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=torch.float32, attn_implementation="e4m3_kv_sdpa"
-        )
-        REFERENCE["fp8-kv"] = peft_greedy(model, root, batch, 8)
+        REFERENCE["fp8-kv"] = reference_greedy(base, root, batch, lambda _, w: w, 8, e4m3_kv=True)
     for r, (tokens, logprobs) in zip(batch, REFERENCE["fp8-kv"], strict=True):
         assert r.generated == tokens, f"request {r.id}"
         assert r.logprobs == pytest.approx(logprobs, abs=1e-4), f"request {r.id}"

@@ -32,13 +32,19 @@ ADAPTERS = {
 INDEX = {name: i + 1 for i, name in enumerate(ADAPTERS)}
 
 
-def make_adapters(base: Path, root: Path) -> None:
+def make_adapters(base: Path, root: Path, model: torch.nn.Module | None = None) -> None:
+    """ADAPTERS over the model in folder `base`, or over copies of `model` where given."""
+    import copy
+
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     for seed, (name, (r, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
         torch.manual_seed(100 + seed)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        if model is None:
+            base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        else:
+            base_model = copy.deepcopy(model)
         config = LoraConfig(
             r=r,
             lora_alpha=alpha,
@@ -47,7 +53,7 @@ def make_adapters(base: Path, root: Path) -> None:
             init_lora_weights=False,
             lora_dropout=0.0,
         )
-        get_peft_model(model, config).save_pretrained(root / name)
+        get_peft_model(base_model, config).save_pretrained(root / name)
 
 
 @pytest.fixture(scope="module")
