@@ -33,6 +33,8 @@ pytestmark = pytest.mark.slow
 ROW_PARALLEL = ("o_proj", "down_proj")  # input columns split over ranks: each rank's slice has its own scales
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NAMES = [None, *INDEX]
+# computed once per module: HF + PEFT's greedy answers by scheme (or unquantized)
+REFERENCE: dict[str, list[tuple[list[int], list[float]]]] = {}
 
 
 def fp8_roundtrip(w: torch.Tensor) -> torch.Tensor:
@@ -77,6 +79,14 @@ def reference_greedy(
     return peft_greedy(model, root, requests, n)
 
 
+def unquantized_reference(base: Path, root: Path, batch: list[Request]) -> list[float]:
+    """The log-probs of the first (base-model) request of run_mixed_batch in full precision, computed
+    once: what the tests compare a quantized reference with, to show the quantization matters."""
+    if "unquantized" not in REFERENCE:
+        REFERENCE["unquantized"] = reference_greedy(base, root, batch[:1], lambda _, w: w, 8)
+    return REFERENCE["unquantized"][0][1]
+
+
 def peft_greedy(
     model: torch.nn.Module, root: Path, requests: list[Request], n: int
 ) -> list[tuple[list[int], list[float]]]:
@@ -113,9 +123,11 @@ def peft_greedy(
 
 @pytest.fixture(scope="module")
 def llama_with_adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from transformers import AutoModelForCausalLM
+
     base = build_tiny_model("llama", tmp_path_factory.mktemp("quant-llama"))
     root = tmp_path_factory.mktemp("quant-adapters")
-    make_adapters(base, root)
+    make_adapters(base, root, AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
     return base, root
 
 
@@ -161,7 +173,7 @@ def test_fp8_worker_matches_transformers_on_the_same_fp8_weights(
     for r, (tokens, logprobs) in zip(batch, expected, strict=True):
         assert r.generated == tokens, f"request {r.id}"
         assert r.logprobs == pytest.approx(logprobs, abs=1e-4), f"request {r.id}"
-    unquantized = reference_greedy(base, root, batch[:1], lambda _, w: w, 8)[0][1]
+    unquantized = unquantized_reference(base, root, batch)
     assert max(abs(a - b) for a, b in zip(unquantized, expected[0][1], strict=False)) > 1e-3, (
         "fp8 changes the model"
     )
@@ -240,7 +252,7 @@ def wide_llama_with_adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[
     model.generation_config.pad_token_id = None
     model.save_pretrained(base)
     root = tmp_path_factory.mktemp("wide-adapters")
-    make_adapters(base, root)
+    make_adapters(base, root, model)
     return base, root
 
 
@@ -294,10 +306,11 @@ def test_bitsandbytes_fp4_over_two_shards_matches_the_weights_each_shard_quantiz
     # matmul (0.016 off the fp32 product of the dequantized weight where the outputs reach 4), so
     # log-probabilities differ from an fp32 dequantize-then-matmul by about 1e-2.
     assert [r.generated for r in batch] == [tokens for tokens, _ in expected]
-    whole = reference_greedy(base, root, batch[:1], lambda _, w: bnb_4bit_roundtrip("fp4")(w), 8)[0][1]
-    assert max(abs(a - b) for a, b in zip(whole, expected[0][1], strict=False)) > 1e-5, (
-        "the row-parallel slices quantize differently from the whole weights"
-    )
+    whole = sharded_4bit_weights(base, bnb_4bit_roundtrip("fp4"), 1)
+    for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"):
+        assert not torch.equal(whole[name], weights[name]), (
+            f"{name}: the row-parallel slices quantize differently from the whole weight"
+        )
 
 
 def test_bitsandbytes_4bit_slices_the_cpu_kernel_cannot_take_are_refused_at_load(
@@ -418,7 +431,6 @@ def test_fp8_table_lookup_dequantizes_as_torchs_own_conversion() -> None:
 # Pre-quantized checkpoints (--quantize gptq | awq): GPTQ with act-order (g_idx not in row order), so
 # that a row-parallel shard's rows reach groups out of order; AWQ with its column order.
 PREQUANTIZED = {"gptq": dict(group_size=16, desc_act=True), "awq": dict(group_size=32)}
-REFERENCE: dict[str, list[tuple[list[int], list[float]]]] = {}  # method -> HF + PEFT's greedy answers
 
 
 @pytest.fixture(scope="module")
@@ -658,7 +670,7 @@ def test_fp8_kv_cache_worker_matches_transformers_attending_over_e4m3_kv(
     for r, (tokens, logprobs) in zip(batch, REFERENCE["fp8-kv"], strict=True):
         assert r.generated == tokens, f"request {r.id}"
         assert r.logprobs == pytest.approx(logprobs, abs=1e-4), f"request {r.id}"
-    unrounded = reference_greedy(base, root, batch[:1], lambda _, w: w, 8)[0][1]
+    unrounded = unquantized_reference(base, root, batch)
     assert max(abs(a - b) for a, b in zip(unrounded, REFERENCE["fp8-kv"][0][1], strict=False)) > 1e-5, (
         "e4m3 K/V change the model"
     )
