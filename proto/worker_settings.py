@@ -32,8 +32,9 @@ class WorkerSettings:
     cpu_weight_layout: str = setting(
         "auto",
         choices=CPU_WEIGHT_LAYOUTS,
-        help="CPU workers: linears packed once into oneDNN's layout (packed; auto: where it works) "
-        "or multiplied as stored (plain)",
+        help="CPU workers: linears packed once into oneDNN's layout (packed; auto: where it works, "
+        "keeping fp32's plain weights for the step sizes they multiply faster, timed at load) or "
+        "multiplied as stored (plain)",
     )
     cuda_graph_max_batch_size: int = setting(
         0, help="decode steps of up to this many requests replay CUDA graphs captured at warmup; 0: off"

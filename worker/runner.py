@@ -155,12 +155,9 @@ class ModelRunner:
         )
         if packed:
             logger.info(
-                "CPU linears packed once for oneDNN (--cpu-weight-layout %s): %.1f MiB of packed copies%s",
+                "CPU linears packed once for oneDNN (--cpu-weight-layout %s): %.1f MiB of packed copies",
                 options.cpu_weight_layout,
                 packed / 2**20,
-                ", beside the plain weights steps of 1-3 rows use"
-                if options.cpu_weight_layout == "auto"
-                else "",
             )
         self.kv_spec = KVCacheSpec(
             num_layers=self.config.num_layers,

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from loraxpy.kernels.attention import select_attention_backend
+from loraxpy.worker import prepacked
 from loraxpy.worker.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Shard
 from loraxpy.worker.model import CausalLM
 from loraxpy.worker.model_config import ModelConfig
@@ -16,6 +17,8 @@ from loraxpy.worker.prepacked import (
     PACKED_MAX_ROWS,
     PACKED_MIN_ROWS,
     PrepackedLinear,
+    RowRanges,
+    measure_row_ranges,
     padded_rows,
     prepack_model,
     prepack_supported,
@@ -84,9 +87,17 @@ def _model(config: ModelConfig) -> CausalLM:
     return model
 
 
+@pytest.fixture
+def xeon_ranges(monkeypatch: pytest.MonkeyPatch) -> RowRanges:
+    """`auto`'s measurement as on the Xeon: plain for 1-3 rows and more than 32."""
+    ranges = RowRanges()
+    monkeypatch.setattr(prepacked, "measure_row_ranges", lambda linears: (ranges, {1: (0.03, 0.045)}))
+    return ranges
+
+
 @pytest.mark.parametrize("layout", ["auto", "packed"])
 def test_packing_a_model_replaces_every_linear_and_keeps_the_heads_rows(
-    config: ModelConfig, layout: str
+    config: ModelConfig, layout: str, xeon_ranges: RowRanges
 ) -> None:
     model = _model(config)
     plain = {name: m.weight.detach().clone() for name, m in model.named_modules() if hasattr(m, "quant")}
@@ -96,9 +107,10 @@ def test_packing_a_model_replaces_every_linear_and_keeps_the_heads_rows(
     assert len(linears) == 4 * config.num_layers and all(
         isinstance(m.quant, PrepackedLinear) for m in linears
     )
-    if layout == "auto":  # the plain weights stay, for steps of few rows
+    if layout == "auto":  # the plain weights stay, for the step sizes they multiply faster
         assert all(torch.equal(m.weight, plain[name]) for name, m in model.named_modules() if m in linears)
         assert all(m.quant.plain.data_ptr() == m.weight.data_ptr() for m in linears)  # the same, no copy
+        assert all(m.quant.ranges == xeon_ranges for m in linears)
     else:  # the plain copies are gone (an expanded zero keeps shape and dtype for the adapter slots)...
         assert all(m.weight.untyped_storage().nbytes() <= 4 for m in linears)
     assert all(m.weight.shape == plain[name].shape for name, m in model.named_modules() if m in linears)
@@ -130,3 +142,65 @@ def test_layouts_plain_and_unsupported(config: ModelConfig) -> None:
         prepack_model(model, "packed", CPU, torch.float16)
     with pytest.raises(ValueError, match="--cpu-weight-layout must be one of"):
         prepack_model(model, "tiles", CPU, torch.float32)
+
+
+def test_auto_frees_the_plain_weights_where_packed_wins_at_every_size(
+    config: ModelConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on the AMD EPYC, where MKL's F.linear is slow: packed at every row count, one copy."""
+    monkeypatch.setattr(prepacked, "measure_row_ranges", lambda linears: (RowRanges(1, None), {}))
+    model, reference = _model(config), _model(config)
+    prepack_model(model, "auto", CPU, torch.float32)
+    linears = [m for m in model.modules() if isinstance(m, ColumnParallelLinear | RowParallelLinear)]
+    assert all(m.quant.plain is None and m.weight.untyped_storage().nbytes() <= 4 for m in linears)
+    x = torch.randn(1, config.hidden_size)  # one row: packed now, the same result within rounding
+    torch.testing.assert_close(model.layers[0].mlp(x), reference.layers[0].mlp(x), rtol=1e-5, atol=1e-5)
+    assert model.lm_head.quant.ranges == RowRanges(1, None)  # the head's plain rows stay, unused
+
+
+@pytest.mark.parametrize(
+    ("wins", "expected"),
+    [
+        ({1: False, 2: False, 3: False, 128: False}, RowRanges(4, 32)),  # the Xeon
+        ({1: True, 2: True, 3: True, 128: True}, RowRanges(1, None)),  # the EPYC
+        ({1: False, 2: True, 3: True, 128: False}, RowRanges(2, 32)),
+        ({1: True, 2: False, 3: True, 128: True}, RowRanges(3, None)),  # plain for 1-2: no gaps
+    ],
+)
+def test_the_measured_ranges_keep_plain_where_packed_is_not_10_percent_faster(
+    monkeypatch: pytest.MonkeyPatch, wins: dict[int, bool], expected: RowRanges
+) -> None:
+    timed: list[tuple[int, bool]] = []
+
+    def fake(linears: list[PrepackedLinear], rows: int, plain: bool, repeats: int = 3) -> float:
+        timed.append((rows, plain))
+        return 1.0 if plain else (0.85 if wins[rows] else 0.95)  # 0.95: within the 10% margin
+
+    monkeypatch.setattr(prepacked, "_pass_seconds", fake)
+    weight = torch.randn(8, 8)
+    ranges, times = measure_row_ranges([PrepackedLinear(weight, plain=True)])
+    assert ranges == expected and set(times) == {1, 2, 3, 128}
+    assert sorted(timed) == sorted((r, p) for r in (1, 2, 3, 128) for p in (True, False))
+    assert [ranges.plain(r) for r in (1, 2, 3, 4, 32, 33)] == [
+        r < expected.packed_min or (expected.packed_max is not None and r > expected.packed_max)
+        for r in (1, 2, 3, 4, 32, 33)
+    ]
+
+
+def test_measuring_the_ranges_times_real_linears_within_the_byte_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(prepacked, "CALIBRATION_BYTES", 3 * 64 * 48 * 4)
+    linears = [PrepackedLinear(torch.randn(64, 48), plain=True) for _ in range(5)]
+    seen: list[int] = []
+    real = prepacked._pass_seconds
+
+    def counting(sample: list[PrepackedLinear], rows: int, plain: bool, repeats: int = 3) -> float:
+        seen.append(len(sample))
+        return real(sample, rows, plain, repeats=1)
+
+    monkeypatch.setattr(prepacked, "_pass_seconds", counting)
+    ranges, times = measure_row_ranges(linears)
+    assert set(seen) == {3}  # the first three linears make the budget
+    assert all(a > 0 and b > 0 for a, b in times.values())
+    assert 1 <= ranges.packed_min <= PACKED_MIN_ROWS and ranges.packed_max in (None, PACKED_MAX_ROWS)
