@@ -50,6 +50,7 @@ from loraxpy.bench.suite import BenchConfig, run_shape
 from loraxpy.bench.workloads import KINDS
 from loraxpy.proto.settings import add_flags, flag_values
 from loraxpy.proto.worker_settings import WorkerSettings
+from loraxpy.worker.config import WorkerConfig, check_device, torch_device
 
 # The worker's settings the in-process engine takes (the rest name a model, a cache size or adapter
 # sources, which the benchmark writes or sizes itself).
@@ -87,10 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         "`lorax-bench serve --help` describes the serving benchmark, `lorax-bench model --help` the "
         "real-model run through every path (floor, engine, server, HF).",
     )
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cuda, cuda:N or cpu")
     engine = p.add_argument_group(
-        "engine", "lorax-worker's flags (auto dtype: bfloat16 on CUDA, float32 on CPU)"
+        "engine",
+        "lorax-worker's flags (auto: the first GPU where there is one; bfloat16 on CUDA, float32 on CPU)",
     )
+    add_flags(engine, WorkerConfig, names=("device",))
     add_flags(engine, WorkerSettings, names=ENGINE_SETTINGS)
     p.add_argument(
         "--shapes", help=f"comma-separated, of {', '.join(SHAPES)} (default 1b,8b on CUDA, tiny on CPU)"
@@ -131,11 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    device = (
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if args.device == "auto"
-        else torch.device(args.device)
-    )
+    check_device(args.device)
+    device = torch_device(args.device)
     on_cuda = device.type == "cuda"
 
     def pick(name: str) -> str:

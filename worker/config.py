@@ -45,8 +45,7 @@ class WorkerConfig(WorkerSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the shard's settings
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device(self.device)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"RANK {self.rank} must lie in [0, WORLD_SIZE={self.world_size})")
         if self.max_loras < 0:
@@ -81,15 +80,25 @@ class WorkerConfig(WorkerSettings):
         return f"WorkerConfig({fields})"
 
     def torch_device(self) -> torch.device:
-        """CUDA is detected once, here; everything else receives the device explicitly."""
-        if self.device == "auto":
-            if torch.cuda.is_available():
-                return torch.device("cuda", self.local_rank % torch.cuda.device_count())
-            return torch.device("cpu")
-        return torch.device(self.device)
+        return torch_device(self.device, self.local_rank)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         return torch_dtype(self.dtype, device)
+
+
+def check_device(name: str) -> None:
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+def torch_device(name: str, local_rank: int = 0) -> torch.device:
+    """--device (the worker's and lorax-bench's): CUDA is detected once, here; everything else
+    receives the device explicitly."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(name)
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -165,8 +165,8 @@ def test_the_worker_hands_its_runner_every_setting_it_was_given(
 def test_lorax_bench_runs_the_engine_with_the_workers_settings(
     clean_env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """The engine benchmark's runner settings are the worker's flags: the same names, defaults
-    (decode CUDA graphs off on every device), environment variables and checks."""
+    """The engine benchmark's device and runner settings are the worker's flags: the same names,
+    defaults (decode CUDA graphs off on every device), environment variables and checks."""
     from types import SimpleNamespace
 
     from loraxpy.bench import cli as bench_cli
@@ -186,6 +186,9 @@ def test_lorax_bench_runs_the_engine_with_the_workers_settings(
     engine = bench_config("--device", "cpu").engine
     assert (engine.cuda_graph_max_batch_size, engine.cpu_weight_layout) == (3, "plain")
     assert (worker.cuda_graph_max_batch_size, worker.cpu_weight_layout) == (3, "plain")
+    clean_env.setenv("LORAX_DEVICE", "cpu")  # --device too is the worker's
+    assert bench_config().device == parse_worker_args(["--listen", "unix:///w.sock"]).torch_device()
+    assert bench_cli.main(["--device", "tpu"]) == 2
 
     given = {name: NOT_DEFAULTS[name] for name in bench_cli.ENGINE_SETTINGS}
     argv = [arg for name, value in given.items() for arg in ("--" + name.replace("_", "-"), str(value))]
