@@ -2,10 +2,10 @@
 chunked prefill, on one shard and on two: every request's greedy tokens, their log-probs and its prompt's
 log-probs are PEFT's (the base rows HF transformers'), so two shards also equal one.
 
-One test per family starts its one-shard worker, then its two shards, and compares both with references
-computed once. Besides the families' own switches (conftest's TINY_CONFIGS: sliding windows shorter
-than the prompts, soft-caps, q/k norms, Gemma 3's local RoPE base, query_pre_attn_scalar, shared
-experts, dense MoE layers), the prompts (5 to 23 tokens, 8 new) start within and beyond Phi-3's
+One test per family starts its one-shard worker and its two shards together (their start-ups overlap),
+and compares both with references computed once. Besides the families' own switches (conftest's
+TINY_CONFIGS: sliding windows shorter than the prompts, soft-caps, q/k norms, Gemma 3's local RoPE
+base, query_pre_attn_scalar, shared experts, dense MoE layers), the prompts (5 to 23 tokens, 8 new) start within and beyond Phi-3's
 original context of 16 and cross it while decoding, so LongRoPE's switch to the long table is
 checked on both shard counts."""
 
@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 from conftest import build_tiny_model
-from worker_driver import Driver, Request, sharded_workers, worker_process
+from worker_driver import Driver, Request, worker_groups, worker_process
 
 from loraxpy.proto import worker_pb2 as pb
 from loraxpy.proto import worker_pb2_grpc
@@ -152,18 +150,6 @@ def _references(base: Path, root: Path, asks: list[tuple[str | None, list[int]]]
     return out
 
 
-@contextmanager
-def _workers(
-    base: Path, tmp_path: Path, num_shard: int, args: tuple[str, ...]
-) -> Iterator[list[worker_pb2_grpc.WorkerStub]]:
-    if num_shard == 1:
-        with worker_process(base, tmp_path, extra_args=args) as stub:
-            yield [stub]
-    else:
-        with sharded_workers(base, tmp_path, num_shard, extra_args=args) as stubs:
-            yield stubs
-
-
 def _load(stubs: list[worker_pb2_grpc.WorkerStub], name: str, index: int) -> None:
     spec = pb.AdapterSpec(adapter_id=name, source="local")
     for f in [s.LoadAdapter.future(pb.LoadAdapterRequest(adapter=spec, adapter_index=index)) for s in stubs]:
@@ -187,10 +173,9 @@ def test_mixed_adapter_batch_matches_peft_on_one_and_two_shards(kind: str, tmp_p
     prompts = [[rng.randrange(200) for _ in range(5 + 3 * j)] for j in range(len(names))]
     args = ("--adapter-root", str(root), "--max-loras", "3")
     runs: dict[int, list[Request]] = {}
-    for num_shard in SHARDS[kind]:
-        shard_dir = tmp_path / f"shards-{num_shard}"
-        shard_dir.mkdir()
-        with _workers(base, shard_dir, num_shard, args) as stubs:
+    # One group of workers per shard count, started together.
+    with worker_groups(base, tmp_path, SHARDS[kind], extra_args=args) as groups:
+        for num_shard, stubs in zip(SHARDS[kind], groups, strict=True):
             assert [s.Info(pb.InfoRequest()).model_type for s in stubs] == [kind] * num_shard
             warmup = pb.WarmupRequest(max_prefill_tokens=64, max_num_seqs=8, num_blocks=32)
             for f in [s.Warmup.future(warmup) for s in stubs]:

@@ -120,24 +120,48 @@ def sharded_workers(
     timeout_s: float = 180.0,
 ) -> Iterator[list[worker_pb2_grpc.WorkerStub]]:
     """`num_shard` workers of one model in a gloo group on this host; yields their stubs in rank order."""
-    with socket.socket() as probe:
+    with worker_groups(
+        model_path, sock_dir, (num_shard,), extra_args=extra_args, timeout_s=timeout_s
+    ) as groups:
+        yield groups[0]
+
+
+@contextmanager
+def worker_groups(
+    model_path: Path | str,
+    sock_dir: Path,
+    shard_counts: tuple[int, ...],
+    *,
+    extra_args: tuple[str, ...] = (),
+    timeout_s: float = 180.0,
+) -> Iterator[list[list[worker_pb2_grpc.WorkerStub]]]:
+    """Independent groups of one model's workers, `shard_counts[i]` shards in group i (gloo, this host),
+    all started at once (their start-ups overlap); yields each group's stubs in rank order."""
+    probes = [socket.socket() for _ in shard_counts]
+    for probe in probes:  # all bound at once: each group's rendezvous port differs from the others'
         probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    procs, channels, logs = [], [], []
-    for rank in range(num_shard):
-        address = f"unix://{sock_dir}/shard-{rank}.sock"
-        logs.append(sock_dir / f"shard-{rank}.log")
-        env = {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(num_shard),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-        }
-        procs.append(_spawn(model_path, address, logs[-1], extra_args, env))
-        channels.append(grpc.insecure_channel(address))
+    ports = [str(probe.getsockname()[1]) for probe in probes]
+    for probe in probes:
+        probe.close()
+    procs, channels, logs, groups = [], [], [], []
+    for group, (num_shard, port) in enumerate(zip(shard_counts, ports, strict=True)):
+        prefix = f"g{group}-" if len(shard_counts) > 1 else ""
+        first = len(channels)
+        for rank in range(num_shard):
+            address = f"unix://{sock_dir}/{prefix}shard-{rank}.sock"
+            logs.append(sock_dir / f"{prefix}shard-{rank}.log")
+            env = {
+                "RANK": str(rank),
+                "WORLD_SIZE": str(num_shard),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            }
+            procs.append(_spawn(model_path, address, logs[-1], extra_args, env))
+            channels.append(grpc.insecure_channel(address))
+        groups.append(channels[first:])
     try:
         _wait_ready(procs, channels, logs, timeout_s)
-        yield [worker_pb2_grpc.WorkerStub(c) for c in channels]
+        yield [[worker_pb2_grpc.WorkerStub(c) for c in group] for group in groups]
     finally:
         _stop(procs, channels)
 
