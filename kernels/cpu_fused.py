@@ -35,8 +35,10 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
+from typing import IO
 
 import torch
 
@@ -46,6 +48,11 @@ SOURCES = (Path(__file__).with_name("cpu_fused.cpp"), Path(__file__).with_name("
 # -ffp-contract=off: no fused multiply-adds, so each product and sum rounds as the torch twin's ops do.
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
 DISABLE_ENV = "LORAX_CPU_FUSED"  # "0": never build or use the fused ops
+# How long a loader waits for another process's build of the same ops (a first build takes about a
+# minute on 2 cores) before it gives up and uses the torch twins: a build that hangs, or a process
+# stopped mid-build, must not keep a worker from starting.
+BUILD_WAIT_ENV = "LORAX_KERNEL_BUILD_WAIT_S"
+BUILD_WAIT_S = 600.0
 FusedOps = ModuleType  # the compiled module: add_rms_norm, silu_and_mul, rotary_store, decode_attention
 
 _lock = threading.Lock()
@@ -106,7 +113,7 @@ def load() -> ModuleType | None:
             # own lock file is a plain file that a killed build leaves behind, after which every
             # later load would wait for it forever. Under the flock no live loader holds it: drop it.
             with open(directory / "loraxpy.flock", "w") as held:
-                fcntl.flock(held, fcntl.LOCK_EX)
+                _wait_for_build_lock(held, float(os.environ.get(BUILD_WAIT_ENV, BUILD_WAIT_S)))
                 (directory / "lock").unlink(missing_ok=True)
                 module = cpp_extension.load(
                     name=_name(),
@@ -122,6 +129,28 @@ def load() -> ModuleType | None:
             return None
         _state["module"] = module
         return module
+
+
+def _wait_for_build_lock(held: IO[str], wait_s: float) -> None:
+    """Takes the build's flock, waiting at most `wait_s` for another process that holds it (saying
+    so every 30 s); TimeoutError after that."""
+    deadline = time.monotonic() + wait_s
+    next_note = time.monotonic() + 30.0
+    while True:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(
+                    f"another process has been building the fused CPU ops for over {wait_s:.0f} s "
+                    f"({BUILD_WAIT_ENV} sets the wait)"
+                ) from None
+            if now >= next_note:
+                logger.info("waiting for another process's build of the fused CPU ops")
+                next_note = now + 30.0
+            time.sleep(0.2)
 
 
 def unavailable_reason() -> str | None:

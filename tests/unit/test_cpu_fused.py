@@ -197,6 +197,30 @@ def test_a_lock_left_by_a_killed_build_does_not_block_the_next_load(ops):
     assert not (directory / "lock").exists()
 
 
+def test_a_build_held_by_another_process_is_waited_for_only_so_long(ops, tmp_path):
+    """A process stopped or hung mid-build holds the build's flock: the next loader waits at most
+    LORAX_KERNEL_BUILD_WAIT_S, then keeps the torch twins with a message instead of blocking."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "kernels"
+    directory = cache / cpu_fused._name()
+    directory.mkdir(parents=True)
+    env = {**os.environ, "LORAX_KERNEL_CACHE": str(cache), "LORAX_KERNEL_BUILD_WAIT_S": "1"}
+    code = "from loraxpy.kernels import cpu_fused; print(cpu_fused.load(), cpu_fused.unavailable_reason())"
+    with open(directory / "loraxpy.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # this process plays the one building
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(
+        "None TimeoutError: another process has been building the fused CPU ops for over 1 s"
+    )
+
+
 @pytest.mark.parametrize("vocab", [1, 50, 64 * 3 + 7])
 def test_greedy_logsumexp_equals_argmax_and_logsumexp(ops, vocab):
     """The twin: torch.argmax (its first maximum on ties) and torch.logsumexp, NaN and inf included."""
