@@ -169,13 +169,20 @@ def lora_add_fused(
         if n > 1:  # [.., rank, n] -> [.., n, rank]: each slice's ranks contiguous for its expand
             v = v.view(g.num_slots, g.num_rows, g.rank, n).transpose(2, 3).contiguous()
         v = v.view(g.num_slots, g.num_rows, n, g.rank)
-        in_place = g.rows is None and g.num_slots == 1 and y.dtype == v.dtype
+        # contiguous rows, unpadded (a prefill of several adapters, or one adapter's rows): each
+        # slice's delta goes straight into y's rows, viewed [num_slots, num_rows, out_total]; else
+        # (padded or scattered rows) it is computed apart and added row by row
+        in_place = g.rows is None and y.dtype == v.dtype
+        if in_place:
+            rows_of_y = y[g.start : g.start + g.num_slots * g.num_rows].view(g.num_slots, g.num_rows, -1)
         for i, (b_t, offset) in enumerate(b_slices):
             bt = b_t[slots, : g.rank]  # [num_slots, rank, out_i]
-            if in_place:  # one adapter's contiguous rows: straight into y
-                y[g.start : g.start + g.num_rows, offset : offset + bt.shape[2]].addmm_(v[0, :, i], bt[0])
-                continue
-            _add_rows(y, torch.bmm(v[:, :, i], bt), g, offset)
+            if in_place and g.num_slots == 1:
+                rows_of_y[0, :, offset : offset + bt.shape[2]].addmm_(v[0, :, i], bt[0])
+            elif in_place:
+                rows_of_y[:, :, offset : offset + bt.shape[2]].baddbmm_(v[:, :, i], bt)
+            else:
+                _add_rows(y, torch.bmm(v[:, :, i], bt), g, offset)
     return y
 
 
