@@ -463,6 +463,25 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 // b[s, k, starts[i] + o] (b: [slots, max_rank, sum(outs)]): worker/lora.py's torch layout, where
 // both stages stream contiguous rows of the weights. v is rounded to the weights' dtype, the delta
 // to the weights' and then y's, as the torch path's matmuls round them.
+// The shrink of lora_item when the item's columns are 1-3 whole tiles (rank 16 over up to three
+// slices): every tile's sums are held at once, so each row of A is read once, front to back, not
+// once per tile. The same chain of fused multiply-adds per value, so the same results.
+template <typename T, typename W, int M, int NT>
+inline void shrink_tiles(const T* const* xr, const W* as, int64_t in, int64_t a_cols, float* v) {
+  constexpr int C = NT * 16;
+  float acc[M][C] = {};
+  for (int64_t j = 0; j < in; ++j) {
+    const W* aj = as + j * a_cols;
+    for (int t = 0; t < M; ++t) {
+      const float xv = static_cast<float>(xr[t][j]);
+#pragma omp simd
+      for (int l = 0; l < C; ++l) acc[t][l] = std::fma(xv, static_cast<float>(aj[l]), acc[t][l]);
+    }
+  }
+  for (int t = 0; t < M; ++t)
+    for (int l = 0; l < C; ++l) v[t * a_cols + l] = static_cast<float>(round_to<W>(acc[t][l]));
+}
+
 // Up to M rows that share one slot: each 16-column tile of v and of the delta is accumulated for
 // all M rows in registers, so each weight vector is loaded once per item, not once per row.
 template <typename T, typename W, int M>
@@ -472,6 +491,12 @@ void lora_item(const T* const* xr, T* const* yr, const W* as, const W* bs, int64
   constexpr int L = 16;
   const int64_t cols = r * n;
   int64_t c0 = 0;
+  if (cols == L || cols == 2 * L || cols == 3 * L) {  // shrink, A read once: see shrink_tiles
+    if (cols == L) shrink_tiles<T, W, M, 1>(xr, as, in, a_cols, v);
+    if (cols == 2 * L) shrink_tiles<T, W, M, 2>(xr, as, in, a_cols, v);
+    if (cols == 3 * L) shrink_tiles<T, W, M, 3>(xr, as, in, a_cols, v);
+    c0 = cols;
+  }
   for (; c0 + L <= cols; c0 += L) {  // shrink: v[t] = x[t] a[:, :cols]
     float acc[M][L] = {};
     for (int64_t j = 0; j < in; ++j) {
