@@ -19,7 +19,13 @@ import torch
 
 from loraxpy.bench.model_report import comparison_rows, document, evaluate_targets, format_report, plot_paths
 from loraxpy.bench.model_suite import PATHS, ModelBenchConfig, run_model_bench
+from loraxpy.proto.settings import add_flags, flag_values
+from loraxpy.proto.worker_settings import WorkerSettings
+from loraxpy.worker.config import torch_dtype
 from loraxpy.worker.model_source import ModelSourceError
+
+BENCH_SETTINGS = ("dtype", "quantize")  # lorax-worker's flags, declared once in proto/worker_settings.py
+BENCH_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 # (full default, --quick default) of every flag --quick changes
 GRID_DEFAULTS: dict[str, tuple[str, str]] = {
@@ -79,17 +85,11 @@ def build_model_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=0, help="the server's port (0: a free one)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="every path's dtype (the targets are for float32; bfloat16 needs AMX or AVX512-BF16 to pay)",
-    )
-    p.add_argument(
-        "--quantize",
-        help="the engine's base linears quantized at load, as the worker's --quantize (with --paths engine); "
-        "a GGUF --model-id is served in its blocks without it",
-    )
+    # lorax-worker's own --dtype and --quantize (proto/worker_settings.py: env, default, checks); every
+    # path runs the dtype (auto: the worker's choice on CPU, fp32; the targets are for fp32, and bf16
+    # needs AMX or AVX512-BF16 to pay); --quantize quantizes the engine's base linears at load (with
+    # --paths engine), and a GGUF --model-id is served in its blocks without it
+    add_flags(p, WorkerSettings, names=BENCH_SETTINGS)
     p.add_argument(
         "--overlap-steps",
         action="store_true",
@@ -108,6 +108,12 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
         return given if given is not None else GRID_DEFAULTS[name][1 if args.quick else 0]
 
     threads = args.threads or torch.get_num_threads()
+    settings = WorkerSettings(
+        **flag_values(WorkerSettings, args, names=BENCH_SETTINGS)
+    )  # the worker's checks
+    dtype = torch_dtype(settings.dtype, torch.device("cpu"))
+    if dtype not in BENCH_DTYPES:
+        raise ValueError(f"--dtype {settings.dtype}: lorax-bench model runs float32 or bfloat16 on CPU")
     return ModelBenchConfig(
         model_id=args.model_id,
         cache_dir=args.cache_dir,
@@ -125,8 +131,8 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
         target_batch_sizes=_ints(pick("target_batch_sizes")),
         port=args.port,
         seed=args.seed,
-        dtype=args.dtype,
-        quantize=args.quantize,
+        dtype=BENCH_DTYPES[dtype],
+        quantize=settings.quantize,
         overlap_steps=args.overlap_steps,
     )
 

@@ -136,6 +136,22 @@ def test_bad_flags_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert "single" in capsys.readouterr().err
     assert main(["model", "--paths=engine,gpu"]) == 2
     assert "unknown paths" in capsys.readouterr().err
+    # --dtype and --quantize are lorax-worker's own flags, with its checks (proto/worker_settings.py)
+    assert main(["model", "--dtype=float16"]) == 2
+    assert "runs float32 or bfloat16 on CPU" in capsys.readouterr().err
+    assert main(["model", "--dtype=fp64"]) == 2
+    assert "--dtype must be auto or one of" in capsys.readouterr().err
+    assert main(["model", "--quantize=int3", "--paths=engine"]) == 2
+    assert "int3" in capsys.readouterr().err
+
+
+def test_dtype_and_quantize_come_from_the_workers_declaration(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraxpy.bench.model_cli import build_model_parser, config_from_args
+
+    assert config_from_args(build_model_parser().parse_args([])).dtype == "float32"  # auto on CPU
+    monkeypatch.setenv("DTYPE", "bfloat16")  # the worker's environment variable
+    config = config_from_args(build_model_parser().parse_args(["--quantize=fp8", "--paths=engine"]))
+    assert (config.dtype, config.quantize) == ("bfloat16", "fp8")
 
 
 def test_bfloat16_runs_every_in_process_path_in_bf16(tmp_path: Path) -> None:
