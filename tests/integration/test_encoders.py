@@ -254,21 +254,23 @@ def test_classify_equals_hfs_token_classification_pipeline(
     if adapter is not None:  # the adapter changes the answers, so serving without it would fail here
         base = requests.post(server.url + "/classify_batch", json={"inputs": TEXTS}, timeout=60).json()
         assert base != batch.json()
+    single = {}  # each text alone: a batch's rows may round differently (the linears' kernel per row count)
     for text, from_batch in zip(TEXTS, batch.json(), strict=True):
         r = requests.post(
             server.url + "/classify", json={"inputs": text, "parameters": parameters}, timeout=60
         )
         assert r.status_code == 200, r.text
+        single[text] = r.json()
         expected = _pipeline_entities(path, root / "served-adapters" / adapter if adapter else None, text)
         _assert_same_entities(r.json(), expected)
         _assert_same_entities(from_batch, expected)
     if adapter is None:  # SageMaker's /invocations takes LoRAX's body to /classify on a classifier
         invoked = requests.post(server.url + "/invocations", json={"inputs": TEXTS[0]}, timeout=60)
-        assert invoked.status_code == 200 and invoked.json() == batch.json()[0]
+        assert invoked.status_code == 200 and invoked.json() == single[TEXTS[0]]
         from lorax import Client  # lorax-client's classify and classify_batch, unchanged
 
         client = Client(server.url)
-        assert client.classify(TEXTS[0]).entities == batch.json()[0]
+        assert client.classify(TEXTS[0]).entities == single[TEXTS[0]]
         assert [r.entities for r in client.classify_batch(TEXTS)] == batch.json()
 
 
